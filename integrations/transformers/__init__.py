@@ -1,0 +1,1 @@
+"""transformers integration (placeholder until written)."""

@@ -1,0 +1,170 @@
+"""Pure-torch reference implementations of every kernel op.
+
+They are the CPU path and the oracle the Triton kernels are tested against. Shapes:
+``qweight`` is ``(out, packed_length(in, bits))`` uint8 (see :mod:`.packing`); ``scales`` is
+``(out, n_groups)`` or ``(1, 1)`` for a per-tensor scale (``group_size == -1``); ``aux`` is the
+b-bit per-group field (zero points for ``uniform_asym``, breakpoint ids for ``piecewise``), stored
+transposed and packed along the output dimension, shape ``(n_groups, packed_length(out, bits))``
+(GPTQ's ``qzeros`` layout: a column-parallel shard of whole bytes is a shard of output rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grids import piecewise_table
+from .packing import pack_codes, unpack_codes
+
+__all__ = [
+    "WEIGHT_FORMATS",
+    "ACT_FORMATS",
+    "ACT_MODES",
+    "dequantize",
+    "pack_group_field",
+    "unpack_group_field",
+    "piecewise_levels",
+    "quantize_activation",
+    "linear",
+]
+
+WEIGHT_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "fp8_e4m3")
+ACT_FORMATS = ("none", "int8", "fp8_e4m3")
+ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+ACT_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+
+
+def _grouped(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    out, in_features = codes.shape
+    if group_size == -1:
+        if scales.shape != (1, 1):
+            raise ValueError(f"per-tensor scales must have shape (1, 1), got {tuple(scales.shape)}")
+        return codes.reshape(1, 1, -1), 1
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    n_groups = in_features // group_size
+    if scales.shape != (out, n_groups):
+        raise ValueError(f"scales must have shape {(out, n_groups)}, got {tuple(scales.shape)}")
+    return codes.reshape(out, n_groups, group_size), n_groups
+
+
+def pack_group_field(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a per-group field ``(rows, n_groups)`` into ``(n_groups, packed_length(rows, bits))``."""
+    return pack_codes(values.t().contiguous(), bits)
+
+
+def unpack_group_field(packed: torch.Tensor, bits: int, rows: int, n_groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_group_field`: ``int32`` of shape ``(rows, n_groups)``."""
+    if packed.shape[0] != n_groups:
+        raise ValueError(f"per-group field has {packed.shape[0]} rows, expected n_groups={n_groups}")
+    return unpack_codes(packed, bits, rows).t()
+
+
+def piecewise_levels(d: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Map centred codes ``d`` to grid levels in units of the scale (see :mod:`.grids`)."""
+    a = d.abs()
+    return torch.where(a <= h, d, torch.sign(d) * (h + r * (a - h)))
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    aux: torch.Tensor | None,
+    weight_format: str,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Float weight ``(out, in_features)`` from packed tensors; math in float32, result in ``dtype``."""
+    if weight_format == "fp8_e4m3":
+        return (qweight.to(torch.float32) * scales.to(torch.float32)).to(dtype)
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {weight_format!r}; allowed: {WEIGHT_FORMATS}")
+    codes = unpack_codes(qweight, bits, in_features)
+    g, n_groups = _grouped(codes, scales, group_size)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    half = float(1 << (bits - 1))
+    if weight_format == "uniform_sym":
+        w = (g.to(torch.float32) - half) * s
+    elif weight_format == "uniform_asym":
+        if aux is None:
+            raise ValueError("uniform_asym needs packed zero points")
+        z = unpack_group_field(aux, bits, g.shape[0], n_groups).unsqueeze(-1).to(torch.float32)
+        w = (g.to(torch.float32) - z) * s
+    else:
+        if aux is None:
+            raise ValueError("piecewise needs packed breakpoint ids")
+        ids = unpack_group_field(aux, bits, g.shape[0], n_groups).long()
+        table = piecewise_table(bits, qweight.device)
+        h = table[ids, 0].unsqueeze(-1)
+        r = table[ids, 1].unsqueeze(-1)
+        w = piecewise_levels(g.to(torch.float32) - half, h, r) * s
+    return w.reshape(codes.shape).to(dtype)
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    act_format: str,
+    act_mode: str,
+    act_scale: torch.Tensor | None = None,
+    clip_ratio: float = 1.0,
+    topk: int = 0,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (simulated activation quantization), returning ``x``'s dtype.
+
+    ``dynamic_per_token``: one symmetric scale per token (last dim), from the token's range.
+    ``static_per_tensor``: the given calibrated scalar ``act_scale``.
+    The range is ``clip_ratio`` times the ``(topk+1)``-th largest magnitude, so the ``topk``
+    largest magnitudes of a token are clipped (``topk=0`` is the plain absolute maximum).
+    """
+    if act_format == "none":
+        return x
+    if act_format not in ACT_QMAX:
+        raise ValueError(f"unknown act_format {act_format!r}; allowed: {ACT_FORMATS}")
+    qmax = ACT_QMAX[act_format]
+    xf = x.to(torch.float32)
+    if act_mode == "static_per_tensor":
+        if act_scale is None:
+            raise ValueError("static_per_tensor activation quantization needs a calibrated act_scale")
+        scale = act_scale.to(torch.float32).reshape(())
+    elif act_mode == "dynamic_per_token":
+        mag = xf.abs()
+        if topk > 0:
+            k = min(topk + 1, mag.shape[-1])
+            rng = mag.topk(k, dim=-1).values[..., -1:]
+        else:
+            rng = mag.amax(dim=-1, keepdim=True)
+        scale = rng * clip_ratio / qmax
+    else:
+        raise ValueError(f"unknown act_mode {act_mode!r}; allowed: {ACT_MODES}")
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = xf / safe
+    if act_format == "int8":
+        y = torch.clamp(torch.round(y), -qmax, qmax)
+    else:
+        y = torch.clamp(y, -qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
+    y = torch.where(scale > 0, y * safe, torch.zeros_like(y))
+    return y.to(x.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    aux: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    weight_format: str,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    act_format: str = "none",
+    act_mode: str = "dynamic_per_token",
+    act_clip_ratio: float = 1.0,
+    act_topk: int = 0,
+) -> torch.Tensor:
+    """``F.linear(quantize_activation(x), dequantize(weight), bias)`` in ``x``'s dtype."""
+    xq = quantize_activation(x, act_format, act_mode, act_scale, act_clip_ratio, act_topk)
+    w = dequantize(qweight, scales, aux, weight_format, bits, group_size, in_features, x.dtype)
+    b = bias.to(x.dtype) if bias is not None else None
+    return torch.nn.functional.linear(xq, w, b)

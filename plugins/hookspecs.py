@@ -1,0 +1,56 @@
+"""The extension points of piecewise-quant.
+
+Every hook is callback style: the plugin receives a ``register`` function and calls it once per
+thing it adds, so plugins never touch the project's globals. Built-in formats, observers, kernel
+backends and integrations are registered through these same hooks.
+
+A third-party plugin is a module with ``@hookimpl`` functions, published under the entry-point
+group ``piecewise_quant``::
+
+    [project.entry-points.piecewise_quant]
+    my_format = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "piecewise_quant"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def piecewise_quant_register_formats(register: Callable[[Any], None]) -> None:
+    """Register weight formats: call ``register(fmt)`` with an instance of
+    :class:`piecewise_quant.formats.WeightFormat` (unique ``fmt.name``). The name is what users
+    put in ``PiecewiseQuantConfig(grid=...)`` and what checkpoints store."""
+
+
+@hookspec
+def piecewise_quant_register_observers(register: Callable[[str, Any], None]) -> None:
+    """Register weight-range observers: ``register(name, fn)`` where
+    ``fn(groups: Tensor[n, g], bits: int, symmetric: bool) -> (lo, hi)`` returns per-group ranges.
+    Usable as ``PiecewiseQuantConfig(observer=name)`` with the uniform grid."""
+
+
+@hookspec
+def piecewise_quant_register_calibration_algorithms(register: Callable[[str, Any], None]) -> None:
+    """Register calibration algorithms: ``register(name, algorithm)``. An algorithm is a callable
+    ``algorithm(model, config, batches) -> None`` that changes the quantized ``model`` in place
+    using calibration batches (the calibration engine of a later release drives these)."""
+
+
+@hookspec
+def piecewise_quant_register_kernel_backends(register: Callable[[Any], None]) -> None:
+    """Register kernel backends: ``register(backend)`` with a
+    :class:`piecewise_quant.kernels.KernelBackend`; the highest-priority backend that supports a
+    call runs it, the pure-torch reference runs otherwise."""
+
+
+@hookspec
+def piecewise_quant_register_integrations(register: Callable[[str, Callable[[], None]], None]) -> None:
+    """Register framework integrations: ``register(framework_name, activate)`` where ``activate()``
+    imports the framework and registers piecewise-quant with it (idempotently)."""

@@ -1,0 +1,69 @@
+"""piecewise-quant: post-training quantization (piecewise, uniform, FP8 grids) for LLMs and DiTs.
+
+Quick start::
+
+    import piecewise_quant as pq
+    pq.quantize(model, pq.PiecewiseQuantConfig(bits=4, group_size=128))   # any torch model, in place
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=pq.PiecewiseQuantConfig())
+
+Importing this package is cheap: torch-heavy parts load on first use, and it never imports
+transformers, diffusers, vLLM or PEFT.
+"""
+
+from __future__ import annotations
+
+if __name__ != "piecewise_quant":
+    raise ImportError(
+        f"the folder 'quant_core/' must be imported as 'piecewise_quant', not {__name__!r}; "
+        "install the package (pip install -e .) and run pytest with --import-mode=importlib"
+    )
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import _builtin
+from .config import PiecewiseQuantConfig, QuantSpec
+from .plugins import add_builtin, hookimpl
+
+add_builtin("piecewise_quant.builtin", _builtin)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "quantize": ".quantize",
+    "plan_layers": ".quantize",
+    "calibrate_activation_scales": ".quantize",
+    "quantized_layers": ".quantize",
+    "QuantLinear": ".qlinear",
+    "WeightFormat": ".formats",
+    "TensorLayout": ".formats",
+    "get_format": ".registry",
+    "formats": ".registry",
+    "save_quantized": ".serialization",
+    "load_quantized": ".serialization",
+    "model_size_report": ".report",
+}
+
+__all__ = ["PiecewiseQuantConfig", "QuantSpec", "hookimpl", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from .formats import TensorLayout, WeightFormat
+    from .qlinear import QuantLinear
+    from .quantize import calibrate_activation_scales, plan_layers, quantize, quantized_layers
+    from .registry import formats, get_format
+    from .report import model_size_report
+    from .serialization import load_quantized, save_quantized
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'piecewise_quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,1 @@
+"""Import hook installed by piecewise_quant_autoload.pth (see integrations)."""

@@ -1,0 +1,293 @@
+"""``PiecewiseQuantConfig``: what to quantize and how, JSON-serializable with a schema version.
+
+One config describes the default weight/activation scheme, the modules kept in float, and
+per-module overrides by name pattern (``fnmatch`` globs such as ``"*.mlp.down_proj"``, or regular
+expressions prefixed with ``"re:"``). The same object drives ``piecewise_quant.quantize`` and
+``from_pretrained(..., quantization_config=...)``, and is stored in the checkpoint's
+``config.json`` so a reload rebuilds exactly the same layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "SCHEMA_VERSION", "QUANT_METHOD"]
+
+SCHEMA_VERSION = 1
+QUANT_METHOD = "piecewise"
+BUILTIN_GRIDS = ("piecewise", "uniform", "fp8")
+ACT_FORMATS = ("int", "fp8")
+ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+GROUP_WORDS = ("channel", "tensor")
+DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
+
+# Fields a per-module override may change (everything that describes one layer's scheme).
+SPEC_FIELDS = (
+    "grid",
+    "bits",
+    "group_size",
+    "symmetric",
+    "observer",
+    "scale_dtype",
+    "act_bits",
+    "act_format",
+    "act_mode",
+    "act_clip_ratio",
+    "act_topk",
+)
+
+
+def _allowed(values: Any) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The scheme of one layer (weights and, optionally, input activations).
+
+    Attributes:
+        grid: weight format: ``"piecewise"`` (dense centre + sparse tails), ``"uniform"`` or
+            ``"fp8"`` (E4M3, per-channel scales), or the name of a format added by a plugin.
+        bits: bits per stored weight code: 2, 3, 4 or 8 (fp8: 8).
+        group_size: weights sharing one scale along the input dimension: a positive integer
+            (32/64/128/256 are typical), ``"channel"`` (or ``None``: one scale per output row) or
+            ``"tensor"`` (one scale for the whole matrix).
+        symmetric: uniform grid only: ``False`` (default) stores a b-bit zero point per group,
+            ``True`` stores a signed scale only. The piecewise grid is always sign-symmetric and
+            spends the b bits on its breakpoint instead.
+        observer: how weight ranges are chosen: ``"mse"`` (search the clipping range that
+            minimises squared error, default), ``"minmax"`` or a plugin observer's name.
+        scale_dtype: dtype of stored scales, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        act_bits: ``None`` (weight-only) or 8 to quantize the layer's input activations.
+        act_format: ``"int"`` (int8) or ``"fp8"`` (E4M3).
+        act_mode: ``"dynamic_per_token"`` (a scale per token, computed at run time) or
+            ``"static_per_tensor"`` (one scale from calibration statistics).
+        act_clip_ratio: the activation range is multiplied by this coefficient, in (0, 1].
+        act_topk: the range is the (k+1)-th largest magnitude, so the k largest are clipped.
+    """
+
+    grid: str = "piecewise"
+    bits: int | None = None
+    group_size: int | str | None = "auto"
+    symmetric: bool | None = None
+    observer: str = "mse"
+    scale_dtype: str = "float16"
+    act_bits: int | None = None
+    act_format: str = "int"
+    act_mode: str = "dynamic_per_token"
+    act_clip_ratio: float = 1.0
+    act_topk: int = 0
+
+    def __post_init__(self) -> None:
+        grid = self.grid
+        if not isinstance(grid, str) or not grid:
+            raise ValueError(f"grid must be a format name such as {_allowed(BUILTIN_GRIDS)}, got {grid!r}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", 8 if grid == "fp8" else 4)
+        if self.group_size == "auto":
+            object.__setattr__(self, "group_size", "channel" if grid == "fp8" else 128)
+        if self.group_size is None or self.group_size == -1:
+            object.__setattr__(self, "group_size", "channel")
+        if self.symmetric is None and grid == "uniform":
+            object.__setattr__(self, "symmetric", False)
+        self._validate_common()
+
+    def _validate_common(self) -> None:
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an integer; allowed values: 2, 3, 4, 8 (8 for fp8); got {bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not (
+            (isinstance(gs, int) and gs > 0) or (isinstance(gs, str) and gs in GROUP_WORDS)
+        ):
+            raise ValueError(
+                f"group_size must be a positive integer (e.g. 32, 64, 128, 256), 'channel'/None or 'tensor'; got {gs!r}"
+            )
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be True, False or None; got {self.symmetric!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {_allowed(SCALE_DTYPES)}; got {self.scale_dtype!r}")
+        if not isinstance(self.observer, str) or not self.observer:
+            raise ValueError(f"observer must be a registered observer name such as 'mse' or 'minmax'; got {self.observer!r}")
+        if self.act_bits is not None:
+            if isinstance(self.act_bits, bool) or self.act_bits != 8:
+                raise ValueError(f"act_bits must be None (weight-only) or 8; got {self.act_bits!r}")
+            if self.act_format not in ACT_FORMATS:
+                raise ValueError(f"act_format must be one of {_allowed(ACT_FORMATS)}; got {self.act_format!r}")
+            if self.act_mode not in ACT_MODES:
+                raise ValueError(f"act_mode must be one of {_allowed(ACT_MODES)}; got {self.act_mode!r}")
+        ratio = self.act_clip_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
+            raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")
+        if isinstance(self.act_topk, bool) or not isinstance(self.act_topk, int) or self.act_topk < 0:
+            raise ValueError(f"act_topk must be an integer >= 0 (how many largest magnitudes to clip); got {self.act_topk!r}")
+
+    def spec_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in SPEC_FIELDS}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A :class:`QuantSpec` bound to one layer: ``group_size`` resolved to an integer
+    (``in_features`` for per-channel, ``-1`` for per-tensor)."""
+
+    name: str
+    spec: QuantSpec
+    in_features: int
+    out_features: int
+    group_size: int
+
+    @property
+    def n_groups(self) -> int:
+        return 1 if self.group_size == -1 else self.in_features // self.group_size
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    # A plain name also matches as a dotted suffix: "lm_head" matches "model.lm_head".
+    return not any(c in pattern for c in "*?[") and (name == pattern or name.endswith("." + pattern))
+
+
+@dataclass(frozen=True)
+class PiecewiseQuantConfig(QuantSpec):
+    """How to quantize a model: the default :class:`QuantSpec` plus which modules to skip or treat
+    differently.
+
+    Example::
+
+        PiecewiseQuantConfig(bits=4, group_size=128, grid="piecewise",
+                             overrides={"*.down_proj": {"bits": 8, "grid": "uniform"}})
+
+    Attributes (besides those of :class:`QuantSpec`):
+        modules_to_not_convert: name patterns of Linear layers kept in float. ``None`` means the
+            default, ``["lm_head"]`` (plus the model's output embeddings, found at quantize time).
+            Pass ``[]`` to quantize everything.
+        overrides: ``{pattern: {field: value}}``; the first matching pattern (in insertion
+            order) changes the listed fields for the matching layers. Used for mixed precision.
+        version: schema version of the serialized config (checkpoints store it).
+    """
+
+    modules_to_not_convert: tuple[str, ...] | None = None
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {self.quant_method!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"version must be a positive integer schema version; got {self.version!r}")
+        if self.version > SCHEMA_VERSION:
+            raise ValueError(
+                f"this config has schema version {self.version}, newer than the {SCHEMA_VERSION} this "
+                "piecewise-quant understands; upgrade piecewise-quant to load it"
+            )
+        mods = self.modules_to_not_convert
+        if mods is not None:
+            if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
+                raise ValueError(f"modules_to_not_convert must be a list of name patterns; got {mods!r}")
+            object.__setattr__(self, "modules_to_not_convert", tuple(mods))
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides must be a mapping {{pattern: {{field: value}}}}; got {self.overrides!r}")
+        clean: dict[str, dict[str, Any]] = {}
+        for pattern, changes in self.overrides.items():
+            if not isinstance(pattern, str) or not isinstance(changes, Mapping):
+                raise ValueError(f"overrides entries must be {{pattern: {{field: value}}}}; got {pattern!r}: {changes!r}")
+            unknown = sorted(set(changes) - set(SPEC_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"overrides[{pattern!r}] has unknown fields {unknown}; allowed: {', '.join(SPEC_FIELDS)}"
+                )
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"overrides pattern {pattern!r} is not a valid regular expression: {exc}") from None
+            clean[pattern] = dict(changes)
+            self._override_spec(pattern, clean[pattern])  # validate now, not at quantize time
+        object.__setattr__(self, "overrides", clean)
+
+    # ---- resolution -------------------------------------------------------------------------
+
+    @property
+    def default_spec(self) -> QuantSpec:
+        return QuantSpec(**self.spec_dict())
+
+    def _override_spec(self, pattern: str, changes: Mapping[str, Any]) -> QuantSpec:
+        base = self.spec_dict()
+        if "grid" in changes:  # a new grid re-derives its own defaults unless given
+            base.update(bits=None, group_size="auto", symmetric=None)
+        base.update(changes)
+        try:
+            return QuantSpec(**base)
+        except ValueError as exc:
+            raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
+
+    def skip_patterns(self) -> tuple[str, ...]:
+        return DEFAULT_MODULES_TO_NOT_CONVERT if self.modules_to_not_convert is None else self.modules_to_not_convert
+
+    def is_skipped(self, name: str) -> bool:
+        return any(_pattern_matches(p, name) for p in self.skip_patterns())
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The scheme for module ``name``, or ``None`` if it stays in float."""
+        if self.is_skipped(name):
+            return None
+        for pattern, changes in self.overrides.items():
+            if _pattern_matches(pattern, name):
+                if changes.get("grid") == "none":
+                    return None
+                return self._override_spec(pattern, changes)
+        return self.default_spec
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "PiecewiseQuantConfig":
+        """A copy whose overrides are ``overrides`` followed by this config's own."""
+        merged = {**dict(overrides), **{k: v for k, v in self.overrides.items() if k not in overrides}}
+        return dataclasses.replace(self, overrides=merged)
+
+    # ---- serialization ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.spec_dict()
+        d["modules_to_not_convert"] = list(self.skip_patterns())
+        d["overrides"] = {k: dict(sorted(v.items())) for k, v in self.overrides.items()}
+        d["version"] = self.version
+        d["quant_method"] = QUANT_METHOD
+        return dict(sorted(d.items()))
+
+    def to_json_string(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PiecewiseQuantConfig":
+        """Build from :meth:`to_dict` output (e.g. a checkpoint's ``quantization_config``)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a quantization config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(
+                f"quantization_config has quant_method={method!r}; piecewise-quant reads only {QUANT_METHOD!r}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown quantization_config fields {unknown}; allowed: {sorted(known - {'quant_method'})}")
+        if "modules_to_not_convert" in data and data["modules_to_not_convert"] is not None:
+            data["modules_to_not_convert"] = tuple(data["modules_to_not_convert"])
+        return cls(**data)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "PiecewiseQuantConfig":
+        return cls.from_dict(json.loads(text))

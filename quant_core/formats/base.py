@@ -1,0 +1,117 @@
+"""The weight-format interface every grid implements (built-in or plugin)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import LayerSpec, QuantSpec
+
+__all__ = ["TensorLayout", "WeightFormat", "scale_dtype_of", "round_scale_up"]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Shape and dtype of one stored tensor of a quantized layer."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbits(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.finfo(self.dtype).bits if self.dtype.is_floating_point else n * torch.iinfo(self.dtype).bits
+
+
+def scale_dtype_of(spec: QuantSpec) -> torch.dtype:
+    return getattr(torch, spec.scale_dtype)
+
+
+def round_scale_up(scale: torch.Tensor, dtype: torch.dtype, layer: str) -> torch.Tensor:
+    """Cast positive-magnitude scales to ``dtype`` without shrinking them (so the grid still covers
+    the range it was chosen for) and without overflow or a zero scale for a non-zero group."""
+    mag = scale.abs()
+    info = torch.finfo(dtype)
+    if bool((mag > info.max).any()):
+        raise ValueError(
+            f"layer {layer!r}: a weight scale of {float(mag.max()):.3g} overflows {dtype}; "
+            "use PiecewiseQuantConfig(scale_dtype='float32') for weights this large"
+        )
+    cast = mag.to(dtype)
+    low = cast.to(torch.float32) < mag
+    if bool(low.any()):
+        up = torch.nextafter(cast, torch.full_like(cast, float("inf")))
+        cast = torch.where(low, up, cast)
+    # the smallest step above zero, where a tiny non-zero scale underflowed
+    tiny = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))
+    cast = torch.where((mag > 0) & (cast == 0), tiny.expand_as(cast), cast)
+    return torch.where(scale < 0, -cast, cast)
+
+
+class WeightFormat(abc.ABC):
+    """A way to store a Linear layer's weight.
+
+    Subclasses set ``name`` (what ``PiecewiseQuantConfig(grid=...)`` and checkpoints use) and
+    ``supported_bits``, and implement :meth:`layout`, :meth:`quantize` and :meth:`dequantize`.
+    ``kernel_format`` names the ``piecewise_quant::linear`` weight format that runs the layer
+    (``None``: :meth:`linear` dequantizes and calls ``F.linear``, which any plugin format gets
+    for free).
+    """
+
+    name: ClassVar[str]
+    supported_bits: ClassVar[tuple[int, ...]]
+    supports_groups: ClassVar[bool] = True
+
+    def validate(self, spec: QuantSpec) -> None:
+        """Raise ``ValueError`` naming the field if this format cannot store ``spec``."""
+        if spec.bits not in self.supported_bits:
+            raise ValueError(
+                f"bits={spec.bits} is not supported by grid {self.name!r}; allowed: "
+                + ", ".join(str(b) for b in self.supported_bits)
+            )
+        if not self.supports_groups and spec.group_size != "channel":
+            raise ValueError(f"grid {self.name!r} uses per-channel scales; set group_size='channel', not {spec.group_size!r}")
+
+    def kernel_format(self, spec: QuantSpec) -> str | None:
+        return None
+
+    @abc.abstractmethod
+    def layout(self, layer: LayerSpec) -> dict[str, TensorLayout]:
+        """Every tensor the layer stores, by its stable name (``qweight`` first)."""
+
+    @abc.abstractmethod
+    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+        """Quantize a float ``(out, in)`` weight; return tensors matching :meth:`layout` exactly."""
+
+    @abc.abstractmethod
+    def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+        """The float ``(out, in)`` weight the stored tensors represent."""
+
+    def bits_per_weight(self, layer: LayerSpec) -> float:
+        """Exact storage cost: every stored bit (codes, scales, zero points, breakpoints, padding)
+        divided by the number of weights."""
+        total = sum(t.nbits for t in self.layout(layer).values())
+        return total / (layer.out_features * layer.in_features)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        layer: LayerSpec,
+        bias: torch.Tensor | None,
+        act_args: tuple,
+    ) -> torch.Tensor:
+        """``y = x W^T + b`` with simulated activation quantization ``act_args`` =
+        ``(act_scale, act_format, act_mode, clip_ratio, topk)``."""
+        from ..kernels import ops
+
+        act_scale, act_format, act_mode, clip_ratio, topk = act_args
+        if act_format != "none":
+            x = ops.quantize_activation(x, act_format, act_mode, act_scale, clip_ratio, topk)
+        w = self.dequantize(tensors, layer, x.dtype)
+        return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)

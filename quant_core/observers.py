@@ -1,0 +1,70 @@
+"""Weight-range observers: choose each group's clipping range ``[lo, hi]`` (``lo <= 0 <= hi``).
+
+``minmax`` keeps every weight representable; ``mse`` shrinks the range by the factor (from 1.0 down
+to 0.4) that minimises the group's squared quantization error, trading a few clipped outliers for a
+finer step (the "MSE-optimal clip" of GPTQ/AWQ-style toolkits). Observers are looked up by name in
+the plugin registry, so a plugin can add its own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "MSE_SHRINK_FACTORS"]
+
+Observer = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.4, 31)
+
+
+def minmax_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = groups.amin(dim=1).clamp(max=0)
+    hi = groups.amax(dim=1).clamp(min=0)
+    return lo, hi
+
+
+def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point covering ``[lo, hi]`` exactly (float32; zero is always a level).
+
+    Asymmetric: codes ``0..2**b-1``, ``w = (q - z) * s``. Symmetric: the scale is signed and
+    ``w = (q - 2**(b-1)) * s``; the sign puts the extra negative level on the larger side.
+    """
+    if symmetric:
+        half = float(1 << (bits - 1))
+        big_neg = (-lo) >= hi  # the larger side gets the A levels of the negative code side
+        big = torch.where(big_neg, -lo, hi)
+        small = torch.where(big_neg, hi, -lo)
+        mag = torch.maximum(big / half, small / max(half - 1.0, 1.0) if half > 1 else small)
+        s = torch.where(big_neg, mag, -mag)
+        return s, torch.full_like(s, half)
+    qmax = float((1 << bits) - 1)
+    s0 = (hi - lo) / qmax
+    safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
+    z = torch.clamp(torch.round(-lo / safe), 0, qmax)
+    # widen the step so that both ends stay inside the grid after rounding the zero point
+    up = torch.where(z < qmax, hi / (qmax - z).clamp(min=1), torch.zeros_like(hi))
+    down = torch.where(z > 0, -lo / z.clamp(min=1), torch.zeros_like(lo))
+    s = torch.where(s0 > 0, torch.maximum(up, down), s0)
+    return s, z
+
+
+def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = float((1 << bits) - 1)
+    safe = torch.where(s != 0, s, torch.ones_like(s)).unsqueeze(1)
+    q = torch.clamp(torch.round(groups / safe) + z.unsqueeze(1), 0, qmax)
+    return (q - z.unsqueeze(1)) * s.unsqueeze(1)
+
+
+def mse_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = minmax_observer(groups, bits, symmetric)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for f in MSE_SHRINK_FACTORS.tolist():
+        s, z = uniform_params(lo * f, hi * f, bits, symmetric)
+        err = (uniform_fake_quant(groups, s, z, bits) - groups).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * f, best_lo)
+        best_hi = torch.where(better, hi * f, best_hi)
+    return best_lo, best_hi

@@ -1,0 +1,204 @@
+"""``QuantLinear``: a Linear layer whose weight is stored quantized.
+
+It holds the format's packed tensors as buffers (stable names: ``qweight``, ``scales`` and
+``qzeros``/``breakpoint_ids``), an optional bias, and, with activation quantization, an
+``act_scale`` buffer (static mode). ``forward`` runs one ``piecewise_quant::linear`` op (plugin
+formats without a kernel dequantize and call ``F.linear``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from .config import LayerSpec, QuantSpec
+from .formats.base import WeightFormat
+
+__all__ = ["QuantLinear", "ensure_runtime"]
+
+_runtime_lock = threading.Lock()
+_runtime_ready = False
+
+
+def ensure_runtime() -> None:
+    """Load plugins and register their kernel backends (once per process)."""
+    global _runtime_ready
+    if _runtime_ready:
+        return
+    with _runtime_lock:
+        if not _runtime_ready:
+            from .registry import sync_kernel_backends
+
+            sync_kernel_backends()
+            _runtime_ready = True
+
+
+class QuantLinear(nn.Module):
+    """A quantized ``nn.Linear``. Build one with :meth:`from_linear` (quantizes a float layer) or
+    :meth:`empty` (allocates buffers to be filled from a checkpoint)."""
+
+    def __init__(
+        self,
+        layer: LayerSpec,
+        fmt: WeightFormat,
+        bias: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.layer_spec = layer
+        self.fmt = fmt
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.compute_dtype = dtype
+        self._tensor_names = tuple(fmt.layout(layer))
+        for name, lay in fmt.layout(layer).items():
+            self.register_buffer(name, torch.empty(lay.shape, dtype=lay.dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        spec = layer.spec
+        if spec.act_bits is not None and spec.act_mode == "static_per_tensor":
+            self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.act_scale = None
+        self._observing = False
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, layer: LayerSpec, fmt: WeightFormat, bias: bool, device=None, dtype=torch.float32) -> "QuantLinear":
+        return cls(layer, fmt, bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layer: LayerSpec, fmt: WeightFormat) -> "QuantLinear":
+        """Quantize ``linear``'s weight with ``fmt``; keeps its bias and dtype."""
+        weight = linear.weight.detach()
+        q = cls(layer, fmt, linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        tensors = fmt.quantize(weight, layer)
+        q.load_quantized(tensors)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a format's tensors in, checking names, shapes and dtypes against the layout."""
+        expected = self.fmt.layout(self.layer_spec)
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"layer {self.layer_spec.name!r}: tensors missing {missing}, unexpected {extra}")
+        for name, lay in expected.items():
+            t = tensors[name]
+            if tuple(t.shape) != lay.shape or t.dtype != lay.dtype:
+                raise ValueError(
+                    f"layer {self.layer_spec.name!r}: tensor {name!r} has shape {tuple(t.shape)} and dtype "
+                    f"{t.dtype}, expected {lay.shape} and {lay.dtype}"
+                )
+            buf = getattr(self, name)
+            if buf.is_meta:
+                setattr(self, name, t)
+            else:
+                buf.copy_(t)
+
+    # ---- the quantized layer ------------------------------------------------------------------
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.layer_spec.spec
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._tensor_names}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float ``(out_features, in_features)`` weight these buffers represent."""
+        return self.fmt.dequantize(self.quantized_tensors(), self.layer_spec, dtype or self.compute_dtype)
+
+    def bits_per_weight(self) -> float:
+        return self.fmt.bits_per_weight(self.layer_spec)
+
+    def _act_args(self) -> tuple:
+        spec = self.spec
+        if spec.act_bits is None:
+            return (None, "none", "dynamic_per_token", 1.0, 0)
+        act_format = "int8" if spec.act_format == "int" else "fp8_e4m3"
+        if self.act_scale is not None and not bool(self.act_scale > 0):
+            raise RuntimeError(
+                f"layer {self.layer_spec.name!r} uses static activation quantization but has no calibrated "
+                "scale; run piecewise_quant.calibrate_activation_scales(model, batches) first"
+            )
+        return (self.act_scale, act_format, spec.act_mode, float(spec.act_clip_ratio), int(spec.act_topk))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observing:
+            self._observe(x)
+        ensure_runtime()
+        kernel = self.fmt.kernel_format(self.spec)
+        act = self._act_args() if not self._observing else (None, "none", "dynamic_per_token", 1.0, 0)
+        if kernel is None:
+            return self.fmt.linear(x, self.quantized_tensors(), self.layer_spec, self.bias, act)
+        from .kernels import ops
+
+        t = self.quantized_tensors()
+        aux = t.get("qzeros", t.get("breakpoint_ids"))
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return ops.linear(
+            x, t["qweight"], t["scales"], aux, bias, act[0], kernel, self.spec.bits,
+            self.layer_spec.group_size, self.in_features, act[1], act[2], act[3], act[4],
+        )
+
+    # ---- static activation calibration --------------------------------------------------------
+
+    def start_observing(self) -> None:
+        self._observing = True
+        self._obs_values: list[torch.Tensor] = []
+
+    def _observe(self, x: torch.Tensor) -> None:
+        spec = self.spec
+        mag = x.detach().abs().reshape(-1, x.shape[-1]).to(torch.float32)
+        if spec.act_topk > 0:
+            k = min(spec.act_topk + 1, mag.numel())
+            self._obs_values.append(mag.reshape(-1).topk(k).values)
+        else:
+            self._obs_values.append(mag.amax().reshape(1))
+
+    def finish_observing(self) -> None:
+        """Set the static ``act_scale`` from what was observed: the (k+1)-th largest magnitude seen
+        (k = ``act_topk``), times ``act_clip_ratio``, over the representable maximum."""
+        self._observing = False
+        values = getattr(self, "_obs_values", [])
+        self._obs_values = []
+        if self.act_scale is None:
+            return
+        if not values:
+            raise RuntimeError(f"layer {self.layer_spec.name!r} saw no calibration tokens; its activation scale is unknown")
+        allv = torch.cat(values)
+        if not bool(torch.isfinite(allv).all()):
+            raise ValueError(f"layer {self.layer_spec.name!r}: calibration activations contain NaN or Inf")
+        k = min(self.spec.act_topk + 1, allv.numel())
+        rng = allv.topk(k).values[-1] * self.spec.act_clip_ratio
+        qmax = 127.0 if self.spec.act_format == "int" else 448.0
+        self.act_scale.fill_(float(rng) / qmax if float(rng) > 0 else 1.0 / qmax)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        gs = {-1: "tensor"}.get(self.layer_spec.group_size, self.layer_spec.group_size)
+        if self.layer_spec.group_size == self.in_features and spec.grid != "fp8":
+            gs = f"channel ({gs})"
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"format={spec.grid}",
+            f"bits={spec.bits}",
+            f"group_size={gs}",
+        ]
+        if spec.grid == "uniform":
+            parts.append(f"symmetric={spec.symmetric}")
+        if spec.act_bits is not None:
+            parts.append(f"act={spec.act_format}{spec.act_bits}/{spec.act_mode}")
+        parts.append(f"bpw={self.bits_per_weight():.4f}")
+        return ", ".join(parts)

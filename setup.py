@@ -1,0 +1,28 @@
+"""setuptools entry (metadata lives in pyproject.toml): put the import-hook ``.pth`` file at the root of the wheel.
+
+transformers and diffusers have no plugin discovery, so a ``.pth`` file (run by ``site`` at every
+interpreter start) installs a lazy post-import hook that registers piecewise-quant the moment
+``transformers.quantizers.auto`` is imported. See ``integrations/piecewise_quant_autoload.pth``.
+"""
+
+import os
+
+from setuptools.command.build_py import build_py
+
+PTH = "piecewise_quant_autoload.pth"
+SOURCE = os.path.join("integrations", PTH)
+
+
+class BuildPyWithPth(build_py):
+    def run(self) -> None:
+        super().run()
+        self.copy_file(SOURCE, os.path.join(self.build_lib, PTH), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH)]
+
+
+if __name__ == "__main__":
+    from setuptools import setup
+
+    setup(cmdclass={"build_py": BuildPyWithPth})
