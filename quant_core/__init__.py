@@ -31,10 +31,10 @@ add_builtin("piecewise_quant.builtin", _builtin)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "quantize": ".quantize",
-    "plan_layers": ".quantize",
-    "calibrate_activation_scales": ".quantize",
-    "quantized_layers": ".quantize",
+    "quantize": ".quantization",
+    "plan_layers": ".quantization",
+    "calibrate_activation_scales": ".quantization",
+    "quantized_layers": ".quantization",
     "QuantLinear": ".qlinear",
     "WeightFormat": ".formats",
     "TensorLayout": ".formats",
@@ -50,7 +50,7 @@ __all__ = ["PiecewiseQuantConfig", "QuantSpec", "hookimpl", "__version__", *_LAZ
 if TYPE_CHECKING:
     from .formats import TensorLayout, WeightFormat
     from .qlinear import QuantLinear
-    from .quantize import calibrate_activation_scales, plan_layers, quantize, quantized_layers
+    from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
     from .registry import formats, get_format
     from .report import model_size_report
     from .serialization import load_quantized, save_quantized

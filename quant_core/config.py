@@ -226,8 +226,11 @@ class PiecewiseQuantConfig(QuantSpec):
 
     def _override_spec(self, pattern: str, changes: Mapping[str, Any]) -> QuantSpec:
         base = self.spec_dict()
-        if "grid" in changes:  # a new grid re-derives its own defaults unless given
-            base.update(bits=None, group_size="auto", symmetric=None)
+        if "grid" in changes and changes["grid"] != base["grid"]:
+            # a different grid re-derives what does not carry over, unless the override gives it
+            base["symmetric"] = None
+            if "fp8" in (changes["grid"], base["grid"]):
+                base.update(bits=None, group_size="auto")
         base.update(changes)
         try:
             return QuantSpec(**base)
@@ -260,7 +263,8 @@ class PiecewiseQuantConfig(QuantSpec):
 
     def to_dict(self) -> dict[str, Any]:
         d = self.spec_dict()
-        d["modules_to_not_convert"] = list(self.skip_patterns())
+        mods = self.modules_to_not_convert
+        d["modules_to_not_convert"] = None if mods is None else list(mods)
         d["overrides"] = {k: dict(sorted(v.items())) for k, v in self.overrides.items()}
         d["version"] = self.version
         d["quant_method"] = QUANT_METHOD

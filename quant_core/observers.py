@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .formats.groups import round_half_even
+
 __all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "MSE_SHRINK_FACTORS"]
 
 Observer = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
@@ -41,7 +43,7 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     qmax = float((1 << bits) - 1)
     s0 = (hi - lo) / qmax
     safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
-    z = torch.clamp(torch.round(-lo / safe), 0, qmax)
+    z = torch.clamp(round_half_even(-lo / safe), 0, qmax)
     # widen the step so that both ends stay inside the grid after rounding the zero point
     up = torch.where(z < qmax, hi / (qmax - z).clamp(min=1), torch.zeros_like(hi))
     down = torch.where(z > 0, -lo / z.clamp(min=1), torch.zeros_like(lo))
@@ -52,7 +54,7 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
 def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = float((1 << bits) - 1)
     safe = torch.where(s != 0, s, torch.ones_like(s)).unsqueeze(1)
-    q = torch.clamp(torch.round(groups / safe) + z.unsqueeze(1), 0, qmax)
+    q = torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, qmax)
     return (q - z.unsqueeze(1)) * s.unsqueeze(1)
 
 

@@ -20,7 +20,7 @@ from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length, piecewise_table
 from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
-from .groups import group_view
+from .groups import group_view, round_half_even
 
 __all__ = ["PiecewiseFormat", "FORMAT_VERSION", "SCALE_FACTORS"]
 
@@ -33,8 +33,8 @@ SCALE_FACTORS = torch.linspace(1.0, 0.55, 16)
 def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> torch.Tensor:
     """Nearest centred code ``d`` for ``x`` (in units of the scale) on the (h, r) grid."""
     a = x.abs()
-    centre = torch.clamp(torch.round(x), -h, h)
-    j = torch.clamp(torch.round((a - h) / r), min=1.0)
+    centre = torch.clamp(round_half_even(x), -h, h)
+    j = torch.clamp(round_half_even((a - h) / r), min=1.0)
     tail = torch.sign(x) * (h + j)
     d = torch.where(a <= h + r / 2, centre, tail)
     return torch.clamp(d, -half, half - 1)

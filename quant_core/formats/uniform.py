@@ -14,7 +14,7 @@ from ..kernels import pack_codes, packed_length
 from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
 from ..observers import uniform_params
-from .groups import group_view, observer_for
+from .groups import group_view, observer_for, round_half_even
 
 __all__ = ["UniformFormat"]
 
@@ -54,7 +54,7 @@ class UniformFormat(WeightFormat):
         z = torch.cat(zeros)
         sf = s.to(torch.float32)
         safe = torch.where(sf != 0, sf, torch.ones_like(sf)).unsqueeze(1)
-        q = torch.clamp(torch.round(groups / safe) + z.unsqueeze(1), 0, (1 << bits) - 1).to(torch.int32)
+        q = torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, (1 << bits) - 1).to(torch.int32)
         rows = 1 if layer.group_size == -1 else layer.out_features
         codes = q.reshape(layer.out_features, layer.in_features)
         out = {
