@@ -20,6 +20,7 @@ __all__ = [
     "ACT_FORMATS",
     "ACT_MODES",
     "dequantize",
+    "round_half_even",
     "pack_group_field",
     "unpack_group_field",
     "piecewise_levels",
@@ -45,6 +46,16 @@ def _grouped(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tupl
     if scales.shape != (out, n_groups):
         raise ValueError(f"scales must have shape {(out, n_groups)}, got {tuple(scales.shape)}")
     return codes.reshape(out, n_groups, group_size), n_groups
+
+
+_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves only the integer part in a float32 mantissa
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` for float32 values (ties to even), exact for ``|x| < 2**22`` (larger values are
+    clamped there, far outside every code range). The quantizer search loops use it because
+    ``torch.round`` on small CPU tensors can take milliseconds per call when threads are contended."""
+    return (x.to(torch.float32).clamp(-4194304.0, 4194304.0) + _MAGIC) - _MAGIC
 
 
 def pack_group_field(values: torch.Tensor, bits: int) -> torch.Tensor:

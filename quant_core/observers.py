@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .formats.groups import round_half_even
+from .kernels.reference import round_half_even
 
 __all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "MSE_SHRINK_FACTORS"]
 
@@ -44,9 +44,10 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     s0 = (hi - lo) / qmax
     safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
     z = torch.clamp(round_half_even(-lo / safe), 0, qmax)
-    # widen the step so that both ends stay inside the grid after rounding the zero point
-    up = torch.where(z < qmax, hi / (qmax - z).clamp(min=1), torch.zeros_like(hi))
-    down = torch.where(z > 0, -lo / z.clamp(min=1), torch.zeros_like(lo))
+    # widen the step so both ends stay within half a step of the grid after rounding the zero
+    # point (an end with no code beyond zero must lie within half a step of zero)
+    up = torch.where(z < qmax, hi / (qmax - z).clamp(min=1), 2 * hi)
+    down = torch.where(z > 0, -lo / z.clamp(min=1), -2 * lo)
     s = torch.where(s0 > 0, torch.maximum(up, down), s0)
     return s, z
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
+from ..kernels.reference import round_half_even
 
 __all__ = ["group_view", "observer_for", "round_half_even"]
-
-_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves only the integer part in a float32 mantissa
 
 
 def group_view(weight: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
@@ -30,9 +29,3 @@ def observer_for(name: str):
 
     return get_observer(name)
 
-
-def round_half_even(x: torch.Tensor) -> torch.Tensor:
-    """``torch.round`` for float32 values (ties to even), exact for ``|x| < 2**22`` (larger values are
-    clamped there, far outside every code range). Used in the quantizer search loops because
-    ``torch.round`` on small CPU tensors can take milliseconds per call when threads are contended."""
-    return (x.clamp(-4194304.0, 4194304.0) + _MAGIC) - _MAGIC

@@ -22,12 +22,10 @@ from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
 from .groups import group_view, round_half_even
 
-__all__ = ["PiecewiseFormat", "FORMAT_VERSION", "SCALE_FACTORS"]
+__all__ = ["PiecewiseFormat", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 CHUNK_GROUPS = 1 << 14
-# fraction of the covering scale tried by the "mse" observer (1.0 keeps every weight in range)
-SCALE_FACTORS = torch.linspace(1.0, 0.55, 16)
 
 
 def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> torch.Tensor:
@@ -38,6 +36,18 @@ def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> t
     tail = torch.sign(x) * (h + j)
     d = torch.where(a <= h + r / 2, centre, tail)
     return torch.clamp(d, -half, half - 1)
+
+
+def _sq_error(xo: torch.Tensor, s: torch.Tensor, h, r, neg_outer, pos_outer) -> torch.Tensor:
+    """Per-group squared error of rounding oriented groups ``xo`` to the (h, r) grid of scale
+    ``s`` (``(n, 1)``, non-negative), computed on level values (no codes needed)."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    x = xo / safe
+    a = x.abs()
+    centre = torch.clamp(round_half_even(x), -h, h)
+    tail = torch.copysign(h + r * torch.clamp(round_half_even((a - h) / r), min=1.0), x)
+    level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -neg_outer, pos_outer)
+    return (level - x).square().sum(dim=1) * safe.squeeze(1).square()
 
 
 class PiecewiseFormat(WeightFormat):
@@ -67,7 +77,12 @@ class PiecewiseFormat(WeightFormat):
         }
 
     def search(self, groups: torch.Tensor, bits: int, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best (signed scale, breakpoint id) per group of ``groups`` ``(n, g)`` (float32)."""
+        """Best (signed scale, breakpoint id) per group of ``groups`` ``(n, g)`` (float32).
+
+        ``minmax``: every breakpoint id with the scale that covers the group. ``mse``: every id at
+        a coarse set of scales, then a finer scale search around the best coarse scale for the two
+        best ids of each group.
+        """
         table = piecewise_table(bits, groups.device)
         half = float(1 << (bits - 1))
         lo = groups.amin(dim=1).clamp(max=0)
@@ -75,29 +90,64 @@ class PiecewiseFormat(WeightFormat):
         neg_big = (-lo) >= hi
         # orient so the larger-magnitude side lies on the negative code side (it has one more level)
         sign = torch.where(neg_big, 1.0, -1.0)
-        big = torch.where(neg_big, -lo, hi)
-        small = torch.where(neg_big, hi, -lo)
-        factors = SCALE_FACTORS.tolist() if observer == "mse" else [1.0]
-        best_err = torch.full_like(lo, float("inf"))
+        big = torch.where(neg_big, -lo, hi).unsqueeze(1)
+        small = torch.where(neg_big, hi, -lo).unsqueeze(1)
+        xo = groups * sign.unsqueeze(1)
+        h_all, r_all = table[:, 0], table[:, 1]
+        neg_outer_all = torch.where(h_all < half, h_all + r_all * (half - h_all), torch.full_like(h_all, half))
+        pos_outer_all = torch.where(h_all < half - 1, h_all + r_all * (half - 1 - h_all), torch.full_like(h_all, half - 1))
+        n_ids = table.shape[0]
+
+        def shape_params(k: torch.Tensor):  # k: (n, 1) ids -> per-group (h, r, neg_outer, pos_outer, cover)
+            h, r = h_all[k], r_all[k]
+            no, po = neg_outer_all[k], pos_outer_all[k]
+            return h, r, no, po, torch.maximum(big / no, small / po)
+
+        lowest = {2: 0.3, 3: 0.45}.get(bits, 0.55) if observer == "mse" else 1.0
+        coarse = torch.linspace(1.0, lowest, 6).tolist() if observer == "mse" else [1.0]
+        # stage 1: every id at the two largest scales; stage 2: the 3 best ids at the other scales
+        errs = torch.full((groups.shape[0], n_ids, len(coarse)), float("inf"))
+        first_factors = coarse[:2]
+        for k in range(n_ids):
+            kk = torch.full_like(big, k, dtype=torch.int64)
+            h, r, no, po, cover = shape_params(kk)
+            for i, f in enumerate(first_factors):
+                errs[:, k, i] = _sq_error(xo, cover * f, h, r, no, po)
+        if len(coarse) > 2:
+            rows = torch.arange(groups.shape[0])
+            for kk in errs[:, :, :2].amin(dim=2).topk(min(3, n_ids), dim=1, largest=False).indices.t():
+                h, r, no, po, cover = shape_params(kk.unsqueeze(1))
+                for i in range(2, len(coarse)):
+                    errs[rows, kk, i] = _sq_error(xo, cover * coarse[i], h, r, no, po)
+        flat = errs.reshape(groups.shape[0], -1)
+        best_err, best_idx = flat.min(dim=1)
+        best_k = best_idx // len(coarse)
+        best_f = torch.tensor(coarse)[best_idx % len(coarse)]
+        if observer != "mse":
+            _, _, _, _, cover = shape_params(best_k.unsqueeze(1))
+            return cover.squeeze(1) * best_f * sign, best_k
+        # refine the scale around the best coarse factor, for the two best ids of each group
+        step = (coarse[0] - coarse[1]) if len(coarse) > 1 else 0.0
+        per_id = errs.amin(dim=2)
+        top = per_id.topk(min(2, n_ids), dim=1, largest=False).indices
         best_s = torch.zeros_like(lo)
-        best_k = torch.zeros_like(lo, dtype=torch.int64)
-        x_oriented = groups * sign.unsqueeze(1)  # now the larger side is negative
-        for k in range(table.shape[0]):
-            h, r = float(table[k, 0]), float(table[k, 1])
-            neg_outer = h + r * (half - h) if half > h else half  # |level| of d = -A
-            pos_outer = h + r * (half - 1 - h) if half - 1 > h else half - 1  # level of d = A-1 (>= 1)
-            cover = torch.maximum(big / neg_outer, small / pos_outer)
-            ht, rt = torch.tensor(h), torch.tensor(r)
-            for f in factors:
-                s = cover * f
-                safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-                d = _encode(x_oriented / safe, ht, rt, half)
-                err = ref.piecewise_levels(d, ht, rt) * safe - x_oriented
-                err = torch.where(s.unsqueeze(1) > 0, err, x_oriented).pow(2).sum(dim=1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_s = torch.where(better, s, best_s)
-                best_k = torch.where(better, torch.full_like(best_k, k), best_k)
+        first = True
+        for c in range(top.shape[1]):
+            kk = top[:, c : c + 1]
+            h, r, no, po, cover = shape_params(kk)
+            f0 = torch.tensor(coarse)[errs[torch.arange(groups.shape[0]), kk.squeeze(1)].argmin(dim=1)]
+            for delta in torch.linspace(-step, step, 7).tolist():
+                f = (f0 + delta).clamp(min=0.05, max=1.0).unsqueeze(1)
+                s_try = (cover * f).squeeze(1)
+                e = _sq_error(xo, cover * f, h, r, no, po)
+                if first:  # seed with the coarse optimum so refinement can only improve it
+                    _, _, _, _, cover_b = shape_params(best_k.unsqueeze(1))
+                    best_s = cover_b.squeeze(1) * best_f
+                    first = False
+                better = e < best_err
+                best_err = torch.where(better, e, best_err)
+                best_s = torch.where(better, s_try, best_s)
+                best_k = torch.where(better, kk.squeeze(1), best_k)
         return best_s * sign, best_k
 
     def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
