@@ -22,6 +22,7 @@ __all__ = ["get_plugin_manager", "load_plugins", "reset_plugin_manager", "ENV_DI
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "piecewise_quant"
+OWN_DISTRIBUTION = "piecewise-quant"
 ENV_DISABLE = "PIECEWISE_QUANT_DISABLE_PLUGINS"
 ENV_ALLOW = "PIECEWISE_QUANT_PLUGINS"
 
@@ -61,6 +62,11 @@ def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
 
 
+def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name.replace("_", "-").lower() == OWN_DISTRIBUTION
+
+
 def load_plugins() -> pluggy.PluginManager:
     """Load third-party plugins once (unless disabled) and return the manager."""
     global _entry_points_loaded
@@ -69,12 +75,13 @@ def load_plugins() -> pluggy.PluginManager:
         if _entry_points_loaded:
             return pm
         _entry_points_loaded = True
-        if _truthy(os.environ.get(ENV_DISABLE)):
+        disabled = _truthy(os.environ.get(ENV_DISABLE))
+        if disabled:
             logger.info("third-party piecewise_quant plugins disabled by %s", ENV_DISABLE)
-            return pm
         allow = {n.strip() for n in os.environ.get(ENV_ALLOW, "").split(",") if n.strip()}
         for ep in _entry_points():
-            if allow and ep.name not in allow:
+            own = _is_own(ep)  # piecewise-quant's own integrations plugin is a built-in
+            if not own and (disabled or (allow and ep.name not in allow)):
                 continue
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue

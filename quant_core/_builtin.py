@@ -1,5 +1,6 @@
-"""The built-in plugin: registers the shipped formats, observers and kernel backends through the
-same hooks third-party plugins use."""
+"""The built-in core plugin: registers the shipped formats, observers and kernel backends through
+the same hooks third-party plugins use. (The framework integrations are a plugin of their own,
+``piecewise_quant.integrations._plugin``, found through this distribution's entry point.)"""
 
 from __future__ import annotations
 
@@ -29,12 +30,3 @@ def piecewise_quant_register_kernel_backends(register):
 
     register(triton_backend())
 
-
-@hookimpl
-def piecewise_quant_register_integrations(register):
-    def activate_transformers() -> None:
-        from .integrations.transformers import register_with_transformers
-
-        register_with_transformers()
-
-    register("transformers", activate_transformers)

@@ -1,0 +1,20 @@
+"""The integrations plugin: tells piecewise-quant which host frameworks it can register with.
+
+Registered through this distribution's own ``piecewise_quant`` entry point, like a third-party
+plugin, but never disabled by ``PIECEWISE_QUANT_DISABLE_PLUGINS``.
+"""
+
+from __future__ import annotations
+
+from ..plugins import hookimpl
+
+
+def _activate_transformers() -> None:
+    from .transformers import register_with_transformers
+
+    register_with_transformers()
+
+
+@hookimpl
+def piecewise_quant_register_integrations(register):
+    register("transformers", _activate_transformers)
