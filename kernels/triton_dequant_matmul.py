@@ -23,6 +23,7 @@ Import this module lazily (it imports Triton); nothing here touches a GPU at imp
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,14 +62,14 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _extract(base_ptr, idx, BITS: tl.constexpr, mask):
     """The ``BITS``-bit code number ``idx`` of a densely packed little-endian row at ``base_ptr``."""
-    bit = idx * BITS
-    byte_ptr = base_ptr + bit // 8
-    shift = bit % 8
-    lo = tl.load(byte_ptr, mask=mask, other=0).to(tl.int32)
-    if 8 % BITS == 0:  # 2, 4, 8 bits: a code never straddles two bytes
-        word = lo
-    else:
-        hi = tl.load(byte_ptr + 1, mask=mask & (shift + BITS > 8), other=0).to(tl.int32)
+    if 8 % BITS == 0:  # 2, 4, 8 bits: 8 // BITS whole codes per byte (idx // c keeps the loads coalesced)
+        word = tl.load(base_ptr + idx // (8 // BITS), mask=mask, other=0).to(tl.int32)
+        shift = (idx % (8 // BITS)) * BITS
+    else:  # 3 bits: a code may straddle two bytes
+        bit = idx * BITS
+        shift = bit % 8
+        lo = tl.load(base_ptr + bit // 8, mask=mask, other=0).to(tl.int32)
+        hi = tl.load(base_ptr + bit // 8 + 1, mask=mask & (shift + BITS > 8), other=0).to(tl.int32)
         word = lo | (hi << 8)
     return (word >> shift) & ((1 << BITS) - 1)
 
@@ -109,7 +110,7 @@ def _dequant_matmul_kernel(
             lev = q - half
         elif FMT == 1:  # uniform_asym: aux is the zero point
             z = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n).to(tl.float32)
-            lev = q - 8.0
+            lev = q - z[None, :]
         else:  # piecewise: aux is the breakpoint id into the (h, r) table
             kid = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n)
             h = tl.load(table_ptr + kid * 2, mask=mask_n, other=1.0)[None, :]
@@ -158,6 +159,8 @@ def triton_linear(
         raise ValueError(f"group_size must be a positive multiple of 16 dividing in_features={K}, got {group_size}")
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected {K}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias must have {N} elements, got {bias.numel()}")
     n_groups = K // group_size
     if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, packed_length(K, bits)):
         raise ValueError(f"qweight must be uint8 {(N, packed_length(K, bits))}, got {qweight.dtype} {tuple(qweight.shape)}")
@@ -188,12 +191,13 @@ def triton_linear(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _dequant_matmul_kernel[grid](
-        x2, qweight, scales, aux_arg, table, bias_arg, y,
-        M, N, K, m_bucket,
-        x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), scales.stride(1),
-        aux_arg.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, BITS=bits, FMT=fmt, HAS_BIAS=bias is not None,
-        PRECISION=precision, DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=_block_k(group_size),
-    )
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        _dequant_matmul_kernel[grid](
+            x2, qweight, scales, aux_arg, table, bias_arg, y,
+            M, N, K, m_bucket,
+            x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), scales.stride(1),
+            aux_arg.stride(0), y.stride(0),
+            GROUP_SIZE=group_size, BITS=bits, FMT=fmt, HAS_BIAS=bias is not None,
+            PRECISION=precision, DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=_block_k(group_size),
+        )
     return y.reshape(*lead, N)
