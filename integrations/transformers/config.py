@@ -1,0 +1,178 @@
+"""``PiecewiseHfConfig``: the transformers-side face of :class:`piecewise_quant.PiecewiseQuantConfig`.
+
+transformers wants a ``QuantizationConfigMixin`` (``from_dict``, ``to_dict``, ``to_json_string``,
+``update``, ``quant_method``); piecewise-quant has one frozen core config. This class wraps the core
+config and forwards to it, so there is a single source of truth:
+
+* ``to_dict()`` is exactly ``core.to_dict()`` (sorted, JSON-clean, with ``quant_method`` and
+  ``version``), which is what ``config.json`` stores;
+* ``from_dict(d)`` is ``PiecewiseQuantConfig.from_dict(d)`` (so an unknown field or a newer schema
+  ``version`` raises ``ValueError``);
+* reading a field (``cfg.bits``, ``cfg.overrides``) reads the core config; setting one builds a new,
+  validated core config.
+
+Only transformers *submodules* are imported here (never the ``transformers.quantizers`` package),
+because the autoload hook imports this module while ``transformers.quantizers`` is still
+initialising.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+from typing import Any, Mapping
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
+
+__all__ = ["PiecewiseHfConfig", "PiecewiseMethod", "as_core_config"]
+
+_CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(PiecewiseQuantConfig)) - {"quant_method"}
+
+
+class PiecewiseMethod(str, enum.Enum):
+    """The ``quant_method`` value (a ``str`` enum, like transformers' ``QuantizationMethod``: it
+    compares and hashes as ``"piecewise"`` and has the ``.value`` diffusers reads)."""
+
+    PIECEWISE = QUANT_METHOD
+
+    def __str__(self) -> str:  # so f-strings and logs show "piecewise"
+        return self.value
+
+
+def as_core_config(config: Any) -> PiecewiseQuantConfig:
+    """The core config behind ``config``: a :class:`PiecewiseQuantConfig`, a
+    :class:`PiecewiseHfConfig` or a ``quantization_config`` dict."""
+    if isinstance(config, PiecewiseQuantConfig):
+        return config
+    if isinstance(config, PiecewiseHfConfig):
+        return config.core
+    if isinstance(config, Mapping):
+        return PiecewiseQuantConfig.from_dict(config)
+    core = getattr(config, "core", None)  # a PiecewiseHfConfig from a reloaded copy of this module
+    if isinstance(core, PiecewiseQuantConfig):
+        return core
+    raise TypeError(
+        "quantization_config must be a piecewise_quant.PiecewiseQuantConfig, a PiecewiseHfConfig or a dict with "
+        f"quant_method='piecewise'; got {type(config).__name__}"
+    )
+
+
+class PiecewiseHfConfig(QuantizationConfigMixin):
+    """transformers ``quantization_config`` for ``quant_method="piecewise"``.
+
+    Accepts the same keyword arguments as :class:`piecewise_quant.PiecewiseQuantConfig` (plus
+    ``quant_method``, which must be ``"piecewise"``), or an existing core config as ``core=``.
+    You normally never build one: pass a ``PiecewiseQuantConfig`` to ``from_pretrained`` and the
+    quantizer wraps it.
+    """
+
+    def __init__(self, core: PiecewiseQuantConfig | None = None, **kwargs: Any) -> None:
+        if core is not None:
+            if kwargs:
+                raise TypeError("pass either core= or config fields, not both")
+            core = as_core_config(core)
+        else:
+            core = PiecewiseQuantConfig.from_dict(kwargs)
+        object.__setattr__(self, "_core", core)
+        object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
+
+    # ---- the wrapped core config ----------------------------------------------------------------
+
+    @property
+    def core(self) -> PiecewiseQuantConfig:
+        return self.__dict__["_core"]
+
+    @classmethod
+    def from_core(cls, core: Any) -> "PiecewiseHfConfig":
+        return cls(core=as_core_config(core))
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails; never recurse while half-built (copy/pickle)
+        if name.startswith("__") or name == "_core":
+            raise AttributeError(name)
+        core = self.__dict__.get("_core")
+        if core is not None and name in _CORE_FIELDS:
+            return getattr(core, name)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CORE_FIELDS:
+            object.__setattr__(self, "_core", dataclasses.replace(self.core, **{name: value}))
+        elif name == "quant_method":
+            if value != QUANT_METHOD:
+                raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {value!r}")
+        else:
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PiecewiseHfConfig):
+            return self.core == other.core
+        if isinstance(other, PiecewiseQuantConfig):
+            return self.core == other
+        return NotImplemented
+
+    __hash__ = None  # mutable (fields can be set)
+
+    def __deepcopy__(self, memo: dict) -> "PiecewiseHfConfig":
+        new = type(self)(core=copy.deepcopy(self.core, memo))
+        for k, v in self.__dict__.items():
+            if k not in ("_core", "quant_method"):
+                object.__setattr__(new, k, copy.deepcopy(v, memo))
+        return new
+
+    def __reduce__(self):
+        return (_rebuild, (self.core.to_dict(),))
+
+    # ---- QuantizationConfigMixin API ------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        data = dict(config_dict)
+        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
+        data.update(used)
+        config = cls(**data)
+        unused = {k: v for k, v in kwargs.items() if k not in used}
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly :meth:`PiecewiseQuantConfig.to_dict` (what ``config.json`` stores)."""
+        return self.core.to_dict()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given core fields (validated together); return the unused kwargs."""
+        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
+        if used:
+            object.__setattr__(self, "_core", dataclasses.replace(self.core, **used))
+        return {k: v for k, v in kwargs.items() if k not in used}
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        return {}
+
+
+def _rebuild(data: dict[str, Any]) -> PiecewiseHfConfig:
+    return PiecewiseHfConfig(**data)
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()

@@ -1,0 +1,327 @@
+"""``PiecewiseHfQuantizer``: the transformers ``HfQuantizer`` for ``quant_method="piecewise"``.
+
+Two load paths (``from_pretrained`` decides which through ``pre_quantized``):
+
+* **Quantize on load** (a float checkpoint plus ``quantization_config=PiecewiseQuantConfig(...)``):
+  before loading, the layer plan is computed on the meta model (``piecewise_quant.plan_layers``:
+  a bad config fails here, naming the layer). While loading, each planned layer's float
+  ``weight`` goes through :class:`~.ops.PiecewiseQuantizeOp`, which quantizes it and swaps the
+  ``nn.Linear`` for a ``QuantLinear``, one layer at a time (only one float weight in memory at
+  once). After loading, every planned layer must be a ``QuantLinear`` with real tensors.
+* **Pre-quantized** (a checkpoint whose ``config.json`` has ``quant_method: "piecewise"``): the same
+  plan is rebuilt from the stored config and the planned layers become ``QuantLinear`` on the meta
+  device, so the checkpoint's ``qweight``/``scales``/... load by name. The safetensors headers are
+  checked against the plan first (missing tensor, wrong shape or dtype: an error naming the tensor),
+  and the loaded layers are checked again after loading.
+
+Layers whose weight is tied to another (e.g. an LM head tied to the input embeddings) stay in float:
+quantizing them would untie the embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from piecewise_quant.config import PiecewiseQuantConfig
+
+from .config import PiecewiseHfConfig, as_core_config
+
+__all__ = ["PiecewiseHfQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _core() -> Any:
+    """The core API this integration uses, imported on first use (torch-heavy: never at
+    registration time, which runs inside transformers' own import)."""
+    from types import SimpleNamespace
+
+    from piecewise_quant.qlinear import QuantLinear
+    from piecewise_quant.registry import formats, get_format
+
+    import piecewise_quant
+
+    return SimpleNamespace(
+        QuantLinear=QuantLinear, formats=formats, get_format=get_format, plan_layers=piecewise_quant.plan_layers
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    try:
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+    except Exception:
+        return set()
+    names: set[str] = set()
+    for k, v in dict(tied).items():
+        for key in (k, v):
+            if isinstance(key, str) and key.endswith(".weight"):
+                names.add(key[: -len(".weight")])
+    return names
+
+
+class PiecewiseHfQuantizer(HfQuantizer):
+    """Quantizes on load, and loads piecewise checkpoints (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, PiecewiseHfConfig):
+            quantization_config = PiecewiseHfConfig.from_core(as_core_config(quantization_config))
+        super().__init__(quantization_config, **kwargs)
+        self.plan: dict[str, Any] = {}
+        self.checkpoint_files: list[str] | None = None
+        self._dispatched = False
+
+    @property
+    def core_config(self) -> PiecewiseQuantConfig:
+        return self.quantization_config.core
+
+    # ---- environment ----------------------------------------------------------------------------
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "piecewise-quant cannot quantize on load with disk offloading in device_map; quantize and "
+                "save the model first, then load the saved checkpoint"
+            )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    # ---- planning -------------------------------------------------------------------------------
+
+    def _make_plan(self, model: nn.Module) -> dict[str, Any]:
+        pq = _core()
+
+        core = self.core_config
+        known = pq.formats()
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                spec = core.spec_for(name)
+                if spec is not None and spec.grid not in known:
+                    raise ValueError(
+                        f"layer {name!r}: the quantization_config names grid {spec.grid!r}, which this "
+                        f"piecewise-quant does not know (known: {', '.join(sorted(known))}); its tensors "
+                        f"(e.g. {name + '.qweight'!r}) cannot be decoded. Install the plugin that provides it, "
+                        "or upgrade piecewise-quant"
+                    )
+        plan = dict(pq.plan_layers(model, core))
+        tied = _tied_module_names(model) & set(plan)
+        if tied:
+            (logger.info if self.pre_quantized else logger.warning)(
+                "piecewise-quant keeps these layers in float because their weights are tied to other modules: %s",
+                ", ".join(sorted(tied)),
+            )
+            for name in tied:
+                plan.pop(name)
+        if not plan:
+            raise ValueError(
+                "piecewise-quant found no nn.Linear layer to quantize in this model (all were skipped by "
+                "modules_to_not_convert, tied, or the model has none)"
+            )
+        return plan
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        pq = _core()
+
+        dtype = kwargs.get("dtype") or getattr(model, "dtype", None) or torch.float32
+        self.checkpoint_files = list(kwargs.get("checkpoint_files") or []) or None
+        device_map = kwargs.get("device_map")
+        self._dispatched = isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1
+        self.plan = self._make_plan(model)
+        if self.pre_quantized:
+            self._check_checkpoint_headers(model)
+            for name, layer in self.plan.items():
+                linear = model.get_submodule(name)
+                q = pq.QuantLinear.empty(
+                    layer, pq.get_format(layer.spec.grid), bias=linear.bias is not None, device="meta", dtype=dtype
+                )
+                _set_submodule(model, name, q)
+        model.piecewise_quant_config = self.core_config
+        return model
+
+    def _check_checkpoint_headers(self, model: nn.Module) -> None:
+        pq = _core()
+
+        from .checkpoint import check_checkpoint, expected_tensors, read_headers
+
+        files = self.checkpoint_files
+        if not files or not all(str(f).endswith(".safetensors") for f in files):
+            return  # checked after loading instead
+        expected = {}
+        for name, layer in self.plan.items():
+            linear = model.get_submodule(name)
+            fmt = pq.get_format(layer.spec.grid)
+            expected[name] = (expected_tensors(name, layer, fmt, linear.bias is not None), layer)
+        check_checkpoint(expected, read_headers(files), prefix=getattr(model, "base_model_prefix", "") or "")
+
+    # ---- quantize on load -------------------------------------------------------------------------
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if tensor_name != "weight" or module_name not in self.plan:
+            return False
+        pq = _core()
+
+        module = model.get_submodule(module_name)
+        return isinstance(module, nn.Linear) and not isinstance(module, pq.QuantLinear)
+
+    def param_element_size(self, model: nn.Module, param_name: str, param: torch.Tensor) -> float:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        layer = self.plan.get(module_name)
+        if layer is not None and tensor_name == "weight" and not self.pre_quantized:
+            pq = _core()
+
+            return pq.get_format(layer.spec.grid).bits_per_weight(layer) / 8
+        return super().param_element_size(model, param_name, param)
+
+    def get_quantize_ops(self):
+        from .ops import PiecewiseQuantizeOp
+
+        return PiecewiseQuantizeOp(self)
+
+    @torch.no_grad()
+    def quantize_layer_on_load(self, model: nn.Module, module_name: str, weight: torch.Tensor) -> bool:
+        """Quantize the float ``weight`` of planned layer ``module_name`` and put a ``QuantLinear`` in
+        its place. Returns False if the layer is not (or no longer) waiting for its weight."""
+        pq = _core()
+
+        layer = self.plan.get(module_name)
+        if layer is None:
+            return False
+        linear = model.get_submodule(module_name)
+        if not isinstance(linear, nn.Linear) or isinstance(linear, pq.QuantLinear):
+            return False
+        key = f"{module_name}.weight"
+        if tuple(weight.shape) != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"tensor {key!r} has shape {list(weight.shape)}, expected {[layer.out_features, layer.in_features]}"
+            )
+        if not weight.is_floating_point():
+            raise ValueError(f"tensor {key!r} has dtype {weight.dtype}; quantizing on load needs a float weight")
+        fmt = pq.get_format(layer.spec.grid)
+        q = pq.QuantLinear.empty(layer, fmt, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        q.load_quantized(fmt.quantize(weight, layer))
+        if linear.bias is not None:
+            bias = linear.bias
+            if bias.is_meta:  # its checkpoint tensor comes later and is set by name
+                q.bias = nn.Parameter(torch.empty(bias.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+            else:
+                q.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype), requires_grad=False)
+        # loaded, not to be (re)initialised by the model's _init_weights
+        for t in [*q.parameters(recurse=False), *q.buffers(recurse=False)]:
+            if not t.is_meta:
+                t._is_hf_initialized = True
+        q._is_hf_initialized = True
+        _set_submodule(model, module_name, q)
+        return True
+
+    # ---- after loading ----------------------------------------------------------------------------
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        pq = _core()
+
+        problems: list[str] = []
+        # Without safetensors headers to check (a state_dict or .bin checkpoint), a tensor missing from
+        # the checkpoint is only visible by the flag transformers puts on every tensor it loads
+        # (the missing ones it allocates empty). Accelerate dispatch may move tensors, losing it.
+        check_flags = self.pre_quantized and not self._headers_checked() and not self._dispatched
+        for name, layer in self.plan.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, pq.QuantLinear):
+                problems.append(
+                    f"tensor {name + '.weight'!r} was not found in the checkpoint, so layer {name!r} could not be "
+                    "quantized (it would be randomly initialised)"
+                )
+                continue
+            fmt = pq.get_format(layer.spec.grid)
+            for tname, lay in fmt.layout(layer).items():
+                t = getattr(module, tname)
+                key = f"{name}.{tname}"
+                if t is None or t.is_meta or (check_flags and not getattr(t, "_is_hf_initialized", False)):
+                    problems.append(f"tensor {key!r} was not found in the checkpoint")
+                    continue
+                if tuple(t.shape) != tuple(lay.shape):
+                    problems.append(f"tensor {key!r} has shape {list(t.shape)}, expected {list(lay.shape)}")
+                    continue
+                if t.dtype != lay.dtype:
+                    if self.pre_quantized and t.is_floating_point() and lay.dtype.is_floating_point and self._headers_checked():
+                        # the header check proved the file stores lay.dtype; transformers upcast it
+                        # (e.g. a keep-in-fp32 rule), so the cast back is exact
+                        setattr(module, tname, t.to(lay.dtype))
+                    else:
+                        problems.append(f"tensor {key!r} has dtype {t.dtype}, expected {lay.dtype}")
+            if module.bias is not None:
+                if module.bias.is_meta or (check_flags and not getattr(module.bias, "_is_hf_initialized", False)):
+                    problems.append(f"tensor {name + '.bias'!r} was not found in the checkpoint")
+                else:
+                    module.bias.requires_grad_(False)
+            act_scale = getattr(module, "act_scale", None)
+            if act_scale is not None and (act_scale.is_meta or (check_flags and not getattr(act_scale, "_is_hf_initialized", False))):
+                problems.append(f"tensor {name + '.act_scale'!r} was not found in the checkpoint")
+        if problems:
+            from .checkpoint import MAX_LISTED, CheckpointMismatchError
+
+            listed = problems[:MAX_LISTED]
+            more = len(problems) - len(listed)
+            raise CheckpointMismatchError(
+                "piecewise-quant: loading did not produce the quantized layers the quantization_config plans:\n  - "
+                + "\n  - ".join(listed)
+                + (f"\n  ... and {more} more" if more else "")
+            )
+        model.piecewise_quant_config = self.core_config
+        return model
+
+    def _headers_checked(self) -> bool:
+        files = self.checkpoint_files
+        return bool(files) and all(str(f).endswith(".safetensors") for f in files)
+
+    # ---- dequantize -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        pq = _core()
+
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, pq.QuantLinear):
+                continue
+            out_dtype = dtype if isinstance(dtype, torch.dtype) else module.compute_dtype
+            device = module.quantized_tensors()["qweight"].device
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device, dtype=out_dtype)
+            linear.weight.copy_(module.dequantize(out_dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(out_dtype))
+            _set_submodule(model, name, linear)
+        if hasattr(model, "piecewise_quant_config"):
+            del model.piecewise_quant_config
+        return model
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()
