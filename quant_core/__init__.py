@@ -22,15 +22,14 @@ if __name__ != "piecewise_quant":
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _builtin
-from .config import PiecewiseQuantConfig, QuantSpec
-from .plugins import add_builtin, hookimpl
-
-add_builtin("piecewise_quant.builtin", _builtin)
-
 __version__ = "0.1.0"
 
+# Everything is imported on first use: the wheel's import hook imports this package at every
+# interpreter start, so ``import piecewise_quant`` must cost next to nothing.
 _LAZY = {
+    "PiecewiseQuantConfig": ".config",
+    "QuantSpec": ".config",
+    "hookimpl": ".plugins",
     "quantize": ".quantization",
     "plan_layers": ".quantization",
     "calibrate_activation_scales": ".quantization",
@@ -39,19 +38,21 @@ _LAZY = {
     "WeightFormat": ".formats",
     "TensorLayout": ".formats",
     "get_format": ".registry",
-    "formats": ".registry",
+    "available_formats": ".registry",
     "save_quantized": ".serialization",
     "load_quantized": ".serialization",
     "model_size_report": ".report",
 }
 
-__all__ = ["PiecewiseQuantConfig", "QuantSpec", "hookimpl", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from .config import PiecewiseQuantConfig, QuantSpec
     from .formats import TensorLayout, WeightFormat
+    from .plugins import hookimpl
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
-    from .registry import formats, get_format
+    from .registry import available_formats, get_format
     from .report import model_size_report
     from .serialization import load_quantized, save_quantized
 

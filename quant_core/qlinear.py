@@ -104,6 +104,22 @@ class QuantLinear(nn.Module):
             else:
                 buf.copy_(t)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``... move the stored tensors but never change their
+        dtypes (an fp16 scale cast to bf16, or an FP8 weight cast to bf16, would corrupt them);
+        the layer's compute dtype follows the cast."""
+        stored = {name: self._buffers[name] for name in self._tensor_names if self._buffers.get(name) is not None}
+        for name in stored:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in stored.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return self
+
     # ---- the quantized layer ------------------------------------------------------------------
 
     @property

@@ -86,11 +86,6 @@ def _explicitly_targeted(config: PiecewiseQuantConfig, name: str) -> bool:
     return any(p == name for p in config.overrides)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
 
 def quantize(model: nn.Module, config: PiecewiseQuantConfig | None = None, progress: bool = True) -> nn.Module:
     """Quantize every eligible ``nn.Linear`` of ``model`` in place (data-free) and return ``model``.
@@ -108,7 +103,7 @@ def quantize(model: nn.Module, config: PiecewiseQuantConfig | None = None, progr
     for name, layer in tqdm(plan.items(), desc="quantizing", unit="layer", disable=not progress):
         linear = model.get_submodule(name)
         q = QuantLinear.from_linear(linear, layer, get_format(layer.spec.grid))
-        _set_submodule(model, name, q)
+        model.set_submodule(name, q)
     model.piecewise_quant_config = config
     return model
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import _builtin
 from .formats.base import WeightFormat
-from .plugins import load_plugins
+from .plugins import add_builtin, load_plugins
 
-__all__ = ["formats", "get_format", "observers", "get_observer", "sync_kernel_backends", "integrations"]
+__all__ = ["formats", "available_formats", "get_format", "observers", "get_observer", "sync_kernel_backends", "integrations"]
 
 
 def _collect(hook_name: str, arity: int) -> list[tuple]:
@@ -22,6 +23,7 @@ def _collect(hook_name: str, arity: int) -> list[tuple]:
             raise TypeError(f"{hook_name}: register() takes {arity} argument(s), got {len(args)}")
         items.append(args)
 
+    add_builtin("piecewise_quant.builtin", _builtin)  # idempotent; built-ins come before entry points
     getattr(load_plugins().hook, hook_name)(register=register)
     return items
 
@@ -35,6 +37,11 @@ def formats() -> dict[str, WeightFormat]:
             raise ValueError(f"two plugins register a format named {fmt.name!r}: {out[fmt.name]!r} and {fmt!r}")
         out.setdefault(fmt.name, fmt)
     return out
+
+
+def available_formats() -> list[str]:
+    """Names usable as ``PiecewiseQuantConfig(grid=...)``: built-ins and installed plugins."""
+    return sorted(formats())
 
 
 def get_format(name: str) -> WeightFormat:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import PiecewiseQuantConfig
 from .qlinear import QuantLinear
-from .quantization import _set_submodule, plan_layers
+from .quantization import plan_layers
 from .registry import get_format
 
 __all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -66,7 +66,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             layer, get_format(layer.spec.grid), linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype,
         )
-        _set_submodule(model, name, q)
+        model.set_submodule(name, q)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

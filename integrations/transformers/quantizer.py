@@ -51,11 +51,6 @@ def _core() -> Any:
     )
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
 
 def _tied_module_names(model: nn.Module) -> set[str]:
     try:
@@ -155,7 +150,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
                 q = pq.QuantLinear.empty(
                     layer, pq.get_format(layer.spec.grid), bias=linear.bias is not None, device="meta", dtype=dtype
                 )
-                _set_submodule(model, name, q)
+                model.set_submodule(name, q)
         model.piecewise_quant_config = self.core_config
         return model
 
@@ -234,7 +229,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
             if not t.is_meta:
                 t._is_hf_initialized = True
         q._is_hf_initialized = True
-        _set_submodule(model, module_name, q)
+        model.set_submodule(module_name, q)
         return True
 
     # ---- after loading ----------------------------------------------------------------------------
@@ -312,7 +307,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
             linear.weight.copy_(module.dequantize(out_dtype))
             if module.bias is not None:
                 linear.bias.copy_(module.bias.to(out_dtype))
-            _set_submodule(model, name, linear)
+            model.set_submodule(name, linear)
         if hasattr(model, "piecewise_quant_config"):
             del model.piecewise_quant_config
         return model

@@ -38,16 +38,20 @@ def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> t
     return torch.clamp(d, -half, half - 1)
 
 
-def _sq_error(xo: torch.Tensor, s: torch.Tensor, h, r, neg_outer, pos_outer) -> torch.Tensor:
-    """Per-group squared error of rounding oriented groups ``xo`` to the (h, r) grid of scale
-    ``s`` (``(n, 1)``, non-negative), computed on level values (no codes needed)."""
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    x = xo / safe
+def _sq_error(xo: torch.Tensor, s: torch.Tensor, h: torch.Tensor, r: torch.Tensor, neg_outer: torch.Tensor,
+              pos_outer: torch.Tensor) -> torch.Tensor:
+    """Squared error of rounding oriented groups ``xo`` ``(n, g)`` to the (h, r) grid at each of the
+    non-negative scales ``s`` ``(n, F)``; grid parameters are ``(n, 1)``. Returns ``(n, F)``.
+    Works on level values (no codes needed), all F scales in one pass."""
+    s3 = s.unsqueeze(-1)
+    safe = torch.where(s3 > 0, s3, torch.ones_like(s3))
+    x = xo.unsqueeze(1) / safe
+    h, r = h.unsqueeze(-1), r.unsqueeze(-1)
     a = x.abs()
     centre = torch.clamp(round_half_even(x), -h, h)
     tail = torch.copysign(h + r * torch.clamp(round_half_even((a - h) / r), min=1.0), x)
-    level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -neg_outer, pos_outer)
-    return (level - x).square().sum(dim=1) * safe.squeeze(1).square()
+    level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -neg_outer.unsqueeze(-1), pos_outer.unsqueeze(-1))
+    return (level - x).square().sum(dim=-1) * safe.squeeze(-1).square()
 
 
 class PiecewiseFormat(WeightFormat):
@@ -104,50 +108,36 @@ class PiecewiseFormat(WeightFormat):
             return h, r, no, po, torch.maximum(big / no, small / po)
 
         lowest = {2: 0.3, 3: 0.45}.get(bits, 0.55) if observer == "mse" else 1.0
-        coarse = torch.linspace(1.0, lowest, 6).tolist() if observer == "mse" else [1.0]
+        coarse = torch.linspace(1.0, lowest, 6) if observer == "mse" else torch.ones(1)
+        n, n_f = groups.shape[0], coarse.numel()
+        rows = torch.arange(n)
         # stage 1: every id at the two largest scales; stage 2: the 3 best ids at the other scales
-        errs = torch.full((groups.shape[0], n_ids, len(coarse)), float("inf"))
-        first_factors = coarse[:2]
+        errs = torch.full((n, n_ids, n_f), float("inf"))
         for k in range(n_ids):
-            kk = torch.full_like(big, k, dtype=torch.int64)
-            h, r, no, po, cover = shape_params(kk)
-            for i, f in enumerate(first_factors):
-                errs[:, k, i] = _sq_error(xo, cover * f, h, r, no, po)
-        if len(coarse) > 2:
-            rows = torch.arange(groups.shape[0])
+            h, r, no, po, cover = shape_params(torch.full_like(big, k, dtype=torch.int64))
+            errs[:, k, :2] = _sq_error(xo, cover * coarse[:2], h, r, no, po)
+        if n_f > 2:
             for kk in errs[:, :, :2].amin(dim=2).topk(min(3, n_ids), dim=1, largest=False).indices.t():
                 h, r, no, po, cover = shape_params(kk.unsqueeze(1))
-                for i in range(2, len(coarse)):
-                    errs[rows, kk, i] = _sq_error(xo, cover * coarse[i], h, r, no, po)
-        flat = errs.reshape(groups.shape[0], -1)
-        best_err, best_idx = flat.min(dim=1)
-        best_k = best_idx // len(coarse)
-        best_f = torch.tensor(coarse)[best_idx % len(coarse)]
+                errs[rows, kk, 2:] = _sq_error(xo, cover * coarse[2:], h, r, no, po)
+        best_err, best_idx = errs.reshape(n, -1).min(dim=1)
+        best_k = best_idx // n_f
+        _, _, _, _, cover = shape_params(best_k.unsqueeze(1))
+        best_s = cover.squeeze(1) * coarse[best_idx % n_f]
         if observer != "mse":
-            _, _, _, _, cover = shape_params(best_k.unsqueeze(1))
-            return cover.squeeze(1) * best_f * sign, best_k
-        # refine the scale around the best coarse factor, for the two best ids of each group
-        step = (coarse[0] - coarse[1]) if len(coarse) > 1 else 0.0
-        per_id = errs.amin(dim=2)
-        top = per_id.topk(min(2, n_ids), dim=1, largest=False).indices
-        best_s = torch.zeros_like(lo)
-        first = True
-        for c in range(top.shape[1]):
-            kk = top[:, c : c + 1]
-            h, r, no, po, cover = shape_params(kk)
-            f0 = torch.tensor(coarse)[errs[torch.arange(groups.shape[0]), kk.squeeze(1)].argmin(dim=1)]
-            for delta in torch.linspace(-step, step, 7).tolist():
-                f = (f0 + delta).clamp(min=0.05, max=1.0).unsqueeze(1)
-                s_try = (cover * f).squeeze(1)
-                e = _sq_error(xo, cover * f, h, r, no, po)
-                if first:  # seed with the coarse optimum so refinement can only improve it
-                    _, _, _, _, cover_b = shape_params(best_k.unsqueeze(1))
-                    best_s = cover_b.squeeze(1) * best_f
-                    first = False
-                better = e < best_err
-                best_err = torch.where(better, e, best_err)
-                best_s = torch.where(better, s_try, best_s)
-                best_k = torch.where(better, kk.squeeze(1), best_k)
+            return best_s * sign, best_k
+        # stage 3: a finer scale search around the best coarse scale, for the two best ids
+        step = float(coarse[0] - coarse[1])
+        deltas = torch.linspace(-step, step, 7)
+        for kk in errs.amin(dim=2).topk(min(2, n_ids), dim=1, largest=False).indices.t():
+            h, r, no, po, cover = shape_params(kk.unsqueeze(1))
+            f0 = coarse[errs[rows, kk].argmin(dim=1)]
+            f = (f0.unsqueeze(1) + deltas).clamp(min=0.05, max=1.0)
+            e, j = _sq_error(xo, cover * f, h, r, no, po).min(dim=1)
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best_s = torch.where(better, cover.squeeze(1) * f[rows, j], best_s)
+            best_k = torch.where(better, kk, best_k)
         return best_s * sign, best_k
 
     def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:

@@ -107,9 +107,23 @@ def test_using_the_core_does_not_import_host_frameworks():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("folder", ["kernels", "plugins", "quant_core", "integrations"])
+@pytest.mark.parametrize("folder", ["plugins", "quant_core", "integrations"])
 def test_folders_refuse_to_import_under_their_folder_name(folder):
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {folder}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode != 0
     assert "must be imported as 'piecewise_quant" in out.stderr
+
+
+def test_kernels_folder_is_an_inert_shell_under_the_hf_kernels_name():
+    # transformers probes Hugging Face's `kernels` package by importing it: from the repo root the
+    # folder must neither run our code under that name nor break transformers' probe
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import kernels; "
+        "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, 'ops'); "
+        "from transformers.utils.import_utils import is_kernels_available; assert not is_kernels_available()\n"
+        "try:\n    import kernels.ops\nexcept ImportError:\n    print('refused')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "refused"

@@ -142,3 +142,18 @@ def test_model_size_report_counts_every_stored_bit():
     assert r.quantized_weights == 128 * 96 + 96 * 64
     assert r.bits_per_weight == pytest.approx(4 + 20 / 32)
     assert r.float_bytes == (96 + 64) * 4  # the biases
+
+
+@pytest.mark.parametrize("grid", ["piecewise", "fp8"])
+def test_casting_the_model_keeps_stored_tensors_exact(grid):
+    m = pq.quantize(_model(), pq.PiecewiseQuantConfig(grid=grid, group_size="channel" if grid == "fp8" else 32), progress=False)
+    before = {k: v.clone() for k, v in m[0].quantized_tensors().items()}
+    m.to(torch.bfloat16)
+    after = m[0].quantized_tensors()
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+    assert m[0].compute_dtype == torch.bfloat16 and m[0].bias.dtype == torch.bfloat16
+    y = m(torch.randn(2, 128, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    m.float()
+    assert m[0].compute_dtype == torch.float32 and m[0].scales.dtype == before["scales"].dtype
