@@ -105,7 +105,17 @@ def quantize(model: nn.Module, config: PiecewiseQuantConfig | None = None, progr
         q = QuantLinear.from_linear(linear, layer, get_format(layer.spec.grid))
         model.set_submodule(name, q)
     model.piecewise_quant_config = config
+    _record_in_host_config(model, config)
     return model
+
+
+def _record_in_host_config(model: nn.Module, config: PiecewiseQuantConfig) -> None:
+    """A model with a Hugging Face style ``config`` (transformers, diffusers) gets the plan as
+    ``config.quantization_config``, so its own ``save_pretrained`` writes a checkpoint that reloads
+    quantized instead of silently re-initialising the layers."""
+    host = getattr(model, "config", None)
+    if host is not None and callable(getattr(host, "to_dict", None)):
+        host.quantization_config = config.to_dict()
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
