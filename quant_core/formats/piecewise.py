@@ -26,6 +26,7 @@ __all__ = ["PiecewiseFormat", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 CHUNK_GROUPS = 1 << 14
+MAX_STAGE1_IDS = 32
 
 
 def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> torch.Tensor:
@@ -113,7 +114,9 @@ class PiecewiseFormat(WeightFormat):
         rows = torch.arange(n)
         # stage 1: every id at the two largest scales; stage 2: the 3 best ids at the other scales
         errs = torch.full((n, n_ids, n_f), float("inf"))
-        for k in range(n_ids):
+        # with 256 ids (8 bits) stage 1 looks at an even subset of the table, uniform grid included
+        stride = max(1, n_ids // MAX_STAGE1_IDS)
+        for k in range(0, n_ids, stride):
             h, r, no, po, cover = shape_params(torch.full_like(big, k, dtype=torch.int64))
             errs[:, k, :2] = _sq_error(xo, cover * coarse[:2], h, r, no, po)
         if n_f > 2:
