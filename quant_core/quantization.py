@@ -97,8 +97,15 @@ def quantize(model: nn.Module, config: PiecewiseQuantConfig | None = None, progr
     config = config or PiecewiseQuantConfig()
     plan = plan_layers(model, config)
     if not plan:
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        hint = (
+            f"; its {len(conv1d)} transformers Conv1D layers (GPT-2 style, e.g. {conv1d[0]!r}) are not supported yet"
+            if conv1d
+            else ""
+        )
         raise ValueError(
             "found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)"
+            + hint
         )
     for name, layer in tqdm(plan.items(), desc="quantizing", unit="layer", disable=not progress):
         linear = model.get_submodule(name)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from torch import nn
 
 import piecewise_quant as pq
@@ -136,3 +137,14 @@ def test_multihead_attention_out_proj_is_left_alone():
     mha = nn.Sequential(nn.MultiheadAttention(64, 4))
     with pytest.raises(ValueError, match="no nn.Linear"):
         pq.quantize(mha, pq.PiecewiseQuantConfig(group_size=32), progress=False)
+
+
+def test_gpt2_style_conv1d_models_get_a_clear_error():
+    class Conv1D(nn.Module):  # the shape of transformers.pytorch_utils.Conv1D
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(64, 192))
+
+    model = nn.Sequential(Conv1D())
+    with pytest.raises(ValueError, match="Conv1D layers.*not supported"):
+        pq.quantize(model, pq.PiecewiseQuantConfig(group_size=32), progress=False)
