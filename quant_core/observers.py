@@ -14,7 +14,7 @@ import torch
 
 from .kernels.reference import round_half_even
 
-__all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "MSE_SHRINK_FACTORS"]
+__all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "zero_point", "MSE_SHRINK_FACTORS"]
 
 Observer = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
 MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.4, 31)
@@ -27,9 +27,10 @@ def minmax_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[t
 
 
 def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point covering ``[lo, hi]`` exactly (float32; zero is always a level).
+    """Scale and integer zero point for the range ``[lo, hi]`` (float32; zero is always a level).
 
-    Asymmetric: codes ``0..2**b-1``, ``w = (q - z) * s``. Symmetric: the scale is signed and
+    Asymmetric (plain round-to-nearest): ``s = (hi - lo) / (2**b - 1)``, ``z = round(-lo / s)``,
+    codes ``0..2**b-1``, ``w = (q - z) * s``. Symmetric: the scale is signed and
     ``w = (q - 2**(b-1)) * s``; the sign puts the extra negative level on the larger side.
     """
     if symmetric:
@@ -37,19 +38,21 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
         big_neg = (-lo) >= hi  # the larger side gets the A levels of the negative code side
         big = torch.where(big_neg, -lo, hi)
         small = torch.where(big_neg, hi, -lo)
-        mag = torch.maximum(big / half, small / max(half - 1.0, 1.0) if half > 1 else small)
+        mag = torch.maximum(big / half, small / (half - 1.0))
         s = torch.where(big_neg, mag, -mag)
-        return s, torch.full_like(s, half)
-    qmax = float((1 << bits) - 1)
-    s0 = (hi - lo) / qmax
-    safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
-    z = torch.clamp(round_half_even(-lo / safe), 0, qmax)
-    # widen the step so both ends stay within half a step of the grid after rounding the zero
-    # point (an end with no code beyond zero must lie within half a step of zero)
-    up = torch.where(z < qmax, hi / (qmax - z).clamp(min=1), 2 * hi)
-    down = torch.where(z > 0, -lo / z.clamp(min=1), -2 * lo)
-    s = torch.where(s0 > 0, torch.maximum(up, down), s0)
-    return s, z
+        return s, zero_point(lo, s, bits, symmetric)
+    s = (hi - lo) / float((1 << bits) - 1)
+    return s, zero_point(lo, s, bits, symmetric)
+
+
+def zero_point(lo: torch.Tensor, s: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The integer zero point for scale ``s``: ``round(-lo / s)`` (``2**(b-1)`` when symmetric).
+    Rounding it shifts the grid by at most half a step, so with ``s >= (hi - lo) / (2**b - 1)``
+    both ends of ``[lo, hi]`` stay within half a step of the outermost levels."""
+    if symmetric:
+        return torch.full_like(s, float(1 << (bits - 1)))
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.clamp(round_half_even(-lo / safe), 0, float((1 << bits) - 1))
 
 
 def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import LayerSpec, QuantSpec
 from ..kernels import reference as ref
-from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
+from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
 from .groups import group_view
 
 __all__ = ["FP8Format", "FP8_MAX"]
@@ -62,7 +62,7 @@ class FP8Format(WeightFormat):
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, s * f, best)
             s = best
-        s = round_scale_up(s, scale_dtype_of(layer.spec), layer.name)
+        s = round_scale(s, scale_dtype_of(layer.spec), layer.name)
         sf = s.to(torch.float32)
         safe = torch.where(sf > 0, sf, torch.ones_like(sf)).unsqueeze(1)
         q = torch.clamp(groups / safe, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

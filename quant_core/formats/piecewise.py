@@ -19,7 +19,7 @@ import torch
 from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length, piecewise_table
 from ..kernels import reference as ref
-from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
+from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
 from .groups import group_view, round_half_even
 
 __all__ = ["PiecewiseFormat", "FORMAT_VERSION"]
@@ -154,7 +154,7 @@ class PiecewiseFormat(WeightFormat):
             s, k = self.search(chunk, bits, spec.observer)
             scales.append(s)
             ids.append(k)
-        s = round_scale_up(torch.cat(scales), scale_dtype_of(spec), layer.name)
+        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name)
         k = torch.cat(ids)
         sf = s.to(torch.float32)
         safe = torch.where(sf != 0, sf, torch.ones_like(sf)).unsqueeze(1)

@@ -12,8 +12,8 @@ import torch
 from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length
 from ..kernels import reference as ref
-from .base import TensorLayout, WeightFormat, round_scale_up, scale_dtype_of
-from ..observers import uniform_params
+from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
+from ..observers import uniform_params, zero_point
 from .groups import group_view, observer_for, round_half_even
 
 __all__ = ["UniformFormat"]
@@ -44,15 +44,16 @@ class UniformFormat(WeightFormat):
         bits, sym = spec.bits, bool(spec.symmetric)
         groups = group_view(weight.detach().to(torch.float32), layer)
         observer = observer_for(spec.observer)
-        scales, zeros = [], []
+        scales, los = [], []
         for chunk in groups.split(CHUNK_GROUPS):
             lo, hi = observer(chunk, bits, sym)
-            s, z = uniform_params(lo, hi, bits, sym)
+            s, _ = uniform_params(lo, hi, bits, sym)
             scales.append(s)
-            zeros.append(z)
-        s = round_scale_up(torch.cat(scales), scale_dtype_of(spec), layer.name)
-        z = torch.cat(zeros)
+            los.append(lo)
+        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name)
         sf = s.to(torch.float32)
+        # the zero point is rounded against the stored scale, as the kernels will see it
+        z = zero_point(torch.cat(los), sf, bits, sym)
         safe = torch.where(sf != 0, sf, torch.ones_like(sf)).unsqueeze(1)
         q = torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, (1 << bits) - 1).to(torch.int32)
         rows = 1 if layer.group_size == -1 else layer.out_features
