@@ -1,4 +1,5 @@
-"""Registers the Triton dequantize-matmul as the CUDA backend of ``piecewise_quant::linear``.
+"""The Triton dequantize-matmul as a CUDA backend of ``piecewise_quant::linear`` (registered by
+the built-in plugin through the ``piecewise_quant_register_kernel_backends`` hook).
 
 Triton is imported only when a CUDA call first asks whether the backend supports it, so importing
 the package stays cheap and works without Triton or a GPU.
@@ -10,7 +11,7 @@ import functools
 
 import torch
 
-from .backends import KernelBackend, register_backend
+from .backends import KernelBackend
 
 TRITON_FORMATS = ("uniform_sym", "uniform_asym", "piecewise")
 TRITON_BITS = (2, 4, 8)
@@ -47,7 +48,3 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
 
 def triton_backend() -> KernelBackend:
     return KernelBackend("triton", "cuda", _supports, _linear, priority=10)
-
-
-def register_triton_backend() -> None:
-    register_backend(triton_backend(), replace=True)
