@@ -14,7 +14,16 @@ import torch
 
 from .kernels.reference import round_half_even
 
-__all__ = ["minmax_observer", "mse_observer", "uniform_fake_quant", "uniform_params", "zero_point", "MSE_SHRINK_FACTORS"]
+__all__ = [
+    "minmax_observer",
+    "mse_observer",
+    "uniform_codes",
+    "uniform_fake_quant",
+    "uniform_params",
+    "uniform_scale",
+    "zero_point",
+    "MSE_SHRINK_FACTORS",
+]
 
 Observer = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
 MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.4, 31)
@@ -26,12 +35,12 @@ def minmax_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[t
     return lo, hi
 
 
-def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point for the range ``[lo, hi]`` (float32; zero is always a level).
+def uniform_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Scale of the uniform grid for the range ``[lo, hi]`` (float32).
 
-    Asymmetric (plain round-to-nearest): ``s = (hi - lo) / (2**b - 1)``, ``z = round(-lo / s)``,
-    codes ``0..2**b-1``, ``w = (q - z) * s``. Symmetric: the scale is signed and
-    ``w = (q - 2**(b-1)) * s``; the sign puts the extra negative level on the larger side.
+    Asymmetric (plain round-to-nearest): ``s = (hi - lo) / (2**b - 1)``, codes ``0..2**b-1``,
+    ``w = (q - z) * s``. Symmetric: the scale is signed and ``w = (q - 2**(b-1)) * s``; the sign
+    puts the extra negative level on the larger side.
     """
     if symmetric:
         half = float(1 << (bits - 1))
@@ -39,9 +48,13 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
         big = torch.where(big_neg, -lo, hi)
         small = torch.where(big_neg, hi, -lo)
         mag = torch.maximum(big / half, small / (half - 1.0))
-        s = torch.where(big_neg, mag, -mag)
-        return s, zero_point(lo, s, bits, symmetric)
-    s = (hi - lo) / float((1 << bits) - 1)
+        return torch.where(big_neg, mag, -mag)
+    return (hi - lo) / float((1 << bits) - 1)
+
+
+def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point for the range ``[lo, hi]`` (zero is always a level)."""
+    s = uniform_scale(lo, hi, bits, symmetric)
     return s, zero_point(lo, s, bits, symmetric)
 
 
@@ -55,11 +68,15 @@ def zero_point(lo: torch.Tensor, s: torch.Tensor, bits: int, symmetric: bool) ->
     return torch.clamp(round_half_even(-lo / safe), 0, float((1 << bits) - 1))
 
 
-def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = float((1 << bits) - 1)
+def uniform_codes(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest uniform codes (float, ``0..2**b-1``) of ``groups`` ``(n, g)`` for per-group scale
+    ``s`` and zero point ``z``; a zero scale (an all-zero group) maps everything to ``z``."""
     safe = torch.where(s != 0, s, torch.ones_like(s)).unsqueeze(1)
-    q = torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, qmax)
-    return (q - z.unsqueeze(1)) * s.unsqueeze(1)
+    return torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, float((1 << bits) - 1))
+
+
+def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (uniform_codes(groups, s, z, bits) - z.unsqueeze(1)) * s.unsqueeze(1)
 
 
 def mse_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length
 from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
-from ..observers import uniform_params, zero_point
-from .groups import group_view, observer_for, round_half_even
+from ..observers import uniform_codes, uniform_scale, zero_point
+from .groups import group_view, observer_for
 
 __all__ = ["UniformFormat"]
 
@@ -47,15 +47,14 @@ class UniformFormat(WeightFormat):
         scales, los = [], []
         for chunk in groups.split(CHUNK_GROUPS):
             lo, hi = observer(chunk, bits, sym)
-            s, _ = uniform_params(lo, hi, bits, sym)
+            s = uniform_scale(lo, hi, bits, sym)
             scales.append(s)
             los.append(lo)
         s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name)
         sf = s.to(torch.float32)
         # the zero point is rounded against the stored scale, as the kernels will see it
         z = zero_point(torch.cat(los), sf, bits, sym)
-        safe = torch.where(sf != 0, sf, torch.ones_like(sf)).unsqueeze(1)
-        q = torch.clamp(round_half_even(groups / safe) + z.unsqueeze(1), 0, (1 << bits) - 1).to(torch.int32)
+        q = uniform_codes(groups, sf, z, bits).to(torch.int32)
         rows = 1 if layer.group_size == -1 else layer.out_features
         codes = q.reshape(layer.out_features, layer.in_features)
         out = {
