@@ -29,9 +29,9 @@ __all__ = [
 ]
 
 WEIGHT_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "fp8_e4m3")
-ACT_FORMATS = ("none", "int8", "fp8_e4m3")
+ACT_FORMATS = ("none", "int8", "int4", "fp8_e4m3")
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
-ACT_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+ACT_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
 
 
 def _grouped(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
@@ -150,7 +150,7 @@ def quantize_activation(
         raise ValueError(f"unknown act_mode {act_mode!r}; allowed: {ACT_MODES}")
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = xf / safe
-    if act_format == "int8":
+    if act_format in ("int8", "int4"):
         y = torch.clamp(torch.round(y), -qmax, qmax)
     else:
         y = torch.clamp(y, -qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)

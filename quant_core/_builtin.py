@@ -18,10 +18,11 @@ def piecewise_quant_register_formats(register):
 
 @hookimpl
 def piecewise_quant_register_observers(register):
-    from .observers import minmax_observer, mse_observer
+    from .observers import minmax_observer, mse_observer, percentile_observer
 
     register("minmax", minmax_observer)
     register("mse", mse_observer)
+    register("percentile", percentile_observer)
 
 
 @hookimpl

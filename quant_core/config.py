@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "SCHEMA_VERSION", "QUANT_METHOD"]
+__all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 
 SCHEMA_VERSION = 1
 QUANT_METHOD = "piecewise"
@@ -65,8 +65,9 @@ class QuantSpec:
         observer: how weight ranges are chosen: ``"mse"`` (search the clipping range that
             minimises squared error, default), ``"minmax"`` or a plugin observer's name.
         scale_dtype: dtype of stored scales, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
-        act_bits: ``None`` (weight-only) or 8 to quantize the layer's input activations.
-        act_format: ``"int"`` (int8) or ``"fp8"`` (E4M3).
+        act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4) to quantize the layer's
+            input activations.
+        act_format: ``"int"`` (symmetric integer, ``act_bits`` wide) or ``"fp8"`` (E4M3, 8 bits).
         act_mode: ``"dynamic_per_token"`` (a scale per token, computed at run time) or
             ``"static_per_tensor"`` (one scale from calibration statistics).
         act_clip_ratio: the activation range is multiplied by this coefficient, in (0, 1].
@@ -117,10 +118,12 @@ class QuantSpec:
         if not isinstance(self.observer, str) or not self.observer:
             raise ValueError(f"observer must be a registered observer name such as 'mse' or 'minmax'; got {self.observer!r}")
         if self.act_bits is not None:
-            if isinstance(self.act_bits, bool) or self.act_bits != 8:
-                raise ValueError(f"act_bits must be None (weight-only) or 8; got {self.act_bits!r}")
+            if isinstance(self.act_bits, bool) or self.act_bits not in (4, 8):
+                raise ValueError(f"act_bits must be None (weight-only), 8 or 4; got {self.act_bits!r}")
             if self.act_format not in ACT_FORMATS:
                 raise ValueError(f"act_format must be one of {_allowed(ACT_FORMATS)}; got {self.act_format!r}")
+            if self.act_format == "fp8" and self.act_bits != 8:
+                raise ValueError(f"act_format='fp8' must be 8 bits wide; set act_bits=8 (got {self.act_bits}) or act_format='int'")
             if self.act_mode not in ACT_MODES:
                 raise ValueError(f"act_mode must be one of {_allowed(ACT_MODES)}; got {self.act_mode!r}")
         ratio = self.act_clip_ratio
@@ -158,6 +161,149 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return not any(c in pattern for c in "*?[") and (name == pattern or name.endswith("." + pattern))
 
 
+CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
+    # activation-aware ranges only (every weight's error weighted by its input's energy)
+    "aware": {},
+    "smoothquant": {"smoothquant": 0.5},
+    "gptq": {"gptq": True},
+    "lwc": {"lwc": True},
+    "omniquant": {"lwc": True, "let": True},
+    "full": {"let": True, "lwc": True, "gptq": True, "refine_breakpoints": True},
+}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Data-aware calibration: which algorithms run and on what data.
+
+    Pass it (or a preset name: ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"lwc"``,
+    ``"omniquant"``, ``"full"``) as ``PiecewiseQuantConfig(calibration=...)``; then
+    ``piecewise_quant.calibrate(model, config, data)`` or ``from_pretrained(...,
+    quantization_config=config)`` runs the model block by block on calibration data and applies,
+    in this order: SmoothQuant or LET (channel scaling folded into the previous norm/linear), LWC
+    (learned clipping), GPTQ (error compensation), breakpoint refinement (piecewise grid) and static
+    activation scales. Every choice of ranges weights each weight's error by the energy of its
+    input channel (``activation_aware``).
+
+    Attributes:
+        n_samples, seq_len: calibration sequences and their length in tokens (text is tokenised,
+            concatenated and cut into windows, a random subset chosen with ``seed``).
+        seed: makes sample selection and the learned algorithms deterministic.
+        batch_size: sequences per forward pass of a block.
+        blocks: dotted path of the ``nn.ModuleList`` that holds the repeated blocks (e.g.
+            ``"model.layers"``); ``None`` finds it (the longest list of identical modules).
+        activation_aware: weight each weight's squared error by the mean squared input of its
+            column when choosing scales, zero points and breakpoints.
+        smoothquant: migration strength alpha in [0, 1] (SmoothQuant), or ``None``.
+        let: learn per-channel scales (and shifts where a bias can absorb them) on activations,
+            folded into the previous norm/linear (OmniQuant LET).
+        lwc: learn per-group clipping strengths (OmniQuant LWC).
+        epochs, lwc_lr, let_lr: optimisation of LWC/LET (AdamW, per block).
+        gptq: GPTQ error compensation; ``act_order`` processes columns by decreasing Hessian
+            diagonal, ``damp`` is the relative dampening (raised tenfold on a failed Cholesky).
+        refine_breakpoints: re-choose piecewise breakpoints against the layer output, kept only
+            where the block output error drops.
+        mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
+            layers; ``None`` uses the config's bits everywhere. Candidates ``mixed_precision_bits``
+            x ``mixed_precision_grids`` are ranked by each layer's sensitivity.
+    """
+
+    n_samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    blocks: str | None = None
+    activation_aware: bool = True
+    smoothquant: float | None = None
+    let: bool = False
+    lwc: bool = False
+    epochs: int = 5
+    lwc_lr: float = 5e-3
+    let_lr: float = 2e-3
+    gptq: bool = False
+    act_order: bool = True
+    damp: float = 0.01
+    refine_breakpoints: bool = False
+    mixed_precision_budget: float | None = None
+    mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
+    mixed_precision_grids: tuple[str, ...] = ("uniform", "piecewise")
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"calibration.{name} must be a positive integer; got {v!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"calibration.seq_len must be at least 2 tokens; got {self.seq_len}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"calibration.seed must be an integer; got {self.seed!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"calibration.epochs must be an integer >= 0; got {self.epochs!r}")
+        for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "refine_breakpoints"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"calibration.{name} must be True or False; got {getattr(self, name)!r}")
+        a = self.smoothquant
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
+            raise ValueError(f"calibration.smoothquant (migration strength alpha) must be in [0, 1] or None; got {a!r}")
+        if a is not None and self.let:
+            raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
+        for name in ("lwc_lr", "let_lr", "damp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"calibration.{name} must be a positive number; got {v!r}")
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
+            raise ValueError(f"calibration.blocks must be a dotted module path such as 'model.layers'; got {self.blocks!r}")
+        object.__setattr__(self, "mixed_precision_bits", tuple(self.mixed_precision_bits))
+        object.__setattr__(self, "mixed_precision_grids", tuple(self.mixed_precision_grids))
+        bad = [b for b in self.mixed_precision_bits if b not in (2, 3, 4, 8)]
+        if bad or not self.mixed_precision_bits:
+            raise ValueError(f"calibration.mixed_precision_bits must be a non-empty subset of 2, 3, 4, 8; got {self.mixed_precision_bits!r}")
+        badg = [g for g in self.mixed_precision_grids if g not in ("uniform", "piecewise")]
+        if badg or not self.mixed_precision_grids:
+            raise ValueError(
+                f"calibration.mixed_precision_grids must be a non-empty subset of 'uniform', 'piecewise'; got {self.mixed_precision_grids!r}"
+            )
+        budget = self.mixed_precision_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                raise ValueError(f"calibration.mixed_precision_budget must be a number of bits per weight; got {budget!r}")
+            if budget < min(self.mixed_precision_bits):
+                raise ValueError(
+                    f"calibration.mixed_precision_budget={budget} is below the smallest allowed bits "
+                    f"({min(self.mixed_precision_bits)}); raise the budget or allow fewer bits in mixed_precision_bits"
+                )
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "CalibrationConfig":
+        """A named recipe (see the class docstring), with optional field changes."""
+        if name not in CALIBRATION_PRESETS:
+            raise ValueError(f"unknown calibration preset {name!r}; allowed: {_allowed(CALIBRATION_PRESETS)}")
+        return cls(**{**CALIBRATION_PRESETS[name], **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mixed_precision_bits"] = list(self.mixed_precision_bits)
+        d["mixed_precision_grids"] = list(self.mixed_precision_grids)
+        return d
+
+    @classmethod
+    def coerce(cls, value: Any) -> "CalibrationConfig | None":
+        if value is None or isinstance(value, CalibrationConfig):
+            return value
+        if isinstance(value, str):
+            return cls.preset(value)
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown calibration fields {unknown}; allowed: {sorted(known)}")
+            return cls(**value)
+        raise ValueError(
+            f"calibration must be a CalibrationConfig, a dict of its fields or a preset name "
+            f"({_allowed(CALIBRATION_PRESETS)}); got {value!r}"
+        )
+
+
 @dataclass(frozen=True)
 class PiecewiseQuantConfig(QuantSpec):
     """How to quantize a model: the default :class:`QuantSpec` plus which modules to skip or treat
@@ -175,10 +321,14 @@ class PiecewiseQuantConfig(QuantSpec):
         overrides: ``{pattern: {field: value}}``; the first matching pattern (in insertion
             order) changes the listed fields for the matching layers. Used for mixed precision.
         version: schema version of the serialized config (checkpoints store it).
+        calibration: ``None`` (data-free) or a :class:`CalibrationConfig` / preset name: the
+            recipe ``piecewise_quant.calibrate`` and ``from_pretrained`` run. A saved checkpoint
+            keeps it as a record; reloading it never calibrates again.
     """
 
     modules_to_not_convert: tuple[str, ...] | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    calibration: CalibrationConfig | None = None
     version: int = SCHEMA_VERSION
     quant_method: str = QUANT_METHOD
 
@@ -217,6 +367,7 @@ class PiecewiseQuantConfig(QuantSpec):
             clean[pattern] = dict(changes)
             self._override_spec(pattern, clean[pattern])  # validate now, not at quantize time
         object.__setattr__(self, "overrides", clean)
+        object.__setattr__(self, "calibration", CalibrationConfig.coerce(self.calibration))
 
     # ---- resolution -------------------------------------------------------------------------
 
@@ -268,6 +419,8 @@ class PiecewiseQuantConfig(QuantSpec):
         d["overrides"] = {k: dict(sorted(v.items())) for k, v in self.overrides.items()}
         d["version"] = self.version
         d["quant_method"] = QUANT_METHOD
+        if self.calibration is not None:
+            d["calibration"] = self.calibration.to_dict()
         return dict(sorted(d.items()))
 
     def to_json_string(self, indent: int | None = 2) -> str:

@@ -8,6 +8,7 @@ the plugin registry, so a plugin can add its own.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,6 +18,7 @@ from .kernels.reference import round_half_even
 __all__ = [
     "minmax_observer",
     "mse_observer",
+    "percentile_observer",
     "uniform_codes",
     "uniform_fake_quant",
     "uniform_params",
@@ -79,15 +81,31 @@ def uniform_fake_quant(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor, b
     return (uniform_codes(groups, s, z, bits) - z.unsqueeze(1)) * s.unsqueeze(1)
 
 
-def mse_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def mse_observer(
+    groups: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shrunk range with the smallest squared error per group; with ``importance`` ``(n, g)``
+    each weight's squared error is weighted (activation-aware clipping)."""
     lo, hi = minmax_observer(groups, bits, symmetric)
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for f in MSE_SHRINK_FACTORS.tolist():
         s, z = uniform_params(lo * f, hi * f, bits, symmetric)
-        err = (uniform_fake_quant(groups, s, z, bits) - groups).pow(2).sum(dim=1)
+        sq = (uniform_fake_quant(groups, s, z, bits) - groups).pow(2)
+        err = (sq if importance is None else sq * importance).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * f, best_lo)
         best_hi = torch.where(better, hi * f, best_hi)
     return best_lo, best_hi
+
+
+def percentile_observer(groups: torch.Tensor, bits: int, symmetric: bool, q: float = 0.999) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip each group to the ``q`` quantile of its values on each side (0.999 by default): robust
+    to a single extreme weight in a large group or per-channel row."""
+    g = groups.shape[1]
+    k_hi = min(g, max(1, math.ceil(q * g)))
+    k_lo = max(1, g + 1 - k_hi)
+    lo = groups.kthvalue(k_lo, dim=1).values.clamp(max=0)
+    hi = groups.kthvalue(k_hi, dim=1).values.clamp(min=0)
+    return lo, hi

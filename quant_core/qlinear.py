@@ -140,7 +140,7 @@ class QuantLinear(nn.Module):
         spec = self.spec
         if spec.act_bits is None:
             return (None, "none", "dynamic_per_token", 1.0, 0)
-        act_format = "int8" if spec.act_format == "int" else "fp8_e4m3"
+        act_format = f"int{spec.act_bits}" if spec.act_format == "int" else "fp8_e4m3"
         if self.act_scale is not None and not bool(self.act_scale > 0):
             raise RuntimeError(
                 f"layer {self.layer_spec.name!r} uses static activation quantization but has no calibrated "
@@ -196,7 +196,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"layer {self.layer_spec.name!r}: calibration activations contain NaN or Inf")
         k = min(self.spec.act_topk + 1, allv.numel())
         rng = allv.topk(k).values[-1] * self.spec.act_clip_ratio
-        qmax = 127.0 if self.spec.act_format == "int" else 448.0
+        qmax = float((1 << (self.spec.act_bits - 1)) - 1) if self.spec.act_format == "int" else 448.0
         self.act_scale.fill_(float(rng) / qmax if float(rng) > 0 else 1.0 / qmax)
 
     def extra_repr(self) -> str:

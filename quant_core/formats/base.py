@@ -88,6 +88,35 @@ class WeightFormat(abc.ABC):
     def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
         """The float ``(out, in)`` weight the stored tensors represent."""
 
+    # ---- the calibration interface (GPTQ, LWC, breakpoint refinement) -------------------------
+    #
+    # A format that implements ``fit``/``fake_quantize``/``encode`` works with every calibration
+    # algorithm; ``quantize`` is then ``encode(weight, fit(groups))``. Parameters are a dict of
+    # per-group tensors, each of shape ``(n,)`` for ``n`` groups, already rounded to what is stored.
+
+    @property
+    def supports_calibration(self) -> bool:
+        return type(self).fit is not WeightFormat.fit
+
+    def fit(self, groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-group parameters for ``groups`` ``(n, g)`` (float32). ``importance`` ``(n, g)``
+        (non-negative, e.g. the diagonal of the layer's input Hessian) weights each weight's squared
+        error in the search, so ranges are chosen for the layer's output, not only its weights."""
+        raise NotImplementedError(
+            f"grid {self.name!r} does not implement fit()/fake_quantize()/encode(), which calibration "
+            "algorithms (GPTQ, LWC, breakpoint refinement) need; calibrate with another grid or use "
+            "the data-free piecewise_quant.quantize"
+        )
+
+    def fake_quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        """The grid value nearest to each entry of ``x`` ``(n, c)`` (any ``c`` columns of the
+        groups), row ``i`` using the parameters of group ``i``."""
+        raise NotImplementedError(f"grid {self.name!r} does not implement fake_quantize()")
+
+    def encode(self, weight: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``weight`` ``(out, in)`` on the grid given by ``params``."""
+        raise NotImplementedError(f"grid {self.name!r} does not implement encode()")
+
     def bits_per_weight(self, layer: LayerSpec) -> float:
         """Exact storage cost: every stored bit (codes, scales, zero points, breakpoints, padding)
         divided by the number of weights."""

@@ -49,25 +49,38 @@ class FP8Format(WeightFormat):
             "scales": TensorLayout((rows, 1), scale_dtype_of(layer.spec)),
         }
 
-    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
-        groups = group_view(weight.detach().to(torch.float32), layer)
+    def fit(self, groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         amax = groups.abs().amax(dim=1)
         s = amax / FP8_MAX
         if layer.spec.observer == "mse":
             best_err = torch.full_like(s, float("inf"))
             best = s.clone()
             for f in SHRINK.tolist():
-                err = (_fake(groups, s * f) - groups).pow(2).sum(dim=1)
+                sq = (_fake(groups, s * f) - groups).pow(2)
+                err = (sq if importance is None else sq * importance).sum(dim=1)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, s * f, best)
             s = best
-        s = round_scale(s, scale_dtype_of(layer.spec), layer.name)
-        sf = s.to(torch.float32)
+        return {"scale": round_scale(s, scale_dtype_of(layer.spec), layer.name).to(torch.float32)}
+
+    def fake_quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        return _fake(x, params["scale"])
+
+    def encode(self, weight: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> dict[str, torch.Tensor]:
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        sf = params["scale"]
         safe = torch.where(sf > 0, sf, torch.ones_like(sf)).unsqueeze(1)
         q = torch.clamp(groups / safe, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         rows = 1 if layer.group_size == -1 else layer.out_features
-        return {"qweight": q.reshape(layer.out_features, layer.in_features), "scales": s.reshape(rows, 1)}
+        return {
+            "qweight": q.reshape(layer.out_features, layer.in_features),
+            "scales": sf.to(scale_dtype_of(layer.spec)).reshape(rows, 1),
+        }
+
+    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        return self.encode(weight, self.fit(groups, layer), layer)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
         return ref.dequantize(tensors["qweight"], tensors["scales"], None, "fp8_e4m3", 8, layer.group_size, layer.in_features, dtype)

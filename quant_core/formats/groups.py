@@ -7,7 +7,7 @@ import torch
 from ..config import LayerSpec
 from ..kernels.reference import round_half_even
 
-__all__ = ["group_view", "observer_for", "round_half_even"]
+__all__ = ["group_view", "importance_view", "observer_for", "round_half_even"]
 
 
 def group_view(weight: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
@@ -22,6 +22,16 @@ def group_view(weight: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
     if layer.group_size == -1:
         return weight.reshape(1, -1)
     return weight.reshape(-1, layer.group_size)
+
+
+def importance_view(column_importance: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+    """Per-input-column importance ``(in_features,)`` laid out like :func:`group_view`'s groups."""
+    imp = column_importance.detach().to(torch.float32).reshape(-1)
+    if imp.numel() != layer.in_features:
+        raise ValueError(f"layer {layer.name!r}: importance has {imp.numel()} entries, expected in_features={layer.in_features}")
+    if layer.group_size == -1:
+        return imp.repeat(layer.out_features).reshape(1, -1)
+    return imp.reshape(-1, layer.group_size).repeat(layer.out_features, 1)
 
 
 def observer_for(name: str):

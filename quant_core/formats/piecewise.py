@@ -40,7 +40,7 @@ def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> t
 
 
 def _sq_error(xo: torch.Tensor, s: torch.Tensor, h: torch.Tensor, r: torch.Tensor, neg_outer: torch.Tensor,
-              pos_outer: torch.Tensor) -> torch.Tensor:
+              pos_outer: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error of rounding oriented groups ``xo`` ``(n, g)`` to the (h, r) grid at each of the
     non-negative scales ``s`` ``(n, F)``; grid parameters are ``(n, 1)``. Returns ``(n, F)``.
     Works on level values (no codes needed), all F scales in one pass."""
@@ -52,7 +52,10 @@ def _sq_error(xo: torch.Tensor, s: torch.Tensor, h: torch.Tensor, r: torch.Tenso
     centre = torch.clamp(round_half_even(x), -h, h)
     tail = torch.copysign(h + r * torch.clamp(round_half_even((a - h) / r), min=1.0), x)
     level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -neg_outer.unsqueeze(-1), pos_outer.unsqueeze(-1))
-    return (level - x).square().sum(dim=-1) * safe.squeeze(-1).square()
+    sq = (level - x).square()
+    if importance is not None:
+        sq = sq * importance.unsqueeze(1)
+    return sq.sum(dim=-1) * safe.squeeze(-1).square()
 
 
 class PiecewiseFormat(WeightFormat):
@@ -81,8 +84,11 @@ class PiecewiseFormat(WeightFormat):
             "breakpoint_ids": TensorLayout((layer.n_groups, packed_length(rows, bits)), torch.uint8),
         }
 
-    def search(self, groups: torch.Tensor, bits: int, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best (signed scale, breakpoint id) per group of ``groups`` ``(n, g)`` (float32).
+    def search(
+        self, groups: torch.Tensor, bits: int, observer: str, importance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best (signed scale, breakpoint id) per group of ``groups`` ``(n, g)`` (float32);
+        ``importance`` ``(n, g)`` weights each weight's squared error.
 
         ``minmax``: every breakpoint id with the scale that covers the group. ``mse``: every id at
         a coarse set of scales, then a finer scale search around the best coarse scale for the two
@@ -118,11 +124,11 @@ class PiecewiseFormat(WeightFormat):
         stride = max(1, n_ids // MAX_STAGE1_IDS)
         for k in range(0, n_ids, stride):
             h, r, no, po, cover = shape_params(torch.full_like(big, k, dtype=torch.int64))
-            errs[:, k, :2] = _sq_error(xo, cover * coarse[:2], h, r, no, po)
+            errs[:, k, :2] = _sq_error(xo, cover * coarse[:2], h, r, no, po, importance)
         if n_f > 2:
             for kk in errs[:, :, :2].amin(dim=2).topk(min(3, n_ids), dim=1, largest=False).indices.t():
                 h, r, no, po, cover = shape_params(kk.unsqueeze(1))
-                errs[rows, kk, 2:] = _sq_error(xo, cover * coarse[2:], h, r, no, po)
+                errs[rows, kk, 2:] = _sq_error(xo, cover * coarse[2:], h, r, no, po, importance)
         best_err, best_idx = errs.reshape(n, -1).min(dim=1)
         best_k = best_idx // n_f
         _, _, _, _, cover = shape_params(best_k.unsqueeze(1))
@@ -136,38 +142,55 @@ class PiecewiseFormat(WeightFormat):
             h, r, no, po, cover = shape_params(kk.unsqueeze(1))
             f0 = coarse[errs[rows, kk].argmin(dim=1)]
             f = (f0.unsqueeze(1) + deltas).clamp(min=0.05, max=1.0)
-            e, j = _sq_error(xo, cover * f, h, r, no, po).min(dim=1)
+            e, j = _sq_error(xo, cover * f, h, r, no, po, importance).min(dim=1)
             better = e < best_err
             best_err = torch.where(better, e, best_err)
             best_s = torch.where(better, cover.squeeze(1) * f[rows, j], best_s)
             best_k = torch.where(better, kk, best_k)
         return best_s * sign, best_k
 
-    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+    def fit(self, groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Signed scale (stored value, as float32) and breakpoint id per group."""
         spec = layer.spec
-        bits = spec.bits
-        half = float(1 << (bits - 1))
-        groups = group_view(weight.detach().to(torch.float32), layer)
-        table = piecewise_table(bits, groups.device)
         scales, ids = [], []
-        for chunk in groups.split(CHUNK_GROUPS):
-            s, k = self.search(chunk, bits, spec.observer)
+        imp_chunks = importance.split(CHUNK_GROUPS) if importance is not None else [None] * len(groups.split(CHUNK_GROUPS))
+        for chunk, imp in zip(groups.split(CHUNK_GROUPS), imp_chunks):
+            s, k = self.search(chunk, spec.bits, spec.observer, imp)
             scales.append(s)
             ids.append(k)
-        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name)
-        k = torch.cat(ids)
-        sf = s.to(torch.float32)
-        safe = torch.where(sf != 0, sf, torch.ones_like(sf)).unsqueeze(1)
-        h = table[k, 0].unsqueeze(1)
-        r = table[k, 1].unsqueeze(1)
-        d = _encode(groups / safe, h, r, half)
+        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name).to(torch.float32)
+        return {"scale": s, "breakpoint": torch.cat(ids)}
+
+    def codes(self, x: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        """Centred codes ``d`` (float) of ``x`` ``(n, c)``; the grid value is ``levels(d) * scale``."""
+        bits = layer.spec.bits
+        table = piecewise_table(bits, x.device)
+        s, k = params["scale"], params["breakpoint"]
+        safe = torch.where(s != 0, s, torch.ones_like(s)).unsqueeze(1)
+        return _encode(x / safe, table[k, 0].unsqueeze(1), table[k, 1].unsqueeze(1), float(1 << (bits - 1)))
+
+    def fake_quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        table = piecewise_table(layer.spec.bits, x.device)
+        s, k = params["scale"], params["breakpoint"]
+        d = self.codes(x, params, layer)
+        return ref.piecewise_levels(d, table[k, 0].unsqueeze(1), table[k, 1].unsqueeze(1)) * s.unsqueeze(1)
+
+    def encode(self, weight: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> dict[str, torch.Tensor]:
+        bits = layer.spec.bits
+        half = float(1 << (bits - 1))
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        d = self.codes(groups, params, layer)
         codes = (d + half).to(torch.int32).reshape(layer.out_features, layer.in_features)
         rows = 1 if layer.group_size == -1 else layer.out_features
         return {
             "qweight": pack_codes(codes, bits),
-            "scales": s.reshape(rows, layer.n_groups),
-            "breakpoint_ids": ref.pack_group_field(k.to(torch.int32).reshape(rows, layer.n_groups), bits),
+            "scales": params["scale"].to(scale_dtype_of(layer.spec)).reshape(rows, layer.n_groups),
+            "breakpoint_ids": ref.pack_group_field(params["breakpoint"].to(torch.int32).reshape(rows, layer.n_groups), bits),
         }
+
+    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        return self.encode(weight, self.fit(groups, layer), layer)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
         return ref.dequantize(

@@ -13,7 +13,7 @@ from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length
 from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
-from ..observers import uniform_codes, uniform_scale, zero_point
+from ..observers import mse_observer, uniform_codes, uniform_fake_quant, uniform_scale, zero_point
 from .groups import group_view, observer_for
 
 __all__ = ["UniformFormat"]
@@ -39,31 +39,45 @@ class UniformFormat(WeightFormat):
             out["qzeros"] = TensorLayout((layer.n_groups, packed_length(rows, spec.bits)), torch.uint8)
         return out
 
-    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+    def fit(self, groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Scale and zero point per group (``scale`` is the stored, rounded value, as float32)."""
         spec = layer.spec
         bits, sym = spec.bits, bool(spec.symmetric)
-        groups = group_view(weight.detach().to(torch.float32), layer)
         observer = observer_for(spec.observer)
         scales, los = [], []
-        for chunk in groups.split(CHUNK_GROUPS):
-            lo, hi = observer(chunk, bits, sym)
-            s = uniform_scale(lo, hi, bits, sym)
-            scales.append(s)
+        imp_chunks = importance.split(CHUNK_GROUPS) if importance is not None else [None] * len(groups.split(CHUNK_GROUPS))
+        for chunk, imp in zip(groups.split(CHUNK_GROUPS), imp_chunks):
+            if imp is not None and spec.observer == "mse":
+                lo, hi = mse_observer(chunk, bits, sym, importance=imp)
+            else:
+                lo, hi = observer(chunk, bits, sym)
+            scales.append(uniform_scale(lo, hi, bits, sym))
             los.append(lo)
-        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name)
-        sf = s.to(torch.float32)
+        s = round_scale(torch.cat(scales), scale_dtype_of(spec), layer.name).to(torch.float32)
         # the zero point is rounded against the stored scale, as the kernels will see it
-        z = zero_point(torch.cat(los), sf, bits, sym)
-        q = uniform_codes(groups, sf, z, bits).to(torch.int32)
+        z = zero_point(torch.cat(los), s, bits, sym)
+        return {"scale": s, "zero": z}
+
+    def fake_quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        return uniform_fake_quant(x, params["scale"], params["zero"], layer.spec.bits)
+
+    def encode(self, weight: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec) -> dict[str, torch.Tensor]:
+        spec = layer.spec
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        s, z = params["scale"], params["zero"]
+        q = uniform_codes(groups, s, z, spec.bits).to(torch.int32)
         rows = 1 if layer.group_size == -1 else layer.out_features
-        codes = q.reshape(layer.out_features, layer.in_features)
         out = {
-            "qweight": pack_codes(codes, bits),
-            "scales": s.reshape(rows, layer.n_groups),
+            "qweight": pack_codes(q.reshape(layer.out_features, layer.in_features), spec.bits),
+            "scales": s.to(scale_dtype_of(spec)).reshape(rows, layer.n_groups),
         }
-        if not sym:
-            out["qzeros"] = ref.pack_group_field(z.to(torch.int32).reshape(rows, layer.n_groups), bits)
+        if not spec.symmetric:
+            out["qzeros"] = ref.pack_group_field(z.to(torch.int32).reshape(rows, layer.n_groups), spec.bits)
         return out
+
+    def quantize(self, weight: torch.Tensor, layer: LayerSpec) -> dict[str, torch.Tensor]:
+        groups = group_view(weight.detach().to(torch.float32), layer)
+        return self.encode(weight, self.fit(groups, layer), layer)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
         spec = layer.spec

@@ -55,6 +55,12 @@ def test_zero_tokens_stay_zero_and_dtype_is_kept():
 
 def test_unknown_modes_raise():
     with pytest.raises(ValueError, match="act_format"):
-        quantize_activation(torch.ones(1, 2), "int4", "dynamic_per_token")
+        quantize_activation(torch.ones(1, 2), "int2", "dynamic_per_token")
     with pytest.raises(ValueError, match="act_scale"):
         quantize_activation(torch.ones(1, 2), "int8", "static_per_tensor")
+
+
+def test_int4_dynamic_per_token_has_seven_levels_per_side():
+    x = torch.tensor([[7.0, 3.4, -3.6, 0.2, -7.0]])
+    y = quantize_activation(x, "int4", "dynamic_per_token")
+    assert y.tolist() == [[7.0, 3.0, -4.0, 0.0, -7.0]]
