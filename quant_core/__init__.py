@@ -29,6 +29,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "PiecewiseQuantConfig": ".config",
     "QuantSpec": ".config",
+    "CalibrationConfig": ".config",
+    "calibrate": ".calibration.engine",
+    "CalibrationReport": ".calibration.engine",
     "hookimpl": ".plugins",
     "quantize": ".quantization",
     "plan_layers": ".quantization",
@@ -47,7 +50,8 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from .config import PiecewiseQuantConfig, QuantSpec
+    from .calibration.engine import CalibrationReport, calibrate
+    from .config import CalibrationConfig, PiecewiseQuantConfig, QuantSpec
     from .formats import TensorLayout, WeightFormat
     from .plugins import hookimpl
     from .qlinear import QuantLinear

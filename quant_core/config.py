@@ -188,6 +188,8 @@ class CalibrationConfig:
     Attributes:
         n_samples, seq_len: calibration sequences and their length in tokens (text is tokenised,
             concatenated and cut into windows, a random subset chosen with ``seed``).
+        dataset: path of a UTF-8 text file to calibrate on when no data is passed (e.g. through
+            ``from_pretrained``); ``None`` uses the bundled ``pydoc_data.topics`` corpus.
         seed: makes sample selection and the learned algorithms deterministic.
         batch_size: sequences per forward pass of a block.
         blocks: dotted path of the ``nn.ModuleList`` that holds the repeated blocks (e.g.
@@ -210,6 +212,7 @@ class CalibrationConfig:
 
     n_samples: int = 64
     seq_len: int = 256
+    dataset: str | None = None
     seed: int = 0
     batch_size: int = 8
     blocks: str | None = None
@@ -251,6 +254,8 @@ class CalibrationConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"calibration.{name} must be a positive number; got {v!r}")
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset):
+            raise ValueError(f"calibration.dataset must be the path of a text file or None; got {self.dataset!r}")
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
             raise ValueError(f"calibration.blocks must be a dotted module path such as 'model.layers'; got {self.blocks!r}")
         object.__setattr__(self, "mixed_precision_bits", tuple(self.mixed_precision_bits))

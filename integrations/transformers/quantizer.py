@@ -86,7 +86,8 @@ class PiecewiseHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
-        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+        calibrating = not self.pre_quantized and self.core_config.calibration is not None
+        if not self.pre_quantized and not calibrating and isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
                 "piecewise-quant cannot quantize on load with disk offloading in device_map; quantize and "
                 "save the model first, then load the saved checkpoint"
@@ -171,8 +172,13 @@ class PiecewiseHfQuantizer(HfQuantizer):
 
     # ---- quantize on load -------------------------------------------------------------------------
 
+    @property
+    def calibrating(self) -> bool:
+        """A float checkpoint with a calibration recipe: load in float, calibrate after loading."""
+        return not self.pre_quantized and self.core_config.calibration is not None
+
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self.calibrating:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
         if tensor_name != "weight" or module_name not in self.plan:
@@ -185,7 +191,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
     def param_element_size(self, model: nn.Module, param_name: str, param: torch.Tensor) -> float:
         module_name, _, tensor_name = param_name.rpartition(".")
         layer = self.plan.get(module_name)
-        if layer is not None and tensor_name == "weight" and not self.pre_quantized:
+        if layer is not None and tensor_name == "weight" and not self.pre_quantized and not self.calibrating:
             pq = _core()
 
             return pq.get_format(layer.spec.grid).bits_per_weight(layer) / 8
@@ -237,6 +243,15 @@ class PiecewiseHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         pq = _core()
 
+        if self.calibrating:
+            import piecewise_quant
+
+            report = piecewise_quant.calibrate(model, self.core_config)
+            logger.info("piecewise-quant calibration:\n%s", report.summary())
+            model.piecewise_quant_calibration_report = report
+            self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)
+            model.config.quantization_config = self.quantization_config
+            self.plan = self._plan_after_calibration(model)
         problems: list[str] = []
         # Without safetensors headers to check (a state_dict or .bin checkpoint), a tensor missing from
         # the checkpoint is only visible by the flag transformers puts on every tensor it loads
@@ -287,6 +302,11 @@ class PiecewiseHfQuantizer(HfQuantizer):
             )
         model.piecewise_quant_config = self.core_config
         return model
+
+    def _plan_after_calibration(self, model: nn.Module) -> dict[str, Any]:
+        pq = _core()
+
+        return {name: m.layer_spec for name, m in model.named_modules() if isinstance(m, pq.QuantLinear)}
 
     def _headers_checked(self) -> bool:
         files = self.checkpoint_files

@@ -1,0 +1,1 @@
+"""Calibration: data-driven choices of quantization schemes (scales, ranges, bit allocation)."""

@@ -1,0 +1,130 @@
+"""Calibration data: turn what the user passes into a fixed list of model-input batches.
+
+Accepted forms:
+
+* ``None``: samples cut from the bundled corpus (``pydoc_data.topics``, the calibration split of
+  :func:`piecewise_quant.evaluate.calibration_text`), tokenised with the model's tokenizer;
+* a string or a list of strings: tokenised (no special tokens), concatenated with blank lines,
+  cut into non-overlapping ``seq_len``-token windows of which ``n_samples`` are drawn with ``seed``;
+* a tensor of token ids: 1-D (a token stream, cut into windows like text) or 2-D ``(n, length)``
+  (each row one sample, used as given);
+* an iterable of dicts of model inputs (``{"input_ids": ..., "attention_mask": ...}``), each one
+  batch, used as given.
+
+Too little text raises a ``ValueError`` saying how many tokens there are; fewer windows than
+``n_samples`` uses every window there is and logs a warning (the documented fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+__all__ = ["prepare_batches", "resolve_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_tokenizer(model: Any, tokenizer: Any) -> Any:
+    """``tokenizer``, or the one saved next to the model's weights (``model.name_or_path``)."""
+    if tokenizer is not None:
+        return tokenizer
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - any failure means: ask the user for one
+            raise ValueError(
+                f"calibration text needs a tokenizer and none could be loaded from {path!r} ({exc}); "
+                "pass tokenizer=... or token ids"
+            ) from None
+    raise ValueError("calibration text needs a tokenizer: pass tokenizer=... or give token ids / model-input dicts")
+
+
+def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    ids = ids.reshape(-1).to(torch.long)
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(
+            f"calibration data has {ids.numel()} tokens, fewer than one sample of seq_len={seq_len}; "
+            "give more text or lower calibration.seq_len"
+        )
+    if n_windows < n_samples:
+        logger.warning(
+            "calibration data has %d tokens: only %d windows of %d tokens instead of n_samples=%d; using all of them",
+            ids.numel(), n_windows, seq_len, n_samples,
+        )
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=g)[: min(n_samples, n_windows)].sort().values
+    return windows[pick]
+
+
+def _check_ids(ids: torch.Tensor) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"calibration token ids must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("calibration token ids contain negative values")
+
+
+def prepare_batches(
+    data: Any,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    n_samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """A list of model-input dicts (batches of at most ``batch_size`` samples)."""
+    if data is None:
+        from ..evaluate import calibration_text
+
+        data = calibration_text()
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, torch.Tensor):
+        _check_ids(data)
+        if data.dim() == 2:
+            if data.shape[0] == 0 or data.shape[1] == 0:
+                raise ValueError("calibration data is empty (a tensor with no samples or no tokens)")
+            samples = data[:n_samples].to(torch.long)
+        elif data.dim() == 1:
+            samples = _windows(data, n_samples, seq_len, seed)
+        else:
+            raise ValueError(f"calibration token ids must be 1-D or 2-D, got shape {tuple(data.shape)}")
+        return [{"input_ids": b} for b in samples.split(batch_size)]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+        tok = resolve_tokenizer(model, tokenizer)
+        text = "\n\n".join(t for t in data if t)
+        if not text.strip():
+            raise ValueError("calibration data is empty (only empty strings)")
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        samples = _windows(ids, n_samples, seq_len, seed)
+        return [{"input_ids": b} for b in samples.split(batch_size)]
+    if isinstance(data, dict):
+        data = [data]
+    if isinstance(data, Iterable) and not isinstance(data, (bytes, str)):
+        batches = []
+        for i, item in enumerate(data):
+            if isinstance(item, torch.Tensor):
+                _check_ids(item)
+                item = {"input_ids": item if item.dim() == 2 else item.reshape(1, -1)}
+            if not isinstance(item, dict) or not item:
+                raise ValueError(
+                    f"calibration batch {i} is a {type(item).__name__}; give strings, token-id tensors or "
+                    "dicts of model inputs"
+                )
+            for k, v in item.items():
+                if isinstance(v, torch.Tensor) and v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"calibration batch {i}: input {k!r} contains NaN or Inf")
+            batches.append(item)
+        if not batches:
+            raise ValueError("calibration data is empty; give text, token ids or model-input dicts (None uses the bundled corpus)")
+        return batches
+    raise ValueError(f"unsupported calibration data of type {type(data).__name__}; give text, token ids or model-input dicts")

