@@ -63,7 +63,7 @@ def find_fold_groups(block: nn.Module, call, quantized: set[str]) -> list[FoldGr
     out_ptr: dict[str, tuple[int, tuple]] = {}
     in_ptr: dict[str, tuple[int, tuple]] = {}
     handles = []
-    alive: list[torch.Tensor] = []  # keeps norm outputs alive so no later tensor reuses their memory
+    alive: list[torch.Tensor] = []  # keeps the watched tensors alive so no later tensor reuses their memory
 
     def on_norm(n: str, o: torch.Tensor) -> None:
         if isinstance(o, torch.Tensor) and n not in out_ptr:
@@ -72,8 +72,13 @@ def find_fold_groups(block: nn.Module, call, quantized: set[str]) -> list[FoldGr
 
     for n, m in norms.items():
         handles.append(m.register_forward_hook(lambda mod, a, o, n=n: on_norm(n, o)))
+    def on_linear(n: str, x: torch.Tensor) -> None:
+        if n not in in_ptr:
+            alive.append(x)
+            in_ptr[n] = (x.data_ptr(), tuple(x.shape))
+
     for n, m in linears.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: in_ptr.setdefault(n, (a[0].data_ptr(), tuple(a[0].shape)))))
+        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: on_linear(n, a[0])))
     try:
         call()
     finally:
