@@ -141,7 +141,7 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The block's output for every batch (``hidden`` replaces the stored hidden states)."""
     outs = []
-    for i in range(len(inputs.hidden)):
+    for i in range(len(inputs.hidden) if hidden is None else len(hidden)):
         out = inputs.call(block, i, None if hidden is None else hidden[i])
         outs.append(out.detach())
     return outs

@@ -412,7 +412,9 @@ def _mixed_precision(
     n_weights: dict[str, int] = {}
     fp = list(inputs.hidden)
     n_probe = min(len(fp), 2)
-    combos = [(b, g) for b in cal.mixed_precision_bits for g in cal.mixed_precision_grids]
+    # at 8 bits the grids are equally fine and piecewise's 256-breakpoint search is slow: uniform only
+    combos = [(b, g) for b in cal.mixed_precision_bits for g in cal.mixed_precision_grids
+              if not (b == 8 and g == "piecewise" and "uniform" in cal.mixed_precision_grids)]
     bar = tqdm(list(enumerate(blocks)), desc="sensitivity", unit="block", disable=not progress)
     for i, block in bar:
         onload_block(block)
