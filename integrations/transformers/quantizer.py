@@ -52,6 +52,22 @@ def _core() -> Any:
 
 
 
+def _model_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved with the checkpoint being loaded (calibration text needs it)."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise ValueError("calibrating on load needs the model's tokenizer, but the model has no name_or_path")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure: say what to do instead
+        raise ValueError(
+            f"calibrating on load needs a tokenizer next to the weights in {path!r} ({exc}); save one there, or load "
+            "the float model and call piecewise_quant.calibrate(model, config, data, tokenizer=...)"
+        ) from None
+
+
 def _tied_module_names(model: nn.Module) -> set[str]:
     try:
         tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -246,7 +262,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
         if self.calibrating:
             import piecewise_quant
 
-            report = piecewise_quant.calibrate(model, self.core_config)
+            report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
             logger.info("piecewise-quant calibration:\n%s", report.summary())
             model.piecewise_quant_calibration_report = report
             self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)

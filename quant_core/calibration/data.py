@@ -28,21 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_tokenizer(model: Any, tokenizer: Any) -> Any:
-    """``tokenizer``, or the one saved next to the model's weights (``model.name_or_path``)."""
+    """``tokenizer``; text needs one (the core never imports a host framework to find it:
+    ``from_pretrained(..., quantization_config=...)`` passes the tokenizer saved with the model)."""
     if tokenizer is not None:
         return tokenizer
     path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if path:
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - any failure means: ask the user for one
-            raise ValueError(
-                f"calibration text needs a tokenizer and none could be loaded from {path!r} ({exc}); "
-                "pass tokenizer=... or token ids"
-            ) from None
-    raise ValueError("calibration text needs a tokenizer: pass tokenizer=... or give token ids / model-input dicts")
+    hint = f" (e.g. AutoTokenizer.from_pretrained({str(path)!r}))" if path else ""
+    raise ValueError(f"calibration text needs a tokenizer: pass tokenizer=...{hint}, or give token ids / model-input dicts")
 
 
 def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -87,9 +87,6 @@ class CalibrationReport:
     def data_free_layers(self) -> list[str]:
         return [n for n, r in self.layers.items() if r.method == "data-free"]
 
-    def average_bits_per_weight(self, n_weights: dict[str, int] | None = None) -> float:
-        return self.mixed_precision["average_bits_per_weight"] if self.mixed_precision else float("nan")
-
     def summary(self) -> str:
         lines = [
             f"calibrated {len(self.layers)} layers in {len(self.blocks)} blocks ({self.blocks_path}) on "
@@ -286,6 +283,9 @@ def calibrate(
     _record_in_host_config(model, config)
     report.wall_s = time.perf_counter() - t_start
     report.peak_rss_mb = _peak_rss_mb()
+    logger.info("%s", report.summary())
+    if progress:
+        tqdm.write(report.summary())
     if report.data_free_layers:
         logger.warning("data-free quantization for %d layer(s): %s", len(report.data_free_layers), report.data_free_layers)
     return report
@@ -360,7 +360,8 @@ def _calibrate_block(
             if cal.gptq:
                 from .gptq import gptq_quantize
 
-                fixed = params[rel] if method[rel] == "lwc" or cal.refine_breakpoints else None
+                refined = cal.refine_breakpoints and layer.spec.grid == "piecewise"
+                fixed = params[rel] if method[rel] == "lwc" or refined else None
                 res = gptq_quantize(
                     linear.weight.detach(), st.hessian(), layer, fmt, params=fixed,
                     act_order=cal.act_order, damp=cal.damp, activation_aware=cal.activation_aware,

@@ -103,10 +103,10 @@ def test_gptq_and_lwc_beat_round_to_nearest_at_3_bits(tiny_llama_path, real_setu
         config = pq.PiecewiseQuantConfig(calibration=pq.CalibrationConfig.preset(preset, n_samples=16, epochs=2), **base)
         pq.calibrate(model, config, tokenizer=tok, progress=False)
         err[preset] = _hidden_error(model, ref, x)
-    # measured (held-out text, 2 blocks): rtn 0.0185, aware 0.0128, gptq 0.0063, lwc 0.0095
+    # measured (held-out text, 2 blocks): rtn 0.0104, aware 0.0073, gptq 0.0007, lwc 0.0073
     assert err["aware"] < 0.85 * err["rtn"], err
     assert err["gptq"] < 0.5 * err["rtn"], err
-    assert err["lwc"] < 0.75 * err["rtn"], err
+    assert err["lwc"] < 0.8 * err["rtn"], err
 
 
 @pytest.mark.slow
@@ -341,3 +341,12 @@ def test_calibration_config_round_trips_through_json():
     again = pq.PiecewiseQuantConfig.from_json_string(config.to_json_string())
     assert again == config and again.calibration.gptq and again.calibration.mixed_precision_budget == 3.5
     assert "calibration" not in pq.PiecewiseQuantConfig().to_dict()
+
+
+def test_text_without_a_tokenizer_says_how_to_get_one(tiny_llama_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    with pytest.raises(ValueError, match=r"needs a tokenizer: pass tokenizer=.*AutoTokenizer\.from_pretrained"):
+        pq.calibrate(model, cfg(), ["some calibration text"], progress=False)
+    assert not pq.quantized_layers(model)
