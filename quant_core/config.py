@@ -168,7 +168,6 @@ CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
     "gptq": {"gptq": True},
     "lwc": {"lwc": True},
     "omniquant": {"lwc": True, "let": True},
-    "full": {"let": True, "lwc": True, "gptq": True, "refine_breakpoints": True},
 }
 
 
@@ -177,7 +176,7 @@ class CalibrationConfig:
     """Data-aware calibration: which algorithms run and on what data.
 
     Pass it (or a preset name: ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"lwc"``,
-    ``"omniquant"``, ``"full"``) as ``PiecewiseQuantConfig(calibration=...)``; then
+    ``"omniquant"``) as ``PiecewiseQuantConfig(calibration=...)``; then
     ``piecewise_quant.calibrate(model, config, data)`` or ``from_pretrained(...,
     quantization_config=config)`` runs the model block by block on calibration data and applies,
     in this order: SmoothQuant or LET (channel scaling folded into the previous norm/linear), LWC
@@ -202,9 +201,11 @@ class CalibrationConfig:
         lwc: learn per-group clipping strengths (OmniQuant LWC).
         epochs, lwc_lr, let_lr: optimisation of LWC/LET (AdamW, per block).
         gptq: GPTQ error compensation; ``act_order`` processes columns by decreasing Hessian
-            diagonal, ``damp`` is the relative dampening (raised tenfold on a failed Cholesky).
+            diagonal, ``damp`` is the relative dampening (raised tenfold on a failed Cholesky),
+            ``true_sequential`` quantizes the block's layers in call order (q/k/v, o, gate/up,
+            down), each on the inputs the already-quantized layers produce.
         refine_breakpoints: re-choose piecewise breakpoints against the layer output, kept only
-            where the block output error drops.
+            where the block output error drops (without GPTQ: GPTQ refits each group itself).
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
             layers; ``None`` uses the config's bits everywhere. Candidates ``mixed_precision_bits``
             x ``mixed_precision_grids`` are ranked by each layer's sensitivity.
@@ -225,6 +226,7 @@ class CalibrationConfig:
     let_lr: float = 2e-3
     gptq: bool = False
     act_order: bool = True
+    true_sequential: bool = True
     damp: float = 0.01
     refine_breakpoints: bool = False
     mixed_precision_budget: float | None = None
@@ -242,12 +244,17 @@ class CalibrationConfig:
             raise ValueError(f"calibration.seed must be an integer; got {self.seed!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"calibration.epochs must be an integer >= 0; got {self.epochs!r}")
-        for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "refine_breakpoints"):
+        for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "refine_breakpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"calibration.{name} must be True or False; got {getattr(self, name)!r}")
         a = self.smoothquant
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"calibration.smoothquant (migration strength alpha) must be in [0, 1] or None; got {a!r}")
+        if self.refine_breakpoints and self.gptq:
+            raise ValueError(
+                "calibration: refine_breakpoints and gptq do not combine: GPTQ refits every group on its "
+                "error-updated weights (fixing refined breakpoints instead measured worse); choose one"
+            )
         if a is not None and self.let:
             raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
         for name in ("lwc_lr", "let_lr", "damp"):

@@ -18,7 +18,7 @@ Too little text raises a ``ValueError`` saying how many tokens there are; fewer 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -99,7 +99,7 @@ def prepare_batches(
         ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         samples = _windows(ids, n_samples, seq_len, seed)
         return [{"input_ids": b} for b in samples.split(batch_size)]
-    if isinstance(data, dict):
+    if isinstance(data, Mapping):
         data = [data]
     if isinstance(data, Iterable) and not isinstance(data, (bytes, str)):
         batches = []
@@ -107,6 +107,8 @@ def prepare_batches(
             if isinstance(item, torch.Tensor):
                 _check_ids(item)
                 item = {"input_ids": item if item.dim() == 2 else item.reshape(1, -1)}
+            if isinstance(item, Mapping) and not isinstance(item, dict):
+                item = dict(item)  # e.g. a tokenizer's BatchEncoding
             if not isinstance(item, dict) or not item:
                 raise ValueError(
                     f"calibration batch {i} is a {type(item).__name__}; give strings, token-id tensors or "

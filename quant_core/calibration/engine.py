@@ -352,23 +352,34 @@ def _calibrate_block(
                     block, rel, layers[rel], fmts[rel], params[rel], stats[rel].hessian(),
                     lambda: run_block(block, inputs, q[:2]), fp_out[:2],
                 )
+    gptq_out: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
+    if cal.gptq and calibrated:
+        from .gptq import gptq_quantize
+
+        stages = _stages(block, call0, [r for r in names if r in calibrated]) if cal.true_sequential else [sorted(calibrated)]
+        for k, stage in enumerate(stages):
+            if k > 0:  # inputs as the already-quantized layers of this block produce them
+                sub = {r: names[r] for r in stage}
+                stats.update(_collect_stats(block, inputs, q, sub, hessian=True))
+            for rel in stage:
+                layer, fmt = layers[rel], fmts[rel]
+                linear = block.get_submodule(rel)
+                refined = cal.refine_breakpoints and layer.spec.grid == "piecewise"
+                fixed = params[rel] if method[rel] == "lwc" or refined else None
+                res = gptq_quantize(
+                    linear.weight.detach(), stats[rel].hessian(), layer, fmt, params=fixed,
+                    act_order=cal.act_order, damp=cal.damp, activation_aware=cal.activation_aware,
+                )
+                linear.weight.data.copy_(res.weight.to(linear.weight.dtype))
+                gptq_out[rel] = (res.tensors, f"damp {res.damp:g}" if res.damp != cal.damp else "")
+                method[rel] = "gptq" + ("+lwc" if method[rel] == "lwc" else "")
     for rel, full in names.items():
         layer, fmt = layers[rel], fmts[rel]
         linear = block.get_submodule(rel)
         st = stats[rel]
         if rel in calibrated:
-            if cal.gptq:
-                from .gptq import gptq_quantize
-
-                refined = cal.refine_breakpoints and layer.spec.grid == "piecewise"
-                fixed = params[rel] if method[rel] == "lwc" or refined else None
-                res = gptq_quantize(
-                    linear.weight.detach(), st.hessian(), layer, fmt, params=fixed,
-                    act_order=cal.act_order, damp=cal.damp, activation_aware=cal.activation_aware,
-                )
-                tensors = res.tensors
-                note = f"damp {res.damp:g}" if res.damp != cal.damp else ""
-                method[rel] = "gptq" + ("+lwc" if method[rel] == "lwc" else "")
+            if rel in gptq_out:
+                tensors, note = gptq_out[rel]
             else:
                 tensors = fmt.encode(linear.weight.detach(), params[rel], layer)
                 note = ""
@@ -399,6 +410,42 @@ def _calibrate_block(
         for m in static:
             m.finish_observing()
     return folded, lwc_loss
+
+
+@torch.no_grad()
+def _stages(block: nn.Module, call, rels: list[str]) -> list[list[str]]:
+    """Layers in the order the block calls them, those sharing one input tensor in one stage
+    (q/k/v, then o, then gate/up, then down): GPTQ's "true sequential" order."""
+    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []
+    handles = []
+
+    def pre(rel: str, x: torch.Tensor) -> None:
+        if all(r != rel for r, _ in order):
+            alive.append(x)
+            order.append((rel, x.data_ptr()))
+
+    for rel in rels:
+        handles.append(block.get_submodule(rel).register_forward_pre_hook(lambda m, a, rel=rel: pre(rel, a[0])))
+    try:
+        call()
+    finally:
+        for h in handles:
+            h.remove()
+        alive.clear()
+    stages: list[list[str]] = []
+    last_ptr = None
+    for rel, ptr in order:
+        if stages and ptr == last_ptr:
+            stages[-1].append(rel)
+        else:
+            stages.append([rel])
+        last_ptr = ptr
+    seen = {r for st in stages for r in st}
+    missing = [r for r in rels if r not in seen]
+    if missing:
+        stages.append(missing)
+    return stages
 
 
 def _mixed_precision(

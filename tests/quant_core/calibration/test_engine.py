@@ -54,7 +54,9 @@ def test_deterministic_for_a_seed():
     states = []
     for _ in range(2):
         model = tiny_llama()
-        pq.calibrate(model, cfg("full", cal={"epochs": 1}), ids(), progress=False)
+        config = pq.PiecewiseQuantConfig(group_size=32, calibration=pq.CalibrationConfig(
+            let=True, lwc=True, gptq=True, epochs=1, n_samples=8, seq_len=32))
+        pq.calibrate(model, config, ids(), progress=False)
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
@@ -334,10 +336,12 @@ def test_already_quantized_models_and_bad_recipes_are_refused():
         pq.CalibrationConfig(smoothquant=0.5, let=True)
     with pytest.raises(ValueError, match="alpha"):
         pq.CalibrationConfig(smoothquant=1.5)
+    with pytest.raises(ValueError, match="refine_breakpoints and gptq"):
+        pq.CalibrationConfig(gptq=True, refine_breakpoints=True)
 
 
 def test_calibration_config_round_trips_through_json():
-    config = pq.PiecewiseQuantConfig(calibration=pq.CalibrationConfig.preset("full", mixed_precision_budget=3.5))
+    config = pq.PiecewiseQuantConfig(calibration=pq.CalibrationConfig.preset("gptq", mixed_precision_budget=3.5, let=True))
     again = pq.PiecewiseQuantConfig.from_json_string(config.to_json_string())
     assert again == config and again.calibration.gptq and again.calibration.mixed_precision_budget == 3.5
     assert "calibration" not in pq.PiecewiseQuantConfig().to_dict()
