@@ -176,20 +176,28 @@ def run_recipe(bench: Any, model_name: str, recipe: Recipe, peers: Any) -> dict[
 
 
 class _Peers:
-    def __init__(self) -> None:
+    """The peer toolkit rows: ``--peer KEY`` (a ``benchmarks/peers.py`` key) or the first installed
+    of llm-compressor GPTQ, auto-round, optimum-quanto, torchao."""
+
+    def __init__(self, key: str) -> None:
         import peers
 
         self.mod = peers
         self.available = peers.available_peers()
+        self.key = key
 
     def choose(self) -> str | None:
-        for key in ("llmcompressor-gptq", "torchao-gptq", "quanto", "torchao"):
+        order = [self.key] if self.key != "auto" else ["llmcompressor-gptq", "auto-round", "quanto", "torchao"]
+        for key in order:
             if key in self.available and not str(self.available[key]).startswith("unavailable"):
                 return key
+        if self.key != "auto":
+            raise SystemExit(f"peer {self.key!r} is not usable here: {self.available.get(self.key, 'unknown key')}")
         return None
 
     def run(self, key: str, model: Any, tokenizer: Any) -> dict[str, Any]:
-        calib = self.mod.calibration_ids(tokenizer, n_samples=32, seq_len=256) if "gptq" in key else None
+        calibrated = "gptq" in key or key.startswith("auto-round")
+        calib = self.mod.calibration_ids(tokenizer, n_samples=32, seq_len=256) if calibrated else None
         return self.mod.run_peer(key, model, tokenizer, calib, bits=4, group_size=128)
 
 
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 rows per model, 16 perplexity windows, 128 sentences")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible timings)")
     p.add_argument("--no-peer", action="store_true", help="skip the peer toolkit rows")
+    p.add_argument("--peer", default="auto", help="peer key from benchmarks/peers.py (default: the best installed one)")
+    p.add_argument("--only-peer", action="store_true", help="run only the float and peer rows")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = None
     if not args.no_peer:
         try:
-            peers = _Peers()
+            peers = _Peers(args.peer)
         except Exception as exc:  # noqa: BLE001 - the benchmark runs without a peer
             print(f"(peer toolkits unavailable: {exc})", file=sys.stderr)
     out: dict[str, Any] = {}
@@ -244,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         fm = bench.evaluate(bench.model)
         rows = []
         for recipe in recipes(args.quick):
+            if args.only_peer and recipe.peer is None:
+                continue
             print(f"[{name}] {recipe.setting}: {recipe.label}", file=sys.stderr, flush=True)
             rows.append(run_recipe(bench, name, recipe, peers))
         print(f"\n### {bench.title}\n\n{bench.describe()}\n")
