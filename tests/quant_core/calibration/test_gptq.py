@@ -175,15 +175,17 @@ def test_matches_direct_reference(grid, bits, mode):
 
 
 def test_block_size_does_not_change_the_result(real_weight, calib):
-    """Lazy batch updates are exact: blocks that split groups (and groups that span blocks) give
-    the same codes as one block over the whole matrix."""
+    """Lazy batch updates are exact up to float summation order: blocks that split groups (and
+    groups that span blocks) give the same result as one block over the whole matrix. A different
+    order flips a few near-tie codes (0.3% measured with 2 BLAS threads, none with 1), which GPTQ's
+    error feedback then carries, so the objective is compared tightly and the codes loosely."""
     _, h = calib
     w = real_weight
     layer, fmt = _layer("piecewise-3b-g64", w.shape[1], w.shape[0])
     whole = gptq_quantize(w, h, layer, fmt, act_order=False, block_size=w.shape[1])
     for bs in (37, 128):
         other = gptq_quantize(w, h, layer, fmt, act_order=False, block_size=bs)
-        assert (other.weight != whole.weight).float().mean().item() < 1e-3
+        assert (other.weight != whole.weight).float().mean().item() < 0.02
         assert other.error == pytest.approx(whole.error, rel=1e-3)
 
 
