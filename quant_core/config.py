@@ -253,7 +253,8 @@ class CalibrationConfig:
         if self.refine_breakpoints and self.gptq:
             raise ValueError(
                 "calibration: refine_breakpoints and gptq do not combine: GPTQ refits every group on its "
-                "error-updated weights (fixing refined breakpoints instead measured worse); choose one"
+                "error-updated weights, and parameters fixed beforehand lose to those fits (docs/calibration.md); "
+                "choose one"
             )
         if a is not None and self.let:
             raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
