@@ -135,6 +135,17 @@ class QuantSpec:
     def spec_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in SPEC_FIELDS}
 
+    def with_changes(self, changes: Mapping[str, Any]) -> "QuantSpec":
+        """A copy with ``changes``; a different grid re-derives what does not carry over
+        (``symmetric``; with FP8 on either side also ``bits`` and ``group_size``) unless given."""
+        base = self.spec_dict()
+        if "grid" in changes and changes["grid"] != base["grid"]:
+            base["symmetric"] = None
+            if "fp8" in (changes["grid"], base["grid"]):
+                base.update(bits=None, group_size="auto")
+        base.update(changes)
+        return QuantSpec(**base)
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -389,15 +400,8 @@ class PiecewiseQuantConfig(QuantSpec):
         return QuantSpec(**self.spec_dict())
 
     def _override_spec(self, pattern: str, changes: Mapping[str, Any]) -> QuantSpec:
-        base = self.spec_dict()
-        if "grid" in changes and changes["grid"] != base["grid"]:
-            # a different grid re-derives what does not carry over, unless the override gives it
-            base["symmetric"] = None
-            if "fp8" in (changes["grid"], base["grid"]):
-                base.update(bits=None, group_size="auto")
-        base.update(changes)
         try:
-            return QuantSpec(**base)
+            return self.default_spec.with_changes(changes)
         except ValueError as exc:
             raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "onload_block", "hidden_of"]
+__all__ = ["find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "relative_error", "onload_block", "hidden_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,13 @@ def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] 
         out = inputs.call(block, i, None if hidden is None else hidden[i])
         outs.append(out.detach())
     return outs
+
+
+def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """``sum ||out - ref||^2 / sum ||ref||^2`` over batches."""
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num / max(den, 1e-30)
 
 
 def onload_block(block: nn.Module) -> bool:

@@ -40,9 +40,9 @@ from ..formats.groups import group_view, importance_view
 from ..qlinear import QuantLinear
 from ..quantization import _record_in_host_config, layer_spec_for, plan_layers, quantized_layers
 from ..registry import get_format
-from .blocks import BlockInputs, capture_block_inputs, find_blocks, onload_block, run_block
+from .blocks import BlockInputs, capture_block_inputs, find_blocks, onload_block, relative_error, run_block
 from .data import prepare_batches
-from .smoothing import find_fold_groups, smoothquant_scales, verify_folds
+from .smoothing import find_fold_groups, smoothquant_scales, trace_tensors, verify_folds
 
 __all__ = ["calibrate", "CalibrationReport", "LayerReport", "BlockReport"]
 
@@ -162,12 +162,6 @@ def _collect_stats(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Ten
     return stats
 
 
-def _rel_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
-    den = sum(float(r.float().pow(2).sum()) for r in ref)
-    return num / max(den, 1e-30)
-
-
 def _fit(fmt: Any, weight: torch.Tensor, layer: LayerSpec, st: _Stats | None, aware: bool) -> dict[str, torch.Tensor]:
     groups = group_view(weight.detach().float(), layer)
     imp = importance_view(st.importance(), layer) if (aware and st is not None and st.tokens > 0) else None
@@ -175,11 +169,8 @@ def _fit(fmt: Any, weight: torch.Tensor, layer: LayerSpec, st: _Stats | None, aw
 
 
 def _candidate_spec(spec: QuantSpec, bits: int, grid: str) -> QuantSpec:
-    d = spec.spec_dict()
-    d.update(bits=bits, grid=grid, symmetric=spec.symmetric if grid == spec.grid else None)
-    if d["observer"] not in ("mse", "minmax"):
-        d["observer"] = "mse"
-    return QuantSpec(**d)
+    observer = spec.observer if spec.observer in ("mse", "minmax") else "mse"
+    return spec.with_changes({"bits": bits, "grid": grid, "observer": observer, "group_size": spec.group_size})
 
 
 def _peak_rss_mb() -> float:
@@ -260,7 +251,7 @@ def calibrate(
             report.peak_held_mb = max(report.peak_held_mb, held / 2**20)
             folded, lwc_loss = _calibrate_block(block, names, plan, cal, inputs, q, fp_out, report)
             q_out = run_block(block, inputs, q)
-            rel = _rel_error(q_out, fp_out)
+            rel = relative_error(q_out, fp_out)
             report.blocks.append(BlockReport(i, rel, folded, lwc_loss, time.perf_counter() - t0))
             bar.set_postfix(rel_err=f"{rel:.2e}")
             fp, q = fp_out, q_out
@@ -416,26 +407,10 @@ def _calibrate_block(
 def _stages(block: nn.Module, call, rels: list[str]) -> list[list[str]]:
     """Layers in the order the block calls them, those sharing one input tensor in one stage
     (q/k/v, then o, then gate/up, then down): GPTQ's "true sequential" order."""
-    order: list[tuple[str, int]] = []
-    alive: list[torch.Tensor] = []
-    handles = []
-
-    def pre(rel: str, x: torch.Tensor) -> None:
-        if all(r != rel for r, _ in order):
-            alive.append(x)
-            order.append((rel, x.data_ptr()))
-
-    for rel in rels:
-        handles.append(block.get_submodule(rel).register_forward_pre_hook(lambda m, a, rel=rel: pre(rel, a[0])))
-    try:
-        call()
-    finally:
-        for h in handles:
-            h.remove()
-        alive.clear()
+    order, _ = trace_tensors(block, call, {rel: block.get_submodule(rel) for rel in rels})
     stages: list[list[str]] = []
     last_ptr = None
-    for rel, ptr in order:
+    for rel, ptr in order.items():
         if stages and ptr == last_ptr:
             stages[-1].append(rel)
         else:
@@ -487,7 +462,7 @@ def _mixed_precision(
                 linear.weight.data.copy_(wq.to(w0.dtype))
                 out = run_block(block, inputs, fp[:n_probe])
                 linear.weight.data.copy_(w0)
-                err = _rel_error(out, fp_out[:n_probe])
+                err = relative_error(out, fp_out[:n_probe])
                 cands.append(Candidate(bits, grid, fmt.bits_per_weight(layer), err if math.isfinite(err) else float("inf")))
             if not cands:
                 raise ValueError(f"layer {full!r}: none of the mixed-precision candidates fits its shape")

@@ -29,7 +29,7 @@ from torch.func import functional_call
 from ..config import LayerSpec
 from ..formats.base import WeightFormat, round_scale, scale_dtype_of
 from ..formats.groups import group_view
-from ..kernels import piecewise_table
+from ..formats.piecewise import outer_levels
 from ..kernels import reference as ref
 from ..observers import uniform_scale, zero_point
 from .smoothing import FoldGroup, apply_fold
@@ -73,12 +73,8 @@ class LayerClip(nn.Module):
             self.gamma = nn.Parameter(_logit(params["scale"].abs() / (2 * base.clamp(min=1e-12))))
 
     def _cover(self, g: torch.Tensor) -> torch.Tensor:
-        bits = self.layer.spec.bits
-        half = float(1 << (bits - 1))
-        table = piecewise_table(bits, g.device)
-        h, r = table[self.breakpoint, 0], table[self.breakpoint, 1]
-        outer = torch.where(h < half, h + r * (half - h), torch.full_like(h, half))
-        return g.abs().amax(dim=1) / outer
+        neg_outer, _ = outer_levels(self.layer.spec.bits, g.device)
+        return g.abs().amax(dim=1) / neg_outer[self.breakpoint]
 
     def params(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable per-group parameters for ``weight`` (scales not yet rounded)."""

@@ -18,7 +18,8 @@ from torch import nn
 from ..config import LayerSpec
 from ..formats.base import WeightFormat, round_scale, scale_dtype_of
 from ..formats.groups import group_view
-from ..kernels import piecewise_table
+from ..formats.piecewise import outer_levels
+from .blocks import relative_error
 
 __all__ = ["refine_breakpoints"]
 
@@ -30,9 +31,8 @@ FACTORS = torch.linspace(1.0, 0.5, 11)
 def _search(w: torch.Tensor, h: torch.Tensor, layer: LayerSpec, fmt: WeightFormat, current: dict[str, torch.Tensor]):
     """Best params per group under the H-weighted error; ``w`` is ``(rows, n_groups, g)``."""
     bits = layer.spec.bits
-    half = float(1 << (bits - 1))
-    table = piecewise_table(bits, w.device)
-    n_ids = table.shape[0]
+    neg_outer, pos_outer = outer_levels(bits, w.device)
+    n_ids = neg_outer.shape[0]
     ids = list(range(0, n_ids, max(1, n_ids // MAX_IDS)))
     rows, n_groups, g = w.shape
     scale = current["scale"].reshape(rows, n_groups)
@@ -53,10 +53,7 @@ def _search(w: torch.Tensor, h: torch.Tensor, layer: LayerSpec, fmt: WeightForma
         big = torch.where(sign > 0, -x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0))
         small = torch.where(sign > 0, x.amax(dim=1).clamp(min=0), -x.amin(dim=1).clamp(max=0))
         for k in ids:
-            hk, rk = table[k, 0], table[k, 1]
-            no = hk + rk * (half - hk) if hk < half else torch.tensor(half)
-            po = hk + rk * (half - 1 - hk) if hk < half - 1 else torch.tensor(half - 1)
-            cover = torch.maximum(big / no, small / po)
+            cover = torch.maximum(big / neg_outer[k], small / pos_outer[k])
             kk = torch.full((rows,), k, dtype=bp.dtype)
             for f in FACTORS.tolist():
                 s = round_scale(sign * cover * f, scale_dtype_of(layer.spec), layer.name).to(torch.float32)
@@ -97,7 +94,6 @@ def refine_breakpoints(
             outs = probe()
         finally:
             linear.weight.data.copy_(w0)
-        num = sum(float((o.float() - t.float()).pow(2).sum()) for o, t in zip(outs, targets))
-        return num
+        return relative_error(outs, targets)
 
     return new if block_error(new) < block_error(params) else params

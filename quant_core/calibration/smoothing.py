@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["FoldGroup", "find_fold_groups", "apply_fold", "smoothquant_scales", "verify_folds"]
+__all__ = ["FoldGroup", "trace_tensors", "find_fold_groups", "apply_fold", "smoothquant_scales", "verify_folds"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,36 +55,42 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def find_fold_groups(block: nn.Module, call, quantized: set[str]) -> list[FoldGroup]:
-    """Fold groups of ``block`` whose consumers are all in ``quantized`` (names inside the block).
-    ``call()`` runs the block once on calibration data."""
-    norms = {n: m for n, m in block.named_modules() if n and _is_norm(m)}
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    out_ptr: dict[str, tuple[int, tuple]] = {}
+def trace_tensors(
+    block: nn.Module, call, inputs_of: dict[str, nn.Module], outputs_of: dict[str, nn.Module] | None = None
+) -> tuple[dict[str, tuple[int, tuple]], dict[str, tuple[int, tuple]]]:
+    """Run ``call()`` once and identify, by storage address and shape, the first input of each
+    module in ``inputs_of`` and the output of each module in ``outputs_of`` (first call each; the
+    inputs dict is in call order). Every watched tensor is kept alive during the call, so no later
+    tensor can reuse its memory and look identical."""
     in_ptr: dict[str, tuple[int, tuple]] = {}
-    handles = []
-    alive: list[torch.Tensor] = []  # keeps the watched tensors alive so no later tensor reuses their memory
+    out_ptr: dict[str, tuple[int, tuple]] = {}
+    alive: list[torch.Tensor] = []
 
-    def on_norm(n: str, o: torch.Tensor) -> None:
-        if isinstance(o, torch.Tensor) and n not in out_ptr:
-            alive.append(o)
-            out_ptr[n] = (o.data_ptr(), tuple(o.shape))
+    def watch(table: dict[str, tuple[int, tuple]], n: str, t: object) -> None:
+        if isinstance(t, torch.Tensor) and n not in table:
+            alive.append(t)
+            table[n] = (t.data_ptr(), tuple(t.shape))
 
-    for n, m in norms.items():
-        handles.append(m.register_forward_hook(lambda mod, a, o, n=n: on_norm(n, o)))
-    def on_linear(n: str, x: torch.Tensor) -> None:
-        if n not in in_ptr:
-            alive.append(x)
-            in_ptr[n] = (x.data_ptr(), tuple(x.shape))
-
-    for n, m in linears.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: on_linear(n, a[0])))
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: watch(in_ptr, n, a[0] if a else None))
+               for n, m in inputs_of.items()]
+    handles += [m.register_forward_hook(lambda mod, a, o, n=n: watch(out_ptr, n, o))
+                for n, m in (outputs_of or {}).items()]
     try:
         call()
     finally:
         for h in handles:
             h.remove()
         alive.clear()
+    return in_ptr, out_ptr
+
+
+@torch.no_grad()
+def find_fold_groups(block: nn.Module, call, quantized: set[str]) -> list[FoldGroup]:
+    """Fold groups of ``block`` whose consumers are all in ``quantized`` (names inside the block).
+    ``call()`` runs the block once on calibration data."""
+    norms = {n: m for n, m in block.named_modules() if n and _is_norm(m)}
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    in_ptr, out_ptr = trace_tensors(block, call, linears, norms)
     groups = []
     for n, ptr in out_ptr.items():
         consumers = sorted(ln for ln, p in in_ptr.items() if p == ptr)

@@ -22,11 +22,22 @@ from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
 from .groups import group_view, round_half_even
 
-__all__ = ["PiecewiseFormat", "FORMAT_VERSION"]
+__all__ = ["PiecewiseFormat", "FORMAT_VERSION", "outer_levels"]
 
 FORMAT_VERSION = 1
 CHUNK_GROUPS = 1 << 14
 MAX_STAGE1_IDS = 32
+
+
+def outer_levels(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per breakpoint id, the outermost level (in units of the scale) on the negative code side
+    (``2**(b-1)`` codes) and on the positive side (one fewer)."""
+    table = piecewise_table(bits, device)
+    h, r = table[:, 0], table[:, 1]
+    half = float(1 << (bits - 1))
+    neg = torch.where(h < half, h + r * (half - h), torch.full_like(h, half))
+    pos = torch.where(h < half - 1, h + r * (half - 1 - h), torch.full_like(h, half - 1))
+    return neg, pos
 
 
 def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> torch.Tensor:
@@ -105,8 +116,7 @@ class PiecewiseFormat(WeightFormat):
         small = torch.where(neg_big, hi, -lo).unsqueeze(1)
         xo = groups * sign.unsqueeze(1)
         h_all, r_all = table[:, 0], table[:, 1]
-        neg_outer_all = torch.where(h_all < half, h_all + r_all * (half - h_all), torch.full_like(h_all, half))
-        pos_outer_all = torch.where(h_all < half - 1, h_all + r_all * (half - 1 - h_all), torch.full_like(h_all, half - 1))
+        neg_outer_all, pos_outer_all = outer_levels(bits, groups.device)
         n_ids = table.shape[0]
 
         def shape_params(k: torch.Tensor):  # k: (n, 1) ids -> per-group (h, r, neg_outer, pos_outer, cover)
