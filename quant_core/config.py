@@ -19,7 +19,10 @@ from typing import Any, Mapping
 
 __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 
-SCHEMA_VERSION = 1
+# 2: overrides are stored as an ordered list of [pattern, changes] pairs (hosts such as
+# transformers write config.json with sorted keys, which would reorder a mapping and change which
+# pattern matches first). Version 1 configs (a mapping) still load.
+SCHEMA_VERSION = 2
 QUANT_METHOD = "piecewise"
 BUILTIN_GRIDS = ("piecewise", "uniform", "fp8")
 ACT_FORMATS = ("int", "fp8")
@@ -342,8 +345,9 @@ class PiecewiseQuantConfig(QuantSpec):
         modules_to_not_convert: name patterns of Linear layers kept in float. ``None`` means the
             default, ``["lm_head"]`` (plus the model's output embeddings, found at quantize time).
             Pass ``[]`` to quantize everything.
-        overrides: ``{pattern: {field: value}}``; the first matching pattern (in insertion
-            order) changes the listed fields for the matching layers. Used for mixed precision.
+        overrides: ``{pattern: {field: value}}`` (or a list of ``[pattern, {field: value}]``
+            pairs); the first matching pattern (in insertion order) changes the listed fields for
+            the matching layers. Used for mixed precision. Saved configs keep the order.
         version: schema version of the serialized config (checkpoints store it).
         calibration: ``None`` (data-free) or a :class:`CalibrationConfig` / preset name: the
             recipe ``piecewise_quant.calibrate`` and ``from_pretrained`` run. A saved checkpoint
@@ -372,6 +376,15 @@ class PiecewiseQuantConfig(QuantSpec):
             if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
                 raise ValueError(f"modules_to_not_convert must be a list of name patterns; got {mods!r}")
             object.__setattr__(self, "modules_to_not_convert", tuple(mods))
+        if isinstance(self.overrides, (list, tuple)):
+            pairs: dict[str, Any] = {}
+            for item in self.overrides:
+                if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                    raise ValueError(f"overrides as a list must hold [pattern, {{field: value}}] pairs; got {item!r}")
+                if item[0] in pairs:
+                    raise ValueError(f"overrides lists pattern {item[0]!r} twice")
+                pairs[item[0]] = item[1]
+            object.__setattr__(self, "overrides", pairs)
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"overrides must be a mapping {{pattern: {{field: value}}}}; got {self.overrides!r}")
         clean: dict[str, dict[str, Any]] = {}
@@ -433,8 +446,9 @@ class PiecewiseQuantConfig(QuantSpec):
         d = self.spec_dict()
         mods = self.modules_to_not_convert
         d["modules_to_not_convert"] = None if mods is None else list(mods)
-        d["overrides"] = {k: dict(sorted(v.items())) for k, v in self.overrides.items()}
-        d["version"] = self.version
+        # a list keeps the order (first match wins) through hosts that sort JSON keys
+        d["overrides"] = [[k, dict(sorted(v.items()))] for k, v in self.overrides.items()]
+        d["version"] = SCHEMA_VERSION
         d["quant_method"] = QUANT_METHOD
         if self.calibration is not None:
             d["calibration"] = self.calibration.to_dict()

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 Observer = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
-MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.4, 31)
+MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.4, 31, dtype=torch.float32)
 
 
 def minmax_observer(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from .blocks import relative_error
 __all__ = ["refine_breakpoints"]
 
 MAX_IDS = 32
-FACTORS = torch.linspace(1.0, 0.5, 11)
+FACTORS = torch.linspace(1.0, 0.5, 11, dtype=torch.float32)
 
 
 @torch.no_grad()

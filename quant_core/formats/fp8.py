@@ -17,7 +17,7 @@ from .groups import group_view
 __all__ = ["FP8Format", "FP8_MAX"]
 
 FP8_MAX = 448.0
-SHRINK = torch.linspace(1.0, 0.5, 11)
+SHRINK = torch.linspace(1.0, 0.5, 11, dtype=torch.float32)
 
 
 def _fake(groups: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -125,11 +125,11 @@ class PiecewiseFormat(WeightFormat):
             return h, r, no, po, torch.maximum(big / no, small / po)
 
         lowest = {2: 0.3, 3: 0.45}.get(bits, 0.55) if observer == "mse" else 1.0
-        coarse = torch.linspace(1.0, lowest, 6) if observer == "mse" else torch.ones(1)
+        coarse = torch.linspace(1.0, lowest, 6, dtype=torch.float32) if observer == "mse" else torch.ones(1, dtype=torch.float32)
         n, n_f = groups.shape[0], coarse.numel()
         rows = torch.arange(n)
         # stage 1: every id at the two largest scales; stage 2: the 3 best ids at the other scales
-        errs = torch.full((n, n_ids, n_f), float("inf"))
+        errs = torch.full((n, n_ids, n_f), float("inf"), dtype=torch.float32)
         # with 256 ids (8 bits) stage 1 looks at an even subset of the table, uniform grid included
         stride = max(1, n_ids // MAX_STAGE1_IDS)
         for k in range(0, n_ids, stride):
@@ -147,7 +147,7 @@ class PiecewiseFormat(WeightFormat):
             return best_s * sign, best_k
         # stage 3: a finer scale search around the best coarse scale, for the two best ids
         step = float(coarse[0] - coarse[1])
-        deltas = torch.linspace(-step, step, 7)
+        deltas = torch.linspace(-step, step, 7, dtype=torch.float32)
         for kk in errs.amin(dim=2).topk(min(2, n_ids), dim=1, largest=False).indices.t():
             h, r, no, po, cover = shape_params(kk.unsqueeze(1))
             f0 = coarse[errs[rows, kk].argmin(dim=1)]

@@ -149,3 +149,20 @@ def test_gpt2_style_conv1d_models_get_a_clear_error():
     model = nn.Sequential(Conv1D())
     with pytest.raises(ValueError, match="Conv1D layers.*not supported"):
         pq.quantize(model, pq.PiecewiseQuantConfig(group_size=32), progress=False)
+
+
+def test_override_order_survives_a_host_that_sorts_json_keys():
+    """transformers writes config.json with sort_keys=True; the first-match order must survive."""
+    import json
+
+    cfg = pq.PiecewiseQuantConfig(overrides={"model.layers.1.o_proj": {"bits": 2}, "*.o_proj": {"grid": "fp8"}})
+    assert cfg.spec_for("model.layers.1.o_proj").bits == 2
+    stored = json.loads(json.dumps(cfg.to_dict(), sort_keys=True))
+    back = pq.PiecewiseQuantConfig.from_dict(stored)
+    assert back == cfg
+    assert back.spec_for("model.layers.1.o_proj").bits == 2 and back.spec_for("model.layers.0.o_proj").grid == "fp8"
+    # version-1 configs stored a mapping; they still load
+    v1 = {**stored, "version": 1, "overrides": {"*.o_proj": {"grid": "fp8"}}}
+    assert pq.PiecewiseQuantConfig.from_dict(v1).spec_for("a.o_proj").grid == "fp8"
+    with pytest.raises(ValueError, match="twice"):
+        pq.PiecewiseQuantConfig(overrides=[["x", {"bits": 2}], ["x", {"bits": 3}]])

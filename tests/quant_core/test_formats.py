@@ -228,3 +228,23 @@ def test_nan_weights_are_refused():
     w[1, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         f.quantize(w, layer)
+
+
+@pytest.mark.parametrize("grid", ["piecewise", "uniform", "fp8"])
+def test_quantization_ignores_the_default_dtype(grid):
+    """Hosts such as vLLM load models under torch.set_default_dtype(bfloat16); quantizing a
+    bf16 weight there must give exactly what it gives under the float32 default."""
+    from piecewise_quant.quantization import layer_spec_for
+
+    spec = QuantSpec(grid=grid, bits=None if grid == "fp8" else 4, group_size="channel" if grid == "fp8" else 32)
+    layer = layer_spec_for("l", spec, 64, 16)
+    fmt = get_format(grid)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = fmt.quantize(w, layer)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = fmt.quantize(w, layer)
+    finally:
+        torch.set_default_dtype(previous)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

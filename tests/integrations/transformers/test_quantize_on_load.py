@@ -77,7 +77,7 @@ def test_quantization_config_serialises_as_the_core_config(piecewise_on_load, pi
     stored = tfh.read_quant_config(piecewise_saved)
     assert stored == cfg.to_dict()
     assert stored["quant_method"] == "piecewise" and stored["version"] == cfg.version
-    assert stored["overrides"] == {"*.down_proj": {"bits": 8, "grid": "uniform"}}
+    assert stored["overrides"] == [["*.down_proj", {"bits": 8, "grid": "uniform"}]]
     assert list(stored) == sorted(stored)
     assert "piecewise" in repr(piecewise_on_load.config)  # the whole model config still serialises
 
