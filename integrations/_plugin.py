@@ -15,6 +15,13 @@ def _activate_transformers() -> None:
     register_with_transformers()
 
 
+def _activate_diffusers() -> None:
+    from .diffusers import register_with_diffusers
+
+    register_with_diffusers()
+
+
 @hookimpl
 def piecewise_quant_register_integrations(register):
     register("transformers", _activate_transformers)
+    register("diffusers", _activate_diffusers)

@@ -1,11 +1,16 @@
 """Import hook run at every interpreter start by ``piecewise_quant_autoload.pth``.
 
-transformers has no plugin discovery: a quantization method is known only once something calls its
-``register_quantizer``. So that a saved piecewise checkpoint reloads with a plain
-``AutoModelForCausalLM.from_pretrained(dir)``, without the user importing piecewise_quant, this
-module puts a tiny finder at the front of ``sys.meta_path``. It does nothing until
-``transformers.quantizers.auto`` is imported; right after that module finishes executing it calls
-``piecewise_quant.integrations.transformers.register_with_transformers()``.
+transformers and diffusers have no plugin discovery: a quantization method is known only once
+something registers it (transformers' ``register_quantizer``; diffusers' quantizer mappings). So
+that a saved piecewise checkpoint reloads with a plain ``AutoModelForCausalLM.from_pretrained(dir)``
+or ``DiffusionPipeline.from_pretrained(dir)``, without the user importing piecewise_quant, this
+module puts a tiny finder at the front of ``sys.meta_path``. It does nothing until a module in
+:data:`HOOKS` is imported; right after ``transformers.quantizers.auto`` finishes executing it calls
+``piecewise_quant.integrations.transformers.register_with_transformers()``, and after
+``diffusers.quantizers.auto`` ``piecewise_quant.integrations.diffusers.register_with_diffusers()``
+(which also adds ``DiffusionPipeline.enable_quant``), and after ``peft.tuners.lora.model`` (which
+``import peft`` imports) ``piecewise_quant.integrations.peft.register_with_peft()`` (LoRA on
+``QuantLinear``, so ``PeftModel.from_pretrained`` reloads an adapter on a quantized model).
 
 Rules this module keeps:
 
@@ -15,7 +20,9 @@ Rules this module keeps:
   transformers' own import carries on;
 * ``PIECEWISE_QUANT_NO_AUTOLOAD=1`` (or true/yes/on) disables it, both at start-up and at the moment
   transformers is imported. Explicit registration still works:
-  ``piecewise_quant.integrations.transformers.register_with_transformers()``.
+  ``piecewise_quant.integrations.transformers.register_with_transformers()`` /
+  ``piecewise_quant.integrations.diffusers.register_with_diffusers()`` /
+  ``piecewise_quant.integrations.peft.register_with_peft()``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ ENV_NO_AUTOLOAD = "PIECEWISE_QUANT_NO_AUTOLOAD"
 # module whose import triggers a registration -> (module to import, function to call)
 HOOKS: dict[str, tuple[str, str]] = {
     "transformers.quantizers.auto": ("piecewise_quant.integrations.transformers", "register_with_transformers"),
+    "diffusers.quantizers.auto": ("piecewise_quant.integrations.diffusers", "register_with_diffusers"),
 }
 
 _state = threading.local()

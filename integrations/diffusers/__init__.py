@@ -1,0 +1,367 @@
+"""diffusers integration: quantize a pipeline's denoiser (DiT, PixArt, SD3, Flux...) in one call.
+
+::
+
+    import piecewise_quant as pq
+    from piecewise_quant.integrations.diffusers import diffusion_recipe
+
+    pipe = DiTPipeline.from_pretrained(path)
+    pipe.enable_quant(diffusion_recipe(bits=4, act_bits=8, act_mode="static_per_tensor"),
+                      calibration_prompts=[207, 360, 387, 974], num_inference_steps=25)
+    pipe.save_pretrained("out")                       # reloads quantized with DiffusionPipeline.from_pretrained
+    pipe.disable_quant()                              # float again (the float layers were kept)
+
+    model = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                     quantization_config=pq.PiecewiseQuantConfig(bits=4))
+    pipe = DiffusionPipeline.from_pretrained(path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="piecewise", quant_kwargs={"bits": 4}, components_to_quantize=["transformer"]))
+
+Registration (``quant_method="piecewise"`` in diffusers' quantizer mappings, the transformers side
+for ``PipelineQuantizationConfig``, and ``DiffusionPipeline.enable_quant`` / ``disable_quant``)
+happens when ``diffusers.quantizers.auto`` is imported (the autoload ``.pth`` hook; disable with
+``PIECEWISE_QUANT_NO_AUTOLOAD=1``), or explicitly with :func:`register_with_diffusers`.
+
+Importing this module is cheap and does not import diffusers; everything else loads on first use.
+"""
+
+from __future__ import annotations
+
+if __name__ != "piecewise_quant.integrations.diffusers":
+    raise ImportError(
+        f"the folder 'integrations/diffusers/' must be imported as 'piecewise_quant.integrations.diffusers', not "
+        f"{__name__!r}; install the package (pip install -e .) and run pytest with --import-mode=importlib"
+    )
+
+import importlib
+import importlib.util
+import sys
+import threading
+import warnings
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "register_with_diffusers",
+    "unregister_from_diffusers",
+    "is_registered",
+    "enable_quant",
+    "disable_quant",
+    "diffusion_recipe",
+    "denoiser_names",
+    "PiecewiseDiffusersConfig",
+    "PiecewiseDiffusersQuantizer",
+    "DiffusionOptions",
+    "DiffusionQuantLinear",
+    "DiffusionQuantReport",
+    "CheckpointMismatchError",
+    "QUANT_METHOD",
+]
+
+QUANT_METHOD = "piecewise"
+
+_LAZY = {
+    "enable_quant": ".pipeline",
+    "disable_quant": ".pipeline",
+    "denoiser_names": ".pipeline",
+    "DiffusionQuantReport": ".pipeline",
+    "diffusion_recipe": ".recipes",
+    "PiecewiseDiffusersConfig": ".config",
+    "DiffusionOptions": ".config",
+    "PiecewiseDiffusersQuantizer": ".quantizer",
+    "CheckpointMismatchError": ".quantizer",
+    "DiffusionQuantLinear": ".layers",
+}
+
+if TYPE_CHECKING:
+    from .config import DiffusionOptions, PiecewiseDiffusersConfig
+    from .layers import DiffusionQuantLinear
+    from .pipeline import DiffusionQuantReport, denoiser_names, disable_quant, enable_quant
+    from .quantizer import CheckpointMismatchError, PiecewiseDiffusersQuantizer
+    from .recipes import diffusion_recipe
+
+_lock = threading.RLock()
+_PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
+_pending = False
+
+# this package's modules that import diffusers -> the name each defines last; a module without it
+# is still being imported (the autoload hook can fire in the middle of that import)
+_OWN_MODULES = {
+    "config": "_rebuild",
+    "quantizer": "PiecewiseDiffusersQuantizer",
+    "layers": "DiffusionQuantLinear",
+    "planning": "has_static_activations",
+    "calibration": "calibrate_activations",
+    "pipeline": "disable_quant",
+}
+
+
+def _importing_own_modules() -> bool:
+    for short, last in _OWN_MODULES.items():
+        module = sys.modules.get(f"{__name__}.{short}")
+        if module is not None and not hasattr(module, last):
+            return True
+    return False
+
+
+def _finish_pending_registration() -> None:
+    """Called at the end of this package's modules: completes a registration deferred because the
+    hook fired while one of them was being imported."""
+    if _pending and not _importing_own_modules():
+        register_with_diffusers()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _is_ours(obj: Any, qualname: str) -> bool:
+    return getattr(obj, "__module__", "").startswith(__name__) and getattr(obj, "__qualname__", "") == qualname
+
+
+# ---- DiffusionPipeline methods -------------------------------------------------------------------
+
+
+def _enable_quant_method(self, config, calibration_prompts=None, **kwargs):
+    """Quantize this pipeline's denoiser in place (piecewise-quant).
+
+    Same as ``piecewise_quant.integrations.diffusers.enable_quant(pipe, config, calibration_prompts,
+    **kwargs)``; see that function (or ``docs/diffusers.md``) for the options. Returns a
+    ``DiffusionQuantReport``."""
+    from .pipeline import enable_quant
+
+    return enable_quant(self, config, calibration_prompts, **kwargs)
+
+
+def _disable_quant_method(self, components=None):
+    """Give the quantized components back their float layers (piecewise-quant).
+
+    Same as ``piecewise_quant.integrations.diffusers.disable_quant(pipe, components)``."""
+    from .pipeline import disable_quant
+
+    return disable_quant(self, components)
+
+
+_enable_quant_method.__name__ = _enable_quant_method.__qualname__ = "enable_quant"
+_disable_quant_method.__name__ = _disable_quant_method.__qualname__ = "disable_quant"
+_enable_quant_method._piecewise_quant = True
+_disable_quant_method._piecewise_quant = True
+
+
+def _attach_pipeline_methods(cls: Any = None) -> bool:
+    """Add ``enable_quant``/``disable_quant`` to ``DiffusionPipeline`` (``cls``, or the class of the
+    fully imported ``pipeline_utils``), never overwriting someone else's attribute. Returns whether
+    they are attached. Imports nothing: it can run in the middle of diffusers' own imports."""
+    if cls is None:
+        module = sys.modules.get(_PIPELINE_MODULE)
+        cls = getattr(module, "DiffusionPipeline", None) if module is not None else None
+    if cls is None:
+        return False
+    for attr, fn in (("enable_quant", _enable_quant_method), ("disable_quant", _disable_quant_method)):
+        existing = cls.__dict__.get(attr)
+        if existing is not None and not getattr(existing, "_piecewise_quant", False):
+            warnings.warn(
+                f"DiffusionPipeline already has an attribute {attr!r}; piecewise-quant leaves it alone "
+                f"(use piecewise_quant.integrations.diffusers.{attr}(pipe, ...) instead)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        setattr(cls, attr, fn)
+    return True
+
+
+def _install_subclass_hook(config_mixin: Any) -> None:
+    """``DiffusionPipeline`` subclasses diffusers' ``ConfigMixin``: wrap its ``__init_subclass__``
+    until ``DiffusionPipeline`` is created, attach the methods to it, then unwrap. Used when the
+    autoload hook fires while ``pipeline_utils`` is half-imported (its class is not defined yet)."""
+    if "_piecewise_quant_original" in config_mixin.__dict__:
+        return
+    original = config_mixin.__dict__.get("__init_subclass__")
+
+    def unwrap() -> None:
+        if "_piecewise_quant_original" not in config_mixin.__dict__:
+            return
+        del config_mixin._piecewise_quant_original
+        if original is None:
+            del config_mixin.__init_subclass__
+        else:
+            config_mixin.__init_subclass__ = original
+
+    def __init_subclass__(cls, **kwargs):
+        if original is not None:
+            original.__get__(None, cls)(**kwargs)
+        else:
+            super(config_mixin, cls).__init_subclass__(**kwargs)
+        if cls.__name__ == "DiffusionPipeline" and cls.__module__ == _PIPELINE_MODULE:
+            unwrap()
+            _attach_pipeline_methods(cls)
+
+    config_mixin._piecewise_quant_original = original
+    config_mixin.__init_subclass__ = classmethod(__init_subclass__)
+
+
+class _AttachWhenReady:
+    """A ``sys.meta_path`` entry used while ``DiffusionPipeline`` does not exist yet (the autoload
+    hook runs in the middle of diffusers' own imports). If ``pipeline_utils`` has not started
+    importing, it wraps that module's loader and attaches the methods right after it executes;
+    if it is half-imported, it attaches at the first import after it has finished. Then it removes
+    itself. It never finds a module of its own."""
+
+    busy = False
+
+    def _done(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        try:
+            _attach_pipeline_methods()
+        except Exception as exc:  # never break the host's import
+            warnings.warn(f"piecewise-quant could not add DiffusionPipeline.enable_quant: {exc}", RuntimeWarning, stacklevel=2)
+
+    def find_spec(self, fullname, path=None, target=None):
+        module = sys.modules.get(_PIPELINE_MODULE)
+        if module is not None and getattr(module, "DiffusionPipeline", None) is not None:
+            self._done()
+            return None
+        if fullname != _PIPELINE_MODULE or module is not None or self.busy:
+            return None
+        self.busy = True
+        try:
+            spec = None
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        except Exception:
+            return None
+        finally:
+            self.busy = False
+        loader = getattr(spec, "loader", None)
+        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        attacher = self
+
+        class _Loader:
+            def create_module(self, s):
+                create = getattr(loader, "create_module", None)
+                return create(s) if create is not None else None
+
+            def exec_module(self, mod):
+                loader.exec_module(mod)
+                attacher._done()
+
+            def __getattr__(self, name):
+                return getattr(loader, name)
+
+        spec.loader = _Loader()
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def _defer_attach() -> None:
+    module = sys.modules.get("diffusers.configuration_utils")
+    config_mixin = getattr(module, "ConfigMixin", None) if module is not None else None
+    if config_mixin is not None:
+        _install_subclass_hook(config_mixin)
+    elif not any(isinstance(f, _AttachWhenReady) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AttachWhenReady())
+
+
+# ---- registration ----------------------------------------------------------------------------------
+
+
+def _mappings():
+    # submodule imports only: this runs from the autoload hook while diffusers is still initialising
+    from diffusers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    return AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+
+def register_with_diffusers() -> None:
+    """Register ``quant_method="piecewise"`` with diffusers (idempotent).
+
+    * diffusers' ``AUTO_QUANTIZATION_CONFIG_MAPPING`` / ``AUTO_QUANTIZER_MAPPING`` get
+      :class:`PiecewiseDiffusersConfig` / :class:`PiecewiseDiffusersQuantizer` (an entry someone
+      else registered under ``"piecewise"`` is replaced with a warning);
+    * transformers (when installed) gets its side too, which
+      ``PipelineQuantizationConfig(quant_backend="piecewise")`` requires;
+    * ``DiffusionPipeline`` gets ``enable_quant`` / ``disable_quant`` (now, or as soon as diffusers
+      has finished importing it).
+
+    If this runs while one of this package's modules is still being imported (importing it first
+    imports diffusers, which fires the autoload hook), the registration is completed at the end of
+    that import.
+    """
+    global _pending
+    if _importing_own_modules():
+        _pending = True
+        return
+    _pending = False
+    from .config import PiecewiseDiffusersConfig
+    from .quantizer import PiecewiseDiffusersQuantizer
+
+    with _lock:
+        configs, quantizers = _mappings()
+        for mapping, cls in ((configs, PiecewiseDiffusersConfig), (quantizers, PiecewiseDiffusersQuantizer)):
+            existing = mapping.get(QUANT_METHOD)
+            if existing is not None and existing is not cls and not _is_ours(existing, cls.__qualname__):
+                warnings.warn(
+                    f"diffusers already had quant_method {QUANT_METHOD!r} registered to {existing!r}; piecewise-quant replaces it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            mapping[QUANT_METHOD] = cls
+    if importlib.util.find_spec("transformers") is not None:
+        from ..transformers import is_registered as tf_registered
+        from ..transformers import register_with_transformers
+
+        if "transformers.quantizers.auto" not in sys.modules or not tf_registered():
+            try:
+                register_with_transformers()
+            except Exception as exc:  # transformers broken or too old: diffusers-only use still works
+                warnings.warn(
+                    f"piecewise-quant could not register with transformers ({type(exc).__name__}: {exc}); "
+                    "PipelineQuantizationConfig(quant_backend='piecewise') needs it, quant_mapping still works",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    if not _attach_pipeline_methods():
+        _defer_attach()
+
+
+def unregister_from_diffusers() -> None:
+    """Remove piecewise-quant's entries from diffusers' mappings and ``DiffusionPipeline`` (tests use this)."""
+    with _lock:
+        configs, quantizers = _mappings()
+        for mapping, qualname in ((configs, "PiecewiseDiffusersConfig"), (quantizers, "PiecewiseDiffusersQuantizer")):
+            if _is_ours(mapping.get(QUANT_METHOD), qualname):
+                mapping.pop(QUANT_METHOD, None)
+        module = sys.modules.get(_PIPELINE_MODULE)
+        cls = getattr(module, "DiffusionPipeline", None) if module is not None else None
+        if cls is not None:
+            for attr in ("enable_quant", "disable_quant"):
+                if getattr(cls.__dict__.get(attr), "_piecewise_quant", False):
+                    delattr(cls, attr)
+
+
+def is_registered() -> bool:
+    """Whether diffusers currently maps ``"piecewise"`` to this integration's classes."""
+    if "diffusers.quantizers.auto" not in sys.modules:
+        return False
+    configs, quantizers = _mappings()
+    return _is_ours(configs.get(QUANT_METHOD), "PiecewiseDiffusersConfig") and _is_ours(
+        quantizers.get(QUANT_METHOD), "PiecewiseDiffusersQuantizer"
+    )

@@ -1,0 +1,261 @@
+"""``PiecewiseDiffusersConfig``: the diffusers-side face of :class:`piecewise_quant.PiecewiseQuantConfig`.
+
+diffusers wants a ``QuantizationConfigMixin`` whose ``quant_method`` has a ``.value`` (it is read for
+telemetry) and a ``to_dict`` that ``config.json`` can store. This class wraps the core config (the
+single source of truth for grids, bits, groups, overrides and activation bits) and adds what only
+diffusion needs, :class:`DiffusionOptions`:
+
+* ``act_scales="per_timestep"``: static activation scales calibrated separately for every denoising
+  timestep of the calibration schedule (the nearest calibrated timestep is used at inference);
+* ``act_group_size=G``: dynamic activation quantization with one scale per token and per group of
+  ``G`` channels (ViDiT-Q style), instead of one scale per token;
+* ``timesteps``: the calibrated timesteps (written by calibration; the checkpoint needs them to
+  rebuild the per-timestep scale tables).
+
+``to_dict()`` is ``core.to_dict()`` plus a ``"diffusion"`` entry when any option differs from the
+default, so a config without diffusion options is byte-for-byte the transformers one.
+
+Its ``__init__`` signature is ``(core=None, **kwargs)``, the same as the transformers
+``PiecewiseHfConfig``: ``PipelineQuantizationConfig(quant_backend="piecewise", quant_kwargs=...)``
+requires the two to match.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
+
+__all__ = ["PiecewiseDiffusersConfig", "DiffusionOptions", "PiecewiseMethod", "as_core_config", "split_config"]
+
+_CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(PiecewiseQuantConfig)) - {"quant_method"}
+ACT_SCALE_MODES = ("shared", "per_timestep")
+
+
+class PiecewiseMethod(str, enum.Enum):
+    """``quant_method`` as diffusers expects it: a ``str`` enum (compares equal to ``"piecewise"``)."""
+
+    PIECEWISE = QUANT_METHOD
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Activation-quantization choices specific to diffusion denoisers.
+
+    Attributes:
+        act_scales: ``"shared"`` (one static scale per layer, from statistics over every timestep
+            and both guidance branches) or ``"per_timestep"`` (one static scale per layer and
+            calibrated timestep). Applies to layers with ``act_mode="static_per_tensor"``.
+        act_group_size: ``None``, or a positive integer: layers with ``act_mode="dynamic_per_token"``
+            then quantize each token's input in groups of this many channels, each group with its own
+            scale computed at run time (ViDiT-Q's fine-grained dynamic quantization). Every such
+            layer's ``in_features`` must be a multiple of it.
+        timesteps: the timesteps the per-timestep scales were calibrated at (set by calibration).
+    """
+
+    act_scales: str = "shared"
+    act_group_size: int | None = None
+    timesteps: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.act_scales not in ACT_SCALE_MODES:
+            raise ValueError(
+                f"diffusion.act_scales must be one of {', '.join(map(repr, ACT_SCALE_MODES))}; got {self.act_scales!r}"
+            )
+        g = self.act_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"diffusion.act_group_size must be None or a positive integer (e.g. 32, 64); got {g!r}")
+        ts = self.timesteps
+        if isinstance(ts, (str, bytes)) or not isinstance(ts, (list, tuple)):
+            raise ValueError(f"diffusion.timesteps must be a list of numbers; got {ts!r}")
+        clean = []
+        for t in ts:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ValueError(f"diffusion.timesteps must be finite numbers; got {t!r}")
+            clean.append(float(t))
+        if len(set(clean)) != len(clean):
+            raise ValueError(f"diffusion.timesteps must not repeat a timestep; got {clean}")
+        object.__setattr__(self, "timesteps", tuple(clean))
+
+    @property
+    def is_default(self) -> bool:
+        return self == DiffusionOptions()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"act_group_size": self.act_group_size, "act_scales": self.act_scales, "timesteps": list(self.timesteps)}
+
+    @classmethod
+    def coerce(cls, value: Any) -> "DiffusionOptions":
+        if value is None:
+            return cls()
+        if isinstance(value, DiffusionOptions):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown diffusion options {unknown}; allowed: {sorted(known)}")
+            return cls(**value)
+        raise ValueError(f"diffusion must be a DiffusionOptions or a dict of its fields; got {value!r}")
+
+
+def split_config(config: Any) -> tuple[PiecewiseQuantConfig, DiffusionOptions]:
+    """``(core config, diffusion options)`` behind ``config``: a :class:`PiecewiseQuantConfig`, a
+    :class:`PiecewiseDiffusersConfig`, the transformers ``PiecewiseHfConfig`` or a
+    ``quantization_config`` dict (with an optional ``"diffusion"`` entry)."""
+    if isinstance(config, PiecewiseDiffusersConfig):
+        return config.core, config.diffusion
+    if isinstance(config, PiecewiseQuantConfig):
+        return config, DiffusionOptions()
+    if isinstance(config, Mapping):
+        data = dict(config)
+        diffusion = DiffusionOptions.coerce(data.pop("diffusion", None))
+        return PiecewiseQuantConfig.from_dict(data), diffusion
+    core = getattr(config, "core", None)  # transformers' PiecewiseHfConfig, or a reloaded copy of ours
+    if isinstance(core, PiecewiseQuantConfig):
+        return core, DiffusionOptions.coerce(getattr(config, "diffusion", None))
+    raise TypeError(
+        "quantization_config must be a piecewise_quant.PiecewiseQuantConfig, a PiecewiseDiffusersConfig or a dict "
+        f"with quant_method='piecewise'; got {type(config).__name__}"
+    )
+
+
+def as_core_config(config: Any) -> PiecewiseQuantConfig:
+    return split_config(config)[0]
+
+
+class PiecewiseDiffusersConfig(QuantizationConfigMixin):
+    """diffusers ``quantization_config`` for ``quant_method="piecewise"``.
+
+    Build it from core fields plus an optional ``diffusion`` entry::
+
+        PiecewiseDiffusersConfig(bits=4, act_bits=8, diffusion={"act_group_size": 32})
+        PiecewiseDiffusersConfig(core=pq.PiecewiseQuantConfig(bits=4), diffusion=DiffusionOptions(...))
+
+    Passing a plain :class:`PiecewiseQuantConfig` to ``from_pretrained`` works too (it is wrapped).
+    """
+
+    def __init__(self, core: PiecewiseQuantConfig | None = None, **kwargs: Any) -> None:
+        diffusion = DiffusionOptions.coerce(kwargs.pop("diffusion", None))
+        if core is not None:
+            if kwargs:
+                raise TypeError(f"pass either core= or config fields, not both (got core= and {sorted(kwargs)})")
+            core, inner = split_config(core)
+            if not inner.is_default and diffusion.is_default:
+                diffusion = inner
+        else:
+            core = PiecewiseQuantConfig.from_dict(kwargs)
+        object.__setattr__(self, "_core", core)
+        object.__setattr__(self, "_diffusion", diffusion)
+        object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
+
+    @property
+    def core(self) -> PiecewiseQuantConfig:
+        return self.__dict__["_core"]
+
+    @property
+    def diffusion(self) -> DiffusionOptions:
+        return self.__dict__["_diffusion"]
+
+    @classmethod
+    def from_core(cls, core: Any, diffusion: DiffusionOptions | Mapping[str, Any] | None = None) -> "PiecewiseDiffusersConfig":
+        return cls(core=core, diffusion=diffusion)
+
+    def with_diffusion(self, **changes: Any) -> "PiecewiseDiffusersConfig":
+        return type(self)(core=self.core, diffusion=dataclasses.replace(self.diffusion, **changes))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_core", "_diffusion"):
+            raise AttributeError(name)
+        core = self.__dict__.get("_core")
+        if core is not None and name in _CORE_FIELDS:
+            return getattr(core, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CORE_FIELDS:
+            object.__setattr__(self, "_core", dataclasses.replace(self.core, **{name: value}))
+        elif name == "diffusion":
+            object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(value))
+        elif name == "quant_method":
+            if value != QUANT_METHOD:
+                raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {value!r}")
+        else:
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PiecewiseDiffusersConfig):
+            return self.core == other.core and self.diffusion == other.diffusion
+        if isinstance(other, PiecewiseQuantConfig):
+            return self.core == other and self.diffusion.is_default
+        return NotImplemented
+
+    __hash__ = None  # mutable
+
+    def __deepcopy__(self, memo: dict) -> "PiecewiseDiffusersConfig":
+        return type(self)(core=copy.deepcopy(self.core, memo), diffusion=self.diffusion)
+
+    def __reduce__(self):
+        return (_rebuild, (self.to_dict(),))
+
+    # ---- QuantizationConfigMixin API ------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        data = dict(config_dict)
+        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS or k == "diffusion"}
+        data.update(used)
+        config = cls(**data)
+        unused = {k: v for k, v in kwargs.items() if k not in used}
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        """``core.to_dict()`` plus ``"diffusion"`` when a diffusion option is set (what ``config.json`` stores)."""
+        d = self.core.to_dict()
+        if not self.diffusion.is_default:
+            d["diffusion"] = self.diffusion.to_dict()
+        return dict(sorted(d.items()))
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
+        if used:
+            object.__setattr__(self, "_core", dataclasses.replace(self.core, **used))
+        if "diffusion" in kwargs:
+            object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(kwargs["diffusion"]))
+        return {k: v for k, v in kwargs.items() if k not in used and k != "diffusion"}
+
+
+def _rebuild(data: dict[str, Any]) -> PiecewiseDiffusersConfig:
+    return PiecewiseDiffusersConfig(**data)
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()

@@ -1,0 +1,274 @@
+"""``PiecewiseDiffusersQuantizer``: the diffusers quantizer for ``quant_method="piecewise"``.
+
+diffusers' quantizer contract is per tensor (``check_if_quantized_param`` /
+``create_quantized_param``), called from ``ModelMixin.from_pretrained`` while the state dict is
+loaded into a meta model. Two paths:
+
+* **Quantize on load** (a float checkpoint plus ``quantization_config=PiecewiseQuantConfig(...)``):
+  the plan is computed on the meta model (a bad config fails before any weight is read); each
+  planned layer's float ``weight`` is quantized as it arrives and the ``nn.Linear`` is swapped for a
+  :class:`~.layers.DiffusionQuantLinear`, so only one float weight is in memory at once. Static
+  activation scales and calibration recipes need the pipeline to run, so they are refused here
+  (use ``pipe.enable_quant``).
+* **Pre-quantized** (a checkpoint whose ``config.json`` has ``quant_method: "piecewise"``): the
+  planned layers become empty ``DiffusionQuantLinear`` on meta and their packed tensors are set by
+  name from the untouched checkpoint tensors (diffusers casts floating tensors to ``torch_dtype``
+  before handing them over; scales must keep their stored dtype). Shape or dtype mismatches and
+  missing tensors raise :class:`CheckpointMismatchError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from piecewise_quant.config import LayerSpec, PiecewiseQuantConfig
+
+from .config import DiffusionOptions, PiecewiseDiffusersConfig
+
+__all__ = ["PiecewiseDiffusersQuantizer", "CheckpointMismatchError"]
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED = 12
+
+
+class CheckpointMismatchError(ValueError):
+    """A piecewise checkpoint's tensors do not match its ``quantization_config``."""
+
+
+def _layer_tensors(layer: LayerSpec, module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every packed/scale tensor a quantized layer loads by name: ``{name: (shape, dtype)}``."""
+    from piecewise_quant.registry import get_format
+
+    out = {t: (tuple(lay.shape), lay.dtype) for t, lay in get_format(layer.spec.grid).layout(layer).items()}
+    if getattr(module, "act_scale", None) is not None:
+        out["act_scale"] = ((), torch.float32)
+    if getattr(module, "act_scales_t", None) is not None:
+        out["act_scales_t"] = (tuple(module.act_scales_t.shape), torch.float32)
+    return out
+
+
+class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
+    """Quantizes diffusers models on load and loads piecewise checkpoints (see the module docstring)."""
+
+    requires_calibration = False
+    use_keep_in_fp32_modules = False
+
+    def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, PiecewiseDiffusersConfig):
+            quantization_config = PiecewiseDiffusersConfig(core=quantization_config)
+        super().__init__(quantization_config, **kwargs)
+        self.plan: dict[str, LayerSpec] = {}
+
+    @property
+    def core_config(self) -> PiecewiseQuantConfig:
+        return self.quantization_config.core
+
+    @property
+    def diffusion(self) -> DiffusionOptions:
+        return self.quantization_config.diffusion
+
+    # ---- environment ----------------------------------------------------------------------------
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
+            raise ValueError(
+                "piecewise-quant does not support disk offloading in device_map; load on CPU/GPU (device_map=None)"
+            )
+        if self.pre_quantized:
+            return
+        if self.core_config.calibration is not None:
+            raise ValueError(
+                "a calibration recipe (PiecewiseQuantConfig(calibration=...)) needs the whole pipeline to produce "
+                "calibration data; load the float pipeline and call pipe.enable_quant(config, calibration_prompts=[...])"
+            )
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return False  # layers are swapped while loading
+
+    # ---- before loading ---------------------------------------------------------------------------
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from piecewise_quant.registry import formats, get_format
+
+        from .layers import DiffusionQuantLinear
+        from .planning import has_static_activations, layer_kwargs, plan_component
+
+        known = formats()
+        core = self.core_config
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                spec = core.spec_for(name)
+                if spec is not None and spec.grid not in known:
+                    raise ValueError(
+                        f"layer {name!r}: the quantization_config names grid {spec.grid!r}, which this piecewise-quant "
+                        f"does not know (known: {', '.join(sorted(known))}); install the plugin that provides it"
+                    )
+        self.plan = plan_component(model, core, self.diffusion, type(model).__name__)
+        if not self.pre_quantized and has_static_activations(self.plan):
+            static = [n for n, lay in self.plan.items() if lay.spec.act_mode == "static_per_tensor" and lay.spec.act_bits]
+            raise ValueError(
+                f"layer {static[0]!r} (and {len(static) - 1} more) uses static activation scales, which need calibration "
+                "through the pipeline; load the float pipeline and call pipe.enable_quant(config, calibration_prompts=[...]), "
+                "or quantize on load with act_mode='dynamic_per_token'"
+            )
+        if self.pre_quantized:
+            for name, layer in self.plan.items():
+                linear = model.get_submodule(name)
+                q = DiffusionQuantLinear(
+                    layer, get_format(layer.spec.grid), linear.bias is not None, device="meta",
+                    dtype=linear.weight.dtype, **layer_kwargs(layer, self.diffusion),
+                )
+                model.set_submodule(name, q)
+        model.register_to_config(quantization_config=self.quantization_config)
+        model.piecewise_quant_config = core
+        return model
+
+    # ---- while loading ----------------------------------------------------------------------------
+
+    def _planned(self, param_name: str) -> tuple[str, str, LayerSpec | None]:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return module_name, tensor_name, self.plan.get(module_name)
+
+    def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+                                 state_dict: dict[str, Any], **kwargs: Any) -> bool:
+        module_name, tensor_name, layer = self._planned(param_name)
+        if layer is None:
+            return False
+        if self.pre_quantized:
+            return tensor_name != "bias"
+        return tensor_name == "weight"
+
+    def check_quantized_param_shape(self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor) -> bool:
+        raise CheckpointMismatchError(
+            f"piecewise-quant: tensor {param_name!r} has shape {list(loaded_param.shape)} in the checkpoint, expected "
+            f"{list(current_param.shape)} for the layer its quantization_config plans"
+        )
+
+    @torch.no_grad()
+    def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+                               target_device: Any, state_dict: dict[str, Any], unexpected_keys: list[str],
+                               **kwargs: Any) -> None:
+        from piecewise_quant.registry import get_format
+
+        from .layers import DiffusionQuantLinear
+        from .planning import layer_kwargs
+
+        module_name, tensor_name, layer = self._planned(param_name)
+        original = state_dict.get(param_name, param_value)  # before diffusers' cast to torch_dtype
+        device = torch.device(f"cuda:{target_device}") if isinstance(target_device, int) else torch.device(target_device)
+        module = model.get_submodule(module_name)
+        if self.pre_quantized:
+            expected = _layer_tensors(layer, module)
+            if tensor_name not in expected:
+                raise CheckpointMismatchError(
+                    f"piecewise-quant: the checkpoint has tensor {param_name!r}, which layer {module_name!r} "
+                    f"(grid={layer.spec.grid!r}, bits={layer.spec.bits}) does not store; its tensors are "
+                    f"{sorted(expected)}"
+                )
+            shape, dtype = expected[tensor_name]
+            if tuple(original.shape) != shape or original.dtype != dtype:
+                raise CheckpointMismatchError(
+                    f"piecewise-quant: tensor {param_name!r} has shape {list(original.shape)} and dtype {original.dtype}; "
+                    f"layer {module_name!r} (grid={layer.spec.grid!r}, bits={layer.spec.bits}) expects {list(shape)} "
+                    f"and {dtype}"
+                )
+            module._buffers[tensor_name] = original.to(device=device).clone()
+            return
+        # quantize on load: ``original`` is the float weight of a planned nn.Linear
+        if not original.is_floating_point():
+            raise ValueError(f"tensor {param_name!r} has dtype {original.dtype}; quantizing on load needs a float weight")
+        if tuple(original.shape) != (layer.out_features, layer.in_features):
+            raise CheckpointMismatchError(
+                f"tensor {param_name!r} has shape {list(original.shape)}, expected {[layer.out_features, layer.in_features]}"
+            )
+        compute_dtype = kwargs.get("dtype") or original.dtype
+        fmt = get_format(layer.spec.grid)
+        weight = original.to(device=device, dtype=torch.float32 if original.dtype == torch.float64 else original.dtype)
+        q = DiffusionQuantLinear(layer, fmt, module.bias is not None, device=device, dtype=compute_dtype,
+                                 **layer_kwargs(layer, self.diffusion))
+        q.load_quantized(fmt.quantize(weight, layer))
+        if module.bias is not None:
+            if module.bias.is_meta:  # set by name later
+                q.bias = nn.Parameter(torch.empty(module.bias.shape, dtype=compute_dtype, device="meta"), requires_grad=False)
+            else:
+                q.bias = nn.Parameter(module.bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
+        model.set_submodule(module_name, q)
+
+    # ---- after loading ----------------------------------------------------------------------------
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from .layers import DiffusionQuantLinear, TimestepState, install_timestep_hook
+
+        problems: list[str] = []
+        for name, layer in self.plan.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, DiffusionQuantLinear):
+                problems.append(f"tensor {name + '.weight'!r} was not found in the checkpoint, so layer {name!r} is not quantized")
+                continue
+            for tname in _layer_tensors(layer, module):
+                t = getattr(module, tname)
+                if t is None or t.is_meta:
+                    problems.append(f"tensor {name + '.' + tname!r} was not found in the checkpoint")
+            if module.bias is not None:
+                if module.bias.is_meta:
+                    problems.append(f"tensor {name + '.bias'!r} was not found in the checkpoint")
+                else:
+                    module.compute_dtype = module.bias.dtype
+                    module.bias.requires_grad_(False)
+        if problems:
+            listed = problems[:MAX_LISTED]
+            more = len(problems) - len(listed)
+            raise CheckpointMismatchError(
+                "piecewise-quant: loading did not produce the quantized layers the quantization_config plans:\n  - "
+                + "\n  - ".join(listed) + (f"\n  ... and {more} more" if more else "")
+            )
+        if any(m.act_scales_t is not None for m in model.modules() if isinstance(m, DiffusionQuantLinear)):
+            install_timestep_hook(model, TimestepState(self.diffusion.timesteps))
+        model.piecewise_quant_config = self.core_config
+        return model
+
+    # ---- dequantize -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        from .layers import DiffusionQuantLinear, remove_timestep_hook
+
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, DiffusionQuantLinear):
+                continue
+            dtype = module.compute_dtype
+            device = module.qweight.device
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device, dtype=dtype)
+            linear.weight.copy_(module.dequantize(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+            model.set_submodule(name, linear)
+        remove_timestep_hook(model)
+        if hasattr(model, "piecewise_quant_config"):
+            del model.piecewise_quant_config
+        return model
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()

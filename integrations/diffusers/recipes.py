@@ -1,0 +1,68 @@
+"""Per-layer recipes for diffusion transformers.
+
+The layers of a DiT do different jobs and tolerate quantization differently. The timestep and
+condition embeddings (``timestep_embedder``, ``text_embedder``, ``caption_projection``,
+``context_embedder``...) and the adaLN modulation layers (``norm1.linear``, ``norm_out.linear``,
+``adaln_single.linear``, DiT's ``proj_out_1``) turn a handful of conditioning numbers into the
+shift/scale/gate of every block: their outputs multiply whole activations, they hold few weights,
+and their inputs (sinusoidal features, SiLU of the embedding) are smooth. They get an 8-bit
+uniform grid and float activations. The attention and MLP projections hold almost every weight and
+have bell-shaped weight distributions, where the piecewise grid's dense centre pays off: they get
+the config's low-bit piecewise grid.
+
+:func:`diffusion_recipe` builds that config; every choice stays a plain pattern override, so it is
+saved with the checkpoint and can be edited (``config.with_overrides({...})``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from piecewise_quant.config import PiecewiseQuantConfig
+
+__all__ = ["CONDITIONING_PATTERNS", "diffusion_recipe"]
+
+# Layer-name patterns (fnmatch; matched against the full module name) of the conditioning layers of
+# diffusers' DiT, PixArt, SD3, Flux, Sana and Hunyuan-style transformers.
+CONDITIONING_PATTERNS: tuple[str, ...] = (
+    "*timestep_embedder.*",
+    "*text_embedder.*",
+    "*guidance_embedder.*",
+    "*time_embed*",
+    "*caption_projection*",
+    "context_embedder",
+    "*.emb.*",
+    "*norm*.linear",
+    "adaln_single.linear",
+    "proj_out_1",
+)
+
+
+def diffusion_recipe(
+    bits: int = 4,
+    grid: str = "piecewise",
+    group_size: int | str | None = 64,
+    act_bits: int | None = None,
+    act_mode: str = "dynamic_per_token",
+    conditioning_bits: int = 8,
+    conditioning_grid: str = "uniform",
+    conditioning_act_bits: int | None = None,
+    **kwargs: Any,
+) -> PiecewiseQuantConfig:
+    """A :class:`~piecewise_quant.PiecewiseQuantConfig` for a DiT: ``grid``/``bits`` (default 4-bit
+    piecewise) for attention and MLP projections, ``conditioning_grid``/``conditioning_bits``
+    (default 8-bit uniform, float activations) for the embedding and adaLN modulation layers.
+
+    ``act_bits``/``act_mode`` set activation quantization of the attention/MLP projections; other
+    keyword arguments go to ``PiecewiseQuantConfig`` (e.g. ``calibration``, ``act_clip_ratio``,
+    ``modules_to_not_convert``, more ``overrides``, which take precedence over the recipe's)."""
+    conditioning: dict[str, Any] = {"grid": conditioning_grid, "bits": conditioning_bits, "act_bits": conditioning_act_bits}
+    if conditioning_grid == "uniform":
+        conditioning["group_size"] = "channel"
+    overrides = dict(kwargs.pop("overrides", {}) or {})
+    for pattern in CONDITIONING_PATTERNS:
+        overrides.setdefault(pattern, dict(conditioning))
+    kwargs.setdefault("modules_to_not_convert", [])
+    return PiecewiseQuantConfig(
+        bits=bits, grid=grid, group_size=group_size, act_bits=act_bits, act_mode=act_mode, overrides=overrides, **kwargs
+    )
