@@ -21,7 +21,14 @@ def _activate_diffusers() -> None:
     register_with_diffusers()
 
 
+def _activate_peft() -> None:
+    from .peft import register_with_peft
+
+    register_with_peft()
+
+
 @hookimpl
 def piecewise_quant_register_integrations(register):
     register("transformers", _activate_transformers)
     register("diffusers", _activate_diffusers)
+    register("peft", _activate_peft)

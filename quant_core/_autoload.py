@@ -39,6 +39,7 @@ ENV_NO_AUTOLOAD = "PIECEWISE_QUANT_NO_AUTOLOAD"
 HOOKS: dict[str, tuple[str, str]] = {
     "transformers.quantizers.auto": ("piecewise_quant.integrations.transformers", "register_with_transformers"),
     "diffusers.quantizers.auto": ("piecewise_quant.integrations.diffusers", "register_with_diffusers"),
+    "peft.tuners.lora.model": ("piecewise_quant.integrations.peft", "register_with_peft"),
 }
 
 _state = threading.local()
