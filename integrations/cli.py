@@ -1,7 +1,11 @@
 """The ``piecewise-quant`` command line. ``piecewise-quant demo`` is the README's main job: quantize
 the bundled model on load with transformers, save it, reload it with plain ``from_pretrained``,
 and print what each configuration costs and keeps. ``piecewise-quant serve MODEL ...`` is
-``vllm serve MODEL ...`` (see :mod:`piecewise_quant.integrations.vllm.serve`)."""
+``vllm serve MODEL ...`` (see :mod:`piecewise_quant.integrations.vllm.serve`).
+
+``quantize``, ``eval``, ``inspect`` and ``bench`` are the everyday commands (docs/cli.md). User
+mistakes (a missing directory, a bad option value, an unknown layer) print ``error: ...`` to stderr
+and exit with status 2; torch and transformers are imported only inside the commands."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "run_demo", "DemoRow"]
+__all__ = ["main", "run_demo", "DemoRow", "UserError", "build_parser"]
 
 DEMO_CONFIGS = [
     ("uniform", 4),
@@ -108,9 +112,494 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantize / eval / inspect / bench ----------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as ``error: ...``, exit status 2."""
+
+
+def _model_dir(value: str | None, what: str = "--model") -> Path:
+    if value is None:
+        from piecewise_quant.evaluate import default_model_path
+
+        try:
+            return default_model_path()
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from None
+    path = Path(value)
+    if not path.exists():
+        raise UserError(f"{what} {value}: no such directory")
+    if not path.is_dir():
+        raise UserError(f"{what} {value}: not a directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{what} {value}: has no config.json (not a Hugging Face model directory)")
+    return path
+
+
+def _read_text(value: str, what: str) -> str:
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {value}: cannot be read as UTF-8 text ({exc.__class__.__name__}: {exc})") from None
+    if not text.strip():
+        raise UserError(f"{what} {value}: the file is empty")
+    return text
+
+
+def _load(path: Path, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"cannot load a causal language model from {path}: {msg}") from None
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} has no usable tokenizer: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _token_ids(tokenizer, text: str):
+    import torch
+
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def _perplexity(model, ids, seq_len: int, max_windows: int | None, progress: bool = False) -> tuple[float, int]:
+    from piecewise_quant.evaluate import perplexity
+
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return perplexity(model, input_ids=ids[: n * seq_len], window=seq_len, progress=progress), n
+
+
+def _group_label(layer) -> str:
+    gs = layer.group_size
+    if gs == -1:
+        return "tensor"
+    if gs == layer.in_features:
+        return f"channel ({gs})"
+    return str(gs)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import piecewise_quant as pq
+
+    model_path = _model_dir(args.model)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--output {out}: exists and is not empty (pass --overwrite to write into it)")
+    if out.resolve() == model_path.resolve():
+        raise UserError("--output must differ from --model")
+    text = _read_text(args.calibration_text, "--calibration-text") if args.calibration_text else None
+    if args.n_samples is not None and args.calibration is None and text is None and args.act_mode != "static_per_tensor":
+        raise UserError("--n-samples needs --calibration PRESET, --calibration-text FILE or --act-mode static_per_tensor")
+    try:
+        calibration = None
+        if args.calibration is not None or text is not None:
+            changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
+            calibration = pq.CalibrationConfig.preset(args.calibration or "aware", **changes)
+        config = pq.PiecewiseQuantConfig(
+            grid=args.grid, bits=args.bits, group_size=_parse_group_size(args.group_size),
+            act_bits=args.act_bits, act_mode=args.act_mode, calibration=calibration,
+        )
+        pq.get_format(config.grid).validate(config.default_spec)  # bits the grid lacks, before loading
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    tokenizer = _tokenizer(model_path)
+    print(f"piecewise-quant quantize: {model_path} -> {out}")
+    print(f"  grid={config.grid} bits={config.bits} group_size={config.group_size}"
+          + (f" act_bits={config.act_bits} act_mode={config.act_mode}" if config.act_bits else "")
+          + (f" calibration={args.calibration or 'aware'} on {args.calibration_text or 'the bundled pydoc text'}"
+             if calibration else " (data-free)"))
+    start = time.perf_counter()
+    try:
+        if text is not None:
+            model = _load(model_path)
+            pq.calibrate(model, config, data=text, tokenizer=tokenizer)
+        else:
+            model = _load(model_path, quantization_config=config)
+            if any(q.act_scale is not None for q in pq.quantized_layers(model).values()):
+                # static activation scales need data even without a calibration recipe
+                from piecewise_quant.calibration.data import prepare_batches
+
+                batches = prepare_batches(None, tokenizer=tokenizer, n_samples=args.n_samples or 16, seq_len=256)
+                n = pq.calibrate_activation_scales(model, batches)
+                print(f"  static activation scales of {n} layers set from {len(batches)} batches of the bundled pydoc text")
+    except ValueError as exc:  # a layer the config cannot handle, calibration text too short...
+        raise UserError(str(exc)) from None
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = pq.model_size_report(model)
+    layers = pq.quantized_layers(model)
+    print()
+    print(f"quantized layers     {len(layers)}")
+    print(f"bits/weight          {report.bits_per_weight:.3f} (quantized layers, metadata included)")
+    print(f"model bytes          {report.total_bytes:,} in memory, {_dir_bytes(out):,} on disk (was {_dir_bytes(model_path):,})")
+    print(f"quantize time        {seconds:.1f} s")
+    if args.eval:
+        from piecewise_quant.evaluate import heldout_text
+
+        ids = _token_ids(tokenizer, heldout_text())
+        ppl_q, n = _perplexity(model, ids, 256, None)
+        del model
+        ppl_f, _ = _perplexity(_load(model_path), ids, 256, None)
+        print(f"held-out perplexity  {ppl_f:.3f} float -> {ppl_q:.3f} quantized ({ppl_q - ppl_f:+.3f}, {n} windows of 256)")
+    print(f"saved to {out}")
+    return 0
+
+
+def _parse_group_size(value: str) -> int | str:
+    if value in ("channel", "tensor"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--group-size must be a positive integer, 'channel' or 'tensor'; got {value!r}") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import piecewise_quant as pq
+    from piecewise_quant.evaluate import heldout_text
+
+    model_path = _model_dir(args.model)
+    text = _read_text(args.text, "--text") if args.text else heldout_text()
+    tokenizer = _tokenizer(model_path)
+    ids = _token_ids(tokenizer, text)
+    model = _load(model_path)
+    layers = pq.quantized_layers(model)
+    kind = "float" if not layers else f"quantized, {pq.model_size_report(model).bits_per_weight:.3f} bits/weight"
+    ppl, n = _perplexity(model, ids, args.seq_len, args.max_windows, progress=True)
+    source = args.text or "bundled held-out text (pydoc_data.topics, every 4th topic)"
+    print(f"model       {model_path} ({kind})")
+    print(f"text        {source}: {ids.numel():,} tokens, {n} windows of {args.seq_len}")
+    print(f"perplexity  {ppl:.3f}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import difflib
+
+    import torch
+
+    import piecewise_quant as pq
+
+    model_path = _model_dir(args.model)
+    ref_path = _model_dir(args.reference, "--reference") if args.reference else None
+    model = _load(model_path)
+    layers = pq.quantized_layers(model)
+    if not layers:
+        raise UserError(f"{model_path} has no piecewise-quant layers (a float checkpoint? quantize it first)")
+    if args.layer is not None and args.layer not in layers:
+        close = difflib.get_close_matches(args.layer, list(layers), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; layers are e.g. {', '.join(list(layers)[:3])}"
+        raise UserError(f"--layer {args.layer!r}: no quantized layer of that name{hint}")
+    reference = None
+    if ref_path is not None:
+        reference = _load(ref_path)
+    rows = []
+    for name, q in layers.items():
+        if args.layer is not None and name != args.layer:
+            continue
+        err = "-"
+        if reference is not None:
+            try:
+                w = reference.get_submodule(name).weight.detach().to(torch.float32)
+            except AttributeError:
+                raise UserError(f"--reference {ref_path}: has no layer {name!r} (not the model this was quantized from?)") from None
+            if tuple(w.shape) != (q.out_features, q.in_features):
+                raise UserError(f"--reference {ref_path}: layer {name!r} has shape {tuple(w.shape)}, "
+                                f"the quantized one {(q.out_features, q.in_features)}")
+            err = f"{float((q.dequantize(torch.float32) - w).norm() / w.norm()):.4f}"
+        spec = q.spec
+        act = "-" if spec.act_bits is None else f"{spec.act_format}{spec.act_bits} {spec.act_mode}"
+        rows.append((name, spec.grid, str(spec.bits), _group_label(q.layer_spec), f"{q.bits_per_weight():.3f}", act, err))
+    report = pq.model_size_report(model)
+    print(f"{model_path}: {len(layers)} quantized layers, {report.bits_per_weight:.3f} bits/weight, {report.total_bytes:,} bytes")
+    print()
+    print("| layer | grid | bits | group size | bits/weight | activations | rel. weight error |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if reference is None:
+        print("\n(rel. weight error ||W_q - W|| / ||W|| needs the float model: --reference FLOAT_DIR)")
+    if args.plot:
+        name = args.layer or next(iter(layers))
+        w = reference.get_submodule(name).weight.detach().to(torch.float32) if reference is not None else None
+        path = _plot_layer(name, layers[name], w, args.row, args.group, Path(args.plot))
+        print(f"\nwrote {path} (layer {name}, row {args.row}, group {args.group})")
+    return 0
+
+
+def group_levels(q, row: int, group: int):
+    """The values one group of ``q`` can represent (sorted, float32) and, for the piecewise grid,
+    its breakpoints ``(-p, p)``; ``(None, None)`` for a plugin format without a known grid."""
+    import torch
+
+    from piecewise_quant.kernels import piecewise_table
+    from piecewise_quant.kernels.reference import piecewise_levels, unpack_group_field
+
+    spec, layer = q.spec, q.layer_spec
+    t = q.quantized_tensors()
+    scales = t["scales"].to(torch.float32)
+    scales = scales.reshape(scales.shape[0], -1)
+    r, g = min(row, scales.shape[0] - 1), min(group, scales.shape[1] - 1)
+    s = scales[r, g]
+    kernel = q.fmt.kernel_format(spec)
+    half = 1 << (spec.bits - 1)
+    codes = torch.arange(-half, half, dtype=torch.float32)
+    if kernel == "piecewise":
+        ids = unpack_group_field(t["breakpoint_ids"], spec.bits, scales.shape[0], scales.shape[1]).long()
+        h, ratio = piecewise_table(spec.bits)[ids[r, g]]
+        levels = piecewise_levels(codes, h, ratio) * s
+        p = float((h * s).abs())
+        return levels.sort().values, (-p, p)
+    if kernel == "uniform_sym":
+        return (codes * s).sort().values, None
+    if kernel == "uniform_asym":
+        z = unpack_group_field(t["qzeros"], spec.bits, scales.shape[0], scales.shape[1])[r, g].to(torch.float32)
+        return ((codes + half - z) * s).sort().values, None
+    if kernel == "fp8_e4m3":
+        values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+        return (values[torch.isfinite(values)].unique() * s).sort().values, None
+    return None, None
+
+
+def _plot_layer(name: str, q, float_weight, row: int, group: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    layer = q.layer_spec
+    gs = layer.group_size
+    n_groups = 1 if gs == -1 else layer.in_features // gs
+    if not 0 <= row < layer.out_features:
+        raise UserError(f"--row {row}: layer {name!r} has rows 0..{layer.out_features - 1}")
+    if not 0 <= group < n_groups:
+        raise UserError(f"--group {group}: layer {name!r} has groups 0..{n_groups - 1} per row")
+    weight = float_weight if float_weight is not None else q.dequantize(torch.float32)
+    weight = weight.detach().to(torch.float32)
+    group_w = weight.reshape(-1) if gs == -1 else weight[row, group * gs : (group + 1) * gs]
+    levels, breakpoints = group_levels(q, row, group)
+    what = "float weights (--reference)" if float_weight is not None else "dequantized weights"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7))
+    top.hist(weight.reshape(-1).numpy(), bins=200, color="tab:blue")
+    top.set_title(f"{name}: {what}, {q.spec.grid} {q.spec.bits}-bit, group size {_group_label(layer)}")
+    top.set_yscale("log")
+    top.set_xlabel("weight")
+    bottom.hist(group_w.numpy(), bins=100, color="tab:blue", label=what)
+    if levels is not None:
+        for i, v in enumerate(levels.tolist()):
+            bottom.axvline(v, color="0.4", linewidth=0.6, alpha=0.8, label="grid levels" if i == 0 else None)
+    if breakpoints is not None:
+        for i, v in enumerate(breakpoints):
+            bottom.axvline(v, color="tab:red", linestyle="--", linewidth=1.5, label="breakpoints ±p" if i == 0 else None)
+    where = "the whole tensor (one group)" if gs == -1 else f"row {row}, group {group} (columns {group * gs}..{(group + 1) * gs - 1})"
+    bottom.set_title(f"{where}: its grid" + ("" if levels is not None else " (unknown for this format)"))
+    bottom.set_xlabel("weight")
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--plot {path}: cannot write the image: {exc}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _dequantized_copy(model):
+    """A float copy of a quantized model: every QuantLinear replaced by an nn.Linear holding its
+    dequantized weight (the same numbers, computed in float)."""
+    import torch
+    from torch import nn
+
+    import piecewise_quant as pq
+
+    model = copy.deepcopy(model)
+    for name, q in pq.quantized_layers(model).items():
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=torch.float32)
+        lin.weight.data.copy_(q.dequantize(torch.float32))
+        if q.bias is not None:
+            lin.bias.data.copy_(q.bias.detach())
+        model.set_submodule(name, lin)
+    return model
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import piecewise_quant as pq
+
+    model_path = _model_dir(args.model)
+    for opt in ("seq_len", "batch_size", "repeats"):
+        if getattr(args, opt) < 1:
+            raise UserError(f"--{opt.replace('_', '-')} must be a positive integer; got {getattr(args, opt)}")
+    model = _load(model_path)
+    if pq.quantized_layers(model):
+        quantized, float_model, float_name = model, _dequantized_copy(model), "float32 (dequantized copy)"
+    else:
+        try:
+            config = pq.PiecewiseQuantConfig(grid=args.grid, bits=args.bits, group_size=_parse_group_size(args.group_size))
+            quantized = pq.quantize(copy.deepcopy(model), config, progress=False)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        float_model, float_name = model, "float32"
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
+    spec = next(iter(pq.quantized_layers(quantized).values())).spec
+    qname = f"{spec.grid} {spec.bits}-bit"
+    rows = []
+    with torch.inference_mode():
+        for name, m in ((float_name, float_model), (qname, quantized)):
+            m(ids)  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                m(ids)
+                times.append(time.perf_counter() - t0)
+            best = min(times)
+            bpw = pq.model_size_report(m).bits_per_weight if m is quantized else 32.0
+            rows.append((name, bpw, best * 1e3, ids.numel() / best))
+    print(f"piecewise-quant bench: {model_path}; forward pass of {args.batch_size} x {args.seq_len} tokens, "
+          f"best of {args.repeats}, {torch.get_num_threads()} CPU thread(s)")
+    print()
+    print("| model | bits/weight | ms / forward | tokens/s | vs float |")
+    print("|---|---:|---:|---:|---:|")
+    base = rows[0][3]
+    for name, bpw, ms, tps in rows:
+        print(f"| {name} | {bpw:.3f} | {ms:.1f} | {tps:,.0f} | {tps / base:.2f}x |")
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return v
+
+
+def _add_scheme_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", default="piecewise", help="weight grid: piecewise (default), uniform or fp8")
+    p.add_argument("--bits", type=int, default=None, help="bits per weight code: 2, 3, 4 (default) or 8 (fp8: 8)")
+    p.add_argument("--group-size", default="128",
+                   help="weights per scale: a divisor of the layers' in_features (default 128), 'channel' or 'tensor'")
+
+
+_EPILOGS = {
+    "quantize": """examples:
+  piecewise-quant quantize --model assets/tiny-llama-pydoc --output out/pw4 --eval
+  piecewise-quant quantize --model MODEL --output out/u3 --grid uniform --bits 3 --group-size 64
+  piecewise-quant quantize --model MODEL --output out/gptq --calibration gptq --n-samples 32
+  piecewise-quant quantize --model MODEL --output out/w4a8 --act-bits 8 --calibration-text my_corpus.txt
+
+The output directory is a normal Hugging Face checkpoint: reload it with
+AutoModelForCausalLM.from_pretrained(OUTPUT), or `piecewise-quant eval --model OUTPUT`.""",
+    "eval": """examples:
+  piecewise-quant eval --model out/pw4
+  piecewise-quant eval --model assets/tiny-llama-pydoc --text notes.txt --seq-len 128 --max-windows 20
+
+Perplexity over non-overlapping windows of --seq-len tokens (a trailing partial window is dropped).""",
+    "inspect": """examples:
+  piecewise-quant inspect --model out/pw4
+  piecewise-quant inspect --model out/pw4 --reference assets/tiny-llama-pydoc
+  piecewise-quant inspect --model out/pw4 --layer model.layers.0.mlp.down_proj --plot down_proj.png
+
+--plot draws the layer's weight histogram, and below it one group's weights (--row, --group) with
+that group's grid levels (grey) and, for the piecewise grid, its breakpoints ±p (red, dashed).""",
+    "bench": """examples:
+  piecewise-quant bench --model out/pw4
+  piecewise-quant bench --model assets/tiny-llama-pydoc --grid uniform --bits 4 --seq-len 256
+
+A quantized checkpoint is timed against a float copy holding its dequantized weights; a float
+model is quantized in memory (data-free, --grid/--bits/--group-size) and timed against itself.
+Timings are for this machine's CPU threads (set OMP_NUM_THREADS to change them).""",
+}
+
+
+def _sub(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=_EPILOGS[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="piecewise-quant", description="piecewise-quant command line")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="piecewise-quant",
+        description="piecewise-quant: post-training quantization of Hugging Face causal LMs.",
+        epilog="run `piecewise-quant COMMAND --help` for a command's options and examples (docs/cli.md)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "a Hugging Face causal-LM directory (default: the bundled tiny-llama-pydoc)"
+
+    q = _sub(sub, "quantize", "quantize a model and save it as a Hugging Face checkpoint",
+             "Quantize a float model (data-free, or calibrated with --calibration / --calibration-text) "
+             "and save model + tokenizer to --output.")
+    q.add_argument("--model", help=model_help)
+    q.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
+    _add_scheme_options(q)
+    q.add_argument("--act-bits", type=int, default=None, help="also quantize layer inputs: 8 or 4 (default: weight-only)")
+    q.add_argument("--act-mode", default="dynamic_per_token",
+                   help="activation scales: dynamic_per_token (default) or static_per_tensor (needs calibration)")
+    q.add_argument("--calibration", default=None, metavar="PRESET",
+                   help="data-aware calibration preset: aware, smoothquant, gptq, lwc, omniquant (default: data-free)")
+    q.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (implies --calibration aware unless given; default: bundled text)")
+    q.add_argument("--n-samples", type=_positive_int, default=None, help="calibration sequences (default 64)")
+    q.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
+    q.set_defaults(func=_quantize)
+
+    e = _sub(sub, "eval", "perplexity of a float or quantized model on a text file or the bundled text",
+             "Perplexity of a float or quantized checkpoint.")
+    e.add_argument("--model", help=model_help)
+    e.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the bundled held-out pydoc text)")
+    e.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate at most this many windows")
+    e.set_defaults(func=_eval)
+
+    i = _sub(sub, "inspect", "per-layer table of formats, bits and error; --plot a layer's histogram and grid",
+             "Per-layer table of a quantized checkpoint: grid, bits, group size, bits/weight, activations, "
+             "and the relative weight error ||W_q - W|| / ||W|| against --reference.")
+    i.add_argument("--model", required=True, help="a quantized checkpoint directory")
+    i.add_argument("--reference", metavar="FLOAT_DIR", help="the float model it was quantized from (for the error column and --plot)")
+    i.add_argument("--layer", metavar="NAME", help="show only this layer (and plot it)")
+    i.add_argument("--plot", metavar="OUT.png", help="write a PNG of the layer's weight histogram with one group's grid")
+    i.add_argument("--row", type=int, default=0, help="output row of the plotted group (default 0)")
+    i.add_argument("--group", type=int, default=0, help="group index within the row (default 0)")
+    i.set_defaults(func=_inspect)
+
+    b = _sub(sub, "bench", "time a forward pass of the quantized vs the float model (CPU tokens/s)",
+             "Time a forward pass of the quantized and the float model.")
+    b.add_argument("--model", help=model_help)
+    _add_scheme_options(b)
+    b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    b.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
+    b.add_argument("--repeats", type=int, default=5, help="timed passes; the best is reported (default 5)")
+    b.set_defaults(func=_bench)
+
     demo = sub.add_parser("demo", help="quantize the bundled model (uniform vs piecewise, 4 and 3 bits), save, reload, compare")
     demo.add_argument("--model", help="a Hugging Face causal-LM directory (default: the bundled tiny-llama-pydoc)")
     demo.add_argument("--group-size", type=int, default=128)
@@ -136,7 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # everything after "serve" belongs to vLLM, --help included
         return _serve(argparse.Namespace(vllm_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
