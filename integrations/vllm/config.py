@@ -168,9 +168,10 @@ class PiecewiseVllmConfig(QuantizationConfig):
             return None
         if self._mapper is None:
             return self.headers
+        map_name = getattr(self._mapper, "map_name", None) or self._mapper._map_name  # older vLLM: _map_name only
         out = {}
         for key, value in self.headers.items():
-            mapped = self._mapper._map_name(key)
+            mapped = map_name(key)
             if mapped is not None:
                 out[mapped] = value
         return out

@@ -13,7 +13,8 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # float32 on both sides, same piecewise_quant::linear op: only attention/summation order differs
-FP32_TOL = 2e-3
+# (measured at most 4.3e-6 on 2026-11-22)
+FP32_TOL = 1e-4
 
 
 def _hf(vh, path, config=None):
