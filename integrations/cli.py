@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "run_demo", "DemoRow", "UserError", "build_parser"]
+__all__ = ["main", "run_demo", "DemoRow", "UserError", "build_parser", "add_quantize_options"]
 
 DEMO_CONFIGS = [
     ("uniform", 4),
@@ -509,6 +509,24 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
                    help="weights per scale: a divisor of the layers' in_features (default 128), 'channel' or 'tensor'")
 
 
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``piecewise-quant quantize``, shared with ``optimum-cli piecewise quantize``
+    (both parsers call this; the parsed namespace goes to the same implementation)."""
+    p.add_argument("--model", help="a Hugging Face causal-LM directory (default: the bundled tiny-llama-pydoc)")
+    p.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
+    _add_scheme_options(p)
+    p.add_argument("--act-bits", type=int, default=None, help="also quantize layer inputs: 8 or 4 (default: weight-only)")
+    p.add_argument("--act-mode", default="dynamic_per_token",
+                   help="activation scales: dynamic_per_token (default) or static_per_tensor (needs calibration)")
+    p.add_argument("--calibration", default=None, metavar="PRESET",
+                   help="data-aware calibration preset: aware, smoothquant, gptq, lwc, omniquant (default: data-free)")
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (implies --calibration aware unless given; default: bundled text)")
+    p.add_argument("--n-samples", type=_positive_int, default=None, help="calibration sequences (default 64)")
+    p.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
+
+
 _EPILOGS = {
     "quantize": """examples:
   piecewise-quant quantize --model assets/tiny-llama-pydoc --output out/pw4 --eval
@@ -557,19 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = _sub(sub, "quantize", "quantize a model and save it as a Hugging Face checkpoint",
              "Quantize a float model (data-free, or calibrated with --calibration / --calibration-text) "
              "and save model + tokenizer to --output.")
-    q.add_argument("--model", help=model_help)
-    q.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
-    _add_scheme_options(q)
-    q.add_argument("--act-bits", type=int, default=None, help="also quantize layer inputs: 8 or 4 (default: weight-only)")
-    q.add_argument("--act-mode", default="dynamic_per_token",
-                   help="activation scales: dynamic_per_token (default) or static_per_tensor (needs calibration)")
-    q.add_argument("--calibration", default=None, metavar="PRESET",
-                   help="data-aware calibration preset: aware, smoothquant, gptq, lwc, omniquant (default: data-free)")
-    q.add_argument("--calibration-text", default=None, metavar="FILE",
-                   help="UTF-8 text file to calibrate on (implies --calibration aware unless given; default: bundled text)")
-    q.add_argument("--n-samples", type=_positive_int, default=None, help="calibration sequences (default 64)")
-    q.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
-    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
+    add_quantize_options(q)
     q.set_defaults(func=_quantize)
 
     e = _sub(sub, "eval", "perplexity of a float or quantized model on a text file or the bundled text",
