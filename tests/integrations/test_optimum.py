@@ -3,9 +3,9 @@
 
 The CLI runs in a subprocess so optimum's real discovery, exit status and stderr are seen. In an
 editable install setuptools' finder maps ``optimum.commands.register`` to
-``integrations/optimum_register``; when the installed package does not expose it (an older
-install), the test puts a copy of the register file on ``PYTHONPATH`` instead, never both (the
-command would be registered twice). The wheel layout is checked in tests/packaging.
+``integrations/optimum_register``, and a wheel install puts ``piecewise.py`` in site-packages'
+``optimum/commands/register``; only when neither exposes it does the test put a copy of the
+register file on ``PYTHONPATH``, never both (the command would be registered twice). The wheel layout is checked in tests/packaging.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ OPTIMUM_CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "o
 def cli_env(tmp_path_factory) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     spec = importlib.util.find_spec("optimum.commands.register")
-    locations = [] if spec is None else [Path(p).resolve() for p in spec.submodule_search_locations or []]
-    if REGISTER.parent.resolve() not in locations:
+    locations = [] if spec is None else [Path(p) for p in spec.submodule_search_locations or []]
+    if not any((p / REGISTER.name).is_file() for p in locations):  # neither installed nor editable-mapped
         root = tmp_path_factory.mktemp("ns")
         target = root / "optimum" / "commands" / "register"  # no __init__.py anywhere: PEP 420
         target.mkdir(parents=True)
