@@ -39,8 +39,11 @@ def piecewise_quant_register_observers(register: Callable[[str, Any], None]) -> 
 @hookspec
 def piecewise_quant_register_calibration_algorithms(register: Callable[[str, Any], None]) -> None:
     """Register calibration algorithms: ``register(name, algorithm)``. An algorithm is a callable
-    ``algorithm(model, config, batches) -> None`` that changes the quantized ``model`` in place
-    using calibration batches (the calibration engine of a later release drives these)."""
+    ``algorithm(weight: Tensor[out, in], ctx: piecewise_quant.LayerCalibration) -> dict[str, Tensor]``
+    that returns the layer's stored tensors (exactly the format's ``layout``). The calibration
+    engine calls it for every calibrated layer when ``CalibrationConfig(algorithm=name)``, after
+    SmoothQuant/LET folding and LWC, with the fitted group parameters and the layer's input
+    statistics in ``ctx``."""
 
 
 @hookspec

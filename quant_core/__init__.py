@@ -32,6 +32,7 @@ _LAZY = {
     "CalibrationConfig": ".config",
     "calibrate": ".calibration.engine",
     "CalibrationReport": ".calibration.engine",
+    "LayerCalibration": ".calibration.engine",
     "hookimpl": ".plugins",
     "quantize": ".quantization",
     "plan_layers": ".quantization",
@@ -50,7 +51,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from .calibration.engine import CalibrationReport, calibrate
+    from .calibration.engine import CalibrationReport, LayerCalibration, calibrate
     from .config import CalibrationConfig, PiecewiseQuantConfig, QuantSpec
     from .formats import TensorLayout, WeightFormat
     from .plugins import hookimpl

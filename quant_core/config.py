@@ -223,6 +223,11 @@ class CalibrationConfig:
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
             layers; ``None`` uses the config's bits everywhere. Candidates ``mixed_precision_bits``
             x ``mixed_precision_grids`` are ranked by each layer's sensitivity.
+        algorithm: name of a calibration algorithm added by a plugin (hook
+            ``piecewise_quant_register_calibration_algorithms``, see docs/plugins.md). It turns each
+            calibrated layer's weight into stored tensors, given the fitted group parameters and
+            the layer's input statistics, in place of the built-in encoding (and of GPTQ, which
+            is itself such a step: the two do not combine).
     """
 
     n_samples: int = 64
@@ -246,6 +251,7 @@ class CalibrationConfig:
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
     mixed_precision_grids: tuple[str, ...] = ("uniform", "piecewise")
+    algorithm: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "seq_len", "batch_size"):
@@ -272,6 +278,14 @@ class CalibrationConfig:
             )
         if a is not None and self.let:
             raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
+        if self.algorithm is not None:
+            if not isinstance(self.algorithm, str) or not self.algorithm:
+                raise ValueError(f"calibration.algorithm must be the name of a registered calibration algorithm or None; got {self.algorithm!r}")
+            if self.gptq or self.refine_breakpoints:
+                raise ValueError(
+                    f"calibration.algorithm={self.algorithm!r} replaces the step that GPTQ and breakpoint refinement "
+                    "perform (turning each layer's weight into stored tensors); set gptq=False and refine_breakpoints=False"
+                )
         for name in ("lwc_lr", "let_lr", "damp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -12,7 +12,10 @@ from . import _builtin
 from .formats.base import WeightFormat
 from .plugins import add_builtin, load_plugins
 
-__all__ = ["formats", "available_formats", "get_format", "observers", "get_observer", "sync_kernel_backends", "integrations"]
+__all__ = [
+    "formats", "available_formats", "get_format", "observers", "get_observer", "calibration_algorithms",
+    "get_calibration_algorithm", "sync_kernel_backends", "integrations",
+]
 
 
 def _collect(hook_name: str, arity: int) -> list[tuple]:
@@ -59,6 +62,26 @@ def get_observer(name: str) -> Callable:
     found = observers()
     if name not in found:
         raise ValueError(f"unknown observer {name!r}; allowed: {', '.join(repr(n) for n in sorted(found))}")
+    return found[name]
+
+
+def calibration_algorithms() -> dict[str, Callable]:
+    """Calibration algorithms added by plugins, by name (none are built in)."""
+    out: dict[str, Callable] = {}
+    for name, fn in _collect("piecewise_quant_register_calibration_algorithms", 2):
+        if not isinstance(name, str) or not name or not callable(fn):
+            raise TypeError(f"register(name, algorithm) needs a non-empty name and a callable; got {name!r}, {fn!r}")
+        if name in out and out[name] is not fn:
+            raise ValueError(f"two plugins register a calibration algorithm named {name!r}: {out[name]!r} and {fn!r}")
+        out[name] = fn
+    return out
+
+
+def get_calibration_algorithm(name: str) -> Callable:
+    found = calibration_algorithms()
+    if name not in found:
+        have = ", ".join(repr(n) for n in sorted(found)) or "none (install a plugin that adds one)"
+        raise ValueError(f"unknown calibration algorithm {name!r}; registered: {have}")
     return found[name]
 
 

@@ -10,7 +10,8 @@ holds the block's inputs along two chains, *float* (what the float model compute
 3. SmoothQuant or LET: folds per-channel scales into the previous norm/Linear (verified exact);
 4. LWC/LET: trains clipping strengths and channel scales against the targets (:mod:`.lwc`);
 5. chooses each layer's grid parameters (activation-aware fit, or LWC's), refines piecewise
-   breakpoints against the block output, runs GPTQ if asked, and swaps in ``QuantLinear`` layers;
+   breakpoints against the block output, runs GPTQ (or a plugin's calibration algorithm, which
+   gets a :class:`LayerCalibration`) if asked, and swaps in ``QuantLinear`` layers;
 6. sets static activation scales, and runs the quantized block to get the next block's inputs.
 
 Memory holds one block's inputs and outputs on both chains plus that block's statistics. Layers
@@ -39,14 +40,39 @@ from ..config import CalibrationConfig, LayerSpec, PiecewiseQuantConfig, QuantSp
 from ..formats.groups import group_view, importance_view
 from ..qlinear import QuantLinear
 from ..quantization import _record_in_host_config, layer_spec_for, plan_layers, quantized_layers
-from ..registry import get_format
+from ..registry import get_calibration_algorithm, get_format
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, onload_block, relative_error, run_block
 from .data import prepare_batches
 from .smoothing import find_fold_groups, smoothquant_scales, trace_tensors, verify_folds
 
-__all__ = ["calibrate", "CalibrationReport", "LayerReport", "BlockReport"]
+__all__ = ["calibrate", "CalibrationReport", "LayerReport", "BlockReport", "LayerCalibration"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """What a plugin calibration algorithm knows about one layer (see ``CalibrationConfig.algorithm``).
+
+    Attributes:
+        name: the layer's full module name.
+        layer: its :class:`~piecewise_quant.config.LayerSpec` (scheme, shape, resolved group size).
+        fmt: its weight format; ``fmt.fake_quantize`` / ``fmt.encode`` work with ``params``.
+        params: per-group parameters already chosen (activation-aware fit, or LWC's learned clip),
+            in the format's ``fit`` layout; a good starting point or a baseline.
+        hessian: ``2 X^T X / n`` over the layer's ``n`` calibration input rows ``X`` (float32,
+            ``(in, in)``): the squared output error of a weight change ``D`` is ``tr(D H D^T) / 2``.
+        importance: mean squared input per column (float32, ``(in,)``), the diagonal of ``H / 2``.
+        tokens: how many input rows the statistics saw.
+    """
+
+    name: str
+    layer: LayerSpec
+    fmt: Any
+    params: dict[str, torch.Tensor]
+    hessian: torch.Tensor
+    importance: torch.Tensor
+    tokens: int
 
 
 @dataclass
@@ -56,7 +82,7 @@ class LayerReport:
     bits: int
     bits_per_weight: float
     tokens: int
-    method: str  # what chose the weights: "gptq", "lwc", "aware", "data-free"
+    method: str  # what chose the weights: "gptq", "lwc", "aware", "data-free", or a plugin algorithm's name
     note: str = ""
 
 
@@ -204,6 +230,8 @@ def calibrate(
         config = dataclasses.replace(config, calibration=cal)
     if quantized_layers(model):
         raise ValueError("the model already has QuantLinear layers; calibrate a float model (load it without quantization_config)")
+    if cal.algorithm is not None:
+        get_calibration_algorithm(cal.algorithm)  # an unknown name fails before any work
     plan = plan_layers(model, config)
     if not plan:
         raise ValueError("found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)")
@@ -288,7 +316,7 @@ def _calibrate_block(
 ) -> tuple[int, tuple[float, float] | None]:
     layers = {rel: plan[full] for rel, full in names.items()}
     fmts = {rel: get_format(lay.spec.grid) for rel, lay in layers.items()}
-    need_h = cal.gptq or cal.refine_breakpoints
+    need_h = cal.gptq or cal.refine_breakpoints or cal.algorithm is not None
     stats = _collect_stats(block, inputs, q, names, hessian=need_h)
     # a layer that saw no tokens, or whose format has no calibration interface, is quantized data-free
     calibrated = {rel for rel in layers if stats[rel].tokens > 0 and fmts[rel].supports_calibration}
@@ -371,11 +399,21 @@ def _calibrate_block(
         if rel in calibrated:
             if rel in gptq_out:
                 tensors, note = gptq_out[rel]
+            elif cal.algorithm is not None:
+                ctx = LayerCalibration(full, layer, fmt, params[rel], st.hessian(), st.importance(), st.tokens)
+                tensors = _run_algorithm(cal.algorithm, linear.weight.detach(), ctx)
+                method[rel] = cal.algorithm + ("+lwc" if method[rel] == "lwc" else "")
+                note = ""
             else:
                 tensors = fmt.encode(linear.weight.detach(), params[rel], layer)
                 note = ""
             ql = QuantLinear.empty(layer, fmt, linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
-            ql.load_quantized(tensors)
+            try:
+                ql.load_quantized(tensors)
+            except ValueError as exc:
+                if cal.algorithm is None or rel in gptq_out:
+                    raise
+                raise ValueError(f"calibration algorithm {cal.algorithm!r} returned tensors that do not fit: {exc}") from None
             if linear.bias is not None:
                 ql.bias.data.copy_(linear.bias.detach())
             report.layers[full] = LayerReport(full, layer.spec.grid, layer.spec.bits, fmt.bits_per_weight(layer), st.tokens, method[rel], note)
@@ -401,6 +439,23 @@ def _calibrate_block(
         for m in static:
             m.finish_observing()
     return folded, lwc_loss
+
+
+def _run_algorithm(name: str, weight: torch.Tensor, ctx: LayerCalibration) -> dict[str, torch.Tensor]:
+    """Call a plugin algorithm on a copy of the weight (it cannot corrupt the model) and check
+    that it returned finite tensors by name; shapes and dtypes are checked on loading."""
+    algorithm = get_calibration_algorithm(name)
+    with torch.no_grad():
+        tensors = algorithm(weight.clone(), ctx)
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise TypeError(
+            f"calibration algorithm {name!r} must return a dict of tensor name -> Tensor for layer {ctx.name!r}, "
+            f"got {type(tensors).__name__}"
+        )
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"calibration algorithm {name!r} returned NaN or Inf in {bad} for layer {ctx.name!r}")
+    return tensors
 
 
 @torch.no_grad()
