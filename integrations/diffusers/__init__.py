@@ -39,6 +39,8 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from piecewise_quant._lazy import lazy_exports
+
 __all__ = [
     "register_with_diffusers",
     "unregister_from_diffusers",
@@ -109,17 +111,7 @@ def _finish_pending_registration() -> None:
         register_with_diffusers()
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 def _is_ours(obj: Any, qualname: str) -> bool:

@@ -24,29 +24,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
+from piecewise_quant.config import PiecewiseQuantConfig
+
+from .._hostconfig import CoreConfigFace, PiecewiseMethod
 
 __all__ = ["PiecewiseDiffusersConfig", "DiffusionOptions", "PiecewiseMethod", "as_core_config", "split_config"]
 
-_CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(PiecewiseQuantConfig)) - {"quant_method"}
 ACT_SCALE_MODES = ("shared", "per_timestep")
-
-
-class PiecewiseMethod(str, enum.Enum):
-    """``quant_method`` as diffusers expects it: a ``str`` enum (compares equal to ``"piecewise"``)."""
-
-    PIECEWISE = QUANT_METHOD
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,7 @@ def as_core_config(config: Any) -> PiecewiseQuantConfig:
     return split_config(config)[0]
 
 
-class PiecewiseDiffusersConfig(QuantizationConfigMixin):
+class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
     """diffusers ``quantization_config`` for ``quant_method="piecewise"``.
 
     Build it from core fields plus an optional ``diffusion`` entry::
@@ -160,9 +150,8 @@ class PiecewiseDiffusersConfig(QuantizationConfigMixin):
         object.__setattr__(self, "_diffusion", diffusion)
         object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
 
-    @property
-    def core(self) -> PiecewiseQuantConfig:
-        return self.__dict__["_core"]
+    _PRIVATE = ("_core", "_diffusion")
+    _EXTRA_KEYS = frozenset({"diffusion"})
 
     @property
     def diffusion(self) -> DiffusionOptions:
@@ -175,23 +164,10 @@ class PiecewiseDiffusersConfig(QuantizationConfigMixin):
     def with_diffusion(self, **changes: Any) -> "PiecewiseDiffusersConfig":
         return type(self)(core=self.core, diffusion=dataclasses.replace(self.diffusion, **changes))
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_core", "_diffusion"):
-            raise AttributeError(name)
-        core = self.__dict__.get("_core")
-        if core is not None and name in _CORE_FIELDS:
-            return getattr(core, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CORE_FIELDS:
-            object.__setattr__(self, "_core", dataclasses.replace(self.core, **{name: value}))
-        elif name == "diffusion":
+        if name == "diffusion":
             object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(value))
-        elif name == "quant_method":
-            if value != QUANT_METHOD:
-                raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {value!r}")
-        else:
+        elif not self._set_core_field(name, value):
             object.__setattr__(self, name, value)
 
     def __eq__(self, other: object) -> bool:
@@ -209,17 +185,6 @@ class PiecewiseDiffusersConfig(QuantizationConfigMixin):
     def __reduce__(self):
         return (_rebuild, (self.to_dict(),))
 
-    # ---- QuantizationConfigMixin API ------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        data = dict(config_dict)
-        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS or k == "diffusion"}
-        data.update(used)
-        config = cls(**data)
-        unused = {k: v for k, v in kwargs.items() if k not in used}
-        return (config, unused) if return_unused_kwargs else config
-
     def to_dict(self) -> dict[str, Any]:
         """``core.to_dict()`` plus ``"diffusion"`` when a diffusion option is set (what ``config.json`` stores)."""
         d = self.core.to_dict()
@@ -227,25 +192,11 @@ class PiecewiseDiffusersConfig(QuantizationConfigMixin):
             d["diffusion"] = self.diffusion.to_dict()
         return dict(sorted(d.items()))
 
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
-
     def update(self, **kwargs: Any) -> dict[str, Any]:
-        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
-        if used:
-            object.__setattr__(self, "_core", dataclasses.replace(self.core, **used))
+        """Set the given core fields (validated together) and ``diffusion``; return the unused kwargs."""
         if "diffusion" in kwargs:
             object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(kwargs["diffusion"]))
-        return {k: v for k, v in kwargs.items() if k not in used and k != "diffusion"}
+        return self._update_core({k: v for k, v in kwargs.items() if k != "diffusion"})
 
 
 def _rebuild(data: dict[str, Any]) -> PiecewiseDiffusersConfig:

@@ -26,10 +26,11 @@ Registration with PEFT happens automatically the moment ``peft.tuners.lora.model
 
 from __future__ import annotations
 
-import importlib
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable
+
+from piecewise_quant._lazy import lazy_exports
 
 __all__ = [
     "register_with_peft",
@@ -54,17 +55,7 @@ _lock = threading.RLock()
 _registering = threading.local()
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 def register_with_peft() -> None:

@@ -19,10 +19,11 @@ Importing this module is cheap and does not import transformers; the classes
 
 from __future__ import annotations
 
-import importlib
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
+
+from piecewise_quant._lazy import lazy_exports
 
 __all__ = [
     "register_with_transformers",
@@ -56,17 +57,7 @@ _pending = False
 _OWN_MODULES = {"config": "PiecewiseHfConfig", "quantizer": "PiecewiseHfQuantizer"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 def _mappings():

@@ -19,28 +19,15 @@ initialising.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import enum
-import json
 from typing import Any, Mapping
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
+from piecewise_quant.config import PiecewiseQuantConfig
+
+from .._hostconfig import CoreConfigFace, PiecewiseMethod
 
 __all__ = ["PiecewiseHfConfig", "PiecewiseMethod", "as_core_config"]
-
-_CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(PiecewiseQuantConfig)) - {"quant_method"}
-
-
-class PiecewiseMethod(str, enum.Enum):
-    """The ``quant_method`` value (a ``str`` enum, like transformers' ``QuantizationMethod``: it
-    compares and hashes as ``"piecewise"`` and has the ``.value`` diffusers reads)."""
-
-    PIECEWISE = QUANT_METHOD
-
-    def __str__(self) -> str:  # so f-strings and logs show "piecewise"
-        return self.value
 
 
 def as_core_config(config: Any) -> PiecewiseQuantConfig:
@@ -61,7 +48,7 @@ def as_core_config(config: Any) -> PiecewiseQuantConfig:
     )
 
 
-class PiecewiseHfConfig(QuantizationConfigMixin):
+class PiecewiseHfConfig(CoreConfigFace, QuantizationConfigMixin):
     """transformers ``quantization_config`` for ``quant_method="piecewise"``.
 
     Accepts the same keyword arguments as :class:`piecewise_quant.PiecewiseQuantConfig` (plus
@@ -80,32 +67,12 @@ class PiecewiseHfConfig(QuantizationConfigMixin):
         object.__setattr__(self, "_core", core)
         object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
 
-    # ---- the wrapped core config ----------------------------------------------------------------
-
-    @property
-    def core(self) -> PiecewiseQuantConfig:
-        return self.__dict__["_core"]
-
     @classmethod
     def from_core(cls, core: Any) -> "PiecewiseHfConfig":
         return cls(core=as_core_config(core))
 
-    def __getattr__(self, name: str) -> Any:
-        # only called when normal lookup fails; never recurse while half-built (copy/pickle)
-        if name.startswith("__") or name == "_core":
-            raise AttributeError(name)
-        core = self.__dict__.get("_core")
-        if core is not None and name in _CORE_FIELDS:
-            return getattr(core, name)
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CORE_FIELDS:
-            object.__setattr__(self, "_core", dataclasses.replace(self.core, **{name: value}))
-        elif name == "quant_method":
-            if value != QUANT_METHOD:
-                raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {value!r}")
-        else:
+        if not self._set_core_field(name, value):
             object.__setattr__(self, name, value)
 
     def __eq__(self, other: object) -> bool:
@@ -127,39 +94,9 @@ class PiecewiseHfConfig(QuantizationConfigMixin):
     def __reduce__(self):
         return (_rebuild, (self.core.to_dict(),))
 
-    # ---- QuantizationConfigMixin API ------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        data = dict(config_dict)
-        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
-        data.update(used)
-        config = cls(**data)
-        unused = {k: v for k, v in kwargs.items() if k not in used}
-        return (config, unused) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict[str, Any]:
-        """Exactly :meth:`PiecewiseQuantConfig.to_dict` (what ``config.json`` stores)."""
-        return self.core.to_dict()
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
-
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the given core fields (validated together); return the unused kwargs."""
-        used = {k: v for k, v in kwargs.items() if k in _CORE_FIELDS}
-        if used:
-            object.__setattr__(self, "_core", dataclasses.replace(self.core, **used))
-        return {k: v for k, v in kwargs.items() if k not in used}
+        return self._update_core(kwargs)
 
     def get_loading_attributes(self) -> dict[str, Any]:
         return {}
