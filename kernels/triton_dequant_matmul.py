@@ -15,8 +15,22 @@ Layout assumptions (the same as :mod:`.reference`, see :mod:`.packing` and :mod:
 
 Formats, with ``A = 2**(bits-1)``: ``uniform_sym`` ``w = (q - A) s``; ``uniform_asym`` ``w = (q - z) s``;
 ``piecewise`` ``d = q - A``, ``(h, r) = table[k]``, ``w = s * (d if |d| <= h else sign(d)(h + r(|d| - h)))``.
-The weight is dequantized in float32, rounded to ``x``'s dtype (as the reference does) and fed to
-``tl.dot`` with float32 accumulation. Supported: bits 2, 3, 4, 8; x float16/bfloat16/float32.
+The weight is dequantized in float32 and rounded to ``x``'s dtype (as the reference does); products
+accumulate in float32. Supported: bits 2, 3, 4, 8; x float16/bfloat16/float32.
+
+Two kernels, chosen by the number of rows ``M`` of ``x`` (:func:`choose_path`):
+
+* **skinny** (``M <= SKINNY_MAX_M = 16``, decode): split-K GEMV. A program owns ``BLOCK_N`` outputs
+  and a run of K tiles; it loads each packed byte of its weight slice exactly once, contiguously
+  along K, and splits every byte (or 3-byte word for 3 bits) into its codes by shifting ("phases"):
+  phase ``p`` of byte ``j`` is column ``k0 + j * codes_per_byte + p``, so the matching columns of
+  ``x`` are loaded strided instead of reordering the codes. Rows of ``x`` (padded to a power of
+  two) multiply the dequantized phase by broadcast-multiply and ``tl.sum`` on CUDA cores (``tl.dot``
+  needs 16 rows); with 9-16 rows ``tl.dot`` on the padded 16 rows takes over. The fp32 partial
+  sums of the K splits are added atomically into a zeroed fp32 buffer (bias by split 0), then cast
+  to ``x``'s dtype. The number of splits is chosen so there are about two programs per SM.
+* **large** (``M > 16``, prefill): tiles of ``(BLOCK_M, BLOCK_N)`` outputs, each weight tile
+  dequantized once per program inside the K loop and fed to ``tl.dot``.
 
 Import this module lazily (it imports Triton); nothing here touches a GPU at import time.
 """
@@ -33,12 +47,16 @@ import triton.language as tl
 from .grids import piecewise_table
 from .packing import packed_length
 
-__all__ = ["triton_linear", "FORMAT_IDS", "SUPPORTED_BITS"]
+__all__ = ["triton_linear", "choose_path", "FORMAT_IDS", "SUPPORTED_BITS", "SKINNY_MAX_M"]
 
 FORMAT_IDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2}
 SUPPORTED_BITS = (2, 3, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_M_BUCKET = 256
+SKINNY_MAX_M = 16
+# the broadcast-multiply of the skinny kernel materialises BLOCK_M x BLOCK_N x (codes per phase)
+# float32 products: keep that within ~64 registers per thread at 4 warps
+SKINNY_MAX_PRODUCT = 8192
 
 
 def _configs() -> list[triton.Config]:
@@ -136,6 +154,139 @@ def _block_k(group_size: int) -> int:
     return min(group_size & -group_size, 64)
 
 
+# ------------------------------------------------------------------------------ skinny (decode) path
+def _skinny_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    shapes = [(16, 4), (32, 4), (64, 4), (128, 4), (128, 8), (256, 8)]  # (BLOCK_N, num_warps)
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=3) for n, w in shapes]
+
+
+def _codes_per_unit(bits: int) -> int:
+    """Codes in the smallest whole-byte unit of the packing: a byte, or 8 codes in 3 bytes."""
+    return 8 if bits == 3 else 8 // bits
+
+
+def _skinny_block_k(group_size: int, bits: int, m_bucket: int) -> int:
+    """K tile of the skinny kernel: a power of two dividing ``group_size`` (one scale per tile),
+    long for a single row (long contiguous loads), shorter as rows add register pressure."""
+    return max(min(group_size & -group_size, 128 if m_bucket <= 4 else 64), _codes_per_unit(bits))
+
+
+def _prune_skinny(configs, named_args, **kwargs):
+    """Keep configs whose broadcast products fit in registers (the tl.dot branch at 16 rows has no limit)."""
+    block_m = named_args["M_BUCKET"]
+    per_phase = kwargs["BLOCK_K"] // _codes_per_unit(kwargs["BITS"])
+    kept = [c for c in configs if block_m >= 16 or block_m * c.kwargs["BLOCK_N"] * per_phase <= SKINNY_MAX_PRODUCT]
+    return kept or configs[:1]
+
+
+def _tiles_per_split(args) -> int:
+    """K tiles per program: enough K splits for about ``TARGET_PROGRAMS`` programs in all."""
+    n_tiles = triton.cdiv(args["N"], args["BLOCK_N"])
+    k_tiles = args["K"] // args["BLOCK_K"]
+    splits = min(k_tiles, max(1, triton.cdiv(args["TARGET_PROGRAMS"], n_tiles)))
+    return triton.cdiv(k_tiles, splits)
+
+
+@triton.autotune(
+    configs=_skinny_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_K", "BITS", "FMT"],
+    prune_configs_by={"early_config_prune": _prune_skinny},
+    reset_to_zero=["acc_ptr"],
+)
+@triton.heuristics({"TILES_PER_SPLIT": _tiles_per_split})
+@triton.jit
+def _skinny_kernel(
+    x_ptr, qw_ptr, s_ptr, aux_ptr, table_ptr, bias_ptr, acc_ptr,
+    M, N, K, M_BUCKET, TARGET_PROGRAMS,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_ag, TILES_PER_SPLIT,
+    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    CODES: tl.constexpr = 8 if BITS == 3 else 8 // BITS  # codes per packing unit
+    UNIT: tl.constexpr = 3 if BITS == 3 else 1  # bytes per packing unit
+    PER_PHASE: tl.constexpr = BLOCK_K // CODES  # units per row of a K tile
+    USE_DOT: tl.constexpr = BLOCK_M >= 16 and PER_PHASE >= 16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_u = tl.arange(0, PER_PHASE)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    half = (1 << (BITS - 1)) * 1.0
+    x_dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_begin = pid_k * TILES_PER_SPLIT
+    t_end = tl.minimum(t_begin + TILES_PER_SPLIT, K // BLOCK_K)
+    for t in range(t_begin, t_end):
+        k0 = t * BLOCK_K
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if FMT == 1:
+            z = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n).to(tl.float32)[:, None]
+        elif FMT == 2:
+            kid = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n)
+            h = tl.load(table_ptr + kid * 2, mask=mask_n, other=1.0)[:, None]
+            r = tl.load(table_ptr + kid * 2 + 1, mask=mask_n, other=1.0)[:, None]
+        # the (BLOCK_N, PER_PHASE) packing units of this tile: every byte is read once, along K
+        unit_ptrs = qw_ptr + offs_n[:, None] * stride_qn + ((k0 // CODES) + offs_u[None, :]) * UNIT
+        word = tl.load(unit_ptrs, mask=mask_n[:, None], other=0).to(tl.int32)
+        if UNIT == 3:
+            word |= tl.load(unit_ptrs + 1, mask=mask_n[:, None], other=0).to(tl.int32) << 8
+            word |= tl.load(unit_ptrs + 2, mask=mask_n[:, None], other=0).to(tl.int32) << 16
+        for p in tl.static_range(CODES):
+            q = ((word >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            if FMT == 0:
+                lev = q - half
+            elif FMT == 1:
+                lev = q - z
+            else:
+                d = q - half
+                a = tl.abs(d)
+                tail = h + r * (a - h)
+                lev = tl.where(a <= h, d, tl.where(d < 0, -tail, tail))
+            w = (lev * s).to(x_dtype)  # (BLOCK_N, PER_PHASE): columns k0 + u * CODES + p
+            offs_k = k0 + offs_u * CODES + p
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None], other=0.0)
+            if USE_DOT:
+                if DOT_FP32:  # the interpreter's tl.dot multiplies bfloat16 bit patterns (triton#11584)
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+    out_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.atomic_add(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    """About two programs per SM keep every SM streaming weights; the interpreter gets a small
+    target so the tests exercise several K splits."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
+
+
+def choose_path(m: int) -> str:
+    """``"skinny"`` (split-K GEMV) for ``m <= SKINNY_MAX_M`` rows, ``"large"`` (``tl.dot`` tiles) above."""
+    return "skinny" if m <= SKINNY_MAX_M else "large"
+
+
 def triton_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -187,17 +338,38 @@ def triton_linear(
     exact = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     precision = "ieee" if exact else "tf32"
     m_bucket = min(triton.next_power_of_2(M), MAX_M_BUCKET)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-
+    meta = dict(GROUP_SIZE=group_size, BITS=bits, FMT=fmt, HAS_BIAS=bias is not None, PRECISION=precision,
+                DOT_FP32=INTERPRET and x.dtype == torch.bfloat16)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
-        _dequant_matmul_kernel[grid](
-            x2, qweight, scales, aux_arg, table, bias_arg, y,
-            M, N, K, m_bucket,
-            x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), scales.stride(1),
-            aux_arg.stride(0), y.stride(0),
-            GROUP_SIZE=group_size, BITS=bits, FMT=fmt, HAS_BIAS=bias is not None,
-            PRECISION=precision, DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=_block_k(group_size),
-        )
+        if choose_path(M) == "skinny":
+            y = _launch_skinny(x2, qweight, scales, aux_arg, table, bias_arg, M, N, K, m_bucket, meta)
+        else:
+            _launch_large(x2, qweight, scales, aux_arg, table, bias_arg, y, M, N, K, m_bucket, meta, group_size)
     return y.reshape(*lead, N)
+
+
+def _launch_large(x2, qweight, scales, aux_arg, table, bias_arg, y, M, N, K, m_bucket, meta, group_size):
+    def grid(m):
+        return (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))
+
+    _dequant_matmul_kernel[grid](
+        x2, qweight, scales, aux_arg, table, bias_arg, y,
+        M, N, K, m_bucket,
+        x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), scales.stride(1),
+        aux_arg.stride(0), y.stride(0), BLOCK_K=_block_k(group_size), **meta,
+    )
+
+
+def _launch_skinny(x2, qweight, scales, aux_arg, table, bias_arg, M, N, K, m_bucket, meta) -> torch.Tensor:
+    acc = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
+
+    def grid(m):
+        return (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(K // m["BLOCK_K"], m["TILES_PER_SPLIT"]))
+
+    _skinny_kernel[grid](
+        x2, qweight, scales, aux_arg, table, bias_arg, acc,
+        M, N, K, m_bucket, _target_programs(x2.device),
+        x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), scales.stride(1), aux_arg.stride(0),
+        BLOCK_M=m_bucket, BLOCK_K=_skinny_block_k(meta["GROUP_SIZE"], meta["BITS"], m_bucket), **meta,
+    )
+    return acc if x2.dtype == torch.float32 else acc.to(x2.dtype)

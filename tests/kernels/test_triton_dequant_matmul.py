@@ -1,4 +1,5 @@
-"""The Triton dequantize-matmul against the pure-torch reference, under ``TRITON_INTERPRET=1``.
+"""The Triton dequantize-matmul (skinny split-K path for M <= 16, ``tl.dot`` tiles above) against
+the pure-torch reference, under ``TRITON_INTERPRET=1`` on CPU, and on a GPU when there is one.
 
 ``triton.jit`` decides at decoration time (when ``triton_dequant_matmul`` is imported) whether a
 kernel is interpreted, so every kernel run happens in ONE subprocess started with
@@ -9,7 +10,9 @@ on its entry.
 
 Interpreter quirks (Triton 3.9) the tolerances allow for: float32 -> bfloat16 casts truncate
 instead of rounding to nearest even (on a GPU they round), and ``tl.dot`` on bfloat16 operands is
-broken (the kernel upcasts them to float32 under the interpreter, see triton#11584).
+broken (the kernels upcast them to float32 under the interpreter, see triton#11584). The bf16
+tolerance covers the truncation: the dequantized weight and the output are each cut to 8 bits of
+mantissa instead of rounded (relative error up to 2**-7 per element rather than 2**-8).
 """
 
 from __future__ import annotations
@@ -54,40 +57,89 @@ CASES = (
     + [_case("piecewise", 4, "float32", scale_dtype="bfloat16"), _case("uniform_asym", 4, "bfloat16", scale_dtype="float32")]
     + [_case("piecewise", 4, "float16", bias_dtype="float32"), _case("uniform_sym", 2, "float32", strided=True)]
     + [_case("piecewise", 4, "float32", lead=(0,))]
+    # skinny path (M <= 16): every bit width, M 1..16 (9..16 use tl.dot on 16 padded rows when a
+    # phase has >= 16 codes), groups 32..256 (256 spans 8 K tiles of 32), 3-bit with group 16
+    + [_case(f, b, d, lead=(m,), n=40, k=256, gs=gs)
+       for f in FORMATS for b, d, m, gs in ((4, "float16", 16, 128), (3, "bfloat16", 7, 32), (8, "float16", 12, 64))]
+    + [_case(f, b, "float16", lead=(m,), n=24, k=512, gs=256, bias=False) for f in FORMATS for b, m in ((4, 1), (2, 16))]
+    + [_case("piecewise", 3, "float32", lead=(4,), n=24, k=64, gs=16), _case("uniform_asym", 2, "bfloat16", lead=(2, 2))]
 )
-CHECKS = ("import_no_gpu_one_config", "rejects_bad_arguments", "backend_dispatch", "piecewise_tails_used")
+CHECKS = ("import_no_gpu_one_config", "rejects_bad_arguments", "backend_dispatch", "piecewise_tails_used",
+          "skinny_splits_k")
+# realistic shapes for the GPU test: (format, bits, dtype, M, N, K, group size)
+GPU_CASES = [
+    _case(f, b, d, lead=(m,), n=n, k=k, gs=gs)
+    for f in FORMATS
+    for b, d, gs in ((4, "float16", 128), (3, "bfloat16", 128), (8, "float16", 256), (2, "bfloat16", 32))
+    for m, n, k in ((1, 4096, 4096), (16, 11008, 4096), (64, 4096, 11008), (300, 1024, 2048))
+]
 
 
-@pytest.fixture(scope="module")
-def report():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def _expected_path(case) -> str | None:
+    m = 1
+    for d in case["lead"]:
+        m *= d
+    return None if m == 0 else ("skinny" if m <= 16 else "large")
+
+
+def _run_worker(cases, device: str, timeout: int) -> dict:
+    env = {**os.environ}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
     env.pop("PIECEWISE_QUANT_KERNEL_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, __file__], input=json.dumps(CASES), capture_output=True, text=True, env=env, timeout=900
-    )
+    proc = subprocess.run([sys.executable, __file__], input=json.dumps({"device": device, "cases": cases}),
+                          capture_output=True, text=True, env=env, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_matches_reference(report, case):
-    res = report["cases"][case["id"]]
+def _assert_case(res, case):
     assert "error" not in res, res.get("error")
     assert res["shape"] == res["ref_shape"]
     assert res["dtype"] == case["dtype"]
+    assert res["path"] == _expected_path(case), res
     if res["scale"] == 0:  # only the empty-input case has an all-zero output
         assert case["lead"][0] == 0
         return
     assert res["err"] <= TOL[case["dtype"]] * res["scale"], res
 
 
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton")
+    return _run_worker(CASES, "cpu", timeout=900)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_matches_reference(report, case):
+    _assert_case(report["cases"][case["id"]], case)
+
+
 @pytest.mark.parametrize("check", CHECKS)
 def test_check(report, check):
     res = report["checks"][check]
     assert res["ok"], res["msg"]
+
+
+@pytest.mark.gpu
+def test_matches_reference_on_gpu_at_realistic_shapes():
+    """The same comparison compiled for a GPU (no interpreter), on Llama-sized layers."""
+    pytest.importorskip("triton")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rep = _run_worker(GPU_CASES, "cuda", timeout=1800)
+    failures = []
+    for case in GPU_CASES:
+        try:
+            _assert_case(rep["cases"][case["id"]], case)
+        except AssertionError as e:
+            failures.append(f"{case['id']}: {e}")
+    assert not failures, "\n".join(failures)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -104,10 +156,11 @@ def _quantize(torch, fmt, bits, n, k, gs, scale_dtype, seed):
     return t["qweight"], t["scales"], t.get("qzeros", t.get("breakpoint_ids"))
 
 
-def _run_case(torch, ref, triton_linear, c, seed):
+def _run_case(torch, ref, mod, c, seed, device, paths):
     dtype = getattr(torch, c["dtype"])
     n, k, gs, bits = c["n"], c["k"], c["gs"], c["bits"]
     qweight, scales, aux = _quantize(torch, c["fmt"], bits, n, k, gs, c.get("scale_dtype", "float16"), seed)
+    qweight, scales, aux = (t.to(device) if t is not None else None for t in (qweight, scales, aux))
     g = torch.Generator().manual_seed(seed + 1)
     if c.get("strided"):
         x = torch.randn(k, *c["lead"], generator=g).to(dtype).t()  # (M, K) with stride (1, M)
@@ -115,17 +168,34 @@ def _run_case(torch, ref, triton_linear, c, seed):
     else:
         x = torch.randn(*c["lead"], k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(getattr(torch, c.get("bias_dtype", c["dtype"]))) if c["bias"] else None
-    y = triton_linear(x, qweight, scales, aux, bias, c["fmt"], bits, gs, k)
+    x = x.to(device)
+    bias = bias.to(device) if bias is not None else None
+    paths.clear()
+    y = mod.triton_linear(x, qweight, scales, aux, bias, c["fmt"], bits, gs, k)
     y_ref = ref.linear(x, qweight, scales, aux, bias, None, c["fmt"], bits, gs, k)
     err = (y.double() - y_ref.double()).abs().max().item() if y.numel() else 0.0
     scale = y_ref.double().abs().max().item() if y.numel() else 0.0
     return {"err": err, "scale": scale, "shape": list(y.shape), "ref_shape": list(y_ref.shape),
-            "dtype": str(y.dtype).removeprefix("torch.")}
+            "dtype": str(y.dtype).removeprefix("torch."), "path": paths[0] if len(paths) == 1 else None}
 
 
 def _check_import_no_gpu_one_config(torch, mod):
     assert not torch.cuda.is_initialized(), "importing the kernel module initialised CUDA"
-    assert len(mod._dequant_matmul_kernel.configs) == 1, "the interpreter must autotune over exactly one config"
+    for kernel in (mod._dequant_matmul_kernel, mod._skinny_kernel):
+        assert len(kernel.configs) == 1, "the interpreter must autotune over exactly one config"
+
+
+def _check_skinny_splits_k(torch, mod):
+    """The interpreter's skinny config splits K of a (N=40, K=96, group 32) layer over 2 programs per
+    column block (TARGET_PROGRAMS=4), one with 2 K tiles and one with 1, so partial sums are combined."""
+    (cfg,) = mod._skinny_kernel.configs
+    block_k = mod._skinny_block_k(32, 4, 16)
+    args = {"N": 40, "K": 96, "TARGET_PROGRAMS": mod._target_programs(torch.device("cpu")), "BLOCK_K": block_k,
+            **cfg.kwargs}
+    tiles = 96 // block_k
+    per_split = mod._tiles_per_split(args)
+    assert 1 < per_split < tiles, (per_split, tiles)
+    assert mod.choose_path(16) == "skinny" and mod.choose_path(17) == "large"
 
 
 def _check_rejects_bad_arguments(torch, triton_linear):
@@ -191,17 +261,23 @@ def _check_piecewise_tails_used(torch, ref):
 
 
 def _worker() -> None:
-    cases = json.loads(sys.stdin.read())
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    job = json.loads(sys.stdin.read())
+    device, cases = job["device"], job["cases"]
+    assert (os.environ.get("TRITON_INTERPRET") == "1") == (device == "cpu")
     import torch
 
     import piecewise_quant.kernels.triton_dequant_matmul as mod
     from piecewise_quant.kernels import reference as ref
 
+    paths: list[str] = []
+    for name in ("skinny", "large"):  # record which kernel each call launched
+        launch = getattr(mod, f"_launch_{name}")
+        setattr(mod, f"_launch_{name}", lambda *a, _f=launch, _n=name: paths.append(_n) or _f(*a))
+
     out = {"cases": {}, "checks": {}}
     for i, c in enumerate(cases):
         try:
-            out["cases"][c["id"]] = _run_case(torch, ref, mod.triton_linear, c, seed=1000 + i)
+            out["cases"][c["id"]] = _run_case(torch, ref, mod, c, 1000 + i, device, paths)
         except Exception as e:  # reported per case
             out["cases"][c["id"]] = {"error": f"{type(e).__name__}: {e}"}
     checks = {
@@ -209,8 +285,9 @@ def _worker() -> None:
         "rejects_bad_arguments": lambda: _check_rejects_bad_arguments(torch, mod.triton_linear),
         "backend_dispatch": lambda: _check_backend_dispatch(torch, ref),
         "piecewise_tails_used": lambda: _check_piecewise_tails_used(torch, ref),
+        "skinny_splits_k": lambda: _check_skinny_splits_k(torch, mod),
     }
-    for name, fn in checks.items():
+    for name, fn in checks.items() if device == "cpu" else ():  # the checks use CPU tensors
         try:
             fn()
             out["checks"][name] = {"ok": True, "msg": ""}
