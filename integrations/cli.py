@@ -431,17 +431,12 @@ def _dequantized_copy(model):
     """A float copy of a quantized model: every QuantLinear replaced by an nn.Linear holding its
     dequantized weight (the same numbers, computed in float)."""
     import torch
-    from torch import nn
 
     import piecewise_quant as pq
 
     model = copy.deepcopy(model)
     for name, q in pq.quantized_layers(model).items():
-        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=torch.float32)
-        lin.weight.data.copy_(q.dequantize(torch.float32))
-        if q.bias is not None:
-            lin.bias.data.copy_(q.bias.detach())
-        model.set_submodule(name, lin)
+        model.set_submodule(name, q.to_linear(torch.float32))
     return model
 
 

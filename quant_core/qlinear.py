@@ -133,6 +133,18 @@ class QuantLinear(nn.Module):
         """The float ``(out_features, in_features)`` weight these buffers represent."""
         return self.fmt.dequantize(self.quantized_tensors(), self.layer_spec, dtype or self.compute_dtype)
 
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A float ``nn.Linear`` with the dequantized weight (and the bias), on this layer's device,
+        in ``dtype`` (default: the compute dtype); what "dequantize the model" puts in its place."""
+        dtype = dtype or self.compute_dtype
+        device = self.quantized_tensors()["qweight"].device
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
+        linear.weight.copy_(self.dequantize(dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias.to(dtype))
+        return linear
+
     def bits_per_weight(self) -> float:
         return self.fmt.bits_per_weight(self.layer_spec)
 

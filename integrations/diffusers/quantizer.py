@@ -197,7 +197,8 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
             raise CheckpointMismatchError(
                 f"tensor {param_name!r} has shape {list(original.shape)}, expected {[layer.out_features, layer.in_features]}"
             )
-        compute_dtype = kwargs.get("dtype") or original.dtype
+        # the dtype diffusers loads the model in (``param_value`` is already cast to it), not the file's
+        compute_dtype = kwargs.get("dtype") or (param_value.dtype if param_value.is_floating_point() else original.dtype)
         fmt = get_format(layer.spec.grid)
         weight = original.to(device=device, dtype=torch.float32 if original.dtype == torch.float64 else original.dtype)
         q = DiffusionQuantLinear(layer, fmt, module.bias is not None, device=device, dtype=compute_dtype,
@@ -252,13 +253,7 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
         for name, module in list(model.named_modules()):
             if not isinstance(module, DiffusionQuantLinear):
                 continue
-            dtype = module.compute_dtype
-            device = module.qweight.device
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device, dtype=dtype)
-            linear.weight.copy_(module.dequantize(dtype))
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.to(dtype))
-            model.set_submodule(name, linear)
+            model.set_submodule(name, module.to_linear())
         remove_timestep_hook(model)
         if hasattr(model, "piecewise_quant_config"):
             del model.piecewise_quant_config

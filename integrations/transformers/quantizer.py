@@ -337,13 +337,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if not isinstance(module, pq.QuantLinear):
                 continue
-            out_dtype = dtype if isinstance(dtype, torch.dtype) else module.compute_dtype
-            device = module.quantized_tensors()["qweight"].device
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device, dtype=out_dtype)
-            linear.weight.copy_(module.dequantize(out_dtype))
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.to(out_dtype))
-            model.set_submodule(name, linear)
+            model.set_submodule(name, module.to_linear(dtype if isinstance(dtype, torch.dtype) else None))
         if hasattr(model, "piecewise_quant_config"):
             del model.piecewise_quant_config
         return model

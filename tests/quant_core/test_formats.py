@@ -248,3 +248,21 @@ def test_quantization_ignores_the_default_dtype(grid):
     finally:
         torch.set_default_dtype(previous)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_to_linear_is_the_dequantized_layer():
+    """``QuantLinear.to_linear`` (what dequantizing a model puts in place): same outputs as the
+    quantized layer, bias kept, in the asked dtype."""
+    import piecewise_quant as pq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24))
+    pq.quantize(model, pq.PiecewiseQuantConfig(bits=4, group_size=32, modules_to_not_convert=[]), progress=False)
+    q = model[0]
+    x = torch.randn(5, 64)
+    lin = q.to_linear()
+    assert type(lin) is torch.nn.Linear and lin.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(lin(x), q(x), rtol=0, atol=1e-6)
+        assert torch.equal(lin.bias, q.bias)
+    assert q.to_linear(torch.bfloat16).weight.dtype == torch.bfloat16

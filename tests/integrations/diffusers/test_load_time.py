@@ -139,3 +139,20 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(saved_float, tmp_p
     cfg_path.write_text(json.dumps(conf))
     with pytest.raises(CheckpointMismatchError, match="shape"):
         cls.from_pretrained(tmp_path)
+
+
+def test_layers_compute_in_the_dtype_the_model_is_loaded_in(saved_float, dfh, tmp_path):
+    """A float16 file loaded as float32 (diffusers' default) gives float32 layers, so
+    ``dequantize()`` puts float32 ``nn.Linear`` layers back and the model still runs."""
+    cls, path, x, _ = saved_float["tiny_dit"]
+    half = tmp_path / "fp16"
+    cls.from_pretrained(path).to(torch.float16).save_pretrained(half)
+    model = cls.from_pretrained(half, quantization_config=pq.PiecewiseQuantConfig(bits=4, group_size=16, modules_to_not_convert=[]))
+    layers = [m for m in model.modules() if isinstance(m, DiffusionQuantLinear)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.float32}
+    assert {m.bias.dtype for m in layers if m.bias is not None} == {torch.float32}
+    quantized = dfh.denoise(model, x)
+    model.dequantize()
+    assert not any(isinstance(m, pq.QuantLinear) for m in model.modules())
+    assert {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear} == {torch.float32}
+    assert torch.allclose(dfh.denoise(model, x), quantized, rtol=1e-4, atol=1e-4)
