@@ -17,10 +17,7 @@ mantissa instead of rounded (relative error up to 2**-7 per element rather than 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -82,21 +79,6 @@ def _expected_path(case) -> str | None:
     return None if m == 0 else ("skinny" if m <= 16 else "large")
 
 
-def _run_worker(cases, device: str, timeout: int) -> dict:
-    env = {**os.environ}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env.pop("PIECEWISE_QUANT_KERNEL_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], input=json.dumps({"device": device, "cases": cases}),
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1])
-
-
 def _assert_case(res, case):
     assert "error" not in res, res.get("error")
     assert res["shape"] == res["ref_shape"]
@@ -109,9 +91,9 @@ def _assert_case(res, case):
 
 
 @pytest.fixture(scope="module")
-def report():
+def report(kernel_worker):
     pytest.importorskip("triton")
-    return _run_worker(CASES, "cpu", timeout=900)
+    return kernel_worker.run(__file__, CASES, "cpu", timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -126,20 +108,13 @@ def test_check(report, check):
 
 
 @pytest.mark.gpu
-def test_matches_reference_on_gpu_at_realistic_shapes():
+def test_matches_reference_on_gpu_at_realistic_shapes(kernel_worker):
     """The same comparison compiled for a GPU (no interpreter), on Llama-sized layers."""
     pytest.importorskip("triton")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    rep = _run_worker(GPU_CASES, "cuda", timeout=1800)
-    failures = []
-    for case in GPU_CASES:
-        try:
-            _assert_case(rep["cases"][case["id"]], case)
-        except AssertionError as e:
-            failures.append(f"{case['id']}: {e}")
-    assert not failures, "\n".join(failures)
+    kernel_worker.assert_every_case(GPU_CASES, kernel_worker.run(__file__, GPU_CASES, "cuda", timeout=1800), _assert_case)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -261,10 +236,8 @@ def _check_piecewise_tails_used(torch, ref):
 
 
 def _worker() -> None:
-    job = json.loads(sys.stdin.read())
-    device, cases = job["device"], job["cases"]
-    assert (os.environ.get("TRITON_INTERPRET") == "1") == (device == "cpu")
     import torch
+    from _kernel_worker import serve
 
     import piecewise_quant.kernels.triton_dequant_matmul as mod
     from piecewise_quant.kernels import reference as ref
@@ -274,26 +247,16 @@ def _worker() -> None:
         launch = getattr(mod, f"_launch_{name}")
         setattr(mod, f"_launch_{name}", lambda *a, _f=launch, _n=name: paths.append(_n) or _f(*a))
 
-    out = {"cases": {}, "checks": {}}
-    for i, c in enumerate(cases):
-        try:
-            out["cases"][c["id"]] = _run_case(torch, ref, mod, c, 1000 + i, device, paths)
-        except Exception as e:  # reported per case
-            out["cases"][c["id"]] = {"error": f"{type(e).__name__}: {e}"}
-    checks = {
-        "import_no_gpu_one_config": lambda: _check_import_no_gpu_one_config(torch, mod),
-        "rejects_bad_arguments": lambda: _check_rejects_bad_arguments(torch, mod.triton_linear),
-        "backend_dispatch": lambda: _check_backend_dispatch(torch, ref),
-        "piecewise_tails_used": lambda: _check_piecewise_tails_used(torch, ref),
-        "skinny_splits_k": lambda: _check_skinny_splits_k(torch, mod),
-    }
-    for name, fn in checks.items() if device == "cpu" else ():  # the checks use CPU tensors
-        try:
-            fn()
-            out["checks"][name] = {"ok": True, "msg": ""}
-        except Exception as e:
-            out["checks"][name] = {"ok": False, "msg": f"{type(e).__name__}: {e}"}
-    print(json.dumps(out))
+    serve(
+        {
+            "import_no_gpu_one_config": lambda: _check_import_no_gpu_one_config(torch, mod),
+            "rejects_bad_arguments": lambda: _check_rejects_bad_arguments(torch, mod.triton_linear),
+            "backend_dispatch": lambda: _check_backend_dispatch(torch, ref),
+            "piecewise_tails_used": lambda: _check_piecewise_tails_used(torch, ref),
+            "skinny_splits_k": lambda: _check_skinny_splits_k(torch, mod),
+        },
+        lambda c, i, device: _run_case(torch, ref, mod, c, 1000 + i, device, paths),
+    )
 
 
 if __name__ == "__main__":

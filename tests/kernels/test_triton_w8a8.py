@@ -13,10 +13,7 @@ under the interpreter the producer rounds to the E4M3 grid itself before the cas
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -55,21 +52,6 @@ GPU_CASES = [_case(kind, d, lead=(m,), n=n, k=k)
              for m, n, k in ((1, 4096, 4096), (16, 11008, 4096), (256, 4096, 11008), (1000, 2048, 2048))]
 
 
-def _run_worker(cases, device: str, timeout: int) -> dict:
-    env = {**os.environ}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    env.pop("PIECEWISE_QUANT_KERNEL_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], input=json.dumps({"device": device, "cases": cases}),
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1])
-
-
 def _assert_case(res, case):
     assert "error" not in res, res.get("error")
     assert res["shape"] == res["ref_shape"]
@@ -81,9 +63,9 @@ def _assert_case(res, case):
 
 
 @pytest.fixture(scope="module")
-def report():
+def report(kernel_worker):
     pytest.importorskip("triton")
-    return _run_worker(CASES, "cpu", timeout=600)
+    return kernel_worker.run(__file__, CASES, "cpu", timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -98,21 +80,14 @@ def test_check(report, check):
 
 
 @pytest.mark.gpu
-def test_matches_reference_on_gpu_at_realistic_shapes():
+def test_matches_reference_on_gpu_at_realistic_shapes(kernel_worker):
     """The same comparison compiled for a GPU; FP8 cases need compute capability 8.9+."""
     pytest.importorskip("triton")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     cases = GPU_CASES if torch.cuda.get_device_capability() >= (8, 9) else [c for c in GPU_CASES if c["kind"] == "int8"]
-    rep = _run_worker(cases, "cuda", timeout=1800)
-    failures = []
-    for case in cases:
-        try:
-            _assert_case(rep["cases"][case["id"]], case)
-        except AssertionError as e:
-            failures.append(f"{case['id']}: {e}")
-    assert not failures, "\n".join(failures)
+    kernel_worker.assert_every_case(cases, kernel_worker.run(__file__, cases, "cuda", timeout=1800), _assert_case)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -248,33 +223,21 @@ def _check_backend_dispatch(torch, ref):
 
 
 def _worker() -> None:
-    job = json.loads(sys.stdin.read())
-    device, cases = job["device"], job["cases"]
-    assert (os.environ.get("TRITON_INTERPRET") == "1") == (device == "cpu")
     import torch
+    from _kernel_worker import serve
 
     import piecewise_quant.kernels.triton_w8a8 as mod
     from piecewise_quant.kernels import reference as ref
 
-    out = {"cases": {}, "checks": {}}
-    checks = {  # the import check first: later cases may initialise CUDA
-        "import_no_gpu_one_config": lambda: _check_import_no_gpu_one_config(torch, mod),
-        "activation_codes_exact": lambda: _check_activation_codes_exact(torch, ref, mod),
-        "rejects_bad_arguments": lambda: _check_rejects_bad_arguments(torch, mod),
-        "backend_dispatch": lambda: _check_backend_dispatch(torch, ref),
-    }
-    for name, fn in checks.items() if device == "cpu" else ():  # the checks use CPU tensors
-        try:
-            fn()
-            out["checks"][name] = {"ok": True, "msg": ""}
-        except Exception as e:
-            out["checks"][name] = {"ok": False, "msg": f"{type(e).__name__}: {e}"}
-    for i, c in enumerate(cases):
-        try:
-            out["cases"][c["id"]] = _run_case(torch, ref, mod, c, 2000 + 2 * i, device)
-        except Exception as e:  # reported per case
-            out["cases"][c["id"]] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(out))
+    serve(
+        {
+            "import_no_gpu_one_config": lambda: _check_import_no_gpu_one_config(torch, mod),
+            "activation_codes_exact": lambda: _check_activation_codes_exact(torch, ref, mod),
+            "rejects_bad_arguments": lambda: _check_rejects_bad_arguments(torch, mod),
+            "backend_dispatch": lambda: _check_backend_dispatch(torch, ref),
+        },
+        lambda c, i, device: _run_case(torch, ref, mod, c, 2000 + 2 * i, device),
+    )
 
 
 if __name__ == "__main__":
