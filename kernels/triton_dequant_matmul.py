@@ -37,22 +37,18 @@ Import this module lazily (it imports Triton); nothing here touches a GPU at imp
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .grids import piecewise_table
 from .packing import packed_length
+from .triton_common import INTERPRET, bucket_m, on_device, prune_by_m_bucket
 
 __all__ = ["triton_linear", "choose_path", "FORMAT_IDS", "SUPPORTED_BITS", "SKINNY_MAX_M"]
 
 FORMAT_IDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2}
 SUPPORTED_BITS = (2, 3, 4, 8)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_M_BUCKET = 256
 SKINNY_MAX_M = 16
 # the broadcast-multiply of the skinny kernel materialises BLOCK_M x BLOCK_N x (codes per phase)
 # float32 products: keep that within ~64 registers per thread at 4 warps
@@ -68,13 +64,6 @@ def _configs() -> list[triton.Config]:
         (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose M tile is much larger than the (bucketed) number of rows."""
-    limit = max(16, named_args["M_BUCKET"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
-    return kept or configs[:1]
 
 
 @triton.jit
@@ -95,7 +84,7 @@ def _extract(base_ptr, idx, BITS: tl.constexpr, mask):
 @triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "K", "BLOCK_K", "BITS", "FMT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_by_m_bucket},
 )
 @triton.jit
 def _dequant_matmul_kernel(
@@ -337,10 +326,10 @@ def triton_linear(
     # float32 follows torch's matmul setting (TF32 off by default); the knob is moot for 16-bit inputs
     exact = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     precision = "ieee" if exact else "tf32"
-    m_bucket = min(triton.next_power_of_2(M), MAX_M_BUCKET)
+    m_bucket = bucket_m(M)
     meta = dict(GROUP_SIZE=group_size, BITS=bits, FMT=fmt, HAS_BIAS=bias is not None, PRECISION=precision,
                 DOT_FP32=INTERPRET and x.dtype == torch.bfloat16)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+    with on_device(x):  # launch on x's GPU
         if choose_path(M) == "skinny":
             y = _launch_skinny(x2, qweight, scales, aux_arg, table, bias_arg, M, N, K, m_bucket, meta)
         else:

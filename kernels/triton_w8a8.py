@@ -27,19 +27,15 @@ Import this module lazily (it imports Triton); nothing here touches a GPU at imp
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .packing import packed_length
+from .triton_common import INTERPRET, bucket_m, on_device, prune_by_m_bucket
 
 __all__ = ["w8a8_linear", "quantize_activation_8bit", "W8A8_PAIRS", "FP8_MAX"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_M_BUCKET = 256
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 # (weight_format, act_format) pairs this module runs
@@ -108,14 +104,7 @@ def _configs() -> list[triton.Config]:
             for m, n, k, w, s in shapes]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose M tile is much larger than the (bucketed) number of rows."""
-    limit = max(16, named_args["M_BUCKET"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
-    return kept or configs[:1]
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "FP8"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "FP8"], prune_configs_by={"early_config_prune": prune_by_m_bucket})
 @triton.jit
 def _w8a8_kernel(
     a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr,
@@ -183,7 +172,7 @@ def quantize_activation_8bit(
         return q, s
     scale_arg = act_scale.to(device=x.device, dtype=torch.float32).reshape(1) if static else s
     block = min(ACT_BLOCK, triton.next_power_of_2(max(K, 1)))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         _act_quant_kernel[(M,)](
             x, q, s, scale_arg, K, x.stride(0), q.stride(0), float(clip_ratio),
             QMAX=FP8_MAX if fp8 else INT8_MAX, STATIC=static, FP8=fp8, FP8_GRID_FIX=INTERPRET and fp8, BLOCK=block,
@@ -240,12 +229,12 @@ def w8a8_linear(
     xq, sx = quantize_activation_8bit(x2, act_format, act_mode, act_scale, clip_ratio)
     qweight = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
     bias_arg = bias.to(x.dtype).contiguous() if bias is not None else y
-    m_bucket = min(triton.next_power_of_2(M), MAX_M_BUCKET)
+    m_bucket = bucket_m(M)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         _w8a8_kernel[grid](
             xq, qweight, sx, scales, bias_arg, y,
             M, N, K, m_bucket,
