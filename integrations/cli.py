@@ -432,12 +432,9 @@ def _dequantized_copy(model):
     dequantized weight (the same numbers, computed in float)."""
     import torch
 
-    import piecewise_quant as pq
+    from piecewise_quant.quantization import dequantize_layers
 
-    model = copy.deepcopy(model)
-    for name, q in pq.quantized_layers(model).items():
-        model.set_submodule(name, q.to_linear(torch.float32))
-    return model
+    return dequantize_layers(copy.deepcopy(model), torch.float32)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ from .config import LayerSpec, PiecewiseQuantConfig, QuantSpec
 from .qlinear import QuantLinear
 from .registry import get_format
 
-__all__ = ["quantize", "plan_layers", "layer_spec_for", "calibrate_activation_scales", "quantized_layers"]
+__all__ = [
+    "quantize", "plan_layers", "layer_spec_for", "calibrate_activation_scales", "quantized_layers", "dequantize_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,18 @@ def _record_in_host_config(model: nn.Module, config: PiecewiseQuantConfig) -> No
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def dequantize_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``QuantLinear`` of ``model`` (in place) by its dequantized ``nn.Linear``
+    (:meth:`QuantLinear.to_linear`, in ``dtype`` or each layer's compute dtype) and forget the
+    quantization plan; returns ``model``. What the hosts' ``model.dequantize()`` runs."""
+    for name, layer in quantized_layers(model).items():
+        model.set_submodule(name, layer.to_linear(dtype))
+    if hasattr(model, "piecewise_quant_config"):
+        del model.piecewise_quant_config
+    return model
 
 
 @torch.no_grad()

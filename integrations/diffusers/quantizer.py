@@ -248,16 +248,12 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
 
     @torch.no_grad()
     def _dequantize(self, model: nn.Module) -> nn.Module:
-        from .layers import DiffusionQuantLinear, remove_timestep_hook
+        from piecewise_quant.quantization import dequantize_layers
 
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, DiffusionQuantLinear):
-                continue
-            model.set_submodule(name, module.to_linear())
+        from .layers import remove_timestep_hook
+
         remove_timestep_hook(model)
-        if hasattr(model, "piecewise_quant_config"):
-            del model.piecewise_quant_config
-        return model
+        return dequantize_layers(model)
 
 
 def _finish_registration() -> None:

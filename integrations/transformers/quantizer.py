@@ -332,15 +332,9 @@ class PiecewiseHfQuantizer(HfQuantizer):
 
     @torch.no_grad()
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        pq = _core()
+        from piecewise_quant.quantization import dequantize_layers
 
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, pq.QuantLinear):
-                continue
-            model.set_submodule(name, module.to_linear(dtype if isinstance(dtype, torch.dtype) else None))
-        if hasattr(model, "piecewise_quant_config"):
-            del model.piecewise_quant_config
-        return model
+        return dequantize_layers(model, dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def _finish_registration() -> None:
