@@ -185,6 +185,15 @@ CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_known_fields(cls: type, data: Mapping[str, Any], what: str, hidden: frozenset[str] = frozenset()) -> None:
+    """Raise ``ValueError`` listing the keys of ``data`` that are not fields of the dataclass
+    ``cls`` (``what`` names them in the message), with the allowed ones except ``hidden``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; allowed: {sorted(known - hidden)}")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Data-aware calibration: which algorithms run and on what data.
@@ -334,10 +343,7 @@ class CalibrationConfig:
         if isinstance(value, str):
             return cls.preset(value)
         if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown calibration fields {unknown}; allowed: {sorted(known)}")
+            check_known_fields(cls, value, "calibration fields")
             return cls(**value)
         raise ValueError(
             f"calibration must be a CalibrationConfig, a dict of its fields or a preset name "
@@ -482,10 +488,7 @@ class PiecewiseQuantConfig(QuantSpec):
             raise ValueError(
                 f"quantization_config has quant_method={method!r}; piecewise-quant reads only {QUANT_METHOD!r}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown quantization_config fields {unknown}; allowed: {sorted(known - {'quant_method'})}")
+        check_known_fields(cls, data, "quantization_config fields", hidden=frozenset({"quant_method"}))
         if "modules_to_not_convert" in data and data["modules_to_not_convert"] is not None:
             data["modules_to_not_convert"] = tuple(data["modules_to_not_convert"])
         return cls(**data)

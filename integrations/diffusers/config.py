@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from piecewise_quant.config import PiecewiseQuantConfig
+from piecewise_quant.config import PiecewiseQuantConfig, check_known_fields
 
 from .._hostconfig import CoreConfigFace, PiecewiseMethod
 
@@ -92,10 +92,7 @@ class DiffusionOptions:
         if isinstance(value, DiffusionOptions):
             return value
         if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown diffusion options {unknown}; allowed: {sorted(known)}")
+            check_known_fields(cls, value, "diffusion options")
             return cls(**value)
         raise ValueError(f"diffusion must be a DiffusionOptions or a dict of its fields; got {value!r}")
 
