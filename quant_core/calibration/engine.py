@@ -230,8 +230,8 @@ def calibrate(
         config = dataclasses.replace(config, calibration=cal)
     if quantized_layers(model):
         raise ValueError("the model already has QuantLinear layers; calibrate a float model (load it without quantization_config)")
-    if cal.algorithm is not None:
-        get_calibration_algorithm(cal.algorithm)  # an unknown name fails before any work
+    # looked up once, before any work: an unknown name fails at once
+    algorithm = get_calibration_algorithm(cal.algorithm) if cal.algorithm is not None else None
     plan = plan_layers(model, config)
     if not plan:
         raise ValueError("found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)")
@@ -277,7 +277,7 @@ def calibrate(
             fp_out = run_block(block, inputs, fp)
             held += sum(t.numel() * t.element_size() for t in fp_out)
             report.peak_held_mb = max(report.peak_held_mb, held / 2**20)
-            folded, lwc_loss = _calibrate_block(block, names, plan, cal, inputs, q, fp_out, report)
+            folded, lwc_loss = _calibrate_block(block, names, plan, cal, algorithm, inputs, q, fp_out, report)
             q_out = run_block(block, inputs, q)
             rel = relative_error(q_out, fp_out)
             report.blocks.append(BlockReport(i, rel, folded, lwc_loss, time.perf_counter() - t0))
@@ -311,7 +311,7 @@ def calibrate(
 
 
 def _calibrate_block(
-    block: nn.Module, names: dict[str, str], plan: dict[str, LayerSpec], cal: CalibrationConfig,
+    block: nn.Module, names: dict[str, str], plan: dict[str, LayerSpec], cal: CalibrationConfig, algorithm: Any,
     inputs: BlockInputs, q: list[torch.Tensor], fp_out: list[torch.Tensor], report: CalibrationReport,
 ) -> tuple[int, tuple[float, float] | None]:
     layers = {rel: plan[full] for rel, full in names.items()}
@@ -401,7 +401,7 @@ def _calibrate_block(
                 tensors, note = gptq_out[rel]
             elif cal.algorithm is not None:
                 ctx = LayerCalibration(full, layer, fmt, params[rel], st.hessian(), st.importance(), st.tokens)
-                tensors = _run_algorithm(cal.algorithm, linear.weight.detach(), ctx)
+                tensors = _run_algorithm(cal.algorithm, algorithm, linear.weight.detach(), ctx)
                 method[rel] = cal.algorithm + ("+lwc" if method[rel] == "lwc" else "")
                 note = ""
             else:
@@ -441,10 +441,9 @@ def _calibrate_block(
     return folded, lwc_loss
 
 
-def _run_algorithm(name: str, weight: torch.Tensor, ctx: LayerCalibration) -> dict[str, torch.Tensor]:
+def _run_algorithm(name: str, algorithm: Any, weight: torch.Tensor, ctx: LayerCalibration) -> dict[str, torch.Tensor]:
     """Call a plugin algorithm on a copy of the weight (it cannot corrupt the model) and check
     that it returned finite tensors by name; shapes and dtypes are checked on loading."""
-    algorithm = get_calibration_algorithm(name)
     with torch.no_grad():
         tensors = algorithm(weight.clone(), ctx)
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
