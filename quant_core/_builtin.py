@@ -27,7 +27,9 @@ def piecewise_quant_register_observers(register):
 
 @hookimpl
 def piecewise_quant_register_kernel_backends(register):
+    from .kernels.cpu_backend import cpu_backend
     from .kernels.triton_backend import triton_backend
 
     register(triton_backend())
+    register(cpu_backend())
 

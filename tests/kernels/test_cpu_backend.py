@@ -1,0 +1,254 @@
+"""The CPU kernel backend (``kernels/cpu_backend.py`` + the compiled ``_pq_cpu``) against the reference.
+
+Every built-in format, group size, activation dtype and activation-quantization mode is compared with
+the product of the dequantized weight computed in float64, on both instruction-set tiers this machine
+has (``PIECEWISE_QUANT_CPU_TIER=1`` forces the AVX2 kernels), for a single row (the fused kernels),
+a few rows and many rows (dequantized blocks + torch's GEMM).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+
+import pytest
+import torch
+
+import piecewise_quant as pq
+from piecewise_quant.kernels import cpu_backend, ops, reference
+from piecewise_quant.kernels.backends import ENV_FORCE
+
+pytestmark = pytest.mark.skipif(
+    not cpu_backend.status()["available"], reason=f"CPU kernels unavailable: {cpu_backend.status()['reason']}"
+)
+
+# relative error (Frobenius norm) against the float64 product, by activation dtype: fp32 keeps fp32
+# accuracy; bf16/fp16 outputs are rounded to their dtype
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1.5e-3}
+
+FORMATS = [
+    ("uniform", 4, True), ("uniform", 4, False), ("uniform", 3, False), ("uniform", 2, True),
+    ("uniform", 8, True), ("uniform", 8, False),
+    ("piecewise", 4, None), ("piecewise", 3, None), ("piecewise", 2, None), ("piecewise", 8, None),
+]
+
+
+def _quantized(grid, bits, group_size, symmetric=None, k=256, n=48, bias=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    cfg = dict(grid=grid, bits=bits, group_size=group_size, observer="minmax", **kw)
+    if symmetric is not None:
+        cfg["symmetric"] = symmetric
+    return pq.quantize(torch.nn.Sequential(lin), pq.PiecewiseQuantConfig(**cfg), progress=False)[0]
+
+
+def _relerr(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _expected(q, x):
+    w = q.dequantize(torch.float64)
+    y = x.double() @ w.t()
+    if q.bias is not None:
+        y = y + q.bias.double()
+    return y
+
+
+@pytest.fixture(params=["best", "avx2"])
+def tier(request, monkeypatch):
+    if request.param == "avx2":
+        monkeypatch.setenv("PIECEWISE_QUANT_CPU_TIER", "1")
+    return request.param
+
+
+@pytest.mark.parametrize("grid,bits,sym", FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("group", [32, 128, "channel"])
+def test_every_format_matches_the_float64_product(tier, grid, bits, sym, group):
+    q = _quantized(grid, bits, group, sym)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (1, 3, cpu_backend.GEMV_MAX_ROWS + 5):
+            x = torch.randn(m, q.in_features).to(dtype)
+            y = q(x)
+            assert y.dtype == dtype and y.shape == (m, q.out_features)
+            err = _relerr(y, _expected(q, x))
+            assert err < TOL[dtype], (grid, bits, group, dtype, m, err)
+
+
+@pytest.mark.parametrize("group", [64, 256, "tensor", 40])
+def test_other_group_sizes_and_ragged_shapes(tier, group):
+    k = 280 if group == 40 else 512
+    for grid, bits, sym in (("uniform", 4, False), ("piecewise", 3, None), ("uniform", 8, True)):
+        q = _quantized(grid, bits, group, sym, k=k, n=37, bias=True)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 5, k).to(dtype)
+            y = q(x)
+            assert y.shape == (2, 5, 37)
+            assert _relerr(y, _expected(q, x)) < TOL[dtype]
+
+
+def test_fp8_weights(tier):
+    for group in ("channel", "tensor"):
+        q = _quantized("fp8", 8, group, k=256, n=40)
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(3, 256).to(dtype)
+            assert _relerr(q(x), _expected(q, x)) < TOL[dtype]
+
+
+def test_non_contiguous_3d_inputs_bias_and_empty_batches():
+    q = _quantized("piecewise", 4, 128, k=256, n=64, bias=True)
+    x = torch.randn(256, 6, 3).permute(2, 1, 0)  # (3, 6, 256), last dim strided
+    assert not x.is_contiguous()
+    y = q(x)
+    torch.testing.assert_close(y, _expected(q, x.contiguous()).float(), rtol=2e-6, atol=2e-6)
+    assert q(torch.randn(0, 256)).shape == (0, 64)
+    assert q(torch.randn(2, 0, 256)).shape == (2, 0, 64)
+
+
+@pytest.mark.parametrize("act_bits,mode,topk", [(8, "dynamic_per_token", 0), (8, "dynamic_per_token", 2),
+                                                (4, "dynamic_per_token", 0), (8, "static_per_tensor", 0)])
+@pytest.mark.parametrize("grid,bits,sym", [("uniform", 8, True), ("uniform", 4, False), ("piecewise", 4, None)])
+def test_integer_activations_follow_the_reference_quantizer(grid, bits, sym, act_bits, mode, topk):
+    q = _quantized(grid, bits, "channel" if bits == 8 else 128, sym, act_bits=act_bits, act_mode=mode,
+                   act_topk=topk, act_clip_ratio=0.9)
+    if q.act_scale is not None:
+        q.act_scale.fill_(0.02)
+    for m in (1, 4, cpu_backend.GEMV_MAX_ROWS + 3):
+        x = torch.randn(m, q.in_features)
+        act = q._act_args()
+        xq = reference.quantize_activation(x, act[1], act[2], act[0], act[3], act[4])
+        expected = xq.double() @ q.dequantize(torch.float64).t()
+        assert _relerr(q(x), expected) < 2e-6
+
+
+def test_fp8_activations_follow_the_reference_quantizer():
+    q = _quantized("fp8", 8, "channel", act_bits=8, act_format="fp8")
+    x = torch.randn(2, q.in_features)
+    xq = reference.quantize_activation(x, "fp8_e4m3", "dynamic_per_token", None, 1.0, 0)
+    assert _relerr(q(x), xq.double() @ q.dequantize(torch.float64).t()) < 2e-6
+
+
+def test_nan_activations_give_nan_like_the_reference():
+    q = _quantized("uniform", 4, 128)
+    x = torch.randn(2, 256)
+    x[0, 7] = float("nan")
+    y = q(x)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    q = _quantized("piecewise", 4, 128, k=1024, n=512)
+    x = torch.randn(2, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = q(x)
+        torch.set_num_threads(2)
+        two = q(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_the_backend_is_chosen_and_the_reference_is_the_fallback(monkeypatch):
+    from piecewise_quant.kernels import select_backend
+
+    pq.qlinear.ensure_runtime()
+    assert select_backend("cpu", "piecewise", 4, 128, torch.float32, "none").name == "cpu"
+    monkeypatch.setenv(ENV_FORCE, "reference")
+    assert select_backend("cpu", "piecewise", 4, 128, torch.float32, "none") is None
+
+
+def test_missing_extension_warns_once_and_uses_the_reference(monkeypatch):
+    q = _quantized("uniform", 4, 128)
+    x = torch.randn(2, 256)
+    monkeypatch.setattr(cpu_backend, "_extension", lambda: (None, "the compiled extension is missing (test)"))
+    monkeypatch.setattr(cpu_backend, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="compiled extension is missing"):
+        y = q(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q(x)  # no second warning
+    monkeypatch.setenv(ENV_FORCE, "reference")
+    torch.testing.assert_close(y, q(x), rtol=0, atol=0)
+
+
+def test_gradients_through_the_cpu_kernels_match_the_float_layer():
+    q = _quantized("piecewise", 4, 128, bias=True)
+    q.bias.requires_grad_(True)
+    x = torch.randn(3, 256, requires_grad=True)
+    q(x).square().sum().backward()
+    w = q.dequantize().detach()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = q.bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, w, b2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.bias.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+def _safetensors_parts(path):
+    """(parsed header, data bytes): the header's JSON key order is not stable across saves
+    (safetensors keeps metadata in a hash map), so it is compared parsed; the data byte for byte."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def test_running_the_kernels_leaves_the_checkpoint_bytes_unchanged(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    pq.quantize(model, pq.PiecewiseQuantConfig(bits=4, group_size=128), progress=False)
+    pq.save_quantized(model, tmp_path / "before")
+    with torch.no_grad():
+        for m in (1, 7, 40):
+            model(torch.randn(m, 256))
+    pq.save_quantized(model, tmp_path / "after")
+    files = sorted(f.name for f in (tmp_path / "before").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "after").iterdir())
+    for name in files:
+        before, after = tmp_path / "before" / name, tmp_path / "after" / name
+        if name.endswith(".safetensors"):
+            assert _safetensors_parts(before) == _safetensors_parts(after), name
+        else:
+            assert before.read_bytes() == after.read_bytes(), name
+
+
+def test_quantized_layer_holds_no_float_copy_of_its_weight():
+    q = _quantized("uniform", 4, 128, k=1024, n=512)
+    stored = sum(t.numel() * t.element_size() for t in q.quantized_tensors().values())
+    q(torch.randn(1, 1024))
+    q(torch.randn(40, 1024))
+    resident = sum(b.numel() * b.element_size() for b in q.buffers()) + sum(
+        p.numel() * p.element_size() for p in q.parameters())
+    assert resident <= 1.1 * stored
+
+
+def test_explain_names_the_kernel_or_the_reason():
+    isa = cpu_backend.status()["isa"]
+    assert cpu_backend.explain("piecewise", 4, 128, 4096).startswith(f"cpu {isa}")
+    assert cpu_backend.explain("uniform_sym", 4, 12, 96).startswith("reference (group size 12")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are x86-64 only")
+def test_the_extension_is_built_on_this_platform():
+    assert cpu_backend.status()["available"], cpu_backend.status()["reason"]
+
+
+def test_the_op_dispatches_to_the_cpu_backend(monkeypatch):
+    q = _quantized("uniform", 4, 128)
+    calls = []
+    real = cpu_backend._linear
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    pq.qlinear.ensure_runtime()
+    from piecewise_quant.kernels import backends
+
+    backend = backends.registered_backends()["cpu"]
+    monkeypatch.setitem(backends._BACKENDS, "cpu", backend.__class__(backend.name, backend.device_type, backend.supports,
+                                                                      counting, backend.priority))
+    t = q.quantized_tensors()
+    ops.linear(torch.randn(2, 256), t["qweight"], t["scales"], t.get("qzeros"), None, None, "uniform_asym", 4, 128, 256,
+               "none", "dynamic_per_token", 1.0, 0)
+    assert calls
