@@ -289,6 +289,12 @@ def _quantize(args: argparse.Namespace) -> int:
             modules_to_not_convert=skip, overrides=overrides,
         )
         pq.get_format(config.grid).validate(config.default_spec)  # bits the grid lacks, before loading
+        for pattern, spec in zip(config.overrides, config._override_specs):
+            if spec is not None:
+                try:
+                    pq.get_format(spec.grid).validate(spec)
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

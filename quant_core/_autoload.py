@@ -41,6 +41,7 @@ HOOKS: dict[str, tuple[str, str]] = {
     "transformers.quantizers.auto": ("piecewise_quant.integrations.transformers", "register_with_transformers"),
     "diffusers.quantizers.auto": ("piecewise_quant.integrations.diffusers", "register_with_diffusers"),
     "peft.tuners.lora.model": ("piecewise_quant.integrations.peft", "register_with_peft"),
+    "peft.peft_model": ("piecewise_quant.integrations.peft.registration", "count_packed_parameters"),
 }
 
 # safety checks that run whatever PIECEWISE_QUANT_NO_AUTOLOAD says: the load guard refuses to load a

@@ -99,3 +99,36 @@ def test_plugin_module_tensors_are_real_even_when_first_loaded_under_meta_device
     finally:
         torch.set_default_dtype(previous)
     assert made["levels"].device.type == "cpu" and made["dtype"] == torch.float32
+
+
+def test_nf4_example_plugin_works_when_first_loaded_inside_from_pretrained(rel, tiny_llama_path, repo_root):
+    """The example plugin builds its code book at import; transformers triggers the first format
+    look-up inside its meta-device model construction ("Cannot copy out of meta tensor" before)."""
+    src = repo_root / "examples" / "plugin-nf4" / "src"
+    code = f"""
+import sys
+sys.path.insert(0, {str(src)!r})
+from piecewise_quant.plugins import manager
+
+class EntryPoint:
+    name, value = "nf4", "piecewise_quant_nf4.plugin"
+    def load(self):
+        import piecewise_quant_nf4.plugin as plugin
+        return plugin
+
+manager._entry_points = lambda: [EntryPoint()]
+import torch
+from transformers import AutoModelForCausalLM
+from piecewise_quant import PiecewiseQuantConfig, quantized_layers
+assert "piecewise_quant_nf4" not in sys.modules
+config = PiecewiseQuantConfig(grid="nf4", bits=4, group_size=64, modules_to_not_convert=["lm_head", r"re:model\\.layers\\.[1-5]\\..*"])
+model = AutoModelForCausalLM.from_pretrained({str(tiny_llama_path)!r}, quantization_config=config)
+layers = quantized_layers(model)
+assert len(layers) == 7 and {{q.fmt.name for q in layers.values()}} == {{"nf4"}}
+with torch.no_grad():
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+print("NF4-OK")
+"""
+    proc = rel.run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NF4-OK" in proc.stdout
