@@ -205,7 +205,12 @@ def check_float_model(model: nn.Module, verb: str) -> None:
             + f"); {verb} the float model (load it without quantization_config), or turn this one back into float "
             "first with piecewise_quant.quantization.dequantize_layers(model)"
         )
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    # accelerate's CPU/disk offload keeps placeholders on meta behind a hook that loads them: those are fine
+    hooked = {n for n, m in model.named_modules() if hasattr(m, "_hf_hook")}
+    meta = [
+        n for n, p in model.named_parameters()
+        if p.is_meta and not any(n == h or n.startswith(h + ".") or not h for h in hooked)
+    ]
     if meta:
         raise ValueError(
             f"the model's weights are on the meta device (e.g. {meta[0]!r}, {len(meta)} tensors): they were never "
