@@ -18,6 +18,7 @@ import sys
 from setuptools import Extension
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.egg_info import egg_info
 
 PTH = "piecewise_quant_autoload.pth"
 SOURCE = os.path.join("integrations", PTH)
@@ -72,7 +73,27 @@ def extensions() -> list[Extension]:
     ]
 
 
+class EggInfoOwnTopLevel(egg_info):
+    """``top_level.txt`` lists ``piecewise_quant`` only. The wheel also ships one module into
+    optimum's PEP 420 namespace (``optimum/commands/register/piecewise.py``); declaring ``optimum``
+    as a top-level package of this distribution made ``importlib.metadata.packages_distributions()``
+    map ``optimum`` to two distributions, and diffusers logs "Multiple distributions found for
+    package optimum" on every import."""
+
+    def run(self) -> None:
+        super().run()
+        path = os.path.join(self.egg_info, "top_level.txt")
+        if os.path.exists(path):
+            with open(path) as fh:
+                names = [n for n in fh.read().split() if n != "optimum"]
+            with open(path, "w") as fh:
+                fh.write("\n".join(names) + "\n")
+
+
 if __name__ == "__main__":
     from setuptools import setup
 
-    setup(cmdclass={"build_py": BuildPyWithPth, "build_ext": OptionalBuildExt}, ext_modules=extensions())
+    setup(
+        cmdclass={"build_py": BuildPyWithPth, "build_ext": OptionalBuildExt, "egg_info": EggInfoOwnTopLevel},
+        ext_modules=extensions(),
+    )

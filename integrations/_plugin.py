@@ -6,6 +6,8 @@ plugin, but never disabled by ``PIECEWISE_QUANT_DISABLE_PLUGINS``.
 
 from __future__ import annotations
 
+import sys
+
 from ..plugins import hookimpl
 
 
@@ -32,3 +34,15 @@ def piecewise_quant_register_integrations(register):
     register("transformers", _activate_transformers)
     register("diffusers", _activate_diffusers)
     register("peft", _activate_peft)
+
+
+@hookimpl
+def piecewise_quant_prepare_host_model(model, config):
+    if "transformers" in sys.modules:
+        from transformers.modeling_utils import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel) and getattr(model, "hf_quantizer", None) is None:
+            from .transformers.config import PiecewiseHfConfig
+            from .transformers.quantizer import PiecewiseHfQuantizer
+
+            model.hf_quantizer = PiecewiseHfQuantizer(PiecewiseHfConfig.from_core(config), pre_quantized=True)

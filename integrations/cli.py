@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -134,7 +135,33 @@ def _model_dir(value: str | None, what: str = "--model") -> Path:
         raise UserError(f"{what} {value}: not a directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{what} {value}: has no config.json (not a Hugging Face model directory)")
+    for f in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+        if not os.access(f, os.R_OK):
+            raise UserError(f"{what} {value}: {f.name} is not readable by this user (permission denied; mode "
+                            f"{oct(f.stat().st_mode & 0o777)}); ask its owner to make it readable")
     return path
+
+
+CAUSAL_LM = "causal-lm"
+FEATURE_EXTRACTION = "feature-extraction"
+TASKS = (CAUSAL_LM, FEATURE_EXTRACTION)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _check_task(path: Path, task: str) -> None:
+    """An encoder given to a causal-LM command fails here, before any loading, with the fix."""
+    import json
+
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}/config.json cannot be read as JSON: {exc}") from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if task == CAUSAL_LM and archs and not causal:
+        raise UserError(
+            f"{path} is a {', '.join(archs)}, not a causal language model; for an encoder (sentence embeddings) pass "
+            f"--task {FEATURE_EXTRACTION}"
+        )
 
 
 def _read_text(value: str, what: str) -> str:
@@ -147,24 +174,29 @@ def _read_text(value: str, what: str) -> str:
     return text
 
 
-def _load(path: Path, **kwargs):
+def _load(path: Path, task: str = CAUSAL_LM, dtype: str = "float32", **kwargs):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        return auto.from_pretrained(path, dtype=torch_dtype, **kwargs).eval()
     except (OSError, ValueError, KeyError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"cannot load a causal language model from {path}: {msg}") from None
+        msg = str(exc).strip() or exc.__class__.__name__  # the whole message: its useful part is often not the first line
+        what = "a causal language model" if task == CAUSAL_LM else "a model"
+        raise UserError(f"cannot load {what} from {path}: {msg}") from None
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path, option: str | None = None):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path} has no usable tokenizer: {str(exc).strip().splitlines()[0]}") from None
+        fix = ("" if option else "; pass the float model's directory with --tokenizer DIR (a checkpoint written by "
+               "model.save_pretrained alone has no tokenizer)")
+        raise UserError(f"{path} has no usable tokenizer ({str(exc).strip()}){fix}") from None
 
 
 def _token_ids(tokenizer, text: str):
@@ -193,46 +225,93 @@ def _group_label(layer) -> str:
     return str(gs)
 
 
+def _parse_override(value: str) -> tuple[str, dict]:
+    """``PATTERN=KEY:VAL[,KEY:VAL...]``, e.g. ``*.down_proj=bits:8,grid:uniform``."""
+    pattern, sep, rest = value.rpartition("=")
+    if not sep or not pattern or not rest:
+        raise UserError(f"--override {value!r}: expected PATTERN=KEY:VALUE[,KEY:VALUE...], e.g. '*.down_proj=bits:8,grid:uniform'")
+    changes: dict = {}
+    for item in rest.split(","):
+        key, colon, raw = item.partition(":")
+        if not colon or not key or not raw:
+            raise UserError(f"--override {value!r}: {item!r} is not KEY:VALUE")
+        changes[key.strip()] = _parse_value(raw.strip())
+    return pattern, changes
+
+
+def _parse_value(raw: str):
+    if raw.lower() in ("none", "null"):
+        return None
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def _quantize(args: argparse.Namespace) -> int:
     import piecewise_quant as pq
+    from piecewise_quant.saving import check_output_dir
 
     model_path = _model_dir(args.model)
+    _check_task(model_path, args.task)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--output {out}: exists and is not empty (pass --overwrite to write into it)")
+    try:
+        check_output_dir(out, args.overwrite, what="--output")
+    except ValueError as exc:
+        raise UserError(str(exc).replace("overwrite=True / --overwrite", "--overwrite")) from None
     if out.resolve() == model_path.resolve():
         raise UserError("--output must differ from --model")
     text = _read_text(args.calibration_text, "--calibration-text") if args.calibration_text else None
-    if args.n_samples is not None and args.calibration is None and text is None and args.act_mode != "static_per_tensor":
+    if args.act_bits is None and args.act_mode is not None:
+        raise UserError("--act-mode applies to quantized activations: give --act-bits 8 or 4 with it (or drop it)")
+    act_mode = args.act_mode or "dynamic_per_token"
+    if args.n_samples is not None and args.calibration is None and text is None and act_mode != "static_per_tensor":
         raise UserError("--n-samples needs --calibration PRESET, --calibration-text FILE or --act-mode static_per_tensor")
+    tok_path = _model_dir(args.tokenizer, "--tokenizer") if getattr(args, "tokenizer", None) else model_path
     try:
         calibration = None
         if args.calibration is not None or text is not None:
             changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
             calibration = pq.CalibrationConfig.preset(args.calibration or "aware", **changes)
+        skip = None
+        if args.ignore:
+            from piecewise_quant.config import DEFAULT_MODULES_TO_NOT_CONVERT
+
+            skip = [*(DEFAULT_MODULES_TO_NOT_CONVERT if args.task == CAUSAL_LM else ()), *args.ignore]
+        overrides = dict(_parse_override(v) for v in (args.override or []))
         config = pq.PiecewiseQuantConfig(
             grid=args.grid, bits=args.bits, group_size=_parse_group_size(args.group_size),
-            act_bits=args.act_bits, act_mode=args.act_mode, calibration=calibration,
+            act_bits=args.act_bits, act_mode=act_mode, calibration=calibration,
+            modules_to_not_convert=skip, overrides=overrides,
         )
         pq.get_format(config.grid).validate(config.default_spec)  # bits the grid lacks, before loading
+        for pattern, spec in zip(config.overrides, config._override_specs):
+            if spec is not None:
+                try:
+                    pq.get_format(spec.grid).validate(spec)
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{pattern!r}]: {exc}") from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
-    tokenizer = _tokenizer(model_path)
+    tokenizer = _tokenizer(tok_path, args.tokenizer if getattr(args, "tokenizer", None) else None)
     print(f"piecewise-quant quantize: {model_path} -> {out}")
     print(f"  grid={config.grid} bits={config.bits} group_size={config.group_size}"
           + (f" act_bits={config.act_bits} act_mode={config.act_mode}" if config.act_bits else "")
           + (f" calibration={args.calibration or 'aware'} on {args.calibration_text or 'the bundled pydoc text'}"
              if calibration else " (data-free)"))
     start = time.perf_counter()
+    load = {"task": args.task, "dtype": args.dtype}
     try:
         if text is not None:
-            model = _load(model_path)
+            model = _load(model_path, **load)
             pq.calibrate(model, config, data=text, tokenizer=tokenizer)
         else:
-            model = _load(model_path, quantization_config=config)
+            model = _load(model_path, quantization_config=config, **load)
             if any(q.act_scale is not None for q in pq.quantized_layers(model).values()):
                 # static activation scales need data even without a calibration recipe
                 from piecewise_quant.calibration.data import prepare_batches
@@ -243,17 +322,23 @@ def _quantize(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a layer the config cannot handle, calibration text too short...
         raise UserError(str(exc)) from None
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    try:  # written beside --output and renamed into place: an old checkpoint there is replaced whole
+        pq.save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--output {out}: {exc}") from None
     report = pq.model_size_report(model)
     layers = pq.quantized_layers(model)
     print()
     print(f"quantized layers     {len(layers)}")
     print(f"bits/weight          {report.bits_per_weight:.3f} (quantized layers, metadata included)")
+    if report.unsupported:
+        print(f"                     {report.overall_bits_per_weight:.3f} over every weight matrix: "
+              f"{len(report.unsupported)} of unsupported type stay float (e.g. {report.unsupported[0][0]})")
     print(f"model bytes          {report.total_bytes:,} in memory, {_dir_bytes(out):,} on disk (was {_dir_bytes(model_path):,})")
     print(f"quantize time        {seconds:.1f} s")
-    if args.eval:
+    if args.eval and args.task != CAUSAL_LM:
+        print("(--eval measures perplexity, which needs a causal LM: skipped)")
+    elif args.eval:
         from piecewise_quant.evaluate import heldout_text
 
         ids = _token_ids(tokenizer, heldout_text())
@@ -279,10 +364,13 @@ def _eval(args: argparse.Namespace) -> int:
     from piecewise_quant.evaluate import heldout_text
 
     model_path = _model_dir(args.model)
+    _check_task(model_path, CAUSAL_LM)
     text = _read_text(args.text, "--text") if args.text else heldout_text()
-    tokenizer = _tokenizer(model_path)
+    tok_path = _model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
+    tokenizer = _tokenizer(tok_path, "--tokenizer" if args.tokenizer else None)
     ids = _token_ids(tokenizer, text)
-    model = _load(model_path)
+    _warn_positions(model_path, args.seq_len)
+    model = _load(model_path, dtype=args.dtype)
     layers = pq.quantized_layers(model)
     kind = "float" if not layers else f"quantized, {pq.model_size_report(model).bits_per_weight:.3f} bits/weight"
     ppl, n = _perplexity(model, ids, args.seq_len, args.max_windows, progress=True)
@@ -291,6 +379,28 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"text        {source}: {ids.numel():,} tokens, {n} windows of {args.seq_len}")
     print(f"perplexity  {ppl:.3f}")
     return 0
+
+
+def _warn_positions(path: Path, seq_len: int) -> None:
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if isinstance(limit, int) and seq_len > limit:
+        print(f"warning: --seq-len {seq_len} is longer than the model's {limit} positions "
+              f"(max_position_embeddings); perplexity past them measures extrapolation, not the model",
+              file=sys.stderr)
+
+
+def _task_of(path: Path) -> str:
+    try:
+        _check_task(path, CAUSAL_LM)
+    except UserError:
+        return FEATURE_EXTRACTION
+    return CAUSAL_LM
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -302,7 +412,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
     model_path = _model_dir(args.model)
     ref_path = _model_dir(args.reference, "--reference") if args.reference else None
-    model = _load(model_path)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib, which is not installed: pip install 'piecewise-quant[plot]'") from None
+    model = _load(model_path, task=_task_of(model_path))
     layers = pq.quantized_layers(model)
     if not layers:
         raise UserError(f"{model_path} has no piecewise-quant layers (a float checkpoint? quantize it first)")
@@ -312,7 +427,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UserError(f"--layer {args.layer!r}: no quantized layer of that name{hint}")
     reference = None
     if ref_path is not None:
-        reference = _load(ref_path)
+        reference = _load(ref_path, task=_task_of(ref_path))
     rows = []
     for name, q in layers.items():
         if args.layer is not None and name != args.layer:
@@ -504,12 +619,21 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
 def add_quantize_options(p: argparse.ArgumentParser) -> None:
     """The options of ``piecewise-quant quantize``, shared with ``optimum-cli piecewise quantize``
     (both parsers call this; the parsed namespace goes to the same implementation)."""
-    p.add_argument("--model", help="a Hugging Face causal-LM directory (default: the bundled tiny-llama-pydoc)")
+    p.add_argument("--model", help="a Hugging Face model directory (default: the bundled tiny-llama-pydoc)")
     p.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
+    p.add_argument("--task", choices=TASKS, default=CAUSAL_LM,
+                   help="causal-lm (default, AutoModelForCausalLM) or feature-extraction (encoders, AutoModel)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype to load the float model in (default float32; auto: the checkpoint's)")
+    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR (default: --model)")
     _add_scheme_options(p)
+    p.add_argument("--ignore", action="append", metavar="PATTERN",
+                   help="keep matching layers in float (glob, plain name or re:REGEX; repeatable; lm_head stays float)")
+    p.add_argument("--override", action="append", metavar="PATTERN=KEY:VAL[,KEY:VAL]",
+                   help="per-layer changes, e.g. '*.down_proj=bits:8,grid:uniform' (repeatable; first match wins)")
     p.add_argument("--act-bits", type=int, default=None, help="also quantize layer inputs: 8 or 4 (default: weight-only)")
-    p.add_argument("--act-mode", default="dynamic_per_token",
-                   help="activation scales: dynamic_per_token (default) or static_per_tensor (needs calibration)")
+    p.add_argument("--act-mode", default=None, choices=("dynamic_per_token", "static_per_tensor"),
+                   help="with --act-bits: dynamic_per_token (default) or static_per_tensor (needs calibration)")
     p.add_argument("--calibration", default=None, metavar="PRESET",
                    help="data-aware calibration preset: aware, smoothquant, gptq, lwc, omniquant (default: data-free)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
@@ -573,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = _sub(sub, "eval", "perplexity of a float or quantized model on a text file or the bundled text",
              "Perplexity of a float or quantized checkpoint.")
     e.add_argument("--model", help=model_help)
+    e.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR (default: --model)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
     e.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the bundled held-out pydoc text)")
     e.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per window (default 256)")
     e.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate at most this many windows")
@@ -612,8 +738,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_serve_model(vllm_args: list[str]) -> None:
+    """A model argument that is clearly a local path and does not exist fails here, not as a hub
+    look-up traceback."""
+    if not vllm_args or vllm_args[0].startswith("-"):
+        return
+    model = vllm_args[0]
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"serve {model}: not a Hugging Face model directory (no config.json)")
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep != "/" and os.sep in model
+    if looks_local or offline:
+        why = " (HF_HUB_OFFLINE is set, so it cannot be a hub id either)" if offline and not looks_local else ""
+        raise UserError(f"serve {model}: no such directory{why}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from piecewise_quant.integrations.vllm.serve import vllm_cli
+
+    _check_serve_model(args.vllm_args)
 
     try:
         return vllm_cli(["serve", *args.vllm_args])

@@ -57,3 +57,11 @@ def piecewise_quant_register_kernel_backends(register: Callable[[Any], None]) ->
 def piecewise_quant_register_integrations(register: Callable[[str, Callable[[], None]], None]) -> None:
     """Register framework integrations: ``register(framework_name, activate)`` where ``activate()``
     imports the framework and registers piecewise-quant with it (idempotently)."""
+
+
+@hookspec
+def piecewise_quant_prepare_host_model(model: Any, config: Any) -> None:
+    """Called after ``piecewise_quant.quantize`` / ``calibrate`` replaced a model's layers (``config``
+    is the :class:`piecewise_quant.PiecewiseQuantConfig` it records): an integration attaches what
+    its host needs to save the model as a piecewise checkpoint (transformers: an ``hf_quantizer``,
+    so ``save_pretrained`` writes the checkpoint marker). Must not raise for models of other hosts."""

@@ -2,7 +2,8 @@
 
 ``PIECEWISE_QUANT_DISABLE_PLUGINS=1`` skips third-party entry points (built-ins still load);
 ``PIECEWISE_QUANT_PLUGINS=a,b`` loads only the named entry points. A plugin that fails to load is
-reported with its name (a warning) and skipped; it never breaks the host.
+reported with its name (a warning) and skipped; it never breaks the host, even when it calls
+``sys.exit`` at import (``KeyboardInterrupt`` still propagates).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def load_plugins() -> pluggy.PluginManager:
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
-            except Exception as exc:  # a broken plugin must not break the host
+            except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) must not break the host
                 warnings.warn(
                     f"piecewise_quant plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
                     f"{type(exc).__name__}: {exc}",

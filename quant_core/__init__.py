@@ -21,6 +21,7 @@ if __name__ != "piecewise_quant":
 
 from typing import TYPE_CHECKING
 
+from . import _autoload  # noqa: F401  (the import hook and load guard: also where no .pth file ran)
 from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -46,7 +47,10 @@ _LAZY = {
     "available_formats": ".registry",
     "save_quantized": ".serialization",
     "load_quantized": ".serialization",
+    "save_pretrained": ".saving",
     "model_size_report": ".report",
+    "PiecewiseQuantWarning": ".errors",
+    "CheckpointMismatchError": ".checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -59,7 +63,10 @@ if TYPE_CHECKING:
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
     from .registry import available_formats, get_format
+    from .checkpoint import CheckpointMismatchError
+    from .errors import PiecewiseQuantWarning
     from .report import model_size_report
+    from .saving import save_pretrained
     from .serialization import load_quantized, save_quantized
 
 

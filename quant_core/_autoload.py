@@ -18,8 +18,9 @@ Rules this module keeps:
   finder's ``find_spec`` is one dict look-up for every other import;
 * never breaks the host: any failure while registering becomes a ``RuntimeWarning`` and
   transformers' own import carries on;
-* ``PIECEWISE_QUANT_NO_AUTOLOAD=1`` (or true/yes/on) disables it, both at start-up and at the moment
-  transformers is imported. Explicit registration still works:
+* ``PIECEWISE_QUANT_NO_AUTOLOAD=1`` (or true/yes/on) disables the registrations, both at start-up and
+  at the moment transformers is imported (the load guard of :data:`GUARDS`, which refuses to load a
+  piecewise checkpoint as a float model, stays). Explicit registration still works:
   ``piecewise_quant.integrations.transformers.register_with_transformers()`` /
   ``piecewise_quant.integrations.diffusers.register_with_diffusers()`` /
   ``piecewise_quant.integrations.peft.register_with_peft()``.
@@ -31,7 +32,7 @@ import os
 import sys
 import threading
 
-__all__ = ["ENV_NO_AUTOLOAD", "install", "uninstall", "is_installed", "is_disabled", "HOOKS"]
+__all__ = ["ENV_NO_AUTOLOAD", "install", "uninstall", "is_installed", "is_disabled", "HOOKS", "GUARDS"]
 
 ENV_NO_AUTOLOAD = "PIECEWISE_QUANT_NO_AUTOLOAD"
 
@@ -40,6 +41,13 @@ HOOKS: dict[str, tuple[str, str]] = {
     "transformers.quantizers.auto": ("piecewise_quant.integrations.transformers", "register_with_transformers"),
     "diffusers.quantizers.auto": ("piecewise_quant.integrations.diffusers", "register_with_diffusers"),
     "peft.tuners.lora.model": ("piecewise_quant.integrations.peft", "register_with_peft"),
+    "peft.peft_model": ("piecewise_quant.integrations.peft.registration", "count_packed_parameters"),
+}
+
+# safety checks that run whatever PIECEWISE_QUANT_NO_AUTOLOAD says: the load guard refuses to load a
+# piecewise checkpoint as a float model (integrations/transformers/guard.py)
+GUARDS: dict[str, tuple[str, str]] = {
+    "transformers.modeling_utils": ("piecewise_quant.integrations.transformers.guard", "install_load_guard"),
 }
 
 _state = threading.local()
@@ -56,10 +64,13 @@ def _warn(message: str) -> None:
 
 
 def _run_hook(fullname: str) -> None:
-    """Register piecewise-quant with the host whose module ``fullname`` just finished importing."""
-    if is_disabled():
-        return
-    target = HOOKS.get(fullname)
+    """Register piecewise-quant with the host whose module ``fullname`` just finished importing
+    (or install a guard on it)."""
+    target = GUARDS.get(fullname)
+    if target is None:
+        if is_disabled():
+            return
+        target = HOOKS.get(fullname)
     if target is None:
         return
     module_name, func_name = target
@@ -105,7 +116,7 @@ class _PostImportFinder:
     finders behind it for the real spec and wraps that spec's loader."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in HOOKS or getattr(_state, "busy", False) or is_disabled():
+        if getattr(_state, "busy", False) or not (fullname in GUARDS or (fullname in HOOKS and not is_disabled())):
             return None
         _state.busy = True
         try:
@@ -141,6 +152,8 @@ _finder: _PostImportFinder | None = None
 
 
 def is_installed() -> bool:
+    """Whether the finder is on ``sys.meta_path`` (it is under ``PIECEWISE_QUANT_NO_AUTOLOAD=1``
+    too, for the guards; :func:`is_disabled` says whether registrations run)."""
     return any(isinstance(f, _PostImportFinder) for f in sys.meta_path)
 
 
@@ -148,15 +161,13 @@ def install() -> bool:
     """Put the finder first on ``sys.meta_path`` (idempotent). A hooked module that is already
     imported is registered at once. Returns whether the hook is active."""
     global _finder
-    if is_disabled():
-        return False
     if not is_installed():
         _finder = _PostImportFinder()
         sys.meta_path.insert(0, _finder)
-    for name in HOOKS:
+    for name in (*GUARDS, *HOOKS):
         if name in sys.modules:
             _run_hook(name)
-    return True
+    return not is_disabled()
 
 
 def uninstall() -> None:

@@ -11,11 +11,25 @@ linear method both run these checks.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import hashlib
+import json
+from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["SAFETENSORS_DTYPES", "read_headers", "expected_tensors", "check_checkpoint", "CheckpointMismatchError"]
+__all__ = [
+    "SAFETENSORS_DTYPES", "read_headers", "expected_tensors", "check_checkpoint", "CheckpointMismatchError",
+    "MARKER_FORMAT", "MARKER_VERSION", "MARKER_PLAN", "plan_hash", "marker_metadata", "read_marker",
+    "check_marker", "check_finite_tensors",
+]
+
+# Safetensors metadata every piecewise checkpoint carries (strings, as safetensors requires): a
+# float loader can tell the file holds packed codes, and a loader can tell the plan in config.json
+# is the one the tensors were written with.
+MARKER_FORMAT = "piecewise_quant.format"
+MARKER_VERSION = "piecewise_quant.schema_version"
+MARKER_PLAN = "piecewise_quant.plan_sha256"
+FORMAT_VALUE = "piecewise-quant"
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -40,17 +54,106 @@ class CheckpointMismatchError(ValueError):
     """A piecewise checkpoint's tensors do not match its ``quantization_config``."""
 
 
+def _open(path: Any):
+    """``safe_open`` with the reason a file cannot be read spelled out (permissions, truncation)."""
+    import os
+
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        raise CheckpointMismatchError(f"piecewise-quant: checkpoint file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise CheckpointMismatchError(
+            f"piecewise-quant: checkpoint file {path} is not readable by this user (permission denied; mode "
+            f"{oct(os.stat(path).st_mode & 0o777)}): ask its owner to make it readable (chmod a+r)"
+        )
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointMismatchError(
+            f"piecewise-quant: checkpoint file {path} is not a readable safetensors file ({exc}); it may be truncated "
+            "by an interrupted save: save it again"
+        ) from None
+
+
 def read_headers(files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str, str]]:
     """``{key: (shape, safetensors dtype code, file)}`` for every tensor of the safetensors ``files``."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for path in files:
-        with safe_open(path, framework="pt") as fh:
+        with _open(path) as fh:
             for key in fh.keys():
                 sl = fh.get_slice(key)
                 out[key] = (tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()), str(path))
     return out
+
+
+def plan_hash(config: Any) -> str:
+    """SHA-256 of the quantization plan: the config's canonical JSON without the ``calibration``
+    record (which only says how the weights were chosen, not how they are stored)."""
+    d = dict(config.to_dict())
+    d.pop("calibration", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def marker_metadata(config: Any) -> dict[str, str]:
+    """The safetensors metadata that marks a piecewise checkpoint written with ``config``."""
+    from .config import SCHEMA_VERSION
+
+    return {MARKER_FORMAT: FORMAT_VALUE, MARKER_VERSION: str(SCHEMA_VERSION), MARKER_PLAN: plan_hash(config)}
+
+
+def read_marker(files: Iterable[Any]) -> dict[str, str] | None:
+    """The piecewise marker of the first of ``files`` that carries one (only headers are read)."""
+    for path in files:
+        with _open(str(path)) as fh:
+            meta = fh.metadata() or {}
+        if meta.get(MARKER_FORMAT) == FORMAT_VALUE:
+            return {k: v for k, v in meta.items() if k.startswith("piecewise_quant.")}
+    return None
+
+
+def check_marker(files: Iterable[Any], config: Any, where: str = "") -> bool:
+    """Raise :class:`CheckpointMismatchError` when ``files`` carry a marker whose plan hash differs
+    from ``config``'s (the ``quantization_config`` was edited after saving, or config.json belongs
+    to other weights). Returns whether a marker was found (checkpoints written before 0.1.0's
+    marker have none and are checked by their tensors only)."""
+    files = list(files)
+    marker = read_marker(files)
+    if marker is None:
+        return False
+    from .config import SCHEMA_VERSION
+
+    try:
+        version = int(marker.get(MARKER_VERSION, "0"))
+    except ValueError:
+        version = -1
+    if version > SCHEMA_VERSION:
+        raise CheckpointMismatchError(
+            f"piecewise-quant: {where or files[0]} was written with schema version {version}, newer than the "
+            f"{SCHEMA_VERSION} this piecewise-quant reads; upgrade piecewise-quant"
+        )
+    if marker.get(MARKER_PLAN) != plan_hash(config):
+        raise CheckpointMismatchError(
+            f"piecewise-quant: the quantization_config of {where or files[0]} is not the one its tensors were written "
+            "with (the plan's SHA-256 stored in the safetensors metadata differs): config.json was edited after "
+            "saving, or belongs to other weights. Restore the config.json saved with these weights, or quantize "
+            "the float model again"
+        )
+    return True
+
+
+def check_finite_tensors(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN or Inf in a quantized layer's floating tensors (scales, activation scales,
+    bias): every output of the layer would be NaN, or silently wrong."""
+    for name, t in tensors.items():
+        if t is None or t.is_meta or not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t.float()).all()):
+            bad = int((~torch.isfinite(t.float())).sum())
+            raise CheckpointMismatchError(
+                f"piecewise-quant: tensor {layer_name + '.' + name!r} holds {bad} NaN/Inf value(s); the checkpoint is "
+                "corrupt or was tampered with: quantize the float model again"
+            )
 
 
 def expected_tensors(name: str, layer: Any, fmt: Any, has_bias: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:

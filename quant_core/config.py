@@ -10,12 +10,13 @@ expressions prefixed with ``"re:"``). The same object drives ``piecewise_quant.q
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .patterns import PatternSet, check_pattern, compile_pattern
 
 __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 
@@ -120,15 +121,16 @@ class QuantSpec:
             raise ValueError(f"scale_dtype must be one of {_allowed(SCALE_DTYPES)}; got {self.scale_dtype!r}")
         if not isinstance(self.observer, str) or not self.observer:
             raise ValueError(f"observer must be a registered observer name such as 'mse' or 'minmax'; got {self.observer!r}")
+        # checked with or without act_bits: a typo must not be written to config.json unnoticed
+        if self.act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {_allowed(ACT_FORMATS)}; got {self.act_format!r}")
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode must be one of {_allowed(ACT_MODES)}; got {self.act_mode!r}")
         if self.act_bits is not None:
             if isinstance(self.act_bits, bool) or self.act_bits not in (4, 8):
                 raise ValueError(f"act_bits must be None (weight-only), 8 or 4; got {self.act_bits!r}")
-            if self.act_format not in ACT_FORMATS:
-                raise ValueError(f"act_format must be one of {_allowed(ACT_FORMATS)}; got {self.act_format!r}")
             if self.act_format == "fp8" and self.act_bits != 8:
                 raise ValueError(f"act_format='fp8' must be 8 bits wide; set act_bits=8 (got {self.act_bits}) or act_format='int'")
-            if self.act_mode not in ACT_MODES:
-                raise ValueError(f"act_mode must be one of {_allowed(ACT_MODES)}; got {self.act_mode!r}")
         ratio = self.act_clip_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
             raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")
@@ -167,12 +169,9 @@ class LayerSpec:
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    # A plain name also matches as a dotted suffix: "lm_head" matches "model.lm_head".
-    return not any(c in pattern for c in "*?[") and (name == pattern or name.endswith("." + pattern))
+    """``fnmatch`` glob, ``re:`` regex (whole name) or plain name (also as a dotted suffix:
+    ``"lm_head"`` matches ``"model.lm_head"``); linear time (:mod:`piecewise_quant.patterns`)."""
+    return compile_pattern(pattern)(name)
 
 
 CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
@@ -372,18 +371,29 @@ class PiecewiseQuantConfig(QuantSpec):
         calibration: ``None`` (data-free) or a :class:`CalibrationConfig` / preset name: the
             recipe ``piecewise_quant.calibrate`` and ``from_pretrained`` run. A saved checkpoint
             keeps it as a record; reloading it never calibrates again.
+        strict: an ``overrides`` or ``modules_to_not_convert`` pattern that matches no Linear
+            layer of the model raises ``ValueError`` instead of a :class:`PiecewiseQuantWarning`
+            (a typo such as ``"*.down_prj"`` otherwise only warns).
+
+    Patterns are matched in linear time and limited in length and number
+    (:mod:`piecewise_quant.patterns`): a checkpoint's config cannot hang or exhaust a loader.
     """
 
     modules_to_not_convert: tuple[str, ...] | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     calibration: CalibrationConfig | None = None
+    strict: bool = False
     version: int = SCHEMA_VERSION
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.quant_method, str) and self.quant_method.lower() == QUANT_METHOD:
+            object.__setattr__(self, "quant_method", QUANT_METHOD)
         if self.quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}; got {self.quant_method!r}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict must be True or False; got {self.strict!r}")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
             raise ValueError(f"version must be a positive integer schema version; got {self.version!r}")
         if self.version > SCHEMA_VERSION:
@@ -393,8 +403,10 @@ class PiecewiseQuantConfig(QuantSpec):
             )
         mods = self.modules_to_not_convert
         if mods is not None:
-            if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
+            if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not all(isinstance(m, str) for m in mods):
                 raise ValueError(f"modules_to_not_convert must be a list of name patterns; got {mods!r}")
+            for m in mods:
+                check_pattern(m, "modules_to_not_convert")
             object.__setattr__(self, "modules_to_not_convert", tuple(mods))
         if isinstance(self.overrides, (list, tuple)):
             pairs: dict[str, Any] = {}
@@ -416,15 +428,12 @@ class PiecewiseQuantConfig(QuantSpec):
                 raise ValueError(
                     f"overrides[{pattern!r}] has unknown fields {unknown}; allowed: {', '.join(SPEC_FIELDS)}"
                 )
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"overrides pattern {pattern!r} is not a valid regular expression: {exc}") from None
+            check_pattern(pattern, "overrides")
             clean[pattern] = dict(changes)
             self._override_spec(pattern, clean[pattern])  # validate now, not at quantize time
         object.__setattr__(self, "overrides", clean)
         object.__setattr__(self, "calibration", CalibrationConfig.coerce(self.calibration))
+        self._skip_set, self._override_set  # noqa: B018 - build (and check the limits of) the matchers now
 
     # ---- resolution -------------------------------------------------------------------------
 
@@ -441,19 +450,49 @@ class PiecewiseQuantConfig(QuantSpec):
     def skip_patterns(self) -> tuple[str, ...]:
         return DEFAULT_MODULES_TO_NOT_CONVERT if self.modules_to_not_convert is None else self.modules_to_not_convert
 
+    # compiled once per config (cached_property writes the instance dict, which a frozen dataclass allows)
+    @functools.cached_property
+    def _skip_set(self) -> PatternSet:
+        return PatternSet(self.skip_patterns(), "modules_to_not_convert")
+
+    @functools.cached_property
+    def _override_set(self) -> PatternSet:
+        n = len(self.overrides) + len(self.skip_patterns())
+        return PatternSet(tuple(self.overrides), f"overrides ({n} patterns with modules_to_not_convert)")
+
+    @functools.cached_property
+    def _override_specs(self) -> tuple[QuantSpec | None, ...]:
+        return tuple(
+            None if changes.get("grid") == "none" else self._override_spec(p, changes) for p, changes in self.overrides.items()
+        )
+
     def is_skipped(self, name: str) -> bool:
-        return any(_pattern_matches(p, name) for p in self.skip_patterns())
+        return self._skip_set.matches(name)
 
     def spec_for(self, name: str) -> QuantSpec | None:
         """The scheme for module ``name``, or ``None`` if it stays in float."""
         if self.is_skipped(name):
             return None
-        for pattern, changes in self.overrides.items():
-            if _pattern_matches(pattern, name):
-                if changes.get("grid") == "none":
-                    return None
-                return self._override_spec(pattern, changes)
-        return self.default_spec
+        i = self._override_set.first(name)
+        if i is None:
+            return self.default_spec
+        return self._override_specs[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the compiled matchers (cached above) hold closures: pickle/deepcopy only the fields
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def unmatched_patterns(self, layer_names: Any) -> list[tuple[str, str]]:
+        """``(field, pattern)`` for every user-given ``overrides`` / ``modules_to_not_convert``
+        pattern that matches none of ``layer_names`` (the default skip list is not checked)."""
+        names = list(layer_names)
+        out: list[tuple[str, str]] = []
+        if self.modules_to_not_convert is not None:
+            hit = self._skip_set.matching(names)
+            out += [("modules_to_not_convert", p) for i, p in enumerate(self.modules_to_not_convert) if i not in hit]
+        hit = self._override_set.matching(names)
+        out += [("overrides", p) for i, p in enumerate(self.overrides) if i not in hit]
+        return out
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "PiecewiseQuantConfig":
         """A copy whose overrides are ``overrides`` followed by this config's own."""
@@ -468,6 +507,8 @@ class PiecewiseQuantConfig(QuantSpec):
         d["modules_to_not_convert"] = None if mods is None else list(mods)
         # a list keeps the order (first match wins) through hosts that sort JSON keys
         d["overrides"] = [[k, dict(sorted(v.items()))] for k, v in self.overrides.items()]
+        if self.strict:  # written only when set, so existing configs serialise (and hash) as before
+            d["strict"] = True
         d["version"] = SCHEMA_VERSION
         d["quant_method"] = QUANT_METHOD
         if self.calibration is not None:
@@ -484,7 +525,7 @@ class PiecewiseQuantConfig(QuantSpec):
             raise ValueError(f"a quantization config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("quant_method", QUANT_METHOD)
-        if method != QUANT_METHOD:
+        if not isinstance(method, str) or method.lower() != QUANT_METHOD:
             raise ValueError(
                 f"quantization_config has quant_method={method!r}; piecewise-quant reads only {QUANT_METHOD!r}"
             )

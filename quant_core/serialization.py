@@ -29,15 +29,35 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model`` (quantized by :func:`piecewise_quant.quantize`) to ``directory``."""
+    """Write ``model`` (quantized by :func:`piecewise_quant.quantize`) to ``directory``.
+
+    Both files are written to a temporary directory first and then moved in, the weights before the
+    config, so a crash or a full disk never leaves a half-written file; other files in
+    ``directory`` stay."""
+    import tempfile
+
+    from .checkpoint import marker_metadata
+    from .saving import _full_disk, check_output_dir, replace_files
+
     config = getattr(model, "piecewise_quant_config", None)
     if not isinstance(config, PiecewiseQuantConfig):
         raise ValueError("model has no piecewise_quant_config; quantize it with piecewise_quant.quantize first")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "piecewise"})
-    (out / CONFIG_NAME).write_text(config.to_json_string())
+    out = check_output_dir(directory, overwrite=True)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "piecewise", **marker_metadata(config)})
+        (tmp / CONFIG_NAME).write_text(config.to_json_string())
+        replace_files(tmp, out, last=(CONFIG_NAME,))
+    except BaseException as exc:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        new = _full_disk(exc, out)
+        if new is exc:
+            raise
+        raise new from None
     return out
 
 
@@ -55,11 +75,28 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
         config = PiecewiseQuantConfig.from_dict(json.loads(cfg_path.read_text()))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
+    from .checkpoint import check_finite_tensors, check_marker
+
+    check_marker([src / WEIGHTS_NAME], config, where=str(src))
     try:
         state = load_file(str(src / WEIGHTS_NAME))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{src / WEIGHTS_NAME} cannot be read: {exc}") from None
     plan = plan_layers(model, config)
+    for name in plan:
+        check_finite_tensors(name, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    originals = {name: model.get_submodule(name) for name in plan}
+    try:
+        _swap_in(model, plan, state, src)
+    except BaseException:
+        for name, linear in originals.items():  # leave the float model as it was
+            model.set_submodule(name, linear)
+        raise
+    model.piecewise_quant_config = config
+    return model
+
+
+def _swap_in(model: nn.Module, plan: dict, state: dict, src: Path) -> None:
     for name, layer in plan.items():
         linear = model.get_submodule(name)
         q = QuantLinear.empty(
@@ -82,5 +119,3 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
                 f"expects {tuple(ref.shape)} and {ref.dtype}"
             )
     model.load_state_dict(state, strict=True)
-    model.piecewise_quant_config = config
-    return model

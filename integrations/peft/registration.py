@@ -121,8 +121,37 @@ def _wrap_all_linear(original):
     return _maybe_include_all_linear_layers
 
 
+def _wrap_parameter_count(original):
+    @functools.wraps(original)
+    def get_nb_trainable_parameters(self):
+        # packed QuantLinear weights are buffers, invisible to PEFT's count: add their logical size
+        trainable, total = original(self)
+        from piecewise_quant.qlinear import QuantLinear
+
+        packed = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, QuantLinear))
+        return trainable, total + packed
+
+    setattr(get_nb_trainable_parameters, _MARK, True)
+    return get_nb_trainable_parameters
+
+
+def count_packed_parameters() -> None:
+    """Make ``PeftModel.get_nb_trainable_parameters`` (``print_trainable_parameters``) count each
+    ``QuantLinear`` weight at its logical size, ``in_features * out_features`` (idempotent)."""
+    from peft.peft_model import PeftModel
+
+    with _lock:
+        current = PeftModel.__dict__["get_nb_trainable_parameters"]
+        if not _is_ours(current):
+            PeftModel.get_nb_trainable_parameters = _wrap_parameter_count(current)
+
+
 def register() -> None:
-    """Install both wrappers (idempotent)."""
+    """Install the wrappers (idempotent)."""
+    import sys
+
+    if "peft.peft_model" in sys.modules and hasattr(sys.modules["peft.peft_model"], "PeftModel"):
+        count_packed_parameters()  # else the import hook does it when peft.peft_model is imported
     with _lock:
         lora_model = _lora_model_cls()
         current = lora_model.__dict__["_create_new_module"].__func__

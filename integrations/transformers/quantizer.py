@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from piecewise_quant.checkpoint import check_finite_tensors
 from piecewise_quant.config import PiecewiseQuantConfig
 
 from .config import PiecewiseHfConfig, as_core_config
@@ -79,6 +80,14 @@ def _tied_module_names(model: nn.Module) -> set[str]:
             if isinstance(key, str) and key.endswith(".weight"):
                 names.add(key[: -len(".weight")])
     return names
+
+
+def _where(files: list[str] | None) -> str:
+    if not files:
+        return "the checkpoint"
+    import os
+
+    return os.path.dirname(str(files[0])) or str(files[0])
 
 
 class PiecewiseHfQuantizer(HfQuantizer):
@@ -160,8 +169,14 @@ class PiecewiseHfQuantizer(HfQuantizer):
         device_map = kwargs.get("device_map")
         self._dispatched = isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1
         self.plan = self._make_plan(model)
+        self.loading_info = None
         if self.pre_quantized:
+            if self._headers_checked():
+                from piecewise_quant.checkpoint import check_marker
+
+                check_marker(self.checkpoint_files, self.core_config, where=_where(self.checkpoint_files))
             self._check_checkpoint_headers(model)
+            self._capture_loading_info(model)
             for name, layer in self.plan.items():
                 linear = model.get_submodule(name)
                 q = pq.QuantLinear.empty(
@@ -170,6 +185,38 @@ class PiecewiseHfQuantizer(HfQuantizer):
                 model.set_submodule(name, q)
         model.piecewise_quant_config = self.core_config
         return model
+
+    def _capture_loading_info(self, model: nn.Module) -> None:
+        """Keep the keys transformers found missing or unexpected (after its own ignore rules and
+        weight tying): a strict load refuses them. transformers hands them to no quantizer hook, so
+        this wraps, on this model instance only, the method that receives them last."""
+        original = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+        if not callable(original):
+            logger.debug("piecewise-quant: this transformers has no _adjust_missing_and_unexpected_keys; "
+                         "unplanned tensors are not checked")
+            return
+
+        def capture(loading_info: Any) -> None:
+            original(loading_info)
+            self.loading_info = loading_info
+
+        object.__setattr__(model, "_adjust_missing_and_unexpected_keys", capture)
+
+    def _strict_key_check(self, model: nn.Module) -> list[str]:
+        model.__dict__.pop("_adjust_missing_and_unexpected_keys", None)
+        info = self.loading_info
+        self.loading_info = None
+        if info is None:
+            return []
+        problems = []
+        for key in sorted(getattr(info, "missing_keys", ()) or ()):
+            problems.append(f"tensor {key!r} is missing from the checkpoint (transformers would initialise it at random)")
+        for key in sorted(getattr(info, "unexpected_keys", ()) or ()):
+            problems.append(f"tensor {key!r} is in the checkpoint but not in the model its config.json describes")
+        for item in sorted(getattr(info, "mismatched_keys", ()) or (), key=str):
+            key = item[0] if isinstance(item, tuple) else item
+            problems.append(f"tensor {key!r} has a shape the model does not expect")
+        return problems
 
     def _check_checkpoint_headers(self, model: nn.Module) -> None:
         pq = _core()
@@ -262,18 +309,20 @@ class PiecewiseHfQuantizer(HfQuantizer):
         if self.calibrating:
             import piecewise_quant
 
+            model.__dict__.pop("piecewise_quant_config", None)  # set before loading; calibrate() sets it when done
             report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
             logger.info("piecewise-quant calibration:\n%s", report.summary())
             model.piecewise_quant_calibration_report = report
             self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)
             model.config.quantization_config = self.quantization_config
             self.plan = self._plan_after_calibration(model)
-        problems: list[str] = []
+        problems: list[str] = self._strict_key_check(model) if self.pre_quantized else []
         # Without safetensors headers to check (a state_dict or .bin checkpoint), a tensor missing from
         # the checkpoint is only visible by the flag transformers puts on every tensor it loads
         # (the missing ones it allocates empty). Accelerate dispatch may move tensors, losing it.
         check_flags = self.pre_quantized and not self._headers_checked() and not self._dispatched
         for name, layer in self.plan.items():
+            n_before = len(problems)
             module = model.get_submodule(name)
             if not isinstance(module, pq.QuantLinear):
                 problems.append(
@@ -306,6 +355,12 @@ class PiecewiseHfQuantizer(HfQuantizer):
             act_scale = getattr(module, "act_scale", None)
             if act_scale is not None and (act_scale.is_meta or (check_flags and not getattr(act_scale, "_is_hf_initialized", False))):
                 problems.append(f"tensor {name + '.act_scale'!r} was not found in the checkpoint")
+            elif len(problems) == n_before:
+                finite = {**module.quantized_tensors(), "act_scale": act_scale, "bias": module.bias}
+                try:
+                    check_finite_tensors(name, {k: v for k, v in finite.items() if v is not None})
+                except ValueError as exc:
+                    problems.append(str(exc).removeprefix("piecewise-quant: "))
         if problems:
             from .checkpoint import MAX_LISTED, CheckpointMismatchError
 
@@ -317,7 +372,19 @@ class PiecewiseHfQuantizer(HfQuantizer):
                 + (f"\n  ... and {more} more" if more else "")
             )
         model.piecewise_quant_config = self.core_config
+        if not self.pre_quantized and not self.calibrating:
+            from piecewise_quant.quantization import warn_unquantized
+
+            warn_unquantized(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
+        """``save_pretrained`` writes the model's own state dict, with the piecewise marker (format,
+        schema version, plan hash) in every safetensors file's metadata."""
+        from piecewise_quant.checkpoint import marker_metadata
+
+        config = getattr(model, "piecewise_quant_config", None) or self.core_config
+        return None, marker_metadata(config)
 
     def _plan_after_calibration(self, model: nn.Module) -> dict[str, Any]:
         pq = _core()

@@ -25,7 +25,7 @@ import torch
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from piecewise_quant.checkpoint import read_headers
+from piecewise_quant.checkpoint import check_marker, read_headers
 from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
 
 __all__ = ["PiecewiseVllmConfig"]
@@ -156,6 +156,8 @@ class PiecewiseVllmConfig(QuantizationConfig):
             self.mode = "prequantized" if has_codes else "online"
             if self.mode == "online":
                 self._check_online()
+        if self.mode == "prequantized":
+            check_marker(files, self.core, where=model_name)  # config.json edited after saving
         elif self.mode == "online" and any(k.endswith(".qweight") for k in self.headers):
             raise ValueError(
                 f"piecewise-quant: {model_name} is already quantized (it holds qweight tensors) but an online "

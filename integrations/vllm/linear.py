@@ -40,7 +40,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
 
-from piecewise_quant.checkpoint import check_checkpoint, expected_tensors
+from piecewise_quant.checkpoint import check_checkpoint, check_finite_tensors, expected_tensors
 from piecewise_quant.config import LayerSpec, QuantSpec
 from piecewise_quant.qlinear import QuantLinear
 from piecewise_quant.quantization import layer_spec_for
@@ -394,6 +394,7 @@ def _unify_act_scales(prefix: str, tensor_sets: list[dict[str, torch.Tensor]]) -
 
 
 def _quant_linear(layer: LayerSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> QuantLinear:
+    check_finite_tensors(layer.name, tensors)  # NaN/Inf scales: refused, never served
     fmt = get_format(layer.spec.grid)
     device = next(iter(tensors.values())).device
     q = QuantLinear.empty(layer, fmt, bias=False, device=device, dtype=dtype)

@@ -17,12 +17,13 @@ Too little text raises a ``ValueError`` saying how many tokens there are; fewer 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["prepare_batches", "resolve_tokenizer"]
+__all__ = ["prepare_batches", "check_batches", "resolve_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,72 @@ def _check_ids(ids: torch.Tensor) -> None:
         raise ValueError("calibration token ids contain negative values")
 
 
+def _vocab_size(model: Any) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        emb = get()
+    except Exception:  # models without token embeddings raise NotImplementedError and the like
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _forward_inputs(model: Any) -> tuple[set[str], bool] | None:
+    """The named inputs of ``model.forward`` and whether it also takes ``**kwargs``."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _as_tensor(i: int, key: str, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"calibration batch {i}: input {key!r} is a {type(value).__name__} that is not a rectangular array of "
+                f"numbers ({exc}); give a tensor (pad the sequences and pass an attention_mask)"
+            ) from None
+    return value
+
+
+def check_batches(batches: list[dict[str, Any]], model: Any) -> list[dict[str, Any]]:
+    """Check calibration batches against ``model`` before any work: input names its ``forward``
+    accepts, token ids inside its vocabulary; lists of numbers become tensors."""
+    vocab = _vocab_size(model)
+    inputs = _forward_inputs(model)
+    out = []
+    for i, batch in enumerate(batches):
+        batch = {k: _as_tensor(i, k, v) for k, v in batch.items()}
+        if inputs is not None:
+            named, var_kw = inputs
+            unknown = sorted(set(batch) - named)
+            if unknown and (not var_kw or not set(batch) & named):
+                shown = ", ".join(sorted(n for n in named if n in {"input_ids", "attention_mask", "inputs_embeds",
+                                                                   "pixel_values", "token_type_ids", "position_ids",
+                                                                   "hidden_states", "timestep"})) or ", ".join(sorted(named)[:8])
+                raise ValueError(
+                    f"calibration batch {i} has input(s) {unknown} that {type(model).__name__}.forward does not take "
+                    f"(it takes e.g. {shown}); rename the keys"
+                )
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            _check_ids(ids)
+            if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+                raise ValueError(
+                    f"calibration batch {i} holds token id {int(ids.max())}, but the model's vocabulary has {vocab} "
+                    f"entries (ids 0..{vocab - 1}): the data was tokenized with another model's tokenizer; tokenize "
+                    "it with this model's own tokenizer"
+                )
+        out.append(batch)
+    return out
+
+
 def prepare_batches(
     data: Any,
     *,
@@ -73,7 +140,15 @@ def prepare_batches(
     batch_size: int = 8,
     seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """A list of model-input dicts (batches of at most ``batch_size`` samples)."""
+    """A list of model-input dicts (batches of at most ``batch_size`` samples), checked against
+    ``model`` when given (:func:`check_batches`)."""
+    batches = _prepare(data, model=model, tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
+                       batch_size=batch_size, seed=seed)
+    return check_batches(batches, model) if model is not None else batches
+
+
+def _prepare(data: Any, *, model: Any, tokenizer: Any, n_samples: int, seq_len: int, batch_size: int,
+             seed: int) -> list[dict[str, Any]]:
     if data is None:
         from ..evaluate import calibration_text
 
@@ -104,6 +179,8 @@ def prepare_batches(
     if isinstance(data, Iterable) and not isinstance(data, (bytes, str)):
         batches = []
         for i, item in enumerate(data):
+            if isinstance(item, (list, tuple)) and item and all(isinstance(t, int) for t in item):
+                item = torch.tensor(item, dtype=torch.long)  # one sequence of token ids
             if isinstance(item, torch.Tensor):
                 _check_ids(item)
                 item = {"input_ids": item if item.dim() == 2 else item.reshape(1, -1)}

@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from ..config import CalibrationConfig, LayerSpec, PiecewiseQuantConfig, QuantSpec
 from ..formats.groups import group_view, importance_view
 from ..qlinear import QuantLinear
-from ..quantization import _record_in_host_config, layer_spec_for, plan_layers, quantized_layers
+from ..quantization import _record_in_host_config, check_float_model, layer_spec_for, plan_layers, warn_unquantized
 from ..registry import get_calibration_algorithm, get_format
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, onload_block, relative_error, run_block
 from .data import prepare_batches
 from .smoothing import find_fold_groups, smoothquant_scales, trace_tensors, verify_folds
+from .undo import ModelUndo
 
 __all__ = ["calibrate", "CalibrationReport", "LayerReport", "BlockReport", "LayerCalibration"]
 
@@ -95,9 +96,13 @@ class BlockReport:
     seconds: float
 
 
-@dataclass
+@dataclass(repr=False)
 class CalibrationReport:
-    """What a calibration run did: per layer and per block, time and memory."""
+    """What a calibration run did: per layer and per block, time and memory.
+
+    ``str(report)`` and ``repr(report)`` give :meth:`summary` followed by :meth:`table` (one row
+    per layer); ``calibrate`` logs the summary (logger ``piecewise_quant.calibration.engine``) and
+    prints nothing."""
 
     layers: dict[str, LayerReport] = field(default_factory=dict)
     blocks: list[BlockReport] = field(default_factory=list)
@@ -130,8 +135,19 @@ class CalibrationReport:
             lines.append(f"mixed precision: {mp['average_bits_per_weight']:.3f} bits/weight (budget {mp['budget']}); {mp['counts']}")
         return "\n".join(lines)
 
+    def table(self) -> str:
+        """One Markdown row per calibrated layer: grid, bits, bits/weight, calibration tokens seen,
+        what chose its weights (``gptq``, ``lwc``, ``aware``, ``data-free``...) and why."""
+        lines = ["| layer | grid | bits | bits/weight | tokens | method | note |", "|---|---|---:|---:|---:|---|---|"]
+        for r in self.layers.values():
+            lines.append(f"| {r.name} | {r.grid} | {r.bits} | {r.bits_per_weight:.3f} | {r.tokens:,} | {r.method} | {r.note} |")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
-        return self.summary()
+        return self.summary() + "\n\n" + self.table()
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 @dataclass
@@ -228,8 +244,7 @@ def calibrate(
     cal = config.calibration or CalibrationConfig()
     if config.calibration is None:
         config = dataclasses.replace(config, calibration=cal)
-    if quantized_layers(model):
-        raise ValueError("the model already has QuantLinear layers; calibrate a float model (load it without quantization_config)")
+    check_float_model(model, "calibrate")
     # looked up once, before any work: an unknown name fails at once
     algorithm = get_calibration_algorithm(cal.algorithm) if cal.algorithm is not None else None
     plan = plan_layers(model, config)
@@ -257,6 +272,13 @@ def calibrate(
     ]
     inside = {full for bl in block_layers for full in bl.values()}
     outside = [n for n in plan if n not in inside]
+    # everything calibration changes is recorded first: any exception, KeyboardInterrupt included,
+    # puts the model back as it was (blocks are changed in place; outside layers only swapped)
+    undo = ModelUndo()
+    undo.record(blocks, copy_values=True)
+    for name in plan:
+        parent = name.rpartition(".")[0]
+        undo.record_children(model.get_submodule(parent) if parent else model)
     try:
         with torch.no_grad():
             inputs = capture_block_inputs(model, blocks[0], batches)
@@ -296,17 +318,20 @@ def calibrate(
                     f"layer {name!r} lies outside the calibrated blocks ({blocks_path}) and cannot get a static "
                     "activation scale; keep it in float (modules_to_not_convert) or give it act_mode='dynamic_per_token'"
                 )
+    except BaseException:
+        undo.restore()
+        raise
     finally:
         model.train(was_training)
+    del undo
     model.piecewise_quant_config = config
     _record_in_host_config(model, config)
     report.wall_s = time.perf_counter() - t_start
     report.peak_rss_mb = _peak_rss_mb()
     logger.info("%s", report.summary())
-    if progress:
-        tqdm.write(report.summary())
     if report.data_free_layers:
         logger.warning("data-free quantization for %d layer(s): %s", len(report.data_free_layers), report.data_free_layers)
+    warn_unquantized(model)
     return report
 
 

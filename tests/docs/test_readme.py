@@ -39,3 +39,27 @@ def test_readme_python_snippets_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "tiny-llama-w4" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_calibration_claim_reproduces():
+    """The perplexity increase the README quotes for its calibration snippet is what that snippet
+    gives (same config, same bundled data and held-out text)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import piecewise_quant as pq
+    from piecewise_quant.evaluate import heldout_text, perplexity
+
+    n_samples = int(re.search(r'preset\("gptq", n_samples=(\d+)\)', README).group(1))
+    claim = float(re.search(r"\(piecewise 3-bit \+ GPTQ, (\d+) samples\) adds \+([0-9.]+) perplexity", README).group(2))
+    assert f"{n_samples} samples" in README
+    path = REPO / "assets" / "tiny-llama-pydoc"
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tok(heldout_text(), add_special_tokens=False)["input_ids"])
+    base = perplexity(AutoModelForCausalLM.from_pretrained(path).eval(), input_ids=ids)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = pq.PiecewiseQuantConfig(bits=3, group_size=128, calibration=pq.CalibrationConfig.preset("gptq", n_samples=n_samples))
+    pq.calibrate(model, config, tokenizer=tok, progress=False)
+    delta = perplexity(model.eval(), input_ids=ids) - base
+    assert delta == pytest.approx(claim, abs=0.01)

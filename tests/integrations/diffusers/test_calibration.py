@@ -24,7 +24,9 @@ def only(layer: str, **kwargs) -> pq.PiecewiseQuantConfig:
     steps differ by the 8-bit weight error of this one layer on the latents: ~1e-4 relative)."""
     spec = dict(bits=8, grid="uniform", group_size="channel", act_bits=8, act_mode="static_per_tensor")
     spec.update(kwargs)
-    return pq.PiecewiseQuantConfig(modules_to_not_convert=[f"re:^(?!{layer.replace('.', '[.]')}$).*"], **spec)
+    # first match wins: the layer keeps the default scheme, every other layer is float (grid "none");
+    # a negative-lookahead regex would say the same, but patterns are matched in linear time (no lookaround)
+    return pq.PiecewiseQuantConfig(modules_to_not_convert=[], overrides=[[layer, {}], ["*", {"grid": "none"}]], **spec)
 
 
 @torch.no_grad()
