@@ -131,8 +131,9 @@ def vllm_worker(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # on CPU, gpu_memory_utilization is the share of host memory vLLM may reserve
     kwargs = dict(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
-                  enforce_eager=True, skip_tokenizer_init=True)
+                  enforce_eager=True, skip_tokenizer_init=True, gpu_memory_utilization=0.5)
     if job["quantized"]:
         kwargs["quantization"] = "piecewise"
     t0 = time.perf_counter()

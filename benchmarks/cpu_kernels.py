@@ -240,9 +240,8 @@ def bench_layer(name: str, n: int, k: int, m: int, args, ext, result: Result, pr
             probe = random_layer(case, n, k)
             spec = probe.spec
             act_format = "none" if spec.act_bits is None else "int8"
-            backend = cpu_backend.explain(probe.fmt.kernel_format(spec), spec.bits, probe.layer_spec.group_size, k, dtype, act_format)
-            if m > cpu_backend.GEMV_MAX_ROWS and backend.startswith("cpu"):
-                backend = f"cpu dequantized blocks + torch {act} GEMM"
+            backend = cpu_backend.explain(probe.fmt.kernel_format(spec), spec.bits, probe.layer_spec.group_size, k, dtype,
+                                          act_format, rows=m)
             record(case.name, act, make, stored_bytes(probe), backend)
             del probe
 
@@ -254,13 +253,21 @@ def bench_layer(name: str, n: int, k: int, m: int, args, ext, result: Result, pr
     result.rows.extend(rows)
 
 
+def _mb(key: str) -> str:
+    return key if key == "cold" else f"{int(key) / 1e6:.1f}"
+
+
+def _mb_sort(key: str) -> float:
+    return float("inf") if key == "cold" else int(key)
+
+
 def markdown(result: Result) -> str:
     head = (
         f"{result.date}, {result.cpu}, torch {result.torch}, {result.threads} threads, "
         f"{'cold weights (rotated copies beyond the L3)' if result.cold else 'hot weights (one layer, in cache)'}"
         f"{', dry run: timings meaningless' if result.dry_run else ''}\n\n"
-        f"Read bandwidth measured in this run (GB/s, by working-set bytes): "
-        + ", ".join(f"{k}: {v:.1f}" for k, v in result.read_gbps.items())
+        f"Read bandwidth measured in this run with a streaming read of the same working-set size "
+        f"(MB: GB/s): " + ", ".join(f"{_mb(k)}: {v:.1f}" for k, v in sorted(result.read_gbps.items(), key=lambda kv: _mb_sort(kv[0])))
         + "\n\n"
     )
     lines = ["| case | activations | layer (N x K) | M | ms | x fp32 | x bf16 | GB/s | % of read bw | kernel |",
@@ -285,6 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--output", type=Path, help="write the markdown table here (and .json beside it)")
     p.add_argument("--dry-run", action="store_true", help="tiny layer, few repetitions: checks the script path")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", type=Path, help=argparse.SUPPRESS)  # re-render a saved run
     args = p.parse_args(argv)
     layers = DRY_LAYERS if args.dry_run else LAYERS
     if args.dry_run:
@@ -311,6 +319,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        rows = [Row(**r) for r in data.pop("rows")]
+        text = markdown(Result(**data, rows=rows))
+        print(text)
+        if args.output:
+            args.output.write_text(text)
+        return 0
     from tqdm import tqdm
 
     from piecewise_quant.kernels import cpu_backend

@@ -36,6 +36,37 @@ class DemoRow:
     perplexity: float
     quantize_seconds: float | None
     reload_exact: bool | None
+    decode_tps: float | None = None
+
+
+DEMO_DECODE_TOKENS = 64
+
+
+def decode_tokens_per_second(model, prompt, tokens: int = DEMO_DECODE_TOKENS, repeats: int = 3) -> float:
+    """Greedy decode speed of ``model`` on ``prompt`` (``(batch, len)`` token ids): ``batch * (tokens - 1)``
+    over the time of generating ``tokens`` minus that of generating one (which removes the prefill),
+    best of ``repeats``."""
+    import torch
+
+    mask = torch.ones_like(prompt)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=getattr(model.config, "pad_token_id", None) or 0)
+        elapsed = time.perf_counter() - start
+        if out.shape[1] != prompt.shape[1] + n:
+            raise RuntimeError(f"generate stopped after {out.shape[1] - prompt.shape[1]} of {n} tokens")
+        return elapsed
+
+    timed(2)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t_n, t_1 = timed(tokens), timed(1)
+        rate = prompt.shape[0] * (tokens - 1) / (t_n - t_1) if t_n > t_1 else prompt.shape[0] * tokens / t_n
+        best = max(best, rate)
+    return best
 
 
 def _dir_bytes(path: Path) -> int:
@@ -52,7 +83,9 @@ def run_demo(model_path: Path, output_dir: Path, group_size: int = 128, configs=
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"])
     float_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    rows = [DemoRow("float32", 32.0, _dir_bytes(Path(model_path)), perplexity(float_model, input_ids=ids), None, None)]
+    prompt = ids[:16].unsqueeze(0)
+    rows = [DemoRow("float32", 32.0, _dir_bytes(Path(model_path)), perplexity(float_model, input_ids=ids), None, None,
+                    decode_tokens_per_second(float_model, prompt))]
     probe = ids[:128].unsqueeze(0)
     for grid, bits in configs or DEMO_CONFIGS:
         name = f"{grid} {bits}-bit g{group_size}"
@@ -67,23 +100,29 @@ def run_demo(model_path: Path, output_dir: Path, group_size: int = 128, configs=
         with torch.no_grad():
             exact = torch.equal(model(probe).logits, reloaded(probe).logits)
         report = pq.model_size_report(reloaded)
-        rows.append(DemoRow(name, report.bits_per_weight, _dir_bytes(target), perplexity(reloaded, input_ids=ids), seconds, exact))
+        rows.append(DemoRow(name, report.bits_per_weight, _dir_bytes(target), perplexity(reloaded, input_ids=ids), seconds, exact,
+                            decode_tokens_per_second(reloaded, prompt)))
         del model, reloaded
     return rows
 
 
 def format_table(rows: list[DemoRow]) -> str:
     base = rows[0].perplexity
+    base_tps = rows[0].decode_tps
     lines = [
-        "| model | bits/weight (quantized layers) | bytes on disk | held-out perplexity | vs float | quantize time | reload exact |",
-        "|---|---:|---:|---:|---:|---:|:---:|",
+        "| model | bits/weight (quantized layers) | bytes on disk | held-out perplexity | vs float | quantize time | reload exact "
+        "| decode tokens/s | vs float |",
+        "|---|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in rows:
         delta = "" if r is rows[0] else f"{r.perplexity - base:+.3f}"
         qt = "" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f} s"
         exact = "" if r.reload_exact is None else ("yes" if r.reload_exact else "NO")
+        tps = "" if r.decode_tps is None else f"{r.decode_tps:.0f}"
+        speed = "" if r.decode_tps is None or not base_tps else f"{r.decode_tps / base_tps:.2f}x"
         lines.append(
-            f"| {r.name} | {r.bits_per_weight:.3f} | {r.disk_bytes:,} | {r.perplexity:.3f} | {delta} | {qt} | {exact} |"
+            f"| {r.name} | {r.bits_per_weight:.3f} | {r.disk_bytes:,} | {r.perplexity:.3f} | {delta} | {qt} | {exact} "
+            f"| {tps} | {speed} |"
         )
     return "\n".join(lines)
 
@@ -99,7 +138,14 @@ def _demo(args: argparse.Namespace) -> int:
     if not (model_path / "config.json").is_file():
         print(f"error: {model_path} has no config.json (not a Hugging Face model directory)", file=sys.stderr)
         return 2
+    import torch
+
+    from piecewise_quant.kernels import cpu_backend
+
+    kernels = cpu_backend.status()
     print(f"piecewise-quant demo: {model_path}, group size {args.group_size}; held-out text: pydoc_data.topics (every 4th topic)")
+    print(f"CPU kernels: {kernels['isa'] or 'unavailable (' + str(kernels['reason']) + ')'}; {torch.get_num_threads()} thread(s); "
+          f"decode: greedy, batch 1, {DEMO_DECODE_TOKENS} tokens after a 16-token prompt")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.output_dir) if args.output_dir else Path(tmp)
         rows = run_demo(model_path, out, group_size=args.group_size)
@@ -444,12 +490,13 @@ def _inspect(args: argparse.Namespace) -> int:
             err = f"{float((q.dequantize(torch.float32) - w).norm() / w.norm()):.4f}"
         spec = q.spec
         act = "-" if spec.act_bits is None else f"{spec.act_format}{spec.act_bits} {spec.act_mode}"
-        rows.append((name, spec.grid, str(spec.bits), _group_label(q.layer_spec), f"{q.bits_per_weight():.3f}", act, err))
+        rows.append((name, spec.grid, str(spec.bits), _group_label(q.layer_spec), f"{q.bits_per_weight():.3f}", act, err,
+                     _kernel_label(q)))
     report = pq.model_size_report(model)
     print(f"{model_path}: {len(layers)} quantized layers, {report.bits_per_weight:.3f} bits/weight, {report.total_bytes:,} bytes")
     print()
-    print("| layer | grid | bits | group size | bits/weight | activations | rel. weight error |")
-    print("|---|---|---:|---:|---:|---|---:|")
+    print("| layer | grid | bits | group size | bits/weight | activations | rel. weight error | CPU kernel (decode) |")
+    print("|---|---|---:|---:|---:|---|---:|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     if reference is None:
@@ -542,6 +589,26 @@ def _plot_layer(name: str, q, float_weight, row: int, group: int, path: Path) ->
     return path
 
 
+def _kernel_label(q, rows: int = 1) -> str:
+    """Which CPU kernel a quantized layer runs for ``rows`` activation rows (1: decoding), or why none."""
+    from piecewise_quant.kernels import cpu_backend
+
+    kernel = q.fmt.kernel_format(q.spec)
+    if kernel is None:
+        return f"reference (grid {q.spec.grid!r} has no kernel format)"
+    act = "none" if q.spec.act_bits is None else (f"int{q.spec.act_bits}" if q.spec.act_format == "int" else "fp8_e4m3")
+    return cpu_backend.explain(kernel, q.spec.bits, q.layer_spec.group_size, q.in_features, q.compute_dtype, act, rows)
+
+
+def _kernel_summary(model, rows: int = 1) -> str:
+    import collections
+
+    import piecewise_quant as pq
+
+    counts = collections.Counter(_kernel_label(q, rows) for q in pq.quantized_layers(model).values())
+    return "; ".join(f"{label}: {n} layer{'s' if n != 1 else ''}" for label, n in counts.most_common())
+
+
 def _dequantized_copy(model):
     """A float copy of a quantized model: every QuantLinear replaced by an nn.Linear holding its
     dequantized weight (the same numbers, computed in float)."""
@@ -573,12 +640,15 @@ def _bench(args: argparse.Namespace) -> int:
         float_model, float_name = model, "float32"
     vocab = int(getattr(model.config, "vocab_size", 1000))
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
     spec = next(iter(pq.quantized_layers(quantized).values())).spec
     qname = f"{spec.grid} {spec.bits}-bit"
+    models = ((float_name, float_model), (qname, quantized))
+    if args.generate:
+        return _bench_generate(args, model_path, models, vocab, gen, quantized)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
     rows = []
     with torch.inference_mode():
-        for name, m in ((float_name, float_model), (qname, quantized)):
+        for name, m in models:
             m(ids)  # warm-up
             times = []
             for _ in range(args.repeats):
@@ -590,6 +660,7 @@ def _bench(args: argparse.Namespace) -> int:
             rows.append((name, bpw, best * 1e3, ids.numel() / best))
     print(f"piecewise-quant bench: {model_path}; forward pass of {args.batch_size} x {args.seq_len} tokens, "
           f"best of {args.repeats}, {torch.get_num_threads()} CPU thread(s)")
+    print(f"kernels: {_kernel_summary(quantized, args.batch_size * args.seq_len)}")
     print()
     print("| model | bits/weight | ms / forward | tokens/s | vs float |")
     print("|---|---:|---:|---:|---:|")
@@ -597,6 +668,60 @@ def _bench(args: argparse.Namespace) -> int:
     for name, bpw, ms, tps in rows:
         print(f"| {name} | {bpw:.3f} | {ms:.1f} | {tps:,.0f} | {tps / base:.2f}x |")
     return 0
+
+
+def _resident_bytes(model) -> int:
+    """Bytes of every parameter and buffer (quantized layers at their stored size)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _bench_generate(args, model_path, models, vocab: int, gen, quantized) -> int:
+    """Greedy decode tokens/s at each ``--batch-sizes`` entry, the models' resident weights and the
+    process's peak RSS."""
+    import resource
+
+    import torch
+
+    import piecewise_quant as pq
+
+    batches = args.batch_sizes
+    rows = []
+    for name, m in models:
+        speeds = []
+        for b in batches:
+            prompt = torch.randint(3, vocab, (b, 16), generator=gen)
+            speeds.append(decode_tokens_per_second(m, prompt, tokens=args.generate, repeats=args.repeats))
+        bpw = pq.model_size_report(m).bits_per_weight if m is quantized else 32.0
+        rows.append((name, bpw, _resident_bytes(m), speeds))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"piecewise-quant bench --generate: {model_path}; greedy decode of {args.generate} tokens after a 16-token "
+          f"prompt, best of {args.repeats}, {torch.get_num_threads()} CPU thread(s); process peak RSS {peak:,.0f} MB")
+    print(f"kernels: {_kernel_summary(quantized)}")
+    print()
+    head = "| model | bits/weight | weights in memory (MB) | " + " | ".join(f"batch {b} tokens/s | vs float" for b in batches) + " |"
+    print(head)
+    print("|---|---:|---:|" + "---:|---:|" * len(batches))
+    base = rows[0][3]
+    for name, bpw, nbytes, speeds in rows:
+        cells = " | ".join(f"{v:,.1f} | {v / base[i]:.2f}x" for i, v in enumerate(speeds))
+        print(f"| {name} | {bpw:.3f} | {nbytes / 1e6:.1f} | {cells} |")
+    return 0
+
+
+def _positive_int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
+    return out
 
 
 def _positive_int(value: str) -> int:
@@ -667,6 +792,7 @@ that group's grid levels (grey) and, for the piecewise grid, its breakpoints ±p
     "bench": """examples:
   piecewise-quant bench --model out/pw4
   piecewise-quant bench --model assets/tiny-llama-pydoc --grid uniform --bits 4 --seq-len 256
+  piecewise-quant bench --model out/pw4 --generate 64 --batch-sizes 1,8
 
 A quantized checkpoint is timed against a float copy holding its dequantized weights; a float
 model is quantized in memory (data-free, --grid/--bits/--group-size) and timed against itself.
@@ -722,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     b.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
     b.add_argument("--repeats", type=int, default=5, help="timed passes; the best is reported (default 5)")
+    b.add_argument("--generate", type=_positive_int, default=None, metavar="N",
+                   help="time greedy decoding of N tokens instead (tokens/s per --batch-sizes, weights in memory, peak RSS)")
+    b.add_argument("--batch-sizes", type=_positive_int_list, default=[1, 8], metavar="B[,B...]",
+                   help="prompts decoded together with --generate (default 1,8)")
     b.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="quantize the bundled model (uniform vs piecewise, 4 and 3 bits), save, reload, compare")
@@ -782,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # everything after "serve" belongs to vLLM, --help included
         return run_command(_serve, argparse.Namespace(vllm_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    # transformers' per-tensor "Loading weights" bars would bury the tables; set the variable to 0 to keep them
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return run_command(args.func, args)
 
 

@@ -54,6 +54,13 @@ class KernelBackend:
 
 _BACKENDS: dict[str, KernelBackend] = {}
 ENV_FORCE = "PIECEWISE_QUANT_KERNEL_BACKEND"
+# bumped on every (un)registration, so callers that cache a selection know when to redo it
+_version = 0
+
+
+def version() -> int:
+    """A counter that changes whenever the set of registered backends changes."""
+    return _version
 
 
 def register_backend(backend: KernelBackend, replace: bool = False) -> None:
@@ -62,11 +69,16 @@ def register_backend(backend: KernelBackend, replace: bool = False) -> None:
         raise ValueError("the name 'reference' is reserved for the pure-torch implementation")
     if backend.name in _BACKENDS and not replace and _BACKENDS[backend.name] != backend:
         raise ValueError(f"a kernel backend named {backend.name!r} is already registered")
+    global _version
+    if _BACKENDS.get(backend.name) != backend:
+        _version += 1
     _BACKENDS[backend.name] = backend
 
 
 def unregister_backend(name: str) -> None:
-    _BACKENDS.pop(name, None)
+    global _version
+    if _BACKENDS.pop(name, None) is not None:
+        _version += 1
 
 
 def registered_backends() -> dict[str, KernelBackend]:

@@ -41,6 +41,8 @@ _ACT_QMAX = {"int8": 127.0, "int4": 7.0}
 # activation rows up to which the fused kernels run; above, dequantized blocks + torch's GEMM
 # (measured crossover on a 2-core Sapphire Rapids; see docs/performance.md)
 GEMV_MAX_ROWS = 16
+# W8A8 (symmetric 8-bit weights per channel, integer activations) from this many rows: torch's int8 GEMM
+INT8_GEMM_MIN_ROWS = 16
 # elements of one dequantized block for the GEMM path
 TILE_ELEMENTS = 4 << 20
 
@@ -58,7 +60,44 @@ def _extension():
     tier, _vnni, desc = _pq_cpu.features()
     if tier < 1:
         return None, f"this CPU has no AVX2/FMA/F16C ({desc})"
+    _share_torch_threads(_pq_cpu)
     return _pq_cpu, None
+
+
+def _openmp_library() -> str | None:
+    """The path of the OpenMP runtime this process has loaded (torch's), from ``/proc/self/maps``."""
+    import re
+
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded with libtorch; make sure it is initialised
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if re.search(r"/lib(gomp|iomp5)[^/]*\.so", line)}
+    except OSError:
+        return None
+    return sorted(paths)[0] if len(paths) == 1 else None
+
+
+def _share_torch_threads(ext) -> None:
+    """Run the kernels' parallel parts on torch's own OpenMP threads (GNU ``GOMP_parallel``, which
+    Intel's runtime also provides) rather than on a second thread pool: torch's threads keep spinning
+    for a while after each of its ops, and a second pool's worker would wait for a free core.
+    ``PIECEWISE_QUANT_CPU_THREADS=own`` keeps the extension's own pool."""
+    import ctypes
+    import os
+
+    if os.environ.get("PIECEWISE_QUANT_CPU_THREADS", "").strip().lower() == "own":
+        return
+    path = _openmp_library()
+    if path is None:
+        return
+    try:
+        lib = ctypes.CDLL(path)
+        addrs = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                 for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+    except (OSError, AttributeError):
+        return
+    if all(addrs):
+        ext.set_openmp(*addrs)
 
 
 def status() -> dict:
@@ -216,6 +255,37 @@ def _row_scales(x2: torch.Tensor, act_format: str, act_mode: str, act_scale, cli
     return (rng * clip / qmax).contiguous()
 
 
+def _int8_gemm_applies(qweight, scales, weight_format: str, bits: int, group_size: int, in_features: int) -> bool:
+    """Symmetric 8-bit weights with one scale per output channel (or per tensor): the SmoothQuant
+    W8A8 layout, whose products are whole integers."""
+    return (weight_format == "uniform_sym" and bits == 8 and group_size in (-1, in_features)
+            and qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[1] == in_features
+            and qweight.is_contiguous())
+
+
+def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float, topk: int) -> torch.Tensor | None:
+    """W8A8 for many rows: activations quantized per row exactly as the reference does, the stored
+    codes turned into signed levels (``code - 128`` is ``code ^ 0x80`` read as int8), and torch's int8
+    GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end."""
+    qmax = _ACT_QMAX[act_format]
+    xf = x2.to(torch.float32)
+    if not bool(torch.isfinite(xf).all()):
+        return None  # NaN/Inf have no integer code: the reference propagates them
+    if act_mode == "static_per_tensor":
+        scale = act_scale.to(torch.float32).reshape(1, 1)
+    else:
+        mag = xf.abs()
+        rng = mag.topk(min(topk + 1, mag.shape[-1]), dim=-1).values[..., -1:] if topk > 0 else mag.amax(-1, keepdim=True)
+        scale = rng * clip / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    qx = torch.clamp(torch.round(xf / safe), -qmax, qmax).to(torch.int8)
+    levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
+    torch.bitwise_xor(qweight, 0x80, out=levels)
+    acc = torch._int_mm(qx, levels.view(torch.int8).t())
+    y = acc.to(torch.float32).mul_(safe).mul_(scales.to(torch.float32).reshape(1, -1))
+    return y.to(x2.dtype)
+
+
 def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group_size, in_features,
             act_format, act_mode, act_clip_ratio, act_topk):
     args = (x, qweight, scales, aux, bias, act_scale, weight_format, bits, group_size, in_features,
@@ -241,6 +311,14 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     if int_act and act_mode == "static_per_tensor" and act_scale is None:
         return reference.linear(*args)  # raises the user-facing error
     b = bias.to(x.dtype).contiguous() if bias is not None else None
+    if (int_act and m >= INT8_GEMM_MIN_ROWS
+            and _int8_gemm_applies(qweight, scales, weight_format, bits, group_size, in_features)):
+        y = _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
+        if y is None:
+            return reference.linear(*args)
+        if b is not None:
+            y += b
+        return y.reshape(*lead, n)
     if 0 < m <= GEMV_MAX_ROWS:
         y = torch.empty(m, n, dtype=x.dtype)
         if int_act:
@@ -270,10 +348,62 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     return y.reshape(*lead, n)
 
 
+class Prepared:
+    """One layer's call into the CPU kernels with everything but the activations worked out once,
+    for the decode loop where Python overhead is a large share of a small layer's time. It holds the
+    layer's tensors (the descriptor points into them); :meth:`matches` says whether they are still the
+    layer's. ``__call__`` returns ``None`` when the call is not a few float activation rows on CPU
+    (the caller then takes the general path)."""
+
+    __slots__ = ("tensors", "desc", "n", "k", "ext", "backends_version", "forced", "dtype_code")
+
+    def __init__(self, ext, desc, tensors: tuple, n: int, k: int, backends_version: int, forced: str) -> None:
+        self.ext, self.desc, self.tensors, self.n, self.k = ext, desc, tensors, n, k
+        self.backends_version, self.forced = backends_version, forced
+
+    def matches(self, tensors: tuple, backends_version: int, forced: str) -> bool:
+        mine = self.tensors
+        return (
+            len(mine) == len(tensors)
+            and all(a is b for a, b in zip(mine, tensors))
+            and backends_version == self.backends_version
+            and forced == self.forced
+        )
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None):
+        dt = _DTYPES.get(x.dtype)
+        if dt is None or x.device.type != "cpu" or x.shape[-1] != self.k:
+            return None
+        x2 = x.reshape(-1, self.k)
+        m = x2.shape[0]
+        if not 0 < m <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
+            return None
+        y = torch.empty(m, self.n, dtype=x.dtype)
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            bias = bias.to(x.dtype).contiguous()
+        done = self.ext.gemv(
+            self.desc, x2.data_ptr(), dt, m, x2.stride(0), y.data_ptr(), dt, self.n,
+            _ptr(bias), dt, torch.get_num_threads(), -1, 0, 127.0, 1.0, 0, 0, -1,
+        )
+        return y.view(*x.shape[:-1], self.n) if done else None
+
+
+def prepare(qweight, scales, aux, weight_format: str, bits: int, group_size: int, in_features: int,
+            backends_version: int, forced: str) -> Prepared | None:
+    """A :class:`Prepared` call for a weight-only layer, or ``None`` where the CPU kernels do not take it."""
+    ext, _ = _extension()
+    if ext is None or qweight.device.type != "cpu":
+        return None
+    desc = _describe(ext, qweight, scales, aux, weight_format, bits, group_size, in_features)
+    if desc is None:
+        return None
+    return Prepared(ext, desc, (qweight, scales, aux), qweight.shape[0], in_features, backends_version, forced)
+
+
 def explain(weight_format: str, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
-            act_format: str = "none") -> str:
-    """Which CPU kernel a layer with this scheme runs for a single activation row (decoding), e.g.
-    ``"cpu avx512-vnni (integer)"``, or ``"reference (<why>)"``."""
+            act_format: str = "none", rows: int = 1) -> str:
+    """Which CPU kernel a layer with this scheme runs for ``rows`` activation rows (1: decoding), e.g.
+    ``"cpu avx512-vnni (integer)"``, ``"cpu int8 GEMM (torch._int_mm)"`` or ``"reference (<why>)"``."""
     st = status()
     if not st["available"]:
         return f"reference ({st['reason']})"
@@ -282,6 +412,11 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     gs = in_features if group_size == -1 else group_size
     if in_features % gs or (in_features // gs > 1 and gs % 8):
         return f"reference (group size {group_size} is not a multiple of 8)"
+    if (rows >= INT8_GEMM_MIN_ROWS and act_format in _ACT_QMAX and weight_format == "uniform_sym" and bits == 8
+            and group_size in (-1, in_features)):
+        return "cpu int8 GEMM (torch._int_mm)"
+    if rows > GEMV_MAX_ROWS:
+        return f"cpu dequantized blocks + torch {str(dtype).removeprefix('torch.')} GEMM"
     isa = st["isa"]
     integer = (
         isa == "avx512-vnni" and weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)

@@ -8,6 +8,7 @@ formats without a kernel dequantize and call ``F.linear``).
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -66,6 +67,8 @@ class QuantLinear(nn.Module):
         else:
             self.act_scale = None
         self._observing = False
+        self._prepared = None  # the CPU kernels' prepared call (see _fast_cpu), False: none applies
+        self._prepared_key = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -160,10 +163,47 @@ class QuantLinear(nn.Module):
             )
         return (self.act_scale, act_format, spec.act_mode, float(spec.act_clip_ratio), int(spec.act_topk))
 
+    def _fast_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference on CPU through a prepared call into the CPU kernels, skipping the op dispatch
+        (the decode loop of a small model spends more time there than in the kernel). ``None``: use
+        the op (gradients needed, torch.compile tracing, another backend selected, a shape the
+        prepared call does not take)."""
+        if (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))) \
+                or torch.compiler.is_compiling():
+            return None
+        from .kernels import backends
+
+        t = self.quantized_tensors()
+        aux = t.get("qzeros", t.get("breakpoint_ids"))
+        tensors = (t["qweight"], t["scales"], aux)
+        version = backends.version()
+        forced = os.environ.get(backends.ENV_FORCE, "")
+        prepared = self._prepared
+        if prepared is False and self._prepared_key == (version, forced):
+            return None
+        if prepared is None or prepared is False or not prepared.matches(tensors, version, forced):
+            prepared = False
+            kernel = self.fmt.kernel_format(self.spec)
+            chosen = backends.select_backend("cpu", kernel, self.spec.bits, self.layer_spec.group_size, x.dtype, "none") \
+                if kernel is not None else None
+            if chosen is not None and chosen.name == "cpu":
+                from .kernels import cpu_backend
+
+                prepared = cpu_backend.prepare(*tensors, kernel, self.spec.bits, self.layer_spec.group_size,
+                                               self.in_features, version, forced) or False
+            self._prepared, self._prepared_key = prepared, (version, forced)
+            if prepared is False:
+                return None
+        return prepared(x, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:
             self._observe(x)
         ensure_runtime()
+        if x.device.type == "cpu" and self.spec.act_bits is None and not self._observing:
+            y = self._fast_cpu(x)
+            if y is not None:
+                return y
         kernel = self.fmt.kernel_format(self.spec)
         act = self._act_args() if not self._observing else (None, "none", "dynamic_per_token", 1.0, 0)
         if kernel is None:

@@ -184,10 +184,35 @@ static int pool_grow(int want) {
     return pool.nworkers;
 }
 
+/* torch's own OpenMP team, when Python hands over its entry points (set_openmp): running on it
+ * instead of a second pool avoids two sets of threads competing for the same cores (torch's
+ * threads spin after each of its ops, so a second pool's worker waits for a core) */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static gomp_parallel_fn g_gomp_parallel;
+static int (*g_omp_thread_num)(void);
+static int (*g_omp_num_threads)(void);
+
+typedef struct {
+    task_fn fn;
+    void *ctx;
+    int nparts;
+} omp_job_t;
+
+static void omp_body(void *arg) {
+    omp_job_t *j = arg;
+    int t = g_omp_thread_num(), n = g_omp_num_threads();
+    for (int p = t; p < j->nparts; p += n) j->fn(j->ctx, p, j->nparts);
+}
+
 /* run fn(ctx, part, nparts) for part in [0, nparts); the caller runs part 0 */
 static void pool_run(task_fn fn, void *ctx, int nparts) {
     if (nparts <= 1) {
         fn(ctx, 0, 1);
+        return;
+    }
+    if (g_gomp_parallel) {
+        omp_job_t j = {fn, ctx, nparts};
+        g_gomp_parallel(omp_body, &j, (unsigned)nparts, 0);
         return;
     }
     pthread_mutex_lock(&pool_run_mu);
@@ -471,7 +496,11 @@ typedef struct {
     int64_t vb, nvg, bpg; /* blocks per virtual group (a run of blocks summed in int32), their count,
                              blocks per quantization group */
     float *yacc;       /* [M][N] */
+    const uint8_t *codes_end; /* one past the last code byte (prefetches stay inside) */
 } i8_job_t;
+
+#define PF_ROWS 8
+#define PF_LINES 2
 
 /* the kernel-order position j (0..127) of a 128-block reads activation element i8_src(bits, j) */
 static inline int i8_src(int bits, int j) {
@@ -599,6 +628,13 @@ AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const in
             for (int64_t j = 0; j < vb; j++) {
                 const int64_t k = (blk0 + j) * I8_BLK;
                 __m512i wa[2], wb[2];
+                /* rows are short streams (1-3 KB): the hardware prefetcher barely starts on one, so
+                 * fetch the rows PF_ROWS ahead ourselves, PF_LINES lines per block */
+                for (int r = 0; r < NB; r++) {
+                    const uint8_t *ahead = rows[r] + PF_ROWS * L->code_stride + PF_LINES * ((k * BITS) >> 3);
+                    for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
+                        if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
+                }
                 for (int r = 0; r < NB; r++) i8_decode(rows[r], k, BITS, PW, lut[r], dec, &wa[r], &wb[r]);
                 for (int m = 0; m < MO; m++)
                     for (int p = 0; p < P; p++) {
@@ -1287,11 +1323,15 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)&L, sizeof L);
 }
 
+#define MIN_PARALLEL_WORK (1LL << 24)
+
 static int clamp_threads(int nt, int64_t work) {
     if (nt < 1) nt = 1;
     if (nt > MAX_THREADS) nt = MAX_THREADS;
-    /* tiny layers: one thread (waking another costs more than it saves) */
-    if (work < (1 << 16)) nt = 1;
+    /* one thread below ~16M multiply-adds per call (a 4096x4096 layer at one row): measured inside
+     * transformers' decode loop on 2 cores, a second thread made TinyLlama-sized layers (4M-12M)
+     * slower, not faster (benchmarks/cpu_decode.py; docs/performance.md) */
+    if (work < MIN_PARALLEL_WORK) nt = 1;
     return nt;
 }
 
@@ -1338,7 +1378,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
             ok = 0;
         else {
             int64_t vb = i8_vb(&L, P), bpg = (L.G == 1 ? L.K : L.gs) / I8_BLK;
-            i8_job_t J = {&L, xq, xg, sc, M, P, C, vb, L.K / I8_BLK / vb, bpg, yacc};
+            i8_job_t J = {&L, xq, xg, sc, M, P, C, vb, L.K / I8_BLK / vb, bpg, yacc, L.codes + L.N * L.code_stride};
             pool_run(i8_task_for((int)L.bits, P, L.kind == KIND_PW), &J, nt);
         }
     } else if (tier >= 2 && (L.bits <= 4 || (L.bits == 8 && (L.kind == KIND_SYM || L.kind == KIND_ASYM)))) {
@@ -1442,6 +1482,20 @@ static PyObject *py_features(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("iis", g_tier, g_vnni, g_cpu_desc);
 }
 
+/* set_openmp(GOMP_parallel, omp_get_thread_num, omp_get_num_threads): addresses in the OpenMP
+ * runtime torch uses (0, 0, 0: back to the extension's own threads) */
+static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
+    unsigned long long par, tid, num;
+    if (!PyArg_ParseTuple(args, "KKK", &par, &tid, &num)) return NULL;
+    if (par && tid && num) {
+        g_omp_thread_num = (int (*)(void))(uintptr_t)tid;
+        g_omp_num_threads = (int (*)(void))(uintptr_t)num;
+        g_gomp_parallel = (gomp_parallel_fn)(uintptr_t)par;
+    } else
+        g_gomp_parallel = NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_spin(PyObject *self, PyObject *args) {
     int us;
     if (!PyArg_ParseTuple(args, "i", &us)) return NULL;
@@ -1455,6 +1509,7 @@ static PyMethodDef methods[] = {
     {"dequant", py_dequant, METH_VARARGS, "Dequantize a block of output rows into a dense array."},
     {"features", py_features, METH_NOARGS, "(tier, vnni, description) of this CPU."},
     {"set_spin_us", py_set_spin, METH_VARARGS, "How long idle worker threads spin before sleeping."},
+    {"set_openmp", py_set_openmp, METH_VARARGS, "Run parallel work on torch's OpenMP team (GOMP entry points)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},
 };

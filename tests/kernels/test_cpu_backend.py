@@ -121,6 +121,25 @@ def test_integer_activations_follow_the_reference_quantizer(grid, bits, sym, act
         assert _relerr(q(x), expected) < 2e-6
 
 
+@pytest.mark.parametrize("group", ["channel", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_many_rows_run_torch_int8_gemm_on_the_stored_codes(group, dtype, monkeypatch):
+    q = _quantized("uniform", 8, group, True, act_bits=8, bias=True)
+    stored = q.qweight.clone()
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+    x = torch.randn(3, cpu_backend.GEMV_MAX_ROWS, q.in_features, dtype=dtype)
+    xq = reference.quantize_activation(x, "int8", "dynamic_per_token")
+    expected = xq.double() @ q.dequantize(torch.float64).t() + q.bias.double()
+    y = q(x)
+    assert calls == [(3 * cpu_backend.GEMV_MAX_ROWS, q.in_features)]
+    assert y.dtype == dtype and y.shape == (3, cpu_backend.GEMV_MAX_ROWS, q.out_features)
+    assert _relerr(y, expected) < (2e-6 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(q.qweight, stored)  # the signed levels go to a scratch buffer, never into the layer
+    assert cpu_backend.explain("uniform_sym", 8, -1, 256, dtype, "int8", rows=48) == "cpu int8 GEMM (torch._int_mm)"
+
+
 def test_fp8_activations_follow_the_reference_quantizer():
     q = _quantized("fp8", 8, "channel", act_bits=8, act_format="fp8")
     x = torch.randn(2, q.in_features)
@@ -134,6 +153,11 @@ def test_nan_activations_give_nan_like_the_reference():
     x[0, 7] = float("nan")
     y = q(x)
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    w8a8 = _quantized("uniform", 8, "channel", True, act_bits=8)
+    x = torch.randn(cpu_backend.INT8_GEMM_MIN_ROWS + 1, 256)
+    x[0, 7] = float("nan")
+    y = w8a8(x)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -226,6 +250,7 @@ def test_explain_names_the_kernel_or_the_reason():
     isa = cpu_backend.status()["isa"]
     assert cpu_backend.explain("piecewise", 4, 128, 4096).startswith(f"cpu {isa}")
     assert cpu_backend.explain("uniform_sym", 4, 12, 96).startswith("reference (group size 12")
+    assert cpu_backend.explain("piecewise", 4, 128, 4096, rows=64) == "cpu dequantized blocks + torch float32 GEMM"
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are x86-64 only")
@@ -252,3 +277,22 @@ def test_the_op_dispatches_to_the_cpu_backend(monkeypatch):
     ops.linear(torch.randn(2, 256), t["qweight"], t["scales"], t.get("qzeros"), None, None, "uniform_asym", 4, 128, 256,
                "none", "dynamic_per_token", 1.0, 0)
     assert calls
+
+
+def test_the_prepared_decode_path_follows_new_tensors_and_the_forced_backend(monkeypatch):
+    q = _quantized("uniform", 4, 128, seed=0)
+    other = _quantized("uniform", 4, 128, seed=1)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        first = q(x)
+        q.load_quantized({k: v.clone() for k, v in other.quantized_tensors().items()})  # copied into the same buffers
+        assert torch.equal(q(x), other(x)) and not torch.equal(q(x), first)
+        q.to(torch.float32)  # new buffer objects
+        for name, t in other.quantized_tensors().items():
+            q._buffers[name] = t.clone()
+        assert torch.equal(q(x), other(x))
+        monkeypatch.setenv(ENV_FORCE, "reference")
+        assert _relerr(q(x), _expected(other, x)) < 2e-6
+        assert torch.equal(q(x), reference.linear(x, *[other.quantized_tensors()[k] for k in ("qweight", "scales")],
+                                                  other.quantized_tensors().get("qzeros"), None, None, "uniform_asym", 4,
+                                                  128, 256))
