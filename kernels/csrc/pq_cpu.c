@@ -862,6 +862,8 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
 
 /* ---- tier 2, fp32 levels: piecewise 8-bit, FP8, and the dequantized tiles ---- */
 
+#define FP8_UNSCALE 256.0f /* the AVX-512 FP8 decode yields each value times 2^-8 */
+
 typedef struct {
     __m512 lut, zf, hv, rm1; /* rm1: the tail ratio r */
 } g512_t;
@@ -878,13 +880,7 @@ AVX512 INLINE void grp512(const layer_t *L, int64_t n, int64_t g, g512_t *gp) {
 }
 
 AVX512 INLINE __m512 dec16_byte(const layer_t *L, __m128i bytes, const g512_t *gp) {
-    __m512i c = _mm512_cvtepu8_epi32(bytes);
-    if (L->kind == KIND_FP8) {
-        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
-        __m512i mag = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x7f)), 20);
-        __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
-        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
-    }
+    __m512i c = _mm512_cvtepu8_epi32(bytes); /* uniform or piecewise 8-bit (FP8 is decoded in dec32_f32) */
     __m512 cf = _mm512_cvtepi32_ps(c);
     if (L->kind != KIND_PW) return _mm512_sub_ps(cf, gp->zf);
     /* exactly the reference's h + r * (|d| - h) (two roundings, no FMA), sign of d */
@@ -901,6 +897,16 @@ AVX512 INLINE void dec32_f32(const layer_t *L, const uint8_t *row, int64_t k, in
                              const dec_t *dec, __m512 *lo, __m512 *hi) {
     if (L->bits == 8) {
         __m256i b = _mm256_maskz_loadu_epi8(len >= 32 ? 0xffffffffu : (__mmask32)((1u << len) - 1), row + k);
+        if (L->kind == KIND_FP8) {
+            /* E4M3 bits moved into FP16 bits: the same number times 2^-8 (subnormals included, exactly);
+               FP8_UNSCALE goes into the scale. The hardware conversion needs no denormal assist. */
+            __m512i w = _mm512_cvtepu8_epi16(b);
+            __m512i h = _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(0x3f80)),
+                                        _mm512_and_si512(_mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000)));
+            *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+            *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+            return;
+        }
         *lo = dec16_byte(L, _mm256_castsi256_si128(b), gp);
         *hi = dec16_byte(L, _mm256_extracti128_si256(b, 1), gp);
         return;
@@ -931,7 +937,9 @@ AVX512 static void f32_task512(void *ctx, int part, int nparts) {
             for (int64_t g = 0; g < L->G; g++) {
                 g512_t gp;
                 grp512(L, n, g, &gp);
+                /* two accumulators per row: the FMA latency chain is half as long */
                 __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                __m512 acc2[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
                 int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
                 for (int64_t k = g * L->gs; k < kend; k += 32) {
                     int64_t len = kend - k < 32 ? kend - k : 32;
@@ -942,11 +950,11 @@ AVX512 static void f32_task512(void *ctx, int part, int nparts) {
                     for (int m = 0; m < MO; m++) {
                         const float *x = J->xf + (m0 + m) * J->Kp + k;
                         acc[m] = _mm512_fmadd_ps(wl, _mm512_maskz_loadu_ps(m_lo, x), acc[m]);
-                        acc[m] = _mm512_fmadd_ps(wh, _mm512_maskz_loadu_ps(m_hi, x + 16), acc[m]);
+                        acc2[m] = _mm512_fmadd_ps(wh, _mm512_maskz_loadu_ps(m_hi, x + 16), acc2[m]);
                     }
                 }
-                __m512 sv = _mm512_set1_ps(load_scale(L, n, g));
-                for (int m = 0; m < MO; m++) tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
+                __m512 sv = _mm512_set1_ps(load_scale(L, n, g) * (L->kind == KIND_FP8 ? FP8_UNSCALE : 1.0f));
+                for (int m = 0; m < MO; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m], acc2[m]), sv, tot[m]);
             }
             for (int m = 0; m < MO; m++) J->yacc[(m0 + m) * L->N + n] = _mm512_reduce_add_ps(tot[m]);
         }
@@ -988,7 +996,7 @@ AVX512 static void tile_task512_generic(void *ctx, int part, int nparts) {
         for (int64_t g = 0; g < L->G; g++) {
             g512_t gp;
             grp512(L, n, g, &gp);
-            __m512 sv = _mm512_set1_ps(load_scale(L, n, g));
+            __m512 sv = _mm512_set1_ps(load_scale(L, n, g) * (L->kind == KIND_FP8 ? FP8_UNSCALE : 1.0f));
             int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
             for (int64_t k = g * L->gs; k < kend; k += 32) {
                 int64_t len = kend - k < 32 ? kend - k : 32;
@@ -1086,13 +1094,13 @@ AVX2 INLINE __m256 dec8_f32(const layer_t *L, const uint8_t *row, int64_t k, int
     if (L->bits == 8) {
         uint64_t w = 0;
         memcpy(&w, row + k, (size_t)len);
-        __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
-        if (L->kind == KIND_FP8) {
-            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-            __m256i mag = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7f)), 20);
-            __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
-            return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign));
+        if (L->kind == KIND_FP8) { /* as in dec32_f32: FP16 bits, the value times 2^-8 (FP8_UNSCALE) */
+            __m128i v = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)w));
+            __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(v, 7), _mm_set1_epi16(0x3f80)),
+                                     _mm_and_si128(_mm_slli_epi16(v, 8), _mm_set1_epi16((short)0x8000)));
+            return _mm256_cvtph_ps(h);
         }
+        __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
         __m256 cf = _mm256_cvtepi32_ps(c);
         if (L->kind != KIND_PW) return _mm256_sub_ps(cf, gp->zf);
         __m256 d = _mm256_sub_ps(cf, _mm256_set1_ps(128.0f));
@@ -1133,7 +1141,7 @@ AVX2 static void f32_task256(void *ctx, int part, int nparts) {
                     for (int m = 0; m < MO; m++)
                         acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(J->xf + (m0 + m) * J->Kp + k), acc[m]);
                 }
-                __m256 sv = _mm256_set1_ps(load_scale(L, n, g));
+                __m256 sv = _mm256_set1_ps(load_scale(L, n, g) * (L->kind == KIND_FP8 ? FP8_UNSCALE : 1.0f));
                 for (int m = 0; m < MO; m++) tot[m] = _mm256_fmadd_ps(acc[m], sv, tot[m]);
             }
             for (int m = 0; m < MO; m++) {
@@ -1185,7 +1193,7 @@ AVX2 static void tile_task256(void *ctx, int part, int nparts) {
         for (int64_t g = 0; g < L->G; g++) {
             g256_t gp;
             grp256(L, n, g, &gp);
-            __m256 sv = _mm256_set1_ps(load_scale(L, n, g));
+            __m256 sv = _mm256_set1_ps(load_scale(L, n, g) * (L->kind == KIND_FP8 ? FP8_UNSCALE : 1.0f));
             int64_t kend = (g + 1) * L->gs < L->K ? (g + 1) * L->gs : L->K;
             for (int64_t k = g * L->gs; k < kend; k += 8) {
                 int64_t len = kend - k < 8 ? kend - k : 8;
