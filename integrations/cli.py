@@ -805,7 +805,8 @@ Timings are for this machine's CPU threads (set OMP_NUM_THREADS to change them).
 Exports uniform 4/8-bit weights (grouped or per channel; symmetric or with zero points), FP8
 weights and W8A8 (int8 per-channel weights, int8 activations) with the same codes and scales. The
 piecewise grid, 2/3-bit codes and plugin grids have no equivalent elsewhere and are refused
-(docs/export.md).""",
+(docs/export.md). --format gguf writes uniform symmetric g32 4-bit / 8-bit Llama models as
+llama.cpp's Q4_0 / Q8_0 (OUTPUT/model.gguf), also without re-quantizing.""",
 }
 
 
@@ -826,11 +827,11 @@ def _export(args: argparse.Namespace) -> int:
     if out.resolve() == model_path.resolve():
         raise UserError("--output must differ from --model")
     if args.format == "gguf":
-        raise UserError(
-            "--format gguf is not available: the gguf package writes tensors, but a llama.cpp-loadable file also needs "
-            "the model's tokenizer and architecture converted by llama.cpp's convert_hf_to_gguf.py, which is not a "
-            "library; export --format compressed-tensors, or see docs/export.md for the Q4_0/Q8_0 route through llama.cpp"
-        )
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise UserError("--format gguf needs the gguf package, which is not installed: "
+                            "pip install 'piecewise-quant[gguf]'") from None
     try:
         qc = json.loads((model_path / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError) as exc:
@@ -840,13 +841,14 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--model {model_path}: not a piecewise-quant checkpoint ({what}); quantize it first, e.g. "
                         f"piecewise-quant quantize --model {model_path} --output OUT --grid uniform --bits 4")
     try:
-        ex.check_exportable_config(qc)
+        ex.check_exportable_config(qc, args.format)
     except ValueError as exc:  # ExportError, or a config that does not parse
         raise UserError(str(exc)) from None
     print(f"piecewise-quant export: {model_path} -> {out} ({args.format})")
     model = _load(model_path, task=_task_of(model_path), dtype="auto")
+    write = ex.export_gguf if args.format == "gguf" else ex.export_compressed_tensors
     try:
-        summary = ex.export_compressed_tensors(model, model_path, out, overwrite=args.overwrite)
+        summary = write(model, model_path, out, overwrite=args.overwrite)
     except ex.ExportError as exc:
         raise UserError(str(exc)) from None
     except (OSError, ValueError) as exc:
@@ -856,12 +858,18 @@ def _export(args: argparse.Namespace) -> int:
         counts[fmt] = counts.get(fmt, 0) + 1
     print()
     print(f"quantized layers     {len(summary.layers)} ({', '.join(f'{n} {f}' for f, n in sorted(counts.items()))})")
-    print(f"float Linear layers  {len(summary.float_linears)} (listed in quantization_config.ignore)")
-    print(f"config groups        {len(summary.groups)}")
-    print(f"bytes on disk        {summary.bytes_on_disk:,} (was {_dir_bytes(model_path):,})")
+    if args.format == "gguf":
+        print(f"bytes on disk        {summary.bytes_on_disk:,} ({out / ex.GGUF_FILE}; was {_dir_bytes(model_path):,})")
+    else:
+        print(f"float Linear layers  {len(summary.float_linears)} (listed in quantization_config.ignore)")
+        print(f"config groups        {len(summary.groups)}")
+        print(f"bytes on disk        {summary.bytes_on_disk:,} (was {_dir_bytes(model_path):,})")
     for note in summary.notes:
         print(f"note: {note}")
-    print(f"saved to {out}: load it with stock transformers (pip install compressed-tensors) or `vllm serve {out}`")
+    if args.format == "gguf":
+        print(f"saved to {out / ex.GGUF_FILE}")
+    else:
+        print(f"saved to {out}: load it with stock transformers (pip install compressed-tensors) or `vllm serve {out}`")
     return 0
 
 
@@ -925,7 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="a piecewise-quant checkpoint directory (from `piecewise-quant quantize`)")
     x.add_argument("--output", required=True, help="directory to write the exported checkpoint to")
     x.add_argument("--format", choices=("compressed-tensors", "gguf"), default="compressed-tensors",
-                   help="compressed-tensors (default; transformers, vLLM); gguf is not available (see docs/export.md)")
+                   help="compressed-tensors (default; stock transformers and vLLM) or gguf (llama.cpp: Q4_0/Q8_0, Llama models)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     x.set_defaults(func=_export)
 

@@ -31,7 +31,10 @@ SCHEMES = {
     "w8_sym_channel": dict(grid="uniform", bits=8, group_size="channel", symmetric=True),
     "fp8_channel": dict(grid="fp8"),
     "fp8_tensor_a8fp8": dict(grid="fp8", group_size="tensor", act_bits=8, act_format="fp8"),
+    "fp8_a8fp8_static": dict(grid="fp8", act_bits=8, act_format="fp8", act_mode="static_per_tensor"),
     "w8a8_dynamic": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
+    "w8a8_static": dict(grid="uniform", bits=8, group_size="tensor", symmetric=True, act_bits=8,
+                        act_mode="static_per_tensor"),
     "mixed": dict(grid="uniform", bits=4, group_size=64, symmetric=True,
                   overrides={"*.down_proj": {"bits": 8, "group_size": "channel"},
                              "*.v_proj": {"grid": "fp8"},
@@ -39,8 +42,8 @@ SCHEMES = {
 }
 EXPECTED_FORMAT = {
     "w4_sym_g32": "pack-quantized", "w4_asym_g32": "pack-quantized", "w4_asym_tensor": "pack-quantized",
-    "w8_sym_channel": "pack-quantized", "fp8_channel": "naive-quantized", "fp8_tensor_a8fp8": "float-quantized",
-    "w8a8_dynamic": "int-quantized", "mixed": "mixed-precision",
+    "w8_sym_channel": "pack-quantized", "fp8_channel": "naive-quantized", "fp8_tensor_a8fp8": "float-quantized", "fp8_a8fp8_static": "float-quantized",
+    "w8a8_dynamic": "int-quantized", "w8a8_static": "int-quantized", "mixed": "mixed-precision",
 }
 # same weights; only the summation order differs (our CPU kernel vs torch matmul)
 LOGIT_TOL = 1e-4
@@ -86,6 +89,9 @@ def quantized_checkpoint(float_path: Path, path: Path, **config) -> Path:
     model = AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32)
     config.setdefault("observer", "minmax")
     pq.quantize(model, pq.PiecewiseQuantConfig(**config), progress=False)
+    if config.get("act_mode") == "static_per_tensor":
+        g = torch.Generator().manual_seed(0)
+        pq.calibrate_activation_scales(model, [torch.randint(3, 512, (2, 16), generator=g) for _ in range(2)])
     model.save_pretrained(path)
     return path
 
@@ -137,12 +143,16 @@ def ours(path: Path, model: torch.nn.Module | None = None) -> tuple[torch.nn.Mod
     return m, res
 
 
-def ct_int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' dynamic per-token int8 fake quantization (its calculate_qparams/quantize):
-    scale max|x| / 127.5, round half to even, clamp to [-128, 127]."""
+def ct_int8_activations(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """compressed-tensors' int8 fake quantization of activations (its calculate_qparams/quantize):
+    dynamic per token with scale max|x| / 127.5, or the static ``input_scale``; round half to even,
+    clamp to [-128, 127]."""
     xf = x.float()
-    s = xf.abs().amax(-1, keepdim=True) / 127.5
-    s = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).eps), s)
+    if scale is None:
+        s = xf.abs().amax(-1, keepdim=True) / 127.5
+        s = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).eps), s)
+    else:
+        s = scale.float()
     return (torch.clamp(torch.round(xf / s), -128, 127) * s).to(x.dtype)
 
 
@@ -152,10 +162,11 @@ def with_ct_activation_rounding(path: Path) -> torch.nn.Module:
 
     from piecewise_quant.quantization import dequantize_layers
 
-    m = dequantize_layers(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-    for n, mod in m.named_modules():
-        if isinstance(mod, torch.nn.Linear) and n != "lm_head":
-            mod.register_forward_pre_hook(lambda mod, args: (ct_int8_activations(args[0]),))
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    scales = {n: q.act_scale for n, q in pq.quantized_layers(m).items()}
+    dequantize_layers(m)
+    for n, scale in scales.items():
+        m.get_submodule(n).register_forward_pre_hook(lambda mod, args, s=scale: (ct_int8_activations(args[0], s),))
     return m
 
 
@@ -174,7 +185,7 @@ def test_stock_transformers_loads_export_with_same_weights_and_tokens(name, expo
     floats = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     for lname in floats:  # a layer left float stays float and equal
         assert torch.equal(got["weights"][lname], model.get_submodule(lname).weight.float()), lname
-    if name == "w8a8_dynamic":
+    if name.startswith("w8a8"):
         # transformers' compressed-tensors rounds activations with scale max|x| / 127.5 where we (and vLLM)
         # use / 127: the same exported weights, run with its rounding, give its outputs
         _, want = ours(src, with_ct_activation_rounding(src))
