@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 FORMATS = ("compressed-tensors", "gguf")
-CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -189,7 +188,7 @@ def check_exportable_config(quantization_config: dict, fmt: str = "compressed-te
     if fmt == "gguf":
         def why_not(spec):
             gs = spec.group_size
-            return gguf_refusal(spec, -1 if gs == "tensor" else (gs if isinstance(gs, int) else 0))
+            return gguf_refusal(spec, -1 if gs == "tensor" else (gs if isinstance(gs, int) else "channel"))
     else:
         why_not = refusal
     reasons = [(where, why_not(spec)) for where, spec in _specs_in_config(config)]
@@ -409,10 +408,6 @@ def engine_notes(model: Any, schemes: dict[str, tuple[str, dict]]) -> list[str]:
     return notes
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
-
-
 
 # ---- GGUF (llama.cpp) ----------------------------------------------------------------------------
 
@@ -421,7 +416,7 @@ GGUF_GROUP = 32
 _GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 
 
-def gguf_refusal(spec: Any, group_size: int) -> str | None:
+def gguf_refusal(spec: Any, group_size: int | str) -> str | None:
     """Why a layer cannot be written as GGUF Q4_0/Q8_0 without loss, or ``None``."""
     if spec.grid == "piecewise" or spec.grid not in ("uniform", "fp8"):
         return (f"grid {spec.grid!r}: GGUF has no such grid; re-quantize with --grid uniform --bits 4 --group-size 32 "
@@ -572,9 +567,7 @@ def export_gguf(model: Any, source: str | Path, output: str | Path, overwrite: b
         w.add_file_type(int(ftype))
         toks, types = [], []
         special = set(vocab.added_tokens_dict.values())
-        import json as _json
-
-        added = _json.loads((source / "tokenizer.json").read_text()).get("added_tokens") or []
+        added = json.loads((source / "tokenizer.json").read_text()).get("added_tokens") or []
         special |= {a["id"] for a in added if a.get("special")}
         for i, (text, _, kind) in enumerate(vocab.all_tokens()):
             toks.append(text)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,7 +263,7 @@ def test_unexportable_checkpoints_are_refused_with_the_reason(name, words, refus
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
-def test_bad_output_and_gguf_fail_before_loading(refused_checkpoints, tmp_path, capsys):
+def test_bad_output_fails_before_loading(refused_checkpoints, tmp_path, capsys):
     src = refused_checkpoints["u3"]
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -272,8 +273,6 @@ def test_bad_output_and_gguf_fail_before_loading(refused_checkpoints, tmp_path, 
     assert (busy / "keep.txt").read_text() == "x"
     code, _, err = run_cli("export", "--model", str(src), "--output", str(src), "--overwrite", capsys=capsys)
     assert code == 2 and "--output must differ from --model" in err
-    code, _, err = run_cli("export", "--model", str(src), "--output", str(tmp_path / "g"), "--format", "gguf", capsys=capsys)
-    assert code == 2 and "gguf" in err and "docs/export.md" in err
     code, _, err = run_cli("export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), capsys=capsys)
     assert code == 2 and "no such directory" in err
 
@@ -285,3 +284,91 @@ def test_overwrite_replaces_a_previous_export(exported, capsys):
     assert code == 0, err
     assert not (dst / "stale.safetensors").exists()
     assert "14 (14 pack-quantized)" in out
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------
+
+BUNDLED = Path(__file__).resolve().parents[2] / "assets" / "tiny-llama-pydoc"
+# Q4_0 by default, Q8_0 for down_proj, one layer left float
+GGUF_PLAN = dict(grid="uniform", bits=4, group_size=32, symmetric=True,
+                 overrides={"*.down_proj": {"bits": 8}, "model.layers.1.mlp.up_proj": {"grid": "none"}})
+
+
+@pytest.fixture(scope="module")
+def gguf_export(tmp_path_factory):
+    """A tiny Llama (the bundled tokenizer, vocab 2048) quantized with GGUF_PLAN and exported by the CLI."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("gguf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, max_position_embeddings=64, initializer_range=0.08,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(root / "float")
+    src = quantized_checkpoint(root / "float", root / "q", **GGUF_PLAN)
+    AutoTokenizer.from_pretrained(BUNDLED).save_pretrained(src)
+    dst = root / "q-gguf"
+    assert cli.main(["export", "--model", str(src), "--output", str(dst), "--format", "gguf"]) == 0
+    return src, dst / "model.gguf"
+
+
+def test_gguf_reads_back_with_our_exact_weights(gguf_export):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    src, path = gguf_export
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    heads = {"q_proj": 4, "k_proj": 2}  # llama.cpp's converter reorders q/k rows per head
+
+    def expected(name: str, w: torch.Tensor) -> torch.Tensor:
+        kind = name.rsplit(".", 1)[-1]
+        return w[ex.llama_permute_rows(w.shape[0], heads[kind])] if kind in heads else w
+
+    layers = pq.quantized_layers(model)
+    assert len(layers) == 13
+    for name, q in layers.items():
+        t = tensors[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+        assert t.tensor_type == (gguf.GGMLQuantizationType.Q8_0 if name.endswith("down_proj") else gguf.GGMLQuantizationType.Q4_0)
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(q.out_features, q.in_features)
+        assert torch.equal(got, expected(name, q.dequantize(torch.float32))), name
+    for key, value in model.state_dict().items():  # float tensors as stored (F32), the float layer included
+        if key.rsplit(".", 1)[0] in layers:
+            continue
+        t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        got = torch.from_numpy(np.asarray(t.data).copy()).reshape(value.shape)
+        assert torch.equal(got, expected(key.rsplit(".", 1)[0], value)), key
+    assert len(tensors) == len(model.state_dict()) - 13 * 1  # qweight+scales of a layer -> one tensor
+
+    def field(key):
+        f = reader.fields[key]
+        return bytes(f.parts[-1]).decode() if f.types[0] == gguf.GGUFValueType.STRING else f.parts[-1].tolist()[0]
+
+    assert field("general.architecture") == "llama" and field("llama.block_count") == 2
+    assert field("llama.attention.head_count") == 4 and field("llama.attention.head_count_kv") == 2
+    assert field("general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.eos_token_id") == 1
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 2048
+    assert len(reader.fields["tokenizer.ggml.merges"].data) > 0
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"symmetric": False}, ["zero points", "Q4_1", "symmetric:true"]),
+    ({"group_size": 64}, ["group size 64", "--group-size 32"]),
+    ({"grid": "piecewise", "symmetric": None}, ["GGUF has no such grid", "--grid uniform --bits 4 --group-size 32"]),
+])
+def test_gguf_refuses_what_q4_0_q8_0_cannot_hold_exactly(changes, words, refused_checkpoints, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    plan = {**dict(grid="uniform", bits=4, group_size=32, symmetric=True), **changes}
+    src = quantized_checkpoint(refused_checkpoints["float"], tmp_path / "q", **{k: v for k, v in plan.items() if v is not None})
+    code, _, err = run_cli("export", "--model", str(src), "--output", str(tmp_path / "out"), "--format", "gguf", capsys=capsys)
+    assert code == 2, err
+    last = err[err.rindex("error: "):]
+    assert last.startswith("error: cannot export to GGUF"), err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "out").exists()
