@@ -36,13 +36,14 @@ SCHEMES = {
     "w8a8_dynamic": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
     "w8a8_static": dict(grid="uniform", bits=8, group_size="tensor", symmetric=True, act_bits=8,
                         act_mode="static_per_tensor"),
+    "w4_sym_g32_sharded": dict(grid="uniform", bits=4, group_size=32, symmetric=True, max_shard_size="60KB"),
     "mixed": dict(grid="uniform", bits=4, group_size=64, symmetric=True,
                   overrides={"*.down_proj": {"bits": 8, "group_size": "channel"},
                              "*.v_proj": {"grid": "fp8"},
                              "model.layers.1.mlp.gate_proj": {"grid": "none"}}),
 }
 EXPECTED_FORMAT = {
-    "w4_sym_g32": "pack-quantized", "w4_asym_g32": "pack-quantized", "w4_asym_tensor": "pack-quantized",
+    "w4_sym_g32": "pack-quantized", "w4_sym_g32_sharded": "pack-quantized", "w4_asym_g32": "pack-quantized", "w4_asym_tensor": "pack-quantized",
     "w8_sym_channel": "pack-quantized", "fp8_channel": "naive-quantized", "fp8_tensor_a8fp8": "float-quantized", "fp8_a8fp8_static": "float-quantized",
     "w8a8_dynamic": "int-quantized", "w8a8_static": "int-quantized", "mixed": "mixed-precision",
 }
@@ -88,12 +89,13 @@ def quantized_checkpoint(float_path: Path, path: Path, **config) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32)
+    shard = config.pop("max_shard_size", None)
     config.setdefault("observer", "minmax")
     pq.quantize(model, pq.PiecewiseQuantConfig(**config), progress=False)
     if config.get("act_mode") == "static_per_tensor":
         g = torch.Generator().manual_seed(0)
         pq.calibrate_activation_scales(model, [torch.randint(3, 512, (2, 16), generator=g) for _ in range(2)])
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return path
 
 
@@ -214,6 +216,15 @@ def test_export_tensors_and_config_layout(exported):
     assert sorted(g["format"] for g in qc["config_groups"].values()) == ["naive-quantized", "pack-quantized", "pack-quantized"]
     assert qc["ignore"] == ["model.layers.1.mlp.gate_proj", "lm_head"]
     assert (mixed / "generation_config.json").is_file()
+    src, sharded = exported["w4_sym_g32_sharded"]  # shards keep their names; the index maps every tensor
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in src.glob("*.safetensors")) and len(shards) > 1
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    on_disk = {}
+    for name in shards:
+        with safe_open(str(sharded / name), "pt") as fh:
+            on_disk.update({k: name for k in fh.keys()})
+    assert index == on_disk
 
 
 @pytest.mark.parametrize("bits", [4, 8])
