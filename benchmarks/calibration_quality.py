@@ -20,6 +20,7 @@ Usage (from the repository root)::
     python benchmarks/calibration_quality.py                      # both models (~25 min on 2 cores)
     python benchmarks/calibration_quality.py --models llama --quick
     python benchmarks/calibration_quality.py --json out.json
+    python benchmarks/calibration_quality.py --models llama --no-peer --setting "W3.5 mixed"   # one row
 
 Tables (markdown) go to stdout, progress to stderr. Results are in ``docs/calibration.md``.
 """
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", default="auto", help="peer key from benchmarks/peers.py (default: the best installed one)")
     p.add_argument("--only-peer", action="store_true", help="run only the float and peer rows")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--setting", action="append", default=None, metavar="SETTING",
+                   help="run only the rows of this setting, e.g. 'W3.5 mixed' (repeatable; default: every row)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for recipe in recipes(args.quick):
             if args.only_peer and recipe.peer is None:
+                continue
+            if args.setting and recipe.setting not in args.setting:
                 continue
             print(f"[{name}] {recipe.setting}: {recipe.label}", file=sys.stderr, flush=True)
             rows.append(run_recipe(bench, name, recipe, peers))

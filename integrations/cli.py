@@ -3,7 +3,7 @@ the bundled model on load with transformers, save it, reload it with plain ``fro
 and print what each configuration costs and keeps. ``piecewise-quant serve MODEL ...`` is
 ``vllm serve MODEL ...`` (see :mod:`piecewise_quant.integrations.vllm.serve`).
 
-``quantize``, ``eval``, ``inspect`` and ``bench`` are the everyday commands (docs/cli.md). User
+``quantize``, ``eval``, ``inspect``, ``bench`` and ``export`` are the everyday commands (docs/cli.md). User
 mistakes (a missing directory, a bad option value, an unknown layer) print ``error: ...`` to stderr
 and exit with status 2; torch and transformers are imported only inside the commands."""
 
@@ -797,7 +797,80 @@ that group's grid levels (grey) and, for the piecewise grid, its breakpoints ±p
 A quantized checkpoint is timed against a float copy holding its dequantized weights; a float
 model is quantized in memory (data-free, --grid/--bits/--group-size) and timed against itself.
 Timings are for this machine's CPU threads (set OMP_NUM_THREADS to change them).""",
+    "export": """examples:
+  piecewise-quant quantize --model MODEL --output out/u4 --grid uniform --bits 4 --override '*=symmetric:true'
+  piecewise-quant export --model out/u4 --output out/u4-ct --format compressed-tensors
+  vllm serve out/u4-ct          # stock vLLM: no --quantization option, no plugin needed
+
+Exports uniform 4/8-bit weights (grouped or per channel; symmetric or with zero points), FP8
+weights and W8A8 (int8 per-channel weights, int8 activations) with the same codes and scales. The
+piecewise grid, 2/3-bit codes and plugin grids have no equivalent elsewhere and are refused
+(docs/export.md). --format gguf writes uniform symmetric g32 4-bit / 8-bit Llama models as
+llama.cpp's Q4_0 / Q8_0 (OUTPUT/model.gguf), also without re-quantizing.""",
 }
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``piecewise-quant export``: a piecewise-quant checkpoint in a format engines without this
+    package load (see :mod:`piecewise_quant.integrations.export`)."""
+    import json
+
+    from piecewise_quant.integrations import export as ex
+    from piecewise_quant.saving import check_output_dir
+
+    model_path = _model_dir(args.model)
+    out = Path(args.output)
+    try:
+        check_output_dir(out, args.overwrite, what="--output")
+    except ValueError as exc:
+        raise UserError(str(exc).replace("overwrite=True / --overwrite", "--overwrite")) from None
+    if out.resolve() == model_path.resolve():
+        raise UserError("--output must differ from --model")
+    if args.format == "gguf":
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise UserError("--format gguf needs the gguf package, which is not installed: "
+                            "pip install 'piecewise-quant[gguf]'") from None
+    try:
+        qc = json.loads((model_path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_path}/config.json cannot be read as JSON: {exc}") from None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "piecewise":
+        what = "a float checkpoint" if not qc else f"quantized with quant_method {qc.get('quant_method')!r}"
+        raise UserError(f"--model {model_path}: not a piecewise-quant checkpoint ({what}); quantize it first, e.g. "
+                        f"piecewise-quant quantize --model {model_path} --output OUT --grid uniform --bits 4")
+    try:
+        ex.check_exportable_config(qc, args.format)
+    except ValueError as exc:  # ExportError, or a config that does not parse
+        raise UserError(str(exc)) from None
+    print(f"piecewise-quant export: {model_path} -> {out} ({args.format})")
+    model = _load(model_path, task=_task_of(model_path), dtype="auto")
+    write = ex.export_gguf if args.format == "gguf" else ex.export_compressed_tensors
+    try:
+        summary = write(model, model_path, out, overwrite=args.overwrite)
+    except ex.ExportError as exc:
+        raise UserError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--output {out}: {exc}") from None
+    counts: dict[str, int] = {}
+    for fmt in summary.layers.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    print()
+    print(f"quantized layers     {len(summary.layers)} ({', '.join(f'{n} {f}' for f, n in sorted(counts.items()))})")
+    if args.format == "gguf":
+        print(f"bytes on disk        {summary.bytes_on_disk:,} ({out / ex.GGUF_FILE}; was {_dir_bytes(model_path):,})")
+    else:
+        print(f"float Linear layers  {len(summary.float_linears)} (listed in quantization_config.ignore)")
+        print(f"config groups        {len(summary.groups)}")
+        print(f"bytes on disk        {summary.bytes_on_disk:,} (was {_dir_bytes(model_path):,})")
+    for note in summary.notes:
+        print(f"note: {note}")
+    if args.format == "gguf":
+        print(f"saved to {out / ex.GGUF_FILE}")
+    else:
+        print(f"saved to {out}: load it with stock transformers (pip install compressed-tensors) or `vllm serve {out}`")
+    return 0
 
 
 def _sub(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -853,6 +926,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=_positive_int_list, default=[1, 8], metavar="B[,B...]",
                    help="prompts decoded together with --generate (default 1,8)")
     b.set_defaults(func=_bench)
+
+    x = _sub(sub, "export", "write a quantized checkpoint as compressed-tensors for stock transformers and vLLM",
+             "Convert a piecewise-quant checkpoint (uniform int4/int8, FP8, W8A8) to a format engines without this "
+             "package load, with the same codes and scales.")
+    x.add_argument("--model", required=True, help="a piecewise-quant checkpoint directory (from `piecewise-quant quantize`)")
+    x.add_argument("--output", required=True, help="directory to write the exported checkpoint to")
+    x.add_argument("--format", choices=("compressed-tensors", "gguf"), default="compressed-tensors",
+                   help="compressed-tensors (default; stock transformers and vLLM) or gguf (llama.cpp: Q4_0/Q8_0, Llama models)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    x.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="quantize the bundled model (uniform vs piecewise, 4 and 3 bits), save, reload, compare")
     demo.add_argument("--model", help="a Hugging Face causal-LM directory (default: the bundled tiny-llama-pydoc)")

@@ -357,7 +357,7 @@ def test_cli_usage_blocks_list_exactly_the_commands_options():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     usages = [b for b in read_blocks("cli.md") if b.kind == "text" and b.code.startswith("piecewise-quant ")]
-    assert {b.code.split()[1] for b in usages} == {"quantize", "eval", "inspect", "bench"}
+    assert {b.code.split()[1] for b in usages} == {"quantize", "eval", "inspect", "bench", "export"}
     for b in usages:
         command = b.code.split()[1]
         shown = set(re.findall(r"--[a-z][\w-]*", b.code))

@@ -218,13 +218,13 @@ def test_user_mistakes_exit_2_without_traceback(args, message, tmp_path, tiny_ll
 def test_help_is_fast_and_has_examples(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for command in ("quantize", "eval", "inspect", "bench", "demo", "serve"):
+    for command in ("quantize", "eval", "inspect", "bench", "export", "demo", "serve"):
         assert command in proc.stdout
     code = "import sys; from piecewise_quant.integrations import cli; cli.build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("command", ["quantize", "eval", "inspect", "bench", "demo"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "inspect", "bench", "export", "demo"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
