@@ -896,3 +896,12 @@ def restore_saved_plan(pipe: Any) -> FastAttentionReport | None:
         if saved and getattr(comp, "_piecewise_fast_attention", None) is None:
             return enable_fast_attention(pipe, plan=FastAttentionPlan.from_dict(saved), component=n)
     return None
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()
