@@ -180,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.tokens, args.forward_tokens, args.layers, args.repeats = "256,1024", "256", 1, 1
         kw = dict(heads=2, head_dim=32)
+    previous = {}
+    if args.part != "all" and args.out and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())  # keep the other part's results
     result = {
+        **previous,
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": args.threads, "repeats": args.repeats, "quick": args.quick,
-        "command": "python benchmarks/fast_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    result[f"command_{args.part}"] = "python benchmarks/fast_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.part in ("all", "kernel"):
         rows = bench_kernel([int(t) for t in args.tokens.split(",")], args.repeats, **kw)
         result["kernel"] = rows

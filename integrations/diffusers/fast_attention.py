@@ -758,7 +758,8 @@ def enable_fast_attention(
     :class:`FastAttentionPlan`, its dict, or a JSON path), installs it after checking it matches.
 
     ``window``: tokens on each side (1-D) or patches around a tile (2-D); default: 1/8 of the
-    tokens (1-D, DiTFastAttn's PixArt setting) or 1/8 of the grid side (2-D).
+    tokens (1-D, DiTFastAttn's PixArt setting) or 1/8 of the grid side around tiles of 1/4 of
+    the side (2-D). ``window_block``: queries per block (1-D, default ``window``) or tile side (2-D).
     """
     from .calibration import resolve_calibration_inputs, run_pipeline
 
@@ -848,6 +849,8 @@ def _window_spec(model: nn.Module, window: int | None, shape: str, block: int | 
         else:
             side = 16
         window = max(1, side * side // 8) if shape == "1d" else max(1, side // 8)
+        if shape == "2d" and block is None:
+            block = max(1, side // 4)
     return WindowSpec(int(window), shape, block)
 
 
