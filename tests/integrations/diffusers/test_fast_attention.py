@@ -111,9 +111,14 @@ def test_every_method_runs_and_asc_uses_one_branch(dfh):
     layers = [n for n, _ in pipe.transformer.named_modules() if n.endswith("attn1")]
     rows = [["full", "full"], ["wars", "full+asc"], ["wars+asc", "ast"], ["ast", "wars"], ["full+asc", "wars+asc"]]
     report = pipe.enable_fast_attention(plan=_manual_plan(layers, rows))
-    out = dfh.dit_images(pipe, steps=STEPS)
-    assert torch.isfinite(out).all() and dfh.rel_err(out, ref) < 1.0
     state = pipe.transformer._piecewise_fast_attention.state
+    seen = {}
+    pipe.transformer.transformer_blocks[1].attn1.register_forward_hook(lambda m, a, o: seen.setdefault(state.step, o.clone()))
+    out = dfh.dit_images(pipe, steps=STEPS)
+    assert torch.equal(seen[1][:2], seen[1][2:])  # full+asc: one branch computed, used for both halves
+    assert not torch.equal(seen[0][:2], seen[0][2:])  # full: the two branches differ
+    assert torch.equal(seen[2], seen[1])  # ast: the previous step's output
+    assert torch.isfinite(out).all() and dfh.rel_err(out, ref) < 1.0
     assert state.last_call_flops.done < state.last_call_flops.dense
     assert report.method_counts["ast"] == 2
     pipe.disable_fast_attention()
