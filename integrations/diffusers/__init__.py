@@ -47,6 +47,10 @@ __all__ = [
     "is_registered",
     "enable_quant",
     "disable_quant",
+    "enable_fast_attention",
+    "disable_fast_attention",
+    "FastAttentionPlan",
+    "FastAttentionReport",
     "diffusion_recipe",
     "denoiser_names",
     "PiecewiseDiffusersConfig",
@@ -65,6 +69,10 @@ _LAZY = {
     "disable_quant": ".pipeline",
     "denoiser_names": ".pipeline",
     "DiffusionQuantReport": ".pipeline",
+    "enable_fast_attention": ".fast_attention",
+    "disable_fast_attention": ".fast_attention",
+    "FastAttentionPlan": ".fast_attention",
+    "FastAttentionReport": ".fast_attention",
     "diffusion_recipe": ".recipes",
     "PiecewiseDiffusersConfig": ".config",
     "DiffusionOptions": ".config",
@@ -75,6 +83,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .config import DiffusionOptions, PiecewiseDiffusersConfig
+    from .fast_attention import FastAttentionPlan, FastAttentionReport, disable_fast_attention, enable_fast_attention
     from .layers import DiffusionQuantLinear
     from .pipeline import DiffusionQuantReport, denoiser_names, disable_quant, enable_quant
     from .quantizer import CheckpointMismatchError, PiecewiseDiffusersQuantizer
@@ -93,6 +102,7 @@ _OWN_MODULES = {
     "planning": "has_static_activations",
     "calibration": "calibrate_activations",
     "pipeline": "disable_quant",
+    "fast_attention": "restore_saved_plan",
 }
 
 
@@ -141,6 +151,71 @@ def _disable_quant_method(self, components=None):
     return disable_quant(self, components)
 
 
+def _enable_fast_attention_method(self, threshold=0.05, calibration_prompts=None, **kwargs):
+    """Install DiTFastAttn on this pipeline's transformer, searching a per-step, per-layer plan
+    (piecewise-quant).
+
+    Same as ``piecewise_quant.integrations.diffusers.enable_fast_attention(pipe, threshold,
+    calibration_prompts, **kwargs)``; see ``docs/fast-attention.md``. Returns a ``FastAttentionReport``."""
+    from .fast_attention import enable_fast_attention
+
+    return enable_fast_attention(self, threshold, calibration_prompts, **kwargs)
+
+
+def _disable_fast_attention_method(self, component=None):
+    """Put the original attention processors back (piecewise-quant)."""
+    from .fast_attention import disable_fast_attention
+
+    return disable_fast_attention(self, component)
+
+
+_FA_CONFIG_KEY = "_fast_attention_plan"
+
+
+def _restore_fast_attention(pipe: Any) -> None:
+    """After ``DiffusionPipeline.from_pretrained``: re-enable a saved fast-attention plan."""
+    comps = getattr(pipe, "components", None)
+    if not isinstance(comps, dict):
+        return
+    if not any(hasattr(getattr(c, "config", None), "get") and c.config.get(_FA_CONFIG_KEY) for c in comps.values()):
+        return
+    from .fast_attention import restore_saved_plan
+
+    restore_saved_plan(pipe)
+
+
+def _wrap_from_pretrained(cls: Any) -> None:
+    current = cls.__dict__.get("from_pretrained")
+    if current is None or getattr(getattr(current, "__func__", None), "_piecewise_quant", False):
+        return
+    original = current.__func__
+
+    def from_pretrained(klass, *args, **kwargs):
+        pipe = original(klass, *args, **kwargs)
+        try:
+            _restore_fast_attention(pipe)
+        except Exception as exc:  # the pipeline itself loaded fine: say why the plan did not come back
+            warnings.warn(f"piecewise-quant could not re-enable the saved fast-attention plan: {exc}", RuntimeWarning, stacklevel=2)
+        return pipe
+
+    from_pretrained.__doc__ = original.__doc__
+    from_pretrained.__name__ = from_pretrained.__qualname__ = "from_pretrained"
+    from_pretrained._piecewise_quant = True
+    from_pretrained._piecewise_quant_original = current
+    cls.from_pretrained = classmethod(from_pretrained)
+
+
+def _unwrap_from_pretrained(cls: Any) -> None:
+    current = cls.__dict__.get("from_pretrained")
+    fn = getattr(current, "__func__", None)
+    if getattr(fn, "_piecewise_quant", False):
+        cls.from_pretrained = fn._piecewise_quant_original
+
+
+_enable_fast_attention_method.__name__ = _enable_fast_attention_method.__qualname__ = "enable_fast_attention"
+_disable_fast_attention_method.__name__ = _disable_fast_attention_method.__qualname__ = "disable_fast_attention"
+_enable_fast_attention_method._piecewise_quant = True
+_disable_fast_attention_method._piecewise_quant = True
 _enable_quant_method.__name__ = _enable_quant_method.__qualname__ = "enable_quant"
 _disable_quant_method.__name__ = _disable_quant_method.__qualname__ = "disable_quant"
 _enable_quant_method._piecewise_quant = True
@@ -156,7 +231,12 @@ def _attach_pipeline_methods(cls: Any = None) -> bool:
         cls = getattr(module, "DiffusionPipeline", None) if module is not None else None
     if cls is None:
         return False
-    for attr, fn in (("enable_quant", _enable_quant_method), ("disable_quant", _disable_quant_method)):
+    for attr, fn in (
+        ("enable_quant", _enable_quant_method),
+        ("disable_quant", _disable_quant_method),
+        ("enable_fast_attention", _enable_fast_attention_method),
+        ("disable_fast_attention", _disable_fast_attention_method),
+    ):
         existing = cls.__dict__.get(attr)
         if existing is not None and not getattr(existing, "_piecewise_quant", False):
             warnings.warn(
@@ -167,6 +247,7 @@ def _attach_pipeline_methods(cls: Any = None) -> bool:
             )
             continue
         setattr(cls, attr, fn)
+    _wrap_from_pretrained(cls)
     return True
 
 
@@ -344,9 +425,10 @@ def unregister_from_diffusers() -> None:
         module = sys.modules.get(_PIPELINE_MODULE)
         cls = getattr(module, "DiffusionPipeline", None) if module is not None else None
         if cls is not None:
-            for attr in ("enable_quant", "disable_quant"):
+            for attr in ("enable_quant", "disable_quant", "enable_fast_attention", "disable_fast_attention"):
                 if getattr(cls.__dict__.get(attr), "_piecewise_quant", False):
                     delattr(cls, attr)
+            _unwrap_from_pretrained(cls)
 
 
 def is_registered() -> bool:

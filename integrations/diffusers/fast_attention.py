@@ -1,0 +1,910 @@
+"""DiTFastAttn for diffusers pipelines: per-step, per-layer attention compression with a searched plan.
+
+::
+
+    report = pipe.enable_fast_attention(threshold=0.05, calibration_prompts=[1, 2, 3], num_inference_steps=20)
+    print(report)                     # the method of every layer at every step, attention FLOPs saved, wall time
+    images = pipe(class_labels=[7], num_inference_steps=20).images
+    pipe.save_pretrained("out")       # the plan travels in transformer/config.json; from_pretrained re-enables it
+    pipe.disable_fast_attention()     # the original attention processors, exactly
+
+Methods (Yuan et al., "DiTFastAttn", NeurIPS 2024), chosen per self-attention layer and per step:
+
+* ``full``: ordinary attention (at a full step followed by window steps, the window attention of
+  the same inputs is also computed and ``R = full - window`` is cached for that layer);
+* ``wars`` (WA-RS): window attention plus the residual ``R`` cached at the layer's last full step;
+* ``ast``: the layer's attention output of the previous step, reused (nothing computed);
+* ``full+asc`` / ``wars+asc`` (ASC): with classifier-free guidance, only one branch (the
+  conditional one by default) is computed and its output serves both.
+
+The step comes from the pipeline's scheduler, not from per-module call counters: every diffusers
+pipeline calls ``scheduler.set_timesteps`` once at the start of a call and ``scheduler.step`` once
+per denoising step, so the processors know the step whatever the number of transformer calls per
+step, and the caches are freed when the last step is taken (or when the next call starts). Calls
+of the transformer outside a pipeline call use full attention.
+
+The classifier-free guidance batch order is detected from each transformer call's inputs: the
+two halves of the batch must hold the same latents; the unconditional half is the one with
+``DiT``'s null class, or all-zero text embeddings, or (with two or more prompts) identical
+embeddings in every row. When none of these decides, ``cfg_order`` (default: diffusers' text
+pipelines' ``[uncond, cond]``) is used and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .window_attention import WindowSpec, keys_per_query, window_attention
+
+__all__ = [
+    "enable_fast_attention",
+    "disable_fast_attention",
+    "FastAttentionPlan",
+    "FastAttentionReport",
+    "FastAttnProcessor",
+    "METHODS",
+    "clipped_relative_l1",
+]
+
+METHODS = ("full", "full+asc", "wars", "wars+asc", "ast")
+# the greedy search tries these from the most to the least aggressive (DiTFastAttn's order)
+CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
+_ALIASES = {
+    "full_attn": "full",
+    "output_share": "ast",
+    "residual_window_attn": "wars",
+    "residual_window_attn+cfg_attn_share": "wars+asc",
+    "full_attn+cfg_attn_share": "full+asc",
+}
+_SHORT = {"full": "F", "full+asc": "FC", "wars": "W", "wars+asc": "WC", "ast": "A"}
+CONFIG_KEY = "_fast_attention_plan"
+CFG_ORDERS = ("auto", "uncond_first", "cond_first")
+
+
+def _method(name: str, where: str = "") -> str:
+    m = _ALIASES.get(name, name)
+    if m not in METHODS:
+        raise ValueError(f"unknown fast-attention method {name!r}{where}; known: {', '.join(METHODS)} (or DiTFastAttn's names {', '.join(_ALIASES)})")
+    return m
+
+
+def clipped_relative_l1(reference: torch.Tensor, output: torch.Tensor, eps: float = 1e-6) -> float:
+    """DiTFastAttn's default search metric: the mean over elements of ``|a - b| / max(|a|, |b|)``,
+    each term clipped to at most 1 (so a handful of near-zero elements cannot dominate)."""
+    a, b = reference.float(), output.float()
+    rel = (a - b).abs() / torch.maximum(a.abs(), b.abs()).clamp_min(eps)
+    return float(rel.clamp(max=1.0).mean())
+
+
+# ---- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastAttentionPlan:
+    """``methods[step][layer]`` for ``layers`` (the self-attention modules, in order) over a
+    ``num_inference_steps``-step schedule, with the window used by ``wars``."""
+
+    methods: list[list[str]]
+    layers: list[str]
+    window: WindowSpec
+    threshold: float | None = None
+    cfg_order: str = "auto"
+    asc_branch: str = "cond"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("fast-attention plan has no steps")
+        if self.cfg_order not in CFG_ORDERS:
+            raise ValueError(f"cfg_order {self.cfg_order!r} is not one of {CFG_ORDERS}")
+        if self.asc_branch not in ("cond", "uncond"):
+            raise ValueError(f"asc_branch {self.asc_branch!r} is not 'cond' or 'uncond'")
+        out = []
+        for i, row in enumerate(self.methods):
+            if len(row) != len(self.layers):
+                raise ValueError(
+                    f"fast-attention plan step {i} has {len(row)} layer methods but the plan names {len(self.layers)} layers"
+                )
+            out.append([_method(m, f" at step {i}, layer {j}") for j, m in enumerate(row)])
+        self.methods = out
+        for j in range(len(self.layers)):
+            have_out = have_res = False
+            for i in range(len(out)):
+                m = out[i][j]
+                if m == "ast" and not have_out:
+                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) reuses the previous output ('ast') at step {i} before any step computed it")
+                if m.startswith("wars") and not have_res:
+                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) uses window attention ('{m}') at step {i} before any full step cached its residual")
+                have_out = True
+                have_res = have_res or m.startswith("full")
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "num_inference_steps": self.num_inference_steps, "num_layers": len(self.layers),
+            "layers": list(self.layers), "window": self.window.to_dict(), "threshold": self.threshold,
+            "cfg_order": self.cfg_order, "asc_branch": self.asc_branch, "methods": [list(r) for r in self.methods],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FastAttentionPlan":
+        if not isinstance(d, dict) or "methods" not in d or "layers" not in d:
+            raise ValueError("not a fast-attention plan: expected a dict with 'methods' and 'layers'")
+        if d.get("version", 1) != 1:
+            raise ValueError(f"fast-attention plan version {d.get('version')} is not supported (this piecewise-quant reads version 1)")
+        w = d.get("window") or {}
+        plan = cls(
+            methods=[list(r) for r in d["methods"]], layers=list(d["layers"]),
+            window=WindowSpec(int(w.get("window", 0)), w.get("shape", "1d"), w.get("block")),
+            threshold=d.get("threshold"), cfg_order=d.get("cfg_order", "auto"), asc_branch=d.get("asc_branch", "cond"),
+        )
+        n = d.get("num_inference_steps")
+        if n is not None and n != plan.num_inference_steps:
+            raise ValueError(f"fast-attention plan says num_inference_steps={n} but has {plan.num_inference_steps} rows of methods")
+        return plan
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "FastAttentionPlan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def check_model(self, layers: Sequence[str], where: str = "the model") -> None:
+        if len(layers) != len(self.layers):
+            raise ValueError(
+                f"fast-attention plan is for {len(self.layers)} self-attention layers but {where} has {len(layers)}; "
+                "search a plan for this model (enable_fast_attention(threshold=...))"
+            )
+        if list(layers) != list(self.layers):
+            bad = next(i for i, (a, b) in enumerate(zip(layers, self.layers)) if a != b)
+            raise ValueError(f"fast-attention plan layer {bad} is {self.layers[bad]!r} but {where} has {layers[bad]!r} there")
+
+    def summary(self) -> str:
+        lines = ["step | " + " ".join(f"{j:>2}" for j in range(len(self.layers)))]
+        for i, row in enumerate(self.methods):
+            lines.append(f"{i:>4} | " + " ".join(f"{_SHORT[m]:>2}" for m in row))
+        lines.append("F full, FC full+asc (one CFG branch), W window+residual, WC window+residual+asc, A reuse previous step")
+        return "\n".join(lines)
+
+
+# ---- state shared by one component's processors ----------------------------------------------------
+
+
+@dataclass
+class _LayerCache:
+    output: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+
+@dataclass
+class _Flops:
+    done: float = 0.0
+    dense: float = 0.0
+
+
+class FastAttnState:
+    """The step, the plan, the CFG layout of the current call and the per-layer caches."""
+
+    def __init__(self, layers: list[str], window: WindowSpec, cfg_order: str = "auto", asc_branch: str = "cond") -> None:
+        self.layers = layers
+        self.window = window
+        self.cfg_order = cfg_order
+        self.asc_branch = asc_branch
+        self.plan: FastAttentionPlan | None = None
+        self.step: int | None = None  # None: outside a pipeline call -> full attention
+        self.n_steps = 0
+        self.caches: list[_LayerCache] = [_LayerCache() for _ in layers]
+        self.cfg: str | None = None  # "cond_first" / "uncond_first" when this forward's batch is CFG
+        self.cfg_how: str = ""
+        self.grid: tuple[int, int] | None = None
+        self.search: Any = None  # the search context while enable_fast_attention searches
+        self.trial = False  # a search trial forward: read caches, write nothing, count nothing
+        self.override: dict[int, str] = {}  # search: the methods tried at this step
+        self.flops = _Flops()
+        self.last_call_flops = _Flops()
+        self.cfg_seen: dict[str, int] = {}
+
+    # pipeline call lifecycle (driven by the scheduler hooks)
+    def begin(self, n_steps: int) -> None:
+        if self.plan is not None and self.search is None and n_steps != self.plan.num_inference_steps:
+            self.end()
+            raise ValueError(
+                f"the fast-attention plan was made for {self.plan.num_inference_steps} inference steps but this pipeline "
+                f"call runs {n_steps}; call with num_inference_steps={self.plan.num_inference_steps}, or search a plan for "
+                f"{n_steps} steps (pipe.enable_fast_attention(num_inference_steps={n_steps}, ...)), or disable it "
+                "(pipe.disable_fast_attention())"
+            )
+        self.free()
+        self.step = 0
+        self.n_steps = n_steps
+        self.flops = _Flops()
+
+    def advance(self) -> None:
+        if self.step is None:
+            return
+        self.step += 1
+        if self.search is not None:
+            self.search.step_done()
+        if self.step >= self.n_steps:
+            self.end()
+
+    def end(self) -> None:
+        if self.step is not None:
+            self.last_call_flops = self.flops
+        self.step = None
+        self.free()
+
+    def free(self) -> None:
+        self.caches = [_LayerCache() for _ in self.layers]
+        self.override = {}
+
+    def method(self, layer: int) -> str:
+        if self.step is None:
+            return "full"
+        if layer in self.override:
+            return self.override[layer]
+        if self.search is not None:
+            return "full"
+        if self.plan is None or self.step >= self.plan.num_inference_steps:
+            return "full"
+        return self.plan.methods[self.step][layer]
+
+    def needs_residual(self, layer: int) -> bool:
+        """Whether this full step must cache ``full - window`` (a later step, before the next full one, uses wars)."""
+        if self.step is None:
+            return False
+        if self.search is not None:
+            return True
+        if self.plan is None:
+            return False
+        for row in self.plan.methods[self.step + 1:]:
+            if row[layer].startswith("full"):
+                return False
+            if row[layer].startswith("wars"):
+                return True
+        return False
+
+    def needs_output(self, layer: int) -> bool:
+        if self.step is None:
+            return False
+        if self.search is not None:
+            return True
+        if self.plan is None or self.step + 1 >= self.plan.num_inference_steps:
+            return False
+        return self.plan.methods[self.step + 1][layer] == "ast"
+
+    def available(self, layer: int, method: str) -> bool:
+        c = self.caches[layer]
+        if method == "ast":
+            return c.output is not None
+        if method.startswith("wars") and c.residual is None:
+            return False
+        if method.endswith("+asc") and self.cfg is None:
+            return False
+        return True
+
+
+# ---- CFG detection ---------------------------------------------------------------------------------
+
+
+def _first_tensor(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if position is not None and len(args) > position:
+        return args[position]
+    return None
+
+
+def detect_cfg(model: nn.Module, args: tuple, kwargs: dict, default: str) -> tuple[str | None, str]:
+    """``("cond_first" | "uncond_first" | None, how)`` for one transformer call."""
+    x = _first_tensor(args, kwargs, "hidden_states", 0)
+    if not isinstance(x, torch.Tensor) or x.shape[0] % 2 or x.shape[0] < 2:
+        return None, "batch is not two halves"
+    n = x.shape[0] // 2
+    if not torch.equal(x[:n], x[n:]):
+        return None, "the two halves hold different latents"
+    labels = kwargs.get("class_labels")
+    null = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
+    if isinstance(labels, torch.Tensor) and labels.numel() == 2 * n and null is not None:
+        labels = labels.reshape(-1)
+        first, second = bool((labels[:n] == null).all()), bool((labels[n:] == null).all())
+        if second and not first:
+            return "cond_first", "null class in the second half"
+        if first and not second:
+            return "uncond_first", "null class in the first half"
+        return None, "class labels are not cond/null halves"
+    emb = _first_tensor(args, kwargs, "encoder_hidden_states", None)
+    if isinstance(emb, torch.Tensor) and emb.shape[0] == 2 * n:
+        a, b = emb[:n], emb[n:]
+        if torch.equal(a, b):
+            return None, "the two halves have the same conditioning"
+        za, zb = not bool(a.any()), not bool(b.any())
+        if za != zb:
+            return ("uncond_first", "zero embeddings in the first half") if za else ("cond_first", "zero embeddings in the second half")
+        if n >= 2:
+            ua, ub = bool((a == a[:1]).all()), bool((b == b[:1]).all())
+            if ua != ub:
+                return ("uncond_first", "identical embeddings in the first half") if ua else ("cond_first", "identical embeddings in the second half")
+        return ("uncond_first" if default in ("auto", "uncond_first") else "cond_first"), f"assumed ({default}: could not tell the halves apart)"
+    return None, "no conditioning input to tell the halves apart"
+
+
+# ---- the processor ---------------------------------------------------------------------------------
+
+
+def _attention_flops(batch: int, n: int, keys: int, width: int) -> float:
+    """Multiply-adds x2 of QK^T and PV for ``batch`` sequences of ``n`` queries over ``keys`` keys."""
+    return 4.0 * batch * n * keys * width
+
+
+def _proj_flops(batch: int, n: int, width: int) -> float:
+    return 4 * 2.0 * batch * n * width * width  # q, k, v, out
+
+
+class FastAttnProcessor:
+    """A diffusers attention processor for one self-attention layer that runs the plan's method
+    for the current step; ``original`` (the processor it replaced) is used for plain full steps."""
+
+    def __init__(self, original: Any, layer: int, state: FastAttnState) -> None:
+        self.original = original
+        self.layer = layer
+        self.state = state
+
+    def _plain(self, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask, temb) -> bool:
+        return hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        st = self.state
+        method = st.method(self.layer)
+        cache = st.caches[self.layer]
+        writing = st.step is not None and not st.trial
+        b, n = hidden_states.shape[0], hidden_states.shape[1] if hidden_states.ndim == 3 else 0
+        if method != "full" and self._plain(hidden_states, encoder_hidden_states, attention_mask, temb):
+            raise ValueError(
+                f"fast-attention method {method!r} (layer {self.layer}, {st.layers[self.layer]}) needs plain self-attention "
+                "over (batch, tokens, channels) without a mask"
+            )
+        if method == "ast":
+            if cache.output is None or cache.output.shape[0] != b:
+                raise RuntimeError(f"layer {self.layer}: 'ast' at step {st.step} but no output of the previous step is cached")
+            if writing:
+                st.flops.dense += self._dense_flops(attn, b, n)
+            return cache.output
+        need_res = method == "full" and st.needs_residual(self.layer) or method == "full+asc" and st.needs_residual(self.layer)
+        need_out = st.needs_output(self.layer)
+        if method == "full" and not need_res:
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            if writing:
+                st.flops.dense += self._dense_flops(attn, b, n)
+                st.flops.done += self._dense_flops(attn, b, n)
+                cache.output = out if need_out else None
+            return out
+        return self._compute(attn, hidden_states, method, need_res and writing, need_out and writing, writing)
+
+    def _dense_flops(self, attn, b: int, n: int) -> float:
+        width = attn.to_q.out_features if hasattr(attn.to_q, "out_features") else attn.inner_dim
+        return _attention_flops(b, n, n, width) + _proj_flops(b, n, width)
+
+    def _compute(self, attn, x: torch.Tensor, method: str, store_res: bool, store_out: bool, writing: bool) -> torch.Tensor:
+        st = self.state
+        cache = st.caches[self.layer]
+        b, n, _ = x.shape
+        asc = method.endswith("+asc") and st.cfg is not None
+        sel = slice(None)
+        if asc:
+            h = b // 2
+            cond_first = st.cfg == "cond_first"
+            first = (st.asc_branch == "cond") == cond_first
+            sel = slice(0, h) if first else slice(h, b)
+            x = x[sel]
+        bb = x.shape[0]
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        width = q.shape[-1]
+        d = width // attn.heads
+        q, k, v = (t.view(bb, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        keys = keys_per_query(n, st.window, st.grid)
+        if method.startswith("full"):
+            o = F.scaled_dot_product_attention(q, k, v)
+            core = _attention_flops(bb, n, n, width)
+            if store_res:
+                r = o - window_attention(q, k, v, st.window, st.grid)
+                core += _attention_flops(bb, n, keys, width)
+                r = r.transpose(1, 2).reshape(bb, n, width)
+                cache.residual = torch.cat([r, r]) if asc else r
+        else:
+            if cache.residual is None:
+                raise RuntimeError(f"layer {self.layer}: '{method}' at step {st.step} but no residual was cached at a full step")
+            o = window_attention(q, k, v, st.window, st.grid)
+            core = _attention_flops(bb, n, keys, width)
+        o = o.transpose(1, 2).reshape(bb, n, width).to(q.dtype)
+        if method.startswith("wars"):
+            o = o + cache.residual[sel]
+        o = attn.to_out[0](o)
+        o = attn.to_out[1](o)
+        if attn.residual_connection:
+            raise ValueError(f"layer {self.layer}: attention with residual_connection=True is not supported by fast attention")
+        o = o / attn.rescale_output_factor
+        if asc:
+            o = torch.cat([o, o])
+        if writing:
+            st.flops.dense += self._dense_flops(attn, b, n)
+            st.flops.done += core + _proj_flops(bb, n, width)
+            cache.output = o if store_out else None
+        return o
+
+
+# ---- installing and removing -----------------------------------------------------------------------
+
+
+def self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules fast attention applies to: diffusers ``Attention`` modules that are
+    not cross-attention and not joint (SD3/Flux dual-stream) attention."""
+    found = []
+    for name, m in model.named_modules():
+        if type(m).__name__ != "Attention" or not hasattr(m, "processor"):
+            continue
+        if getattr(m, "is_cross_attention", False) or getattr(m, "add_q_proj", None) is not None:
+            continue
+        if getattr(m, "spatial_norm", None) is not None or getattr(m, "group_norm", None) is not None:
+            continue
+        found.append((name, m))
+    return found
+
+
+@dataclass
+class _Installed:
+    state: FastAttnState
+    originals: dict[str, Any]
+    handle: Any
+    scheduler: Any
+    scheduler_attrs: dict[str, Any]
+
+
+def _install(pipe: Any, name: str, model: nn.Module, state: FastAttnState) -> _Installed:
+    layers = dict(self_attention_layers(model))
+    originals = {n: m.processor for n, m in layers.items()}
+    for i, n in enumerate(state.layers):
+        layers[n].processor = FastAttnProcessor(originals[n], i, state)
+    patch = getattr(model.config, "patch_size", None) if hasattr(model, "config") else None
+
+    def pre_hook(module, args, kwargs):
+        if state.trial:
+            return None
+        x = _first_tensor(args, kwargs, "hidden_states", 0)
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and patch:
+            state.grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+        if state.step is None:
+            state.cfg = None
+            return None
+        default = state.cfg_order
+        if default != "auto":
+            cfg, how = detect_cfg(module, args, kwargs, default)
+            if cfg is not None:
+                cfg, how = default, f"given (cfg_order={default!r})"
+        else:
+            cfg, how = detect_cfg(module, args, kwargs, default)
+        state.cfg, state.cfg_how = cfg, how
+        key = f"{cfg}: {how}" if cfg else f"no CFG: {how}"
+        state.cfg_seen[key] = state.cfg_seen.get(key, 0) + 1
+        if state.search is not None:
+            state.search.search_step(module, args, kwargs)
+        return None
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    sched = pipe.components.get("scheduler") if hasattr(pipe, "components") else None
+    saved: dict[str, Any] = {}
+    if sched is not None and hasattr(sched, "set_timesteps") and hasattr(sched, "step"):
+        for attr in ("set_timesteps", "step"):
+            saved[attr] = sched.__dict__.get(attr, _MISSING)
+        orig_set, orig_step = sched.set_timesteps, sched.step
+
+        def set_timesteps(*a, **kw):
+            out = orig_set(*a, **kw)
+            state.begin(len(sched.timesteps))
+            return out
+
+        def step(*a, **kw):
+            out = orig_step(*a, **kw)
+            state.advance()
+            return out
+
+        sched.set_timesteps = set_timesteps
+        sched.step = step
+    else:
+        raise ValueError(f"{type(pipe).__name__} has no scheduler with set_timesteps/step to take the denoising step from")
+    return _Installed(state, originals, handle, sched, saved)
+
+
+_MISSING = object()
+
+
+def _uninstall(model: nn.Module, inst: _Installed) -> None:
+    layers = dict(self_attention_layers(model))
+    for n, proc in inst.originals.items():
+        if n in layers:
+            layers[n].processor = proc
+    inst.handle.remove()
+    for attr, old in inst.scheduler_attrs.items():
+        if old is _MISSING:
+            inst.scheduler.__dict__.pop(attr, None)
+        else:
+            inst.scheduler.__dict__[attr] = old
+    inst.state.free()
+
+
+def _set_config_plan(model: nn.Module, plan: dict | None) -> None:
+    internal = getattr(model, "_internal_dict", None)
+    if internal is None:
+        return
+    from diffusers.configuration_utils import FrozenDict
+
+    d = {k: v for k, v in internal.items() if k != CONFIG_KEY}
+    if plan is not None:
+        d[CONFIG_KEY] = plan
+    model._internal_dict = FrozenDict(d)
+
+
+# ---- the search ------------------------------------------------------------------------------------
+
+
+def _tensor_out(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+class _Search:
+    """Greedy DiTFastAttn search, run inside the transformer's forward pre-hook at each step."""
+
+    def __init__(self, state: FastAttnState, threshold: float, metric: Callable[[torch.Tensor, torch.Tensor], float], candidates: Sequence[str]):
+        self.state = state
+        self.threshold = threshold
+        self.metric = metric
+        self.candidates = list(candidates)
+        self.calls: list[list[list[str]]] = []  # per pipeline call: methods[step][layer]
+        self.current: list[list[str]] | None = None
+        self.errors: dict[tuple[int, int], float] = {}
+        self.forwards = 0
+
+    def step_done(self) -> None:
+        self.state.override = {}
+
+    def search_step(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        st = self.state
+        L = len(st.layers)
+        if st.step == 0:
+            self.current = []
+            self.calls.append(self.current)
+        while len(self.current) <= st.step:
+            self.current.append(["full"] * L)
+        row = self.current[st.step]
+        st.override = {}
+        if st.step == 0:
+            return
+
+        def run() -> torch.Tensor:
+            st.trial = True
+            try:
+                with torch.no_grad():
+                    self.forwards += 1
+                    return _tensor_out(model(*args, **kwargs)).detach().clone()
+            finally:
+                st.trial = False
+
+        st.override = {j: "full" for j in range(L)}
+        ref = run()
+        for j in range(L):
+            budget = self.threshold * (j + 1) / L
+            chosen = "full"
+            for cand in self.candidates:
+                if not st.available(j, cand):
+                    continue
+                st.override[j] = cand
+                err = self.metric(ref, run())
+                if err < budget:
+                    chosen = cand
+                    self.errors[(st.step, j)] = err
+                    break
+            st.override[j] = chosen
+            row[j] = chosen
+
+
+@dataclass
+class FastAttentionReport:
+    """What :func:`enable_fast_attention` decided."""
+
+    component: str
+    plan: FastAttentionPlan
+    attention_flops_saved: float  # over the planned call: 1 - attention-module FLOPs / dense
+    wall_s: float = 0.0
+    n_pipeline_calls: int = 0
+    n_search_forwards: int = 0
+    cfg_detected: dict[str, int] = field(default_factory=dict)
+    method_counts: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        p = self.plan
+        lines = [
+            f"{self.component}: fast attention over {len(p.layers)} self-attention layers x {p.num_inference_steps} steps"
+            + (f", threshold {p.threshold}" if p.threshold is not None else "")
+            + f", window {p.window.window} ({p.window.shape}, block {p.window.query_block})",
+            "methods: " + ", ".join(f"{m} {c}" for m, c in self.method_counts.items() if c),
+            f"attention FLOPs saved (attention modules, projections included): {100 * self.attention_flops_saved:.1f}%",
+        ]
+        if self.cfg_detected:
+            lines.append("CFG batch: " + "; ".join(f"{k} ({v} calls)" for k, v in self.cfg_detected.items()))
+        lines.append(p.summary())
+        if self.n_pipeline_calls:
+            lines.append(f"search: {self.n_pipeline_calls} pipeline calls, {self.n_search_forwards} trial transformer forwards")
+        lines.append(f"took {self.wall_s:.1f} s")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def planned_flops_saved(plan: FastAttentionPlan, n_tokens: int, width: int, cfg: bool) -> float:
+    """1 - (attention-module FLOPs of ``plan``) / (all-full FLOPs), per sample, for ``n_tokens``
+    tokens of ``width`` channels (the same accounting as the processors' counters)."""
+    b = 2 if cfg else 1
+    keys = keys_per_query(n_tokens, plan.window, None if plan.window.shape == "1d" else _square(n_tokens))
+    dense = _attention_flops(b, n_tokens, n_tokens, width) + _proj_flops(b, n_tokens, width)
+    done = 0.0
+    total = 0.0
+    for i, row in enumerate(plan.methods):
+        for j, m in enumerate(row):
+            total += dense
+            bb = 1 if (m.endswith("+asc") and cfg) else b
+            if m == "ast":
+                continue
+            if m.startswith("wars"):
+                done += _attention_flops(bb, n_tokens, keys, width) + _proj_flops(bb, n_tokens, width)
+                continue
+            done += _attention_flops(bb, n_tokens, n_tokens, width) + _proj_flops(bb, n_tokens, width)
+            later = next((r[j] for r in plan.methods[i + 1:] if not r[j] == "ast"), "full")
+            if later.startswith("wars"):
+                done += _attention_flops(bb, n_tokens, keys, width)
+    return 1.0 - done / total
+
+
+def _square(n: int) -> tuple[int, int]:
+    s = math.isqrt(n)
+    return (s, n // s)
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+
+def _denoiser(pipe: Any, component: str | None) -> tuple[str, nn.Module]:
+    from .pipeline import _check_pipeline, denoiser_names
+
+    _check_pipeline(pipe)
+    names = [component] if component is not None else denoiser_names(pipe)
+    if component is not None and not isinstance(pipe.components.get(component), nn.Module):
+        raise ValueError(f"{type(pipe).__name__} has no model component {component!r}; it has: {', '.join(pipe.components)}")
+    if not names:
+        raise ValueError(f"{type(pipe).__name__} has no transformer/unet component to apply fast attention to")
+    name = names[0]
+    model = pipe.components[name]
+    if not self_attention_layers(model):
+        raise ValueError(
+            f"component {name!r} ({type(model).__name__}) has no plain diffusers self-attention layer (Attention without "
+            "cross/joint attention); fast attention supports DiT and PixArt transformers"
+        )
+    return name, model
+
+
+def _check_threshold(threshold: Any) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold must be a number >= 0, got {threshold!r}") from None
+    if not t >= 0 or math.isinf(t):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    return t
+
+
+def enable_fast_attention(
+    pipe: Any,
+    threshold: float = 0.05,
+    calibration_prompts: Sequence[str] | Sequence[int] | None = None,
+    *,
+    num_inference_steps: int = 20,
+    plan: FastAttentionPlan | dict | str | None = None,
+    window: int | None = None,
+    window_shape: str = "1d",
+    window_block: int | None = None,
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    candidates: Sequence[str] = CANDIDATES,
+    guidance_scale: float | None = None,
+    cfg_order: str = "auto",
+    asc_branch: str = "cond",
+    component: str | None = None,
+    calibration_batch_size: int = 4,
+    calibration_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> FastAttentionReport:
+    """Install DiTFastAttn on the pipeline's transformer; returns a :class:`FastAttentionReport`.
+
+    Without ``plan``, searches one: the pipeline runs on ``calibration_prompts`` (class ids for
+    ``DiTPipeline``, prompts for text pipelines; ``None``: built-in defaults) for
+    ``num_inference_steps`` steps and, at every step after the first, each self-attention layer in
+    order gets the most aggressive of ``candidates`` whose error on the transformer output (``metric``,
+    default :func:`clipped_relative_l1` against full attention at that step) is below
+    ``threshold * (layer + 1) / num_layers``; earlier layers keep their choice. With ``plan`` (a
+    :class:`FastAttentionPlan`, its dict, or a JSON path), installs it after checking it matches.
+
+    ``window``: tokens on each side (1-D) or patches around a tile (2-D); default: 1/8 of the
+    tokens (1-D, DiTFastAttn's PixArt setting) or 1/8 of the grid side around tiles of 1/4 of
+    the side (2-D). ``window_block``: queries per block (1-D, default ``window``) or tile side (2-D).
+    """
+    from .calibration import resolve_calibration_inputs, run_pipeline
+
+    t0 = time.perf_counter()
+    name, model = _denoiser(pipe, component)
+    if getattr(model, "_piecewise_fast_attention", None) is not None:
+        raise ValueError(f"fast attention is already enabled on {name!r}; call pipe.disable_fast_attention() first")
+    layer_names = [n for n, _ in self_attention_layers(model)]
+    if cfg_order not in CFG_ORDERS:
+        raise ValueError(f"cfg_order {cfg_order!r} is not one of {CFG_ORDERS}")
+    if plan is not None:
+        if isinstance(plan, str):
+            plan = FastAttentionPlan.load(plan)
+        elif isinstance(plan, dict):
+            plan = FastAttentionPlan.from_dict(plan)
+        plan.check_model(layer_names, f"{name!r} ({type(model).__name__})")
+        state = FastAttnState(layer_names, plan.window, plan.cfg_order, plan.asc_branch)
+        state.plan = plan
+        inst = _install(pipe, name, model, state)
+        model._piecewise_fast_attention = inst
+        _set_config_plan(model, plan.to_dict())
+        report = _report(name, plan, model, state, time.perf_counter() - t0)
+        pipe.fast_attention_report = report
+        return report
+
+    threshold = _check_threshold(threshold)
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    cands = [_method(c, " in candidates") for c in candidates]
+    if "full" in cands:
+        raise ValueError("candidates must not include 'full' (it is what remains when no candidate is accurate enough)")
+    if calibration_prompts is not None and not isinstance(calibration_prompts, (str, int)) and len(calibration_prompts) == 0:
+        raise ValueError("calibration_prompts is empty; give at least one prompt (or class label), or None for the defaults")
+    spec = _window_spec(model, window, window_shape, window_block)
+    state = FastAttnState(layer_names, spec, cfg_order, asc_branch)
+    search = _Search(state, threshold, metric or clipped_relative_l1, cands)
+    state.search = search
+    inst = _install(pipe, name, model, state)
+    model._piecewise_fast_attention = inst
+    try:
+        run = resolve_calibration_inputs(
+            pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
+        )
+        calls = run_pipeline(pipe, run, progress=progress, desc="searching fast-attention plan")
+        if not search.calls or len(search.calls[0]) != num_inference_steps:
+            got = len(search.calls[0]) if search.calls else 0
+            raise RuntimeError(f"the calibration pipeline calls took {got} transformer steps, expected {num_inference_steps}")
+        methods = _merge_calls(search.calls)
+        new_plan = FastAttentionPlan(methods, layer_names, spec, threshold, cfg_order, asc_branch)
+    except BaseException:
+        _uninstall(model, inst)
+        del model._piecewise_fast_attention
+        raise
+    state.search = None
+    state.plan = new_plan
+    state.cfg_seen = dict(state.cfg_seen)
+    _set_config_plan(model, new_plan.to_dict())
+    report = _report(name, new_plan, model, state, time.perf_counter() - t0)
+    report.n_pipeline_calls = calls
+    report.n_search_forwards = search.forwards
+    pipe.fast_attention_report = report
+    return report
+
+
+def _merge_calls(calls: list[list[list[str]]]) -> list[list[str]]:
+    """One method per (step, layer) from several calibration calls: the least aggressive of them."""
+    rank = {m: i for i, m in enumerate(("full", "full+asc", "wars", "wars+asc", "ast"))}
+    steps = len(calls[0])
+    out = []
+    for i in range(steps):
+        row = []
+        for j in range(len(calls[0][i])):
+            row.append(min((c[i][j] for c in calls if i < len(c)), key=lambda m: rank[m]))
+        out.append(row)
+    # keep the plan valid (a 'wars' needs an earlier full step, 'ast' an earlier computed step): merging can't break
+    # this because every call's own plan was valid and step 0 is always full
+    return out
+
+
+def _window_spec(model: nn.Module, window: int | None, shape: str, block: int | None) -> WindowSpec:
+    if window is None:
+        cfg = getattr(model, "config", None)
+        size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+            side = max(size // patch, 1)
+        else:
+            side = 16
+        window = max(1, side * side // 8) if shape == "1d" else max(1, side // 8)
+        if shape == "2d" and block is None:
+            block = max(1, side // 4)
+    return WindowSpec(int(window), shape, block)
+
+
+def _report(name: str, plan: FastAttentionPlan, model: nn.Module, state: FastAttnState, wall: float) -> FastAttentionReport:
+    counts = {m: sum(r.count(m) for r in plan.methods) for m in METHODS}
+    saved = float("nan")
+    cfg = getattr(model, "config", None)
+    size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
+    layers = self_attention_layers(model)
+    if isinstance(size, int) and isinstance(patch, int) and layers:
+        n = (size // patch) ** 2
+        width = layers[0][1].to_q.out_features if hasattr(layers[0][1].to_q, "out_features") else layers[0][1].inner_dim
+        saved = planned_flops_saved(plan, n, width, cfg=any(k.startswith(("cond", "uncond")) for k in state.cfg_seen))
+    return FastAttentionReport(name, plan, saved, wall, cfg_detected=dict(state.cfg_seen), method_counts=counts)
+
+
+def disable_fast_attention(pipe: Any, component: str | None = None) -> None:
+    """Put the original attention processors (the same objects) and scheduler methods back and
+    forget the plan."""
+    from .pipeline import _check_pipeline
+
+    _check_pipeline(pipe)
+    names = [component] if component is not None else [n for n, c in pipe.components.items() if getattr(c, "_piecewise_fast_attention", None) is not None]
+    if not names:
+        raise ValueError(f"fast attention is not enabled on {type(pipe).__name__}; nothing to disable")
+    for n in names:
+        model = pipe.components.get(n)
+        inst = getattr(model, "_piecewise_fast_attention", None)
+        if inst is None:
+            raise ValueError(f"fast attention is not enabled on component {n!r}")
+        _uninstall(model, inst)
+        del model._piecewise_fast_attention
+        _set_config_plan(model, None)
+    if hasattr(pipe, "fast_attention_report"):
+        del pipe.fast_attention_report
+
+
+def restore_saved_plan(pipe: Any) -> FastAttentionReport | None:
+    """Re-enable the plan a loaded pipeline's transformer carries in its config (``save_pretrained``
+    wrote it); ``None`` when there is none."""
+    if not hasattr(pipe, "components"):
+        return None
+    for n, comp in pipe.components.items():
+        cfg = getattr(comp, "config", None)
+        saved = cfg.get(CONFIG_KEY) if hasattr(cfg, "get") else None
+        if saved and getattr(comp, "_piecewise_fast_attention", None) is None:
+            return enable_fast_attention(pipe, plan=FastAttentionPlan.from_dict(saved), component=n)
+    return None
+
+
+def _finish_registration() -> None:
+    from . import _finish_pending_registration
+
+    _finish_pending_registration()
+
+
+_finish_registration()
