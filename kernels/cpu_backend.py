@@ -349,6 +349,10 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     return y.reshape(*lead, n)
 
 
+def _no_prepared() -> None:
+    return None
+
+
 class Prepared:
     """One layer's call into the CPU kernels with everything but the activations worked out once,
     for the decode loop where Python overhead is a large share of a small layer's time. It holds the
@@ -361,6 +365,12 @@ class Prepared:
     def __init__(self, ext, desc, tensors: tuple, n: int, k: int, backends_version: int, forced: str) -> None:
         self.ext, self.desc, self.tensors, self.n, self.k = ext, desc, tensors, n, k
         self.backends_version, self.forced = backends_version, forced
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied layer has new tensors: it prepares its own on its first call
+
+    def __reduce__(self):
+        return (_no_prepared, ())  # pickled layers (torch.save, multiprocessing) prepare again
 
     def matches(self, tensors: tuple, backends_version: int, forced: str) -> bool:
         mine = self.tensors

@@ -300,3 +300,24 @@ def test_the_prepared_decode_path_follows_new_tensors_and_the_forced_backend(mon
         assert torch.equal(q(x), reference.linear(x, *[other.quantized_tensors()[k] for k in ("qweight", "scales")],
                                                   other.quantized_tensors().get("qzeros"), None, None, "uniform_asym", 4,
                                                   128, 256))
+
+
+def test_a_layer_that_has_run_deep_copies_and_pickles():
+    import copy
+    import io
+
+    q = _quantized("uniform", 4, 128)
+    x = torch.randn(1, q.in_features)
+    y = q(x)  # builds the prepared decode call
+    for clone in (copy.deepcopy(q), torch.load(io.BytesIO(_saved(q)), weights_only=False)):
+        assert torch.equal(clone(x), y)
+        clone.qweight.zero_()
+        assert torch.equal(q(x), y)  # the copy's tensors are its own
+
+
+def _saved(module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()
