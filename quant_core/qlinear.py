@@ -174,6 +174,8 @@ class QuantLinear(nn.Module):
         from .kernels import backends
 
         t = self.quantized_tensors()
+        if "qweight" not in t or "scales" not in t:
+            return None  # a plugin format with its own tensors: the op decides
         aux = t.get("qzeros", t.get("breakpoint_ids"))
         tensors = (t["qweight"], t["scales"], aux)
         version = backends.version()
