@@ -14,9 +14,12 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .patterns import PatternSet, check_pattern, compile_pattern
+
+if TYPE_CHECKING:
+    from .args import ActArgs, WeightArgs
 
 __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 
@@ -139,6 +142,20 @@ class QuantSpec:
 
     def spec_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in SPEC_FIELDS}
+
+    @property
+    def weight_args(self) -> "WeightArgs":
+        """The weight half of this spec as a typed :class:`~piecewise_quant.args.WeightArgs`."""
+        from .args import WeightArgs
+
+        return WeightArgs.from_spec(self)
+
+    @property
+    def act_args(self) -> "ActArgs | None":
+        """The activation half as a typed :class:`~piecewise_quant.args.ActArgs` (``None``: weight-only)."""
+        from .args import ActArgs
+
+        return ActArgs.from_spec(self)
 
     def with_changes(self, changes: Mapping[str, Any]) -> "QuantSpec":
         """A copy with ``changes``; a different grid re-derives what does not carry over

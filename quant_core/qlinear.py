@@ -226,6 +226,11 @@ class QuantLinear(nn.Module):
         self._observing = True
         self._obs_values: list[torch.Tensor] = []
 
+    def stop_observing(self) -> None:
+        """Abandon an observation (e.g. after a failed calibration run) without setting a scale."""
+        self._observing = False
+        self._obs_values = []
+
     def _observe(self, x: torch.Tensor) -> None:
         spec = self.spec
         mag = x.detach().abs().reshape(-1, x.shape[-1]).to(torch.float32)
