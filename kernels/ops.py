@@ -8,14 +8,42 @@ quantization passes gradients straight through) so LoRA-style training works on 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import reference
 from .backends import select_backend
 
-__all__ = ["linear", "dequantize", "quantize_activation"]
+__all__ = ["linear", "dequantize", "quantize_activation", "WeightOperand", "ActOperand", "NO_ACT",
+           "quantized_linear", "quantize_input"]
+
+
+class WeightOperand(NamedTuple):
+    """A stored weight as the kernels see it: packed tensors plus how to read them."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    aux: Optional[torch.Tensor]  # zero points (uniform asymmetric) or breakpoint ids (piecewise)
+    format: str  # uniform_sym | uniform_asym | piecewise | fp8_e4m3
+    bits: int
+    group_size: int  # resolved: in_features for per-channel, -1 for per-tensor
+    in_features: int
+
+
+class ActOperand(NamedTuple):
+    """How the op quantizes its input: ``format`` ``none`` | ``int8`` | ``int4`` | ``fp8_e4m3``,
+    ``mode`` ``dynamic_per_token`` | ``static_per_tensor`` (with ``scale``). Still a 5-tuple
+    ``(scale, format, mode, clip_ratio, topk)`` for plugin formats' ``linear``."""
+
+    scale: Optional[torch.Tensor] = None
+    format: str = "none"
+    mode: str = "dynamic_per_token"
+    clip_ratio: float = 1.0
+    topk: int = 0
+
+
+NO_ACT = ActOperand()
 
 
 @torch.library.custom_op("piecewise_quant::linear", mutates_args=())
@@ -106,3 +134,18 @@ def _quantize_activation_fake(x, act_format, act_mode, act_scale, clip_ratio, to
 quantize_activation.register_autograd(
     lambda ctx, grad: (grad, None, None, None, None, None), setup_context=lambda ctx, inputs, output: None
 )
+
+
+def quantized_linear(x: torch.Tensor, weight: WeightOperand, bias: Optional[torch.Tensor],
+                     act: ActOperand = NO_ACT) -> torch.Tensor:
+    """``y = q(x) W^T + b`` through ``piecewise_quant::linear``; the one place its arguments are
+    spelled out above the op."""
+    return linear(x, weight.qweight, weight.scales, weight.aux, bias, act.scale, weight.format, weight.bits,
+                  weight.group_size, weight.in_features, act.format, act.mode, float(act.clip_ratio), int(act.topk))
+
+
+def quantize_input(x: torch.Tensor, act: ActOperand) -> torch.Tensor:
+    """Quantize-dequantize ``x`` as ``act`` says (identity for ``NO_ACT``)."""
+    if act.format == "none":
+        return x
+    return quantize_activation(x, act.format, act.mode, act.scale, float(act.clip_ratio), int(act.topk))

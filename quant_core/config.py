@@ -97,14 +97,15 @@ class QuantSpec:
         grid = self.grid
         if not isinstance(grid, str) or not grid:
             raise ValueError(f"grid must be a format name such as {_allowed(BUILTIN_GRIDS)}, got {grid!r}")
+        bits, group_size, symmetric = _format_defaults(grid)
         if self.bits is None:
-            object.__setattr__(self, "bits", 8 if grid == "fp8" else 4)
+            object.__setattr__(self, "bits", bits)
         if self.group_size == "auto":
-            object.__setattr__(self, "group_size", "channel" if grid == "fp8" else 128)
+            object.__setattr__(self, "group_size", group_size)
         if self.group_size is None or self.group_size == -1:
             object.__setattr__(self, "group_size", "channel")
-        if self.symmetric is None and grid == "uniform":
-            object.__setattr__(self, "symmetric", False)
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", symmetric)
         self._validate_common()
 
     def _validate_common(self) -> None:
@@ -163,10 +164,22 @@ class QuantSpec:
         base = self.spec_dict()
         if "grid" in changes and changes["grid"] != base["grid"]:
             base["symmetric"] = None
-            if "fp8" in (changes["grid"], base["grid"]):
+            if _format_defaults(changes["grid"])[:2] != _format_defaults(base["grid"])[:2]:
                 base.update(bits=None, group_size="auto")
         base.update(changes)
         return QuantSpec(**base)
+
+
+def _format_defaults(grid: str) -> tuple[int, int | str, bool | None]:
+    """``(bits, group_size, symmetric)`` that ``None``/``"auto"`` mean for a built-in ``grid``: each
+    format class declares them (FP8: 8 bits, per-channel). A plugin grid gets 4 bits and groups of
+    128: reading its class would load every plugin whenever a spec is built."""
+    from . import formats
+
+    for cls in (formats.PiecewiseFormat, formats.UniformFormat, formats.FP8Format):
+        if cls.name == grid:
+            return cls.default_bits, cls.default_group_size, cls.default_symmetric
+    return formats.WeightFormat.default_bits, formats.WeightFormat.default_group_size, None
 
 
 @dataclass(frozen=True)

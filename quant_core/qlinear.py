@@ -2,8 +2,9 @@
 
 It holds the format's packed tensors as buffers (stable names: ``qweight``, ``scales`` and
 ``qzeros``/``breakpoint_ids``), an optional bias, and, with activation quantization, an
-``act_scale`` buffer (static mode). ``forward`` runs one ``piecewise_quant::linear`` op (plugin
-formats without a kernel dequantize and call ``F.linear``).
+:class:`~piecewise_quant.activation.ActQuantizer` (``act_quantizer``) whose static scale is the
+``act_scale`` buffer. ``forward`` runs one ``piecewise_quant::linear`` op (plugin formats without a
+kernel dequantize and call ``F.linear``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import torch
 from torch import nn
 
+from .activation import ActQuantizer
+from .args import ActArgs
 from .config import LayerSpec, QuantSpec
 from .formats.base import WeightFormat
 
@@ -47,7 +50,10 @@ class QuantLinear(nn.Module):
         bias: bool,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        act_args: ActArgs | None | str = "spec",
     ) -> None:
+        """``act_args``: the activation scheme; ``"spec"`` (default) derives it from the layer's
+        spec (``None``: weight-only), a subclass passes its own (e.g. a ``group`` strategy)."""
         super().__init__()
         self.layer_spec = layer
         self.fmt = fmt
@@ -61,12 +67,12 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        spec = layer.spec
-        if spec.act_bits is not None and spec.act_mode == "static_per_tensor":
+        act = ActArgs.from_spec(layer.spec) if act_args == "spec" else act_args
+        if act is not None and not act.dynamic:
             self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
         else:
             self.act_scale = None
-        self._observing = False
+        self.act_quantizer = ActQuantizer(act, layer.name, self._buffers) if act is not None else None
         self._prepared = None  # the CPU kernels' prepared call (see _fast_cpu), False: none applies
         self._prepared_key = None
 
@@ -141,7 +147,7 @@ class QuantLinear(nn.Module):
         """A float ``nn.Linear`` with the dequantized weight (and the bias), on this layer's device,
         in ``dtype`` (default: the compute dtype); what "dequantize the model" puts in its place."""
         dtype = dtype or self.compute_dtype
-        device = self.quantized_tensors()["qweight"].device
+        device = next(iter(self.quantized_tensors().values())).device
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
         linear.weight.copy_(self.dequantize(dtype))
         if self.bias is not None:
@@ -150,18 +156,6 @@ class QuantLinear(nn.Module):
 
     def bits_per_weight(self) -> float:
         return self.fmt.bits_per_weight(self.layer_spec)
-
-    def _act_args(self) -> tuple:
-        spec = self.spec
-        if spec.act_bits is None:
-            return (None, "none", "dynamic_per_token", 1.0, 0)
-        act_format = f"int{spec.act_bits}" if spec.act_format == "int" else "fp8_e4m3"
-        if self.act_scale is not None and not bool(self.act_scale > 0):
-            raise RuntimeError(
-                f"layer {self.layer_spec.name!r} uses static activation quantization but has no calibrated "
-                "scale; run piecewise_quant.calibrate_activation_scales(model, batches) first"
-            )
-        return (self.act_scale, act_format, spec.act_mode, float(spec.act_clip_ratio), int(spec.act_topk))
 
     def _fast_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference on CPU through a prepared call into the CPU kernels, skipping the op dispatch
@@ -173,11 +167,10 @@ class QuantLinear(nn.Module):
             return None
         from .kernels import backends
 
-        t = self.quantized_tensors()
-        if "qweight" not in t or "scales" not in t:
-            return None  # a plugin format with its own tensors: the op decides
-        aux = t.get("qzeros", t.get("breakpoint_ids"))
-        tensors = (t["qweight"], t["scales"], aux)
+        w = self.fmt.weight_operand(self.quantized_tensors(), self.layer_spec)
+        if w is None:
+            return None  # a plugin format without a kernel: it runs its own linear
+        tensors = (w.qweight, w.scales, w.aux)
         version = backends.version()
         forced = os.environ.get(backends.ENV_FORCE, "")
         prepared = self._prepared
@@ -185,78 +178,51 @@ class QuantLinear(nn.Module):
             return None
         if prepared is None or prepared is False or not prepared.matches(tensors, version, forced):
             prepared = False
-            kernel = self.fmt.kernel_format(self.spec)
-            chosen = backends.select_backend("cpu", kernel, self.spec.bits, self.layer_spec.group_size, x.dtype, "none") \
-                if kernel is not None else None
+            chosen = backends.select_backend("cpu", w.format, w.bits, w.group_size, x.dtype, "none")
             if chosen is not None and chosen.name == "cpu":
                 from .kernels import cpu_backend
 
-                prepared = cpu_backend.prepare(*tensors, kernel, self.spec.bits, self.layer_spec.group_size,
-                                               self.in_features, version, forced) or False
+                prepared = cpu_backend.prepare(*tensors, w.format, w.bits, w.group_size, w.in_features,
+                                               version, forced) or False
             self._prepared, self._prepared_key = prepared, (version, forced)
             if prepared is False:
                 return None
         return prepared(x, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._observing:
-            self._observe(x)
+        from .kernels.ops import NO_ACT, quantized_linear
+
+        aq = self.act_quantizer
+        x, act = aq.prepare(x) if aq is not None else (x, NO_ACT)
         ensure_runtime()
-        if x.device.type == "cpu" and self.spec.act_bits is None and not self._observing:
+        if aq is None and x.device.type == "cpu":
             y = self._fast_cpu(x)
             if y is not None:
                 return y
-        kernel = self.fmt.kernel_format(self.spec)
-        act = self._act_args() if not self._observing else (None, "none", "dynamic_per_token", 1.0, 0)
-        if kernel is None:
-            return self.fmt.linear(x, self.quantized_tensors(), self.layer_spec, self.bias, act)
-        from .kernels import ops
-
-        t = self.quantized_tensors()
-        aux = t.get("qzeros", t.get("breakpoint_ids"))
+        tensors = self.quantized_tensors()
+        w = self.fmt.weight_operand(tensors, self.layer_spec)
+        if w is None:
+            return self.fmt.linear(x, tensors, self.layer_spec, self.bias, act)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return ops.linear(
-            x, t["qweight"], t["scales"], aux, bias, act[0], kernel, self.spec.bits,
-            self.layer_spec.group_size, self.in_features, act[1], act[2], act[3], act[4],
-        )
+        return quantized_linear(x, w, bias, act)
 
-    # ---- static activation calibration --------------------------------------------------------
+    # ---- static activation calibration (delegated to the ActQuantizer) --------------------------
 
     def start_observing(self) -> None:
-        self._observing = True
-        self._obs_values: list[torch.Tensor] = []
+        """Record this layer's inputs (which pass in float) until :meth:`finish_observing`."""
+        if self.act_quantizer is not None:
+            self.act_quantizer.start()
 
     def stop_observing(self) -> None:
         """Abandon an observation (e.g. after a failed calibration run) without setting a scale."""
-        self._observing = False
-        self._obs_values = []
-
-    def _observe(self, x: torch.Tensor) -> None:
-        spec = self.spec
-        mag = x.detach().abs().reshape(-1, x.shape[-1]).to(torch.float32)
-        if spec.act_topk > 0:
-            k = min(spec.act_topk + 1, mag.numel())
-            self._obs_values.append(mag.reshape(-1).topk(k).values)
-        else:
-            self._obs_values.append(mag.amax().reshape(1))
+        if self.act_quantizer is not None:
+            self.act_quantizer.stop()
 
     def finish_observing(self) -> None:
         """Set the static ``act_scale`` from what was observed: the (k+1)-th largest magnitude seen
         (k = ``act_topk``), times ``act_clip_ratio``, over the representable maximum."""
-        self._observing = False
-        values = getattr(self, "_obs_values", [])
-        self._obs_values = []
-        if self.act_scale is None:
-            return
-        if not values:
-            raise RuntimeError(f"layer {self.layer_spec.name!r} saw no calibration tokens; its activation scale is unknown")
-        allv = torch.cat(values)
-        if not bool(torch.isfinite(allv).all()):
-            raise ValueError(f"layer {self.layer_spec.name!r}: calibration activations contain NaN or Inf")
-        k = min(self.spec.act_topk + 1, allv.numel())
-        rng = allv.topk(k).values[-1] * self.spec.act_clip_ratio
-        qmax = float((1 << (self.spec.act_bits - 1)) - 1) if self.spec.act_format == "int" else 448.0
-        self.act_scale.fill_(float(rng) / qmax if float(rng) > 0 else 1.0 / qmax)
+        if self.act_quantizer is not None:
+            self.act_quantizer.finish()
 
     def extra_repr(self) -> str:
         spec = self.spec
@@ -273,7 +239,7 @@ class QuantLinear(nn.Module):
         ]
         if spec.grid == "uniform":
             parts.append(f"symmetric={spec.symmetric}")
-        if spec.act_bits is not None:
+        if self.act_quantizer is not None:
             parts.append(f"act={spec.act_format}{spec.act_bits}/{spec.act_mode}")
         parts.append(f"bpw={self.bits_per_weight():.4f}")
         return ", ".join(parts)

@@ -1,7 +1,8 @@
 """Look-ups of plugin-registered things: formats, observers, kernel backends, integrations.
 
 Every look-up asks the plugin manager (built-ins plus entry points, loaded on first use), so a
-plugin registered at run time is seen at once. Each plugin's hook runs on its own: one that raises
+plugin registered at run time is seen at once; what each hook registered is remembered until its
+set of implementations changes. Each plugin's hook runs on its own: one that raises
 (``SystemExit`` included) or registers something malformed is skipped with a ``RuntimeWarning``
 naming it, and every other plugin, the built-ins first, still counts. Plugins are imported and
 their hooks run outside any ``torch.device("meta")`` context and with float32 as the default
@@ -26,6 +27,9 @@ __all__ = [
 ]
 
 _warned: set[tuple[str, str]] = set()
+# per hook: the hook implementations last seen and what they registered; a plugin added or removed
+# changes the implementations, so it is seen at once without running every hook on each look-up
+_collected: dict[str, tuple[tuple, list[tuple[str, tuple]]]] = {}
 _warn_lock = threading.Lock()
 
 
@@ -61,7 +65,12 @@ def _collect(hook_name: str, arity: int, check: Callable[[tuple], None] | None =
     out: list[tuple[str, tuple]] = []
     with _plain_torch():
         hook = getattr(load_plugins().hook, hook_name)
-        for impl in hook.get_hookimpls():
+        impls = hook.get_hookimpls()
+        key = tuple((impl.plugin_name, impl.function) for impl in impls)
+        cached = _collected.get(hook_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        for impl in impls:
             items: list[tuple] = []
 
             def register(*args: Any, _items: list = items) -> None:
@@ -77,6 +86,7 @@ def _collect(hook_name: str, arity: int, check: Callable[[tuple], None] | None =
                 _warn_skipped(impl.plugin_name, hook_name, f"{type(exc).__name__}: {exc}")
                 continue
             out.extend((impl.plugin_name, args) for args in items)
+    _collected[hook_name] = (key, out)
     return out
 
 

@@ -19,33 +19,34 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from piecewise_quant.activation import ActObservation
+from piecewise_quant.args import ActArgs
 from piecewise_quant.config import LayerSpec
 from piecewise_quant.formats.base import WeightFormat
 from piecewise_quant.qlinear import QuantLinear
 
-__all__ = ["DiffusionQuantLinear", "TimestepState", "TimestepHook", "HOOK_NAME", "install_timestep_hook", "remove_timestep_hook", "group_quantize"]
+__all__ = [
+    "DiffusionQuantLinear", "TimestepState", "TimestepHook", "HOOK_NAME", "install_timestep_hook", "remove_timestep_hook",
+    "group_quantize", "ActObservation",
+]
 
 HOOK_NAME = "piecewise_quant_timestep"
 
 
-def _act_qmax(act_bits: int, act_format: str) -> float:
-    return float((1 << (act_bits - 1)) - 1) if act_format == "int" else 448.0
-
-
 def group_quantize(x: torch.Tensor, group_size: int, act_format: str, clip_ratio: float, topk: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with one dynamic scale per token and per ``group_size`` channels."""
-    from piecewise_quant.kernels import ops
+    """Quantize-dequantize ``x`` with one dynamic scale per token and per ``group_size`` channels
+    (``act_format``: the kernels' name, e.g. ``"int8"``)."""
+    from piecewise_quant.kernels.ops import ActOperand, quantize_input
 
     c = x.shape[-1]
     xg = x.reshape(*x.shape[:-1], c // group_size, group_size)
-    return ops.quantize_activation(xg, act_format, "dynamic_per_token", None, float(clip_ratio), int(topk)).reshape(x.shape)
+    return quantize_input(xg, ActOperand(None, act_format, "dynamic_per_token", clip_ratio, topk)).reshape(x.shape)
 
 
 class TimestepState:
@@ -146,19 +147,10 @@ def remove_timestep_hook(model: nn.Module) -> None:
         del model._piecewise_quant_timestep_state
 
 
-@dataclass
-class ActObservation:
-    """What a layer saw while calibrating: per timestep, the magnitudes that set the scale; per call,
-    the largest magnitude of each sample (for statistics per guidance branch)."""
-
-    per_timestep: dict[float | None, list[torch.Tensor]] = field(default_factory=dict)
-    per_branch: dict[str, float] = field(default_factory=dict)
-
-
 class DiffusionQuantLinear(QuantLinear):
-    """A :class:`~piecewise_quant.QuantLinear` with per-timestep static or group-wise dynamic
-    activation quantization (see the module docstring). Without either it behaves exactly like
-    ``QuantLinear``."""
+    """A :class:`~piecewise_quant.QuantLinear` whose activation quantizer uses the ``timestep``
+    (per-timestep static scales) or ``group`` (group-wise dynamic) strategy (see the module
+    docstring). Without either it behaves exactly like ``QuantLinear``."""
 
     def __init__(
         self,
@@ -172,23 +164,27 @@ class DiffusionQuantLinear(QuantLinear):
         per_timestep: bool = False,
         n_timesteps: int = 0,
     ) -> None:
-        super().__init__(layer, fmt, bias, device=device, dtype=dtype)
-        spec = layer.spec
-        dynamic = spec.act_bits is not None and spec.act_mode == "dynamic_per_token"
-        static = spec.act_bits is not None and spec.act_mode == "static_per_tensor"
-        self.act_group_size = act_group_size if dynamic else None
-        if self.act_group_size is not None and layer.in_features % self.act_group_size:
-            raise ValueError(
-                f"layer {layer.name!r}: act_group_size={self.act_group_size} does not divide its in_features="
-                f"{layer.in_features}; choose a divisor, or give this layer act_mode='static_per_tensor' or "
-                "act_bits=None (overrides)"
-            )
-        if static and per_timestep:
+        act = _act_args(layer, act_group_size, per_timestep)
+        super().__init__(layer, fmt, bias, device=device, dtype=dtype, act_args=act)
+        if act is not None and act.strategy == "timestep":
             self.register_buffer("act_scales_t", torch.zeros(n_timesteps, dtype=torch.float32, device=device))
         else:
             self.act_scales_t = None
-        self.timestep_state: TimestepState | None = None
-        self._obs: ActObservation | None = None
+
+    @property
+    def act_group_size(self) -> int | None:
+        aq = self.act_quantizer
+        return aq.args.group_size if aq is not None else None
+
+    @property
+    def timestep_state(self) -> TimestepState | None:
+        """The clock the per-timestep scales are read by (set by :func:`install_timestep_hook`)."""
+        return self.act_quantizer.clock if self.act_quantizer is not None else None
+
+    @timestep_state.setter
+    def timestep_state(self, state: TimestepState | None) -> None:
+        if self.act_quantizer is not None:
+            self.act_quantizer.clock = state
 
     @classmethod
     def build(
@@ -219,96 +215,13 @@ class DiffusionQuantLinear(QuantLinear):
             q.bias.data.copy_(src.bias.detach())
         return q
 
-    # ---- forward ----------------------------------------------------------------------------------
-
-    def _timestep_index(self) -> int:
-        state = self.timestep_state
-        if state is None or state.index is None:
-            raise RuntimeError(
-                f"layer {self.layer_spec.name!r} has per-timestep activation scales but no current timestep: call it "
-                "through its denoiser's forward with a timestep (the piecewise-quant timestep hook sets it), not on its own"
-            )
-        return state.index
-
-    def _act_args(self) -> tuple:
-        spec = self.spec
-        if self.act_group_size is not None:
-            return (None, "none", "dynamic_per_token", 1.0, 0)
-        if self.act_scales_t is not None:
-            scale = self.act_scales_t[self._timestep_index()]
-            if not bool(scale > 0):
-                raise RuntimeError(
-                    f"layer {self.layer_spec.name!r} has no calibrated per-timestep activation scale; run "
-                    "pipe.enable_quant(...) with calibration prompts"
-                )
-            act_format = f"int{spec.act_bits}" if spec.act_format == "int" else "fp8_e4m3"
-            return (scale, act_format, "static_per_tensor", 1.0, 0)
-        return super()._act_args()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.act_group_size
-        if g is not None and not self._observing:
-            spec = self.spec
-            act_format = f"int{spec.act_bits}" if spec.act_format == "int" else "fp8_e4m3"
-            x = group_quantize(x, g, act_format, spec.act_clip_ratio, spec.act_topk)
-        return super().forward(x)
-
-    # ---- calibration ------------------------------------------------------------------------------
-
-    def start_observing(self) -> None:
-        self._observing = True
-        self._obs = ActObservation()
-
-    def _observe(self, x: torch.Tensor) -> None:
-        obs = self._obs
-        t = self.timestep_state.value if self.timestep_state is not None else None
-        mag = x.detach().abs().to(torch.float32)
-        flat = mag.reshape(-1)
-        k = self.spec.act_topk
-        vals = flat.topk(min(k + 1, flat.numel())).values if k > 0 else flat.amax().reshape(1)
-        obs.per_timestep.setdefault(t, []).append(vals)
-        state = self.timestep_state
-        n = state.n_prompts if state is not None else None
-        if mag.dim() >= 2 and n and state.branches and mag.shape[0] == len(state.branches) * n:
-            # one call holds every guidance branch, in the pipeline's batch order
-            per_sample = mag.reshape(mag.shape[0], -1).amax(dim=1)
-            for b, chunk in zip(state.branches, per_sample.split(n)):
-                obs.per_branch[b] = max(obs.per_branch.get(b, 0.0), float(chunk.max()))
-        else:
-            obs.per_branch["all"] = max(obs.per_branch.get("all", 0.0), float(vals.max()))
-
-    def _scale_from(self, values: list[torch.Tensor]) -> float:
-        allv = torch.cat(values)
-        if not bool(torch.isfinite(allv).all()):
-            raise ValueError(f"layer {self.layer_spec.name!r}: calibration activations contain NaN or Inf")
-        spec = self.spec
-        k = min(spec.act_topk + 1, allv.numel())
-        rng = float(allv.topk(k).values[-1]) * spec.act_clip_ratio
-        qmax = _act_qmax(spec.act_bits, spec.act_format)
-        return rng / qmax if rng > 0 else 1.0 / qmax
-
     def finish_observing(self, timesteps: tuple[float, ...] = ()) -> ActObservation:
         """Set ``act_scale`` from everything observed (every timestep, both branches) and, with
         per-timestep scales, ``act_scales_t[i]`` from what was observed at ``timesteps[i]``.
         Returns the observation (for the calibration report)."""
-        self._observing = False
-        obs, self._obs = self._obs, None
-        if self.act_scale is None:
-            return obs or ActObservation()
-        if obs is None or not obs.per_timestep:
-            raise RuntimeError(
-                f"layer {self.layer_spec.name!r} saw no calibration activations; its activation scale is unknown"
-            )
-        self.act_scale.fill_(self._scale_from([v for vs in obs.per_timestep.values() for v in vs]))
-        if self.act_scales_t is not None:
-            if len(timesteps) != self.act_scales_t.numel():
-                self.act_scales_t = torch.zeros(len(timesteps), dtype=torch.float32, device=self.act_scale.device)
-            for i, t in enumerate(timesteps):
-                vals = obs.per_timestep.get(t)
-                if not vals:
-                    raise RuntimeError(f"layer {self.layer_spec.name!r} saw no activations at timestep {t}")
-                self.act_scales_t[i] = self._scale_from(vals)
-        return obs
+        if self.act_quantizer is None:
+            return ActObservation()
+        return self.act_quantizer.finish(timesteps)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -317,6 +230,25 @@ class DiffusionQuantLinear(QuantLinear):
         if self.act_scales_t is not None:
             text += f", act_scales=per_timestep({self.act_scales_t.numel()})"
         return text
+
+
+def _act_args(layer: LayerSpec, act_group_size: int | None, per_timestep: bool) -> ActArgs | None:
+    """The layer's activation scheme: group-wise when dynamic with ``act_group_size``, one scale
+    per timestep when static with ``per_timestep``, else the spec's own."""
+    act = ActArgs.from_spec(layer.spec)
+    if act is None:
+        return None
+    if act.dynamic and act_group_size is not None:
+        if layer.in_features % act_group_size:
+            raise ValueError(
+                f"layer {layer.name!r}: act_group_size={act_group_size} does not divide its in_features="
+                f"{layer.in_features}; choose a divisor, or give this layer act_mode='static_per_tensor' or "
+                "act_bits=None (overrides)"
+            )
+        return ActArgs.from_spec(layer.spec, strategy="group", group_size=act_group_size)
+    if not act.dynamic and per_timestep:
+        return ActArgs.from_spec(layer.spec, strategy="timestep")
+    return act
 
 
 def _finish_registration() -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..config import LayerSpec, QuantSpec
+
+if TYPE_CHECKING:
+    from ..kernels.ops import WeightOperand
 
 __all__ = ["TensorLayout", "WeightFormat", "scale_dtype_of", "round_scale"]
 
@@ -76,6 +79,37 @@ class WeightFormat(abc.ABC):
     def kernel_format(self, spec: QuantSpec) -> str | None:
         return None
 
+    # ---- what the rest of the code asks a format instead of branching on its name ---------------
+
+    #: the per-group tensor besides ``scales`` that the kernel reads (zero points, breakpoint ids)
+    aux_tensor: ClassVar[str | None] = None
+    #: what ``bits=None`` and ``group_size="auto"`` mean for this format (see ``QuantSpec``)
+    default_bits: ClassVar[int] = 4
+    default_group_size: ClassVar[int | str] = 128
+    default_symmetric: ClassVar[bool | None] = None
+
+    def weight_operand(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> "WeightOperand | None":
+        """The stored tensors as the kernel op's weight operand; ``None`` for a format without a
+        kernel (its :meth:`linear` runs instead)."""
+        kernel = self.kernel_format(layer.spec)
+        if kernel is None:
+            return None
+        from ..kernels.ops import WeightOperand
+
+        aux = tensors.get(self.aux_tensor) if self.aux_tensor is not None else None
+        return WeightOperand(tensors["qweight"], tensors["scales"], aux, kernel, layer.spec.bits,
+                             layer.group_size, layer.in_features)
+
+    def levels(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        """Every value each group can represent, float32 ``(rows, n_groups, n_levels)`` (``rows``
+        is 1 for per-tensor scales), for plots and grid checks."""
+        raise NotImplementedError(f"grid {self.name!r} does not describe its levels")
+
+    def breakpoints(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor | None:
+        """Where each group's dense centre ends, float32 ``(rows, n_groups)``; ``None`` for a grid
+        without a centre/tail split."""
+        return None
+
     @abc.abstractmethod
     def layout(self, layer: LayerSpec) -> dict[str, TensorLayout]:
         """Every tensor the layer stores, by its stable name (``qweight`` first)."""
@@ -131,12 +165,11 @@ class WeightFormat(abc.ABC):
         bias: torch.Tensor | None,
         act_args: tuple,
     ) -> torch.Tensor:
-        """``y = x W^T + b`` with simulated activation quantization ``act_args`` =
-        ``(act_scale, act_format, act_mode, clip_ratio, topk)``."""
-        from ..kernels import ops
+        """``y = x W^T + b`` with simulated activation quantization ``act_args``, a
+        :class:`~piecewise_quant.kernels.ops.ActOperand` (a 5-tuple ``(act_scale, act_format,
+        act_mode, clip_ratio, topk)``)."""
+        from ..kernels.ops import ActOperand, quantize_input
 
-        act_scale, act_format, act_mode, clip_ratio, topk = act_args
-        if act_format != "none":
-            x = ops.quantize_activation(x, act_format, act_mode, act_scale, clip_ratio, topk)
+        x = quantize_input(x, ActOperand(*act_args))
         w = self.dequantize(tensors, layer, x.dtype)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)

@@ -39,8 +39,16 @@ class FP8Format(WeightFormat):
         if spec.observer not in ("mse", "minmax"):
             raise ValueError(f"grid 'fp8' supports observer 'mse' or 'minmax', not {spec.observer!r}")
 
+    default_bits = 8
+    default_group_size = "channel"
+
     def kernel_format(self, spec: QuantSpec) -> str:
         return "fp8_e4m3"
+
+    def levels(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+        values = values[torch.isfinite(values)].unique().to(tensors["scales"].device)
+        return values.view(1, 1, -1) * tensors["scales"].to(torch.float32).unsqueeze(-1)
 
     def layout(self, layer: LayerSpec) -> dict[str, TensorLayout]:
         rows = 1 if layer.group_size == -1 else layer.out_features

@@ -83,8 +83,26 @@ class PiecewiseFormat(WeightFormat):
         if spec.observer not in ("mse", "minmax"):
             raise ValueError(f"grid 'piecewise' supports observer 'mse' or 'minmax', not {spec.observer!r}")
 
+    aux_tensor = "breakpoint_ids"
+
     def kernel_format(self, spec: QuantSpec) -> str:
         return "piecewise"
+
+    def _shapes(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        """Each group's ``(h, r)`` row of the breakpoint table: ``(rows, n_groups, 2)``."""
+        rows = 1 if layer.group_size == -1 else layer.out_features
+        ids = ref.unpack_group_field(tensors["breakpoint_ids"], layer.spec.bits, rows, layer.n_groups).long()
+        return piecewise_table(layer.spec.bits, ids.device)[ids]
+
+    def levels(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        half = 1 << (layer.spec.bits - 1)
+        hr = self._shapes(tensors, layer)
+        s = tensors["scales"].to(torch.float32).unsqueeze(-1)
+        d = torch.arange(-half, half, dtype=torch.float32, device=s.device).view(1, 1, -1)
+        return ref.piecewise_levels(d, hr[..., :1], hr[..., 1:]) * s
+
+    def breakpoints(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        return (self._shapes(tensors, layer)[..., 0] * tensors["scales"].to(torch.float32)).abs()
 
     def layout(self, layer: LayerSpec) -> dict[str, TensorLayout]:
         bits = layer.spec.bits

@@ -25,8 +25,21 @@ class UniformFormat(WeightFormat):
     name = "uniform"
     supported_bits = (2, 3, 4, 8)
 
+    aux_tensor = "qzeros"
+    default_symmetric = False
+
     def kernel_format(self, spec: QuantSpec) -> str:
         return "uniform_sym" if spec.symmetric else "uniform_asym"
+
+    def levels(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
+        spec = layer.spec
+        rows = 1 if layer.group_size == -1 else layer.out_features
+        s = tensors["scales"].to(torch.float32).unsqueeze(-1)
+        codes = torch.arange(1 << spec.bits, dtype=torch.float32, device=s.device).view(1, 1, -1)
+        if spec.symmetric:
+            return (codes - (1 << (spec.bits - 1))) * s
+        z = ref.unpack_group_field(tensors["qzeros"], spec.bits, rows, layer.n_groups).to(torch.float32)
+        return (codes - z.unsqueeze(-1)) * s
 
     def layout(self, layer: LayerSpec) -> dict[str, TensorLayout]:
         spec = layer.spec

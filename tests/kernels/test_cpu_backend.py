@@ -115,8 +115,8 @@ def test_integer_activations_follow_the_reference_quantizer(grid, bits, sym, act
         q.act_scale.fill_(0.02)
     for m in (1, 4, cpu_backend.GEMV_MAX_ROWS + 3):
         x = torch.randn(m, q.in_features)
-        act = q._act_args()
-        xq = reference.quantize_activation(x, act[1], act[2], act[0], act[3], act[4])
+        _, act = q.act_quantizer.prepare(x)
+        xq = reference.quantize_activation(x, act.format, act.mode, act.scale, act.clip_ratio, act.topk)
         expected = xq.double() @ q.dequantize(torch.float64).t()
         assert _relerr(q(x), expected) < 2e-6
 

@@ -170,3 +170,24 @@ def test_two_plugins_claiming_one_format_name_keep_the_first(nf4_plugin):
             assert type(formats()["nf4-test"]) is NF4Format
     finally:
         pm.unregister(dup)
+
+
+def test_format_lookups_run_each_hook_once_until_the_plugins_change():
+    calls = []
+    plugin = types.SimpleNamespace()
+
+    @plugins.hookimpl
+    def piecewise_quant_register_formats(register):
+        calls.append(1)
+        register(NF4Format())
+
+    plugin.piecewise_quant_register_formats = piecewise_quant_register_formats
+    pm = plugins.get_plugin_manager()
+    pm.register(plugin, name="counting-plugin")
+    try:
+        for _ in range(25):
+            assert get_format("nf4-test").name == "nf4-test"
+        assert len(calls) == 1
+    finally:
+        pm.unregister(plugin)
+    assert "nf4-test" not in formats()  # an unregistered plugin is forgotten at once

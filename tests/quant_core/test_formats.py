@@ -266,3 +266,23 @@ def test_to_linear_is_the_dequantized_layer():
         assert torch.allclose(lin(x), q(x), rtol=0, atol=1e-6)
         assert torch.equal(lin.bias, q.bias)
     assert q.to_linear(torch.bfloat16).weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grid,symmetric,bits", [(g, s, b) for g, s, bs in FORMATS for b in bs] + [("fp8", None, 8)])
+@pytest.mark.parametrize("group", ["channel", "tensor", 16])
+def test_format_levels_match_an_independent_decoding(grid, symmetric, bits, group):
+    """``WeightFormat.levels`` (what plots and grid checks use) agrees with this file's own decoding,
+    and the piecewise breakpoints bound the dense centre."""
+    if grid == "fp8" and group == 16:
+        group = "channel"
+    layer, fmt = build(grid, bits, group, symmetric, "minmax", 32, 8)
+    tensors = fmt.quantize(make_weight("laplace", 8, 32, 3), layer)
+    torch.testing.assert_close(fmt.levels(tensors, layer), group_levels(tensors, layer), rtol=0, atol=0)
+    bp = fmt.breakpoints(tensors, layer)
+    if grid != "piecewise":
+        assert bp is None
+        return
+    levels = fmt.levels(tensors, layer)
+    steps = levels.sort(-1).values.diff(dim=-1)
+    inner = levels.abs() <= bp.unsqueeze(-1) * (1 + 1e-6)
+    assert bool(inner.any(-1).all()) and bp.shape == levels.shape[:2] and bool(steps.min() >= 0)
