@@ -37,9 +37,24 @@ class CoreConfigFace:
     _PRIVATE: ClassVar[tuple[str, ...]] = ("_core",)
     _EXTRA_KEYS: ClassVar[frozenset[str]] = frozenset()
 
+    __hash__ = None  # mutable: fields can be set
+
+    def _init_face(self, core: PiecewiseQuantConfig) -> None:
+        """Set the wrapped core config and ``quant_method`` (``__init__`` of a subclass)."""
+        object.__setattr__(self, "_core", core)
+        object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
+
     @property
     def core(self) -> PiecewiseQuantConfig:
         return self.__dict__["_core"]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self._set_extra_field(name, value) and not self._set_core_field(name, value):
+            object.__setattr__(self, name, value)
+
+    def _set_extra_field(self, name: str, value: Any) -> bool:
+        """Set a subclass's own field; ``False`` if ``name`` is not one (the default)."""
+        return False
 
     def __getattr__(self, name: str) -> Any:
         # only called when normal lookup fails; never recurse while half-built (copy/pickle)

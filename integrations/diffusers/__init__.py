@@ -35,11 +35,12 @@ if __name__ != "piecewise_quant.integrations.diffusers":
 import importlib
 import importlib.util
 import sys
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from piecewise_quant._lazy import lazy_exports
+
+from .._hf import QUANT_METHOD, HostRegistry
 
 __all__ = [
     "register_with_diffusers",
@@ -61,8 +62,6 @@ __all__ = [
     "CheckpointMismatchError",
     "QUANT_METHOD",
 ]
-
-QUANT_METHOD = "piecewise"
 
 _LAZY = {
     "enable_quant": ".pipeline",
@@ -89,43 +88,34 @@ if TYPE_CHECKING:
     from .quantizer import CheckpointMismatchError, PiecewiseDiffusersQuantizer
     from .recipes import diffusion_recipe
 
-_lock = threading.RLock()
 _PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
-_pending = False
 
-# this package's modules that import diffusers -> the name each defines last; a module without it
-# is still being imported (the autoload hook can fire in the middle of that import)
-_OWN_MODULES = {
-    "config": "_rebuild",
-    "quantizer": "PiecewiseDiffusersQuantizer",
-    "layers": "DiffusionQuantLinear",
-    "planning": "has_static_activations",
-    "calibration": "calibrate_activations",
-    "pipeline": "disable_quant",
-    "fast_attention": "restore_saved_plan",
-}
-
-
-def _importing_own_modules() -> bool:
-    for short, last in _OWN_MODULES.items():
-        module = sys.modules.get(f"{__name__}.{short}")
-        if module is not None and not hasattr(module, last):
-            return True
-    return False
+_REGISTRY = HostRegistry(
+    host="diffusers",
+    package=__name__,
+    auto_module="diffusers.quantizers.auto",
+    class_names=("PiecewiseDiffusersConfig", "PiecewiseDiffusersQuantizer"),
+    # this package's modules that import diffusers -> the name each defines last; a module without it
+    # is still being imported (the autoload hook can fire in the middle of that import)
+    own_modules={
+        "config": "_rebuild",
+        "quantizer": "PiecewiseDiffusersQuantizer",
+        "layers": "DiffusionQuantLinear",
+        "planning": "has_static_activations",
+        "calibration": "calibrate_activations",
+        "pipeline": "disable_quant",
+        "fast_attention": "restore_saved_plan",
+    },
+)
 
 
 def _finish_pending_registration() -> None:
     """Called at the end of this package's modules: completes a registration deferred because the
     hook fired while one of them was being imported."""
-    if _pending and not _importing_own_modules():
-        register_with_diffusers()
+    _REGISTRY.finish_pending(register_with_diffusers)
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
-
-
-def _is_ours(obj: Any, qualname: str) -> bool:
-    return getattr(obj, "__module__", "").startswith(__name__) and getattr(obj, "__qualname__", "") == qualname
 
 
 # ---- DiffusionPipeline methods -------------------------------------------------------------------
@@ -356,13 +346,6 @@ def _defer_attach() -> None:
 # ---- registration ----------------------------------------------------------------------------------
 
 
-def _mappings():
-    # submodule imports only: this runs from the autoload hook while diffusers is still initialising
-    from diffusers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-
-    return AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-
-
 def register_with_diffusers() -> None:
     """Register ``quant_method="piecewise"`` with diffusers (idempotent).
 
@@ -378,25 +361,12 @@ def register_with_diffusers() -> None:
     imports diffusers, which fires the autoload hook), the registration is completed at the end of
     that import.
     """
-    global _pending
-    if _importing_own_modules():
-        _pending = True
+    if _REGISTRY.defer():
         return
-    _pending = False
     from .config import PiecewiseDiffusersConfig
     from .quantizer import PiecewiseDiffusersQuantizer
 
-    with _lock:
-        configs, quantizers = _mappings()
-        for mapping, cls in ((configs, PiecewiseDiffusersConfig), (quantizers, PiecewiseDiffusersQuantizer)):
-            existing = mapping.get(QUANT_METHOD)
-            if existing is not None and existing is not cls and not _is_ours(existing, cls.__qualname__):
-                warnings.warn(
-                    f"diffusers already had quant_method {QUANT_METHOD!r} registered to {existing!r}; piecewise-quant replaces it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            mapping[QUANT_METHOD] = cls
+    _REGISTRY.install(PiecewiseDiffusersConfig, PiecewiseDiffusersQuantizer)
     if importlib.util.find_spec("transformers") is not None:
         from ..transformers import is_registered as tf_registered
         from ..transformers import register_with_transformers
@@ -417,11 +387,8 @@ def register_with_diffusers() -> None:
 
 def unregister_from_diffusers() -> None:
     """Remove piecewise-quant's entries from diffusers' mappings and ``DiffusionPipeline`` (tests use this)."""
-    with _lock:
-        configs, quantizers = _mappings()
-        for mapping, qualname in ((configs, "PiecewiseDiffusersConfig"), (quantizers, "PiecewiseDiffusersQuantizer")):
-            if _is_ours(mapping.get(QUANT_METHOD), qualname):
-                mapping.pop(QUANT_METHOD, None)
+    with _REGISTRY.lock:
+        _REGISTRY.uninstall()
         module = sys.modules.get(_PIPELINE_MODULE)
         cls = getattr(module, "DiffusionPipeline", None) if module is not None else None
         if cls is not None:
@@ -433,9 +400,4 @@ def unregister_from_diffusers() -> None:
 
 def is_registered() -> bool:
     """Whether diffusers currently maps ``"piecewise"`` to this integration's classes."""
-    if "diffusers.quantizers.auto" not in sys.modules:
-        return False
-    configs, quantizers = _mappings()
-    return _is_ours(configs.get(QUANT_METHOD), "PiecewiseDiffusersConfig") and _is_ours(
-        quantizers.get(QUANT_METHOD), "PiecewiseDiffusersQuantizer"
-    )
+    return _REGISTRY.is_registered()

@@ -93,6 +93,12 @@ def _call_params(pipe: Any) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(pipe.__call__).parameters)
 
 
+def check_calibration_prompts(prompts: Any) -> None:
+    """Refuse an empty list of calibration prompts early (``None`` means the built-in defaults)."""
+    if prompts is not None and not isinstance(prompts, (str, int)) and len(prompts) == 0:
+        raise ValueError("calibration_prompts is empty; give at least one prompt (or class label), or None for the defaults")
+
+
 def resolve_calibration_inputs(
     pipe: Any, prompts: Sequence[Any] | None, *, num_inference_steps: int, guidance_scale: float | None,
     batch_size: int, seed: int, extra: dict[str, Any] | None,
@@ -104,10 +110,7 @@ def resolve_calibration_inputs(
     if prompts is not None:
         if not isinstance(prompts, Sequence):
             raise TypeError(f"calibration_prompts must be a list of prompts (or class labels); got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise ValueError(
-                "calibration_prompts is empty; give at least one prompt (or class label), or None for the defaults"
-            )
+        check_calibration_prompts(prompts)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -256,47 +259,49 @@ def calibrate_activations(
         for m in ls.values():
             m.start_observing()
     try:
-        run_pipeline(pipe, run, states=list(states.values()), progress=progress, desc="calibrating activations")
+        try:
+            run_pipeline(pipe, run, states=list(states.values()), progress=progress, desc="calibrating activations")
+        finally:
+            for st in states.values():
+                st.recording = False
+        return {cname: _finish_component(cname, ls, states[cname], per_timestep) for cname, ls in layers.items()}
     except BaseException:
         for ls in layers.values():
             for m in ls.values():
-                m._observing = False
-                m._obs = None
+                m.stop_observing()
         raise
-    finally:
-        for st in states.values():
-            st.recording = False
-    out: dict[str, tuple[tuple[float, ...], dict[str, LayerActivationStats]]] = {}
-    for cname, ls in layers.items():
-        st = states[cname]
-        seen: list[float] = []
-        for t, _ in st.calls:
-            if t is not None and t not in seen:
-                seen.append(t)
-        if not st.calls:
-            for m in ls.values():
-                m._observing = False
-            raise ValueError(f"the pipeline never called component {cname!r} while calibrating; is it the pipeline's denoiser?")
-        if per_timestep and not seen:
-            raise ValueError(
-                f"component {cname!r} was called without a 'timestep' argument, so per-timestep activation scales cannot "
-                "be calibrated; use act_scales='shared'"
-            )
-        timesteps = tuple(seen) if per_timestep else ()
-        stats: dict[str, LayerActivationStats] = {}
-        for name, m in ls.items():
-            obs = m.finish_observing(timesteps)
-            per_t = {t: max(float(v.max()) for v in vs) for t, vs in obs.per_timestep.items() if t is not None}
-            stats[name] = LayerActivationStats(
-                name=name,
-                absmax_per_timestep=per_t,
-                absmax_per_branch=dict(obs.per_branch),
-                scale=float(m.act_scale),
-                scales_per_timestep=[float(s) for s in m.act_scales_t] if m.act_scales_t is not None else None,
-            )
-        st.timesteps = timesteps
-        out[cname] = (timesteps, stats)
-    return out
+
+
+def _finish_component(
+    cname: str, layers: dict[str, DiffusionQuantLinear], state: TimestepState, per_timestep: bool
+) -> tuple[tuple[float, ...], dict[str, LayerActivationStats]]:
+    """Set one component's static scales from what its layers observed; returns the calibrated
+    timesteps (schedule order) and per-layer statistics."""
+    seen: list[float] = []
+    for t, _ in state.calls:
+        if t is not None and t not in seen:
+            seen.append(t)
+    if not state.calls:
+        raise ValueError(f"the pipeline never called component {cname!r} while calibrating; is it the pipeline's denoiser?")
+    if per_timestep and not seen:
+        raise ValueError(
+            f"component {cname!r} was called without a 'timestep' argument, so per-timestep activation scales cannot "
+            "be calibrated; use act_scales='shared'"
+        )
+    timesteps = tuple(seen) if per_timestep else ()
+    stats: dict[str, LayerActivationStats] = {}
+    for name, m in layers.items():
+        obs = m.finish_observing(timesteps)
+        per_t = {t: max(float(v.max()) for v in vs) for t, vs in obs.per_timestep.items() if t is not None}
+        stats[name] = LayerActivationStats(
+            name=name,
+            absmax_per_timestep=per_t,
+            absmax_per_branch=dict(obs.per_branch),
+            scale=float(m.act_scale),
+            scales_per_timestep=[float(s) for s in m.act_scales_t] if m.act_scales_t is not None else None,
+        )
+    state.timesteps = timesteps
+    return timesteps, stats
 
 
 def _finish_registration() -> None:

@@ -143,9 +143,8 @@ class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
                 diffusion = inner
         else:
             core = PiecewiseQuantConfig.from_dict(kwargs)
-        object.__setattr__(self, "_core", core)
+        self._init_face(core)
         object.__setattr__(self, "_diffusion", diffusion)
-        object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
 
     _PRIVATE = ("_core", "_diffusion")
     _EXTRA_KEYS = frozenset({"diffusion"})
@@ -161,11 +160,11 @@ class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
     def with_diffusion(self, **changes: Any) -> "PiecewiseDiffusersConfig":
         return type(self)(core=self.core, diffusion=dataclasses.replace(self.diffusion, **changes))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "diffusion":
-            object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(value))
-        elif not self._set_core_field(name, value):
-            object.__setattr__(self, name, value)
+    def _set_extra_field(self, name: str, value: Any) -> bool:
+        if name != "diffusion":
+            return False
+        object.__setattr__(self, "_diffusion", DiffusionOptions.coerce(value))
+        return True
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PiecewiseDiffusersConfig):
@@ -173,8 +172,6 @@ class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
         if isinstance(other, PiecewiseQuantConfig):
             return self.core == other and self.diffusion.is_default
         return NotImplemented
-
-    __hash__ = None  # mutable
 
     def __deepcopy__(self, memo: dict) -> "PiecewiseDiffusersConfig":
         return type(self)(core=copy.deepcopy(self.core, memo), diffusion=self.diffusion)

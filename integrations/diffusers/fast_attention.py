@@ -761,8 +761,6 @@ def enable_fast_attention(
     tokens (1-D, DiTFastAttn's PixArt setting) or 1/8 of the grid side around tiles of 1/4 of
     the side (2-D). ``window_block``: queries per block (1-D, default ``window``) or tile side (2-D).
     """
-    from .calibration import resolve_calibration_inputs, run_pipeline
-
     t0 = time.perf_counter()
     name, model = _denoiser(pipe, component)
     if getattr(model, "_piecewise_fast_attention", None) is not None:
@@ -771,19 +769,44 @@ def enable_fast_attention(
     if cfg_order not in CFG_ORDERS:
         raise ValueError(f"cfg_order {cfg_order!r} is not one of {CFG_ORDERS}")
     if plan is not None:
-        if isinstance(plan, str):
-            plan = FastAttentionPlan.load(plan)
-        elif isinstance(plan, dict):
-            plan = FastAttentionPlan.from_dict(plan)
-        plan.check_model(layer_names, f"{name!r} ({type(model).__name__})")
-        state = FastAttnState(layer_names, plan.window, plan.cfg_order, plan.asc_branch)
-        state.plan = plan
-        inst = _install(pipe, name, model, state)
-        model._piecewise_fast_attention = inst
-        _set_config_plan(model, plan.to_dict())
-        report = _report(name, plan, model, state, time.perf_counter() - t0)
-        pipe.fast_attention_report = report
-        return report
+        return _install_plan(pipe, name, model, _as_plan(plan), layer_names, t0)
+    threshold, cands = _search_options(threshold, num_inference_steps, candidates, calibration_prompts)
+    spec = _window_spec(model, window, window_shape, window_block)
+    state = FastAttnState(layer_names, spec, cfg_order, asc_branch)
+    state.search = _Search(state, threshold, metric or clipped_relative_l1, cands)
+    calls = _search_plan(pipe, name, model, state, calibration_prompts, dict(
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=calibration_batch_size,
+        seed=seed, extra=calibration_kwargs,
+    ), progress)
+    return _finish_search(pipe, name, model, state, calls, t0)
+
+
+def _as_plan(plan: FastAttentionPlan | dict | str) -> FastAttentionPlan:
+    """A plan given as a :class:`FastAttentionPlan`, its dict or a JSON path."""
+    if isinstance(plan, str):
+        return FastAttentionPlan.load(plan)
+    if isinstance(plan, dict):
+        return FastAttentionPlan.from_dict(plan)
+    return plan
+
+
+def _install_plan(pipe: Any, name: str, model: nn.Module, plan: FastAttentionPlan, layer_names: list[str],
+                  t0: float) -> FastAttentionReport:
+    """Install a given plan (no search) after checking it fits the model's layers."""
+    plan.check_model(layer_names, f"{name!r} ({type(model).__name__})")
+    state = FastAttnState(layer_names, plan.window, plan.cfg_order, plan.asc_branch)
+    state.plan = plan
+    model._piecewise_fast_attention = _install(pipe, name, model, state)
+    _set_config_plan(model, plan.to_dict())
+    report = _report(name, plan, model, state, time.perf_counter() - t0)
+    pipe.fast_attention_report = report
+    return report
+
+
+def _search_options(threshold: Any, num_inference_steps: Any, candidates: Sequence[str],
+                    calibration_prompts: Any) -> tuple[float, list[str]]:
+    """Check the search's arguments; returns the threshold and the candidate methods."""
+    from .calibration import check_calibration_prompts
 
     threshold = _check_threshold(threshold)
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -791,34 +814,46 @@ def enable_fast_attention(
     cands = [_method(c, " in candidates") for c in candidates]
     if "full" in cands:
         raise ValueError("candidates must not include 'full' (it is what remains when no candidate is accurate enough)")
-    if calibration_prompts is not None and not isinstance(calibration_prompts, (str, int)) and len(calibration_prompts) == 0:
-        raise ValueError("calibration_prompts is empty; give at least one prompt (or class label), or None for the defaults")
-    spec = _window_spec(model, window, window_shape, window_block)
-    state = FastAttnState(layer_names, spec, cfg_order, asc_branch)
-    search = _Search(state, threshold, metric or clipped_relative_l1, cands)
-    state.search = search
+    check_calibration_prompts(calibration_prompts)
+    return threshold, cands
+
+
+def _search_plan(pipe: Any, name: str, model: nn.Module, state: FastAttnState, calibration_prompts: Any,
+                 run_options: dict[str, Any], progress: bool) -> int:
+    """Install the searching processors and run the pipeline on the calibration prompts; sets
+    ``state.plan`` to the plan found and returns the number of pipeline calls. On any error the
+    original processors are put back."""
+    from .calibration import resolve_calibration_inputs, run_pipeline
+
+    search: _Search = state.search
+    steps = run_options["num_inference_steps"]
     inst = _install(pipe, name, model, state)
     model._piecewise_fast_attention = inst
     try:
-        run = resolve_calibration_inputs(
-            pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
-        )
+        run = resolve_calibration_inputs(pipe, calibration_prompts, **run_options)
         calls = run_pipeline(pipe, run, progress=progress, desc="searching fast-attention plan")
-        if not search.calls or len(search.calls[0]) != num_inference_steps:
+        if not search.calls or len(search.calls[0]) != steps:
             got = len(search.calls[0]) if search.calls else 0
-            raise RuntimeError(f"the calibration pipeline calls took {got} transformer steps, expected {num_inference_steps}")
-        methods = _merge_calls(search.calls)
-        new_plan = FastAttentionPlan(methods, layer_names, spec, threshold, cfg_order, asc_branch)
+            raise RuntimeError(f"the calibration pipeline calls took {got} transformer steps, expected {steps}")
+        plan = FastAttentionPlan(
+            _merge_calls(search.calls), state.layers, state.window, search.threshold, state.cfg_order, state.asc_branch
+        )
     except BaseException:
         _uninstall(model, inst)
         del model._piecewise_fast_attention
         raise
+    state.plan = plan
+    return calls
+
+
+def _finish_search(pipe: Any, name: str, model: nn.Module, state: FastAttnState, calls: int,
+                   t0: float) -> FastAttentionReport:
+    """Switch from searching to the plan found, store it in the model's config, report."""
+    search: _Search = state.search
     state.search = None
-    state.plan = new_plan
     state.cfg_seen = dict(state.cfg_seen)
-    _set_config_plan(model, new_plan.to_dict())
-    report = _report(name, new_plan, model, state, time.perf_counter() - t0)
+    _set_config_plan(model, state.plan.to_dict())
+    report = _report(name, state.plan, model, state, time.perf_counter() - t0)
     report.n_pipeline_calls = calls
     report.n_search_forwards = search.forwards
     pipe.fast_attention_report = report

@@ -21,7 +21,7 @@ from torch import nn
 
 from piecewise_quant.config import PiecewiseQuantConfig
 
-from .calibration import LayerActivationStats
+from .calibration import LayerActivationStats, check_calibration_prompts, resolve_calibration_inputs
 from .config import DiffusionOptions, PiecewiseDiffusersConfig, split_config
 
 __all__ = ["enable_quant", "disable_quant", "DiffusionQuantReport", "ComponentReport", "DENOISER_PREFIXES", "denoiser_names"]
@@ -273,6 +273,27 @@ def enable_quant(
     """
     t0 = time.perf_counter()
     _check_pipeline(pipe)
+    core, diffusion = _diffusion_config(config, act_scales, act_group_size)
+    models: dict[str, nn.Module] = {n: pipe.components[n] for n in _resolve_components(pipe, components)}
+    check_calibration_prompts(calibration_prompts)
+    job = _QuantJob(pipe, models, _plan_components(models, core, diffusion), core, diffusion, keep_float_weights, progress)
+    if job.static or job.engine:
+        job.run = resolve_calibration_inputs(
+            pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
+        )
+    report = job.quantize()
+    report.n_calibration_items = len(job.run.items) if job.run is not None else 0
+    report.wall_s = time.perf_counter() - t0
+    pipe.piecewise_quant_report = report
+    return report
+
+
+def _diffusion_config(
+    config: Any, act_scales: str | None, act_group_size: int | None
+) -> tuple[PiecewiseQuantConfig, DiffusionOptions]:
+    """The core config and diffusion options ``enable_quant`` works with: the config's, with the
+    keyword overrides applied and no calibrated timesteps yet."""
     core, diffusion = split_config(config)
     changes: dict[str, Any] = {}
     if act_scales is not None:
@@ -281,95 +302,132 @@ def enable_quant(
         changes["act_group_size"] = act_group_size
     if changes:
         diffusion = dataclasses.replace(diffusion, **changes)
-    diffusion = dataclasses.replace(diffusion, timesteps=())  # calibrated below when needed
-    names = _resolve_components(pipe, components)
-    if calibration_prompts is not None and not isinstance(calibration_prompts, (str, int)) and len(calibration_prompts) == 0:
-        raise ValueError("calibration_prompts is empty; give at least one prompt (or class label), or None for the defaults")
-    models: dict[str, nn.Module] = {n: pipe.components[n] for n in names}
-    from .planning import has_static_activations, plan_component, quantize_layers
+    return core, dataclasses.replace(diffusion, timesteps=())  # calibrated later when needed
+
+
+def _plan_components(
+    models: dict[str, nn.Module], core: PiecewiseQuantConfig, diffusion: DiffusionOptions
+) -> dict[str, dict[str, Any]]:
+    """Each component's layer plan; refuses a component that is already quantized."""
+    from .planning import plan_component
 
     plans = {}
     for name, model in models.items():
         if _is_quantized(model):
             raise ValueError(f"component {name!r} is already quantized; call pipe.disable_quant() first (or reload it in float)")
         plans[name] = plan_component(model, core, diffusion, name)
-    static = any(has_static_activations(p) for p in plans.values())
-    engine = core.calibration is not None
-    run = None
-    if static or engine:
-        from .calibration import resolve_calibration_inputs
+    return plans
 
-        run = resolve_calibration_inputs(
-            pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
-        )
-    report = DiffusionQuantReport()
-    restores: dict[str, _Restore] = {}
-    float_bytes = {
-        n: sum(models[n].get_submodule(k).weight.numel() * models[n].get_submodule(k).weight.element_size() for k in plans[n])
-        for n in names
-    }
-    finals: dict[str, PiecewiseQuantConfig] = {n: core for n in names}
-    try:
-        if engine:
-            import piecewise_quant
 
-            from .calibration import capture_denoiser_inputs
+def _float_weight_bytes(model: nn.Module, plan: dict[str, Any]) -> int:
+    return sum(model.get_submodule(k).weight.numel() * model.get_submodule(k).weight.element_size() for k in plan)
 
-            records = capture_denoiser_inputs(pipe, models, run, progress=progress)
-            report.n_pipeline_calls += len(run.batches())
-            engine_core = _engine_config(core)
-            for name, model in models.items():
-                _check_blocks(model, name, core, records[name][0])
-            for name, model in models.items():
-                keep_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep_float_weights else None
-                float_layers = {k: model.get_submodule(k) for k in plans[name]} if keep_float_weights else None
-                restores[name] = _Restore(float_layers, keep_state, getattr(model, "_internal_dict", None), _device_of(model))
-                eng = piecewise_quant.calibrate(model, engine_core, records[name], progress=progress)
-                finals[name] = _swap_engine_layers(model, core, diffusion)
-                report.components[name] = _component_report(name, model, float_bytes[name])
-                report.components[name].engine = eng
-            del records
-        else:
-            for name, model in models.items():
-                keep: dict[str, nn.Module] | None = {} if keep_float_weights else None
-                restores[name] = _Restore(keep, None, getattr(model, "_internal_dict", None), _device_of(model))
-                quantize_layers(model, plans[name], diffusion, keep=keep, progress=progress, desc=f"quantizing {name}")
-                report.components[name] = _component_report(name, model, float_bytes[name])
-        final_diffusion = {n: diffusion for n in names}
-        if static:
-            from .calibration import calibrate_activations
-            from .layers import TimestepState, install_timestep_hook
 
-            states = {}
-            for name, model in models.items():
-                states[name] = TimestepState()
-                install_timestep_hook(model, states[name])
-            results = calibrate_activations(pipe, models, states, run, diffusion.act_scales == "per_timestep", progress=progress)
-            report.n_pipeline_calls += len(run.batches())
-            for name, (timesteps, stats) in results.items():
-                final_diffusion[name] = dataclasses.replace(diffusion, timesteps=timesteps)
-                report.components[name].timesteps = timesteps
-                report.components[name].activations = stats
-                if diffusion.act_scales != "per_timestep":
-                    from .layers import remove_timestep_hook
+@dataclass
+class _QuantJob:
+    """One ``enable_quant`` call on the chosen components: quantize (block engine or data-free),
+    calibrate static activation scales, record the result; on any error, put the float layers back."""
 
-                    remove_timestep_hook(models[name])
-        for name, model in models.items():
-            _record_quantized(model, finals[name], final_diffusion[name], plans[name])
-            model._piecewise_quant_restore = restores[name]
-    except BaseException:
-        for name, model in models.items():
-            if name in restores and _is_quantized(model):
+    pipe: Any
+    models: dict[str, nn.Module]
+    plans: dict[str, dict[str, Any]]
+    core: PiecewiseQuantConfig
+    diffusion: DiffusionOptions
+    keep_float_weights: bool
+    progress: bool
+    run: Any = None  # the calibration inputs, when calibration is needed
+    report: DiffusionQuantReport = field(default_factory=DiffusionQuantReport)
+    restores: dict[str, _Restore] = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        from .planning import has_static_activations
+
+        return any(has_static_activations(p) for p in self.plans.values())
+
+    @property
+    def engine(self) -> bool:
+        return self.core.calibration is not None
+
+    def quantize(self) -> DiffusionQuantReport:
+        float_bytes = {n: _float_weight_bytes(m, self.plans[n]) for n, m in self.models.items()}
+        try:
+            finals = self._quantize_with_engine(float_bytes) if self.engine else self._quantize_data_free(float_bytes)
+            final_diffusion = self._calibrate_static_scales() if self.static else {n: self.diffusion for n in self.models}
+            for name, model in self.models.items():
+                _record_quantized(model, finals[name], final_diffusion[name], self.plans[name])
+                model._piecewise_quant_restore = self.restores[name]
+        except BaseException:
+            self._roll_back()
+            raise
+        return self.report
+
+    def _keep(self, name: str, model: nn.Module, state: bool) -> _Restore:
+        """Remember what ``disable_quant`` (or a failure) needs to give ``model`` back in float."""
+        keep = self.keep_float_weights
+        float_layers = ({k: model.get_submodule(k) for k in self.plans[name]} if state else {}) if keep else None
+        full_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep and state else None
+        self.restores[name] = _Restore(float_layers, full_state, getattr(model, "_internal_dict", None), _device_of(model))
+        return self.restores[name]
+
+    def _quantize_with_engine(self, float_bytes: dict[str, int]) -> dict[str, PiecewiseQuantConfig]:
+        """The calibration recipe: the block engine on the denoiser inputs the pipeline produces."""
+        import piecewise_quant
+
+        from .calibration import capture_denoiser_inputs
+
+        records = capture_denoiser_inputs(self.pipe, self.models, self.run, progress=self.progress)
+        self.report.n_pipeline_calls += len(self.run.batches())
+        engine_core = _engine_config(self.core)
+        for name, model in self.models.items():
+            _check_blocks(model, name, self.core, records[name][0])
+        finals = {}
+        for name, model in self.models.items():
+            self._keep(name, model, state=True)
+            eng = piecewise_quant.calibrate(model, engine_core, records.pop(name), progress=self.progress)
+            finals[name] = _swap_engine_layers(model, self.core, self.diffusion)
+            self.report.components[name] = _component_report(name, model, float_bytes[name])
+            self.report.components[name].engine = eng
+        return finals
+
+    def _quantize_data_free(self, float_bytes: dict[str, int]) -> dict[str, PiecewiseQuantConfig]:
+        from .planning import quantize_layers
+
+        for name, model in self.models.items():
+            keep = self._keep(name, model, state=False).float_layers
+            quantize_layers(model, self.plans[name], self.diffusion, keep=keep, progress=self.progress, desc=f"quantizing {name}")
+            self.report.components[name] = _component_report(name, model, float_bytes[name])
+        return {n: self.core for n in self.models}
+
+    def _calibrate_static_scales(self) -> dict[str, DiffusionOptions]:
+        """Static activation scales from pipeline runs; returns each component's diffusion options
+        (with the calibrated timesteps)."""
+        from .calibration import calibrate_activations
+        from .layers import TimestepState, install_timestep_hook, remove_timestep_hook
+
+        states = {}
+        for name, model in self.models.items():
+            states[name] = TimestepState()
+            install_timestep_hook(model, states[name])
+        per_timestep = self.diffusion.act_scales == "per_timestep"
+        results = calibrate_activations(self.pipe, self.models, states, self.run, per_timestep, progress=self.progress)
+        self.report.n_pipeline_calls += len(self.run.batches())
+        final = {n: self.diffusion for n in self.models}
+        for name, (timesteps, stats) in results.items():
+            final[name] = dataclasses.replace(self.diffusion, timesteps=timesteps)
+            self.report.components[name].timesteps = timesteps
+            self.report.components[name].activations = stats
+            if not per_timestep:
+                remove_timestep_hook(self.models[name])
+        return final
+
+    def _roll_back(self) -> None:
+        for name, model in self.models.items():
+            if name in self.restores and _is_quantized(model):
                 try:
-                    _restore(model, restores[name], name)
+                    _restore(model, self.restores[name], name)
                 except Exception:  # noqa: BLE001 - the original error matters more
                     pass
-        raise
-    report.n_calibration_items = len(run.items) if run is not None else 0
-    report.wall_s = time.perf_counter() - t0
-    pipe.piecewise_quant_report = report
-    return report
 
 
 def _device_of(model: nn.Module) -> torch.device | None:

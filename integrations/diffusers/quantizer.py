@@ -26,19 +26,24 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
+from piecewise_quant.checkpoint import MAX_LISTED, CheckpointMismatchError  # noqa: F401 - importable from here
 from piecewise_quant.config import LayerSpec, PiecewiseQuantConfig
 
+from .._hf import (
+    check_float_weight,
+    check_known_grids,
+    loaded_layer_problems,
+    quantized_layer,
+    raise_mismatch,
+    split_param_name,
+    swap_in_empty_layers,
+    tensor_problems,
+)
 from .config import DiffusionOptions, PiecewiseDiffusersConfig
 
 __all__ = ["PiecewiseDiffusersQuantizer", "CheckpointMismatchError"]
 
 logger = logging.getLogger(__name__)
-
-MAX_LISTED = 12
-
-
-class CheckpointMismatchError(ValueError):
-    """A piecewise checkpoint's tensors do not match its ``quantization_config``."""
 
 
 def _layer_tensors(layer: LayerSpec, module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -51,6 +56,14 @@ def _layer_tensors(layer: LayerSpec, module: nn.Module) -> dict[str, tuple[tuple
     if getattr(module, "act_scales_t", None) is not None:
         out["act_scales_t"] = (tuple(module.act_scales_t.shape), torch.float32)
     return out
+
+
+def _loaded_layer_problems(name: str, layer: LayerSpec, module: nn.Module) -> list[str]:
+    """What is wrong with one loaded ``DiffusionQuantLinear``; a loaded bias sets its compute dtype."""
+    problems = tensor_problems(name, module, _layer_tensors(layer, module))
+    if module.bias is not None and not module.bias.is_meta:
+        module.compute_dtype = module.bias.dtype
+    return problems
 
 
 class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
@@ -104,21 +117,11 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
     # ---- before loading ---------------------------------------------------------------------------
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from piecewise_quant.registry import formats, get_format
-
         from .layers import DiffusionQuantLinear
         from .planning import has_static_activations, layer_kwargs, plan_component
 
-        known = formats()
         core = self.core_config
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                spec = core.spec_for(name)
-                if spec is not None and spec.grid not in known:
-                    raise ValueError(
-                        f"layer {name!r}: the quantization_config names grid {spec.grid!r}, which this piecewise-quant "
-                        f"does not know (known: {', '.join(sorted(known))}); install the plugin that provides it"
-                    )
+        check_known_grids(model, core)
         self.plan = plan_component(model, core, self.diffusion, type(model).__name__)
         if not self.pre_quantized and has_static_activations(self.plan):
             static = [n for n, lay in self.plan.items() if lay.spec.act_mode == "static_per_tensor" and lay.spec.act_bits]
@@ -128,13 +131,9 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
                 "or quantize on load with act_mode='dynamic_per_token'"
             )
         if self.pre_quantized:
-            for name, layer in self.plan.items():
-                linear = model.get_submodule(name)
-                q = DiffusionQuantLinear(
-                    layer, get_format(layer.spec.grid), linear.bias is not None, device="meta",
-                    dtype=linear.weight.dtype, **layer_kwargs(layer, self.diffusion),
-                )
-                model.set_submodule(name, q)
+            swap_in_empty_layers(
+                model, self.plan, DiffusionQuantLinear, layer_kwargs=lambda layer: layer_kwargs(layer, self.diffusion)
+            )
         model.register_to_config(quantization_config=self.quantization_config)
         model.piecewise_quant_config = core
         return model
@@ -142,7 +141,7 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
     # ---- while loading ----------------------------------------------------------------------------
 
     def _planned(self, param_name: str) -> tuple[str, str, LayerSpec | None]:
-        module_name, _, tensor_name = param_name.rpartition(".")
+        module_name, tensor_name = split_param_name(param_name)
         return module_name, tensor_name, self.plan.get(module_name)
 
     def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
@@ -164,81 +163,54 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
     def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
                                target_device: Any, state_dict: dict[str, Any], unexpected_keys: list[str],
                                **kwargs: Any) -> None:
-        from piecewise_quant.registry import get_format
-
-        from .layers import DiffusionQuantLinear
-        from .planning import layer_kwargs
-
         module_name, tensor_name, layer = self._planned(param_name)
         original = state_dict.get(param_name, param_value)  # before diffusers' cast to torch_dtype
         device = torch.device(f"cuda:{target_device}") if isinstance(target_device, int) else torch.device(target_device)
         module = model.get_submodule(module_name)
         if self.pre_quantized:
-            expected = _layer_tensors(layer, module)
-            if tensor_name not in expected:
-                raise CheckpointMismatchError(
-                    f"piecewise-quant: the checkpoint has tensor {param_name!r}, which layer {module_name!r} "
-                    f"(grid={layer.spec.grid!r}, bits={layer.spec.bits}) does not store; its tensors are "
-                    f"{sorted(expected)}"
-                )
-            shape, dtype = expected[tensor_name]
-            if tuple(original.shape) != shape or original.dtype != dtype:
-                raise CheckpointMismatchError(
-                    f"piecewise-quant: tensor {param_name!r} has shape {list(original.shape)} and dtype {original.dtype}; "
-                    f"layer {module_name!r} (grid={layer.spec.grid!r}, bits={layer.spec.bits}) expects {list(shape)} "
-                    f"and {dtype}"
-                )
-            module._buffers[tensor_name] = original.to(device=device).clone()
+            self._set_checkpoint_tensor(module, module_name, tensor_name, layer, original.to(device=device))
             return
         # quantize on load: ``original`` is the float weight of a planned nn.Linear
-        if not original.is_floating_point():
-            raise ValueError(f"tensor {param_name!r} has dtype {original.dtype}; quantizing on load needs a float weight")
-        if tuple(original.shape) != (layer.out_features, layer.in_features):
-            raise CheckpointMismatchError(
-                f"tensor {param_name!r} has shape {list(original.shape)}, expected {[layer.out_features, layer.in_features]}"
-            )
+        check_float_weight(param_name, original, layer)
         # the dtype diffusers loads the model in (``param_value`` is already cast to it), not the file's
         compute_dtype = kwargs.get("dtype") or (param_value.dtype if param_value.is_floating_point() else original.dtype)
-        fmt = get_format(layer.spec.grid)
         weight = original.to(device=device, dtype=torch.float32 if original.dtype == torch.float64 else original.dtype)
-        q = DiffusionQuantLinear(layer, fmt, module.bias is not None, device=device, dtype=compute_dtype,
-                                 **layer_kwargs(layer, self.diffusion))
-        q.load_quantized(fmt.quantize(weight, layer))
-        if module.bias is not None:
-            if module.bias.is_meta:  # set by name later
-                q.bias = nn.Parameter(torch.empty(module.bias.shape, dtype=compute_dtype, device="meta"), requires_grad=False)
-            else:
-                q.bias = nn.Parameter(module.bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
-        model.set_submodule(module_name, q)
+        model.set_submodule(module_name, self._quantized(layer, weight, module.bias, compute_dtype))
+
+    def _set_checkpoint_tensor(self, module: nn.Module, module_name: str, tensor_name: str, layer: LayerSpec,
+                               value: torch.Tensor) -> None:
+        """Set one stored tensor of a pre-quantized layer, untouched, after checking it is one the
+        layer stores, with the planned shape and dtype."""
+        param_name = f"{module_name}.{tensor_name}"
+        expected = _layer_tensors(layer, module)
+        if tensor_name not in expected:
+            raise CheckpointMismatchError(
+                f"piecewise-quant: the checkpoint has tensor {param_name!r}, which layer {module_name!r} "
+                f"(grid={layer.spec.grid!r}, bits={layer.spec.bits}) does not store; its tensors are "
+                f"{sorted(expected)}"
+            )
+        shape, dtype = expected[tensor_name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            raise CheckpointMismatchError(
+                f"piecewise-quant: tensor {param_name!r} has shape {list(value.shape)} and dtype {value.dtype}; "
+                f"layer {module_name!r} (grid={layer.spec.grid!r}, bits={layer.spec.bits}) expects {list(shape)} "
+                f"and {dtype}"
+            )
+        module._buffers[tensor_name] = value.clone()
+
+    def _quantized(self, layer: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
+                   compute_dtype: torch.dtype) -> nn.Module:
+        from .layers import DiffusionQuantLinear
+        from .planning import layer_kwargs
+
+        return quantized_layer(DiffusionQuantLinear, layer, weight, bias, compute_dtype, **layer_kwargs(layer, self.diffusion))
 
     # ---- after loading ----------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .layers import DiffusionQuantLinear, TimestepState, install_timestep_hook
 
-        problems: list[str] = []
-        for name, layer in self.plan.items():
-            module = model.get_submodule(name)
-            if not isinstance(module, DiffusionQuantLinear):
-                problems.append(f"tensor {name + '.weight'!r} was not found in the checkpoint, so layer {name!r} is not quantized")
-                continue
-            for tname in _layer_tensors(layer, module):
-                t = getattr(module, tname)
-                if t is None or t.is_meta:
-                    problems.append(f"tensor {name + '.' + tname!r} was not found in the checkpoint")
-            if module.bias is not None:
-                if module.bias.is_meta:
-                    problems.append(f"tensor {name + '.bias'!r} was not found in the checkpoint")
-                else:
-                    module.compute_dtype = module.bias.dtype
-                    module.bias.requires_grad_(False)
-        if problems:
-            listed = problems[:MAX_LISTED]
-            more = len(problems) - len(listed)
-            raise CheckpointMismatchError(
-                "piecewise-quant: loading did not produce the quantized layers the quantization_config plans:\n  - "
-                + "\n  - ".join(listed) + (f"\n  ... and {more} more" if more else "")
-            )
+        raise_mismatch(loaded_layer_problems(model, self.plan, DiffusionQuantLinear, _loaded_layer_problems))
         if any(m.act_scales_t is not None for m in model.modules() if isinstance(m, DiffusionQuantLinear)):
             install_timestep_hook(model, TimestepState(self.diffusion.timesteps))
         model.piecewise_quant_config = self.core_config

@@ -64,16 +64,11 @@ class PiecewiseHfConfig(CoreConfigFace, QuantizationConfigMixin):
             core = as_core_config(core)
         else:
             core = PiecewiseQuantConfig.from_dict(kwargs)
-        object.__setattr__(self, "_core", core)
-        object.__setattr__(self, "quant_method", PiecewiseMethod.PIECEWISE)
+        self._init_face(core)
 
     @classmethod
     def from_core(cls, core: Any) -> "PiecewiseHfConfig":
         return cls(core=as_core_config(core))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not self._set_core_field(name, value):
-            object.__setattr__(self, name, value)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PiecewiseHfConfig):
@@ -81,8 +76,6 @@ class PiecewiseHfConfig(CoreConfigFace, QuantizationConfigMixin):
         if isinstance(other, PiecewiseQuantConfig):
             return self.core == other
         return NotImplemented
-
-    __hash__ = None  # mutable (fields can be set)
 
     def __deepcopy__(self, memo: dict) -> "PiecewiseHfConfig":
         new = type(self)(core=copy.deepcopy(self.core, memo))

@@ -30,6 +30,15 @@ from transformers.quantizers.base import HfQuantizer
 from piecewise_quant.checkpoint import check_finite_tensors
 from piecewise_quant.config import PiecewiseQuantConfig
 
+from .._hf import (
+    check_float_weight,
+    check_known_grids,
+    loaded_layer_problems,
+    quantized_layer,
+    raise_mismatch,
+    swap_in_empty_layers,
+    tensor_problems,
+)
 from .config import PiecewiseHfConfig, as_core_config
 
 __all__ = ["PiecewiseHfQuantizer"]
@@ -43,12 +52,12 @@ def _core() -> Any:
     from types import SimpleNamespace
 
     from piecewise_quant.qlinear import QuantLinear
-    from piecewise_quant.registry import formats, get_format
+    from piecewise_quant.registry import get_format
 
     import piecewise_quant
 
     return SimpleNamespace(
-        QuantLinear=QuantLinear, formats=formats, get_format=get_format, plan_layers=piecewise_quant.plan_layers
+        QuantLinear=QuantLinear, get_format=get_format, plan_layers=piecewise_quant.plan_layers
     )
 
 
@@ -134,17 +143,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
         pq = _core()
 
         core = self.core_config
-        known = pq.formats()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                spec = core.spec_for(name)
-                if spec is not None and spec.grid not in known:
-                    raise ValueError(
-                        f"layer {name!r}: the quantization_config names grid {spec.grid!r}, which this "
-                        f"piecewise-quant does not know (known: {', '.join(sorted(known))}); its tensors "
-                        f"(e.g. {name + '.qweight'!r}) cannot be decoded. Install the plugin that provides it, "
-                        "or upgrade piecewise-quant"
-                    )
+        check_known_grids(model, core)
         plan = dict(pq.plan_layers(model, core))
         tied = _tied_module_names(model) & set(plan)
         if tied:
@@ -177,12 +176,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
                 check_marker(self.checkpoint_files, self.core_config, where=_where(self.checkpoint_files))
             self._check_checkpoint_headers(model)
             self._capture_loading_info(model)
-            for name, layer in self.plan.items():
-                linear = model.get_submodule(name)
-                q = pq.QuantLinear.empty(
-                    layer, pq.get_format(layer.spec.grid), bias=linear.bias is not None, device="meta", dtype=dtype
-                )
-                model.set_submodule(name, q)
+            swap_in_empty_layers(model, self.plan, pq.QuantLinear, dtype=dtype)
         model.piecewise_quant_config = self.core_config
         return model
 
@@ -277,22 +271,8 @@ class PiecewiseHfQuantizer(HfQuantizer):
         linear = model.get_submodule(module_name)
         if not isinstance(linear, nn.Linear) or isinstance(linear, pq.QuantLinear):
             return False
-        key = f"{module_name}.weight"
-        if tuple(weight.shape) != (layer.out_features, layer.in_features):
-            raise ValueError(
-                f"tensor {key!r} has shape {list(weight.shape)}, expected {[layer.out_features, layer.in_features]}"
-            )
-        if not weight.is_floating_point():
-            raise ValueError(f"tensor {key!r} has dtype {weight.dtype}; quantizing on load needs a float weight")
-        fmt = pq.get_format(layer.spec.grid)
-        q = pq.QuantLinear.empty(layer, fmt, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        q.load_quantized(fmt.quantize(weight, layer))
-        if linear.bias is not None:
-            bias = linear.bias
-            if bias.is_meta:  # its checkpoint tensor comes later and is set by name
-                q.bias = nn.Parameter(torch.empty(bias.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
-            else:
-                q.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype), requires_grad=False)
+        check_float_weight(f"{module_name}.weight", weight, layer)
+        q = quantized_layer(pq.QuantLinear, layer, weight, linear.bias, weight.dtype)
         # loaded, not to be (re)initialised by the model's _init_weights
         for t in [*q.parameters(recurse=False), *q.buffers(recurse=False)]:
             if not t.is_meta:
@@ -304,79 +284,57 @@ class PiecewiseHfQuantizer(HfQuantizer):
     # ---- after loading ----------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        pq = _core()
-
         if self.calibrating:
-            import piecewise_quant
-
-            model.__dict__.pop("piecewise_quant_config", None)  # set before loading; calibrate() sets it when done
-            report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
-            logger.info("piecewise-quant calibration:\n%s", report.summary())
-            model.piecewise_quant_calibration_report = report
-            self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)
-            model.config.quantization_config = self.quantization_config
-            self.plan = self._plan_after_calibration(model)
+            self._calibrate_after_loading(model)
         problems: list[str] = self._strict_key_check(model) if self.pre_quantized else []
-        # Without safetensors headers to check (a state_dict or .bin checkpoint), a tensor missing from
-        # the checkpoint is only visible by the flag transformers puts on every tensor it loads
-        # (the missing ones it allocates empty). Accelerate dispatch may move tensors, losing it.
-        check_flags = self.pre_quantized and not self._headers_checked() and not self._dispatched
-        for name, layer in self.plan.items():
-            n_before = len(problems)
-            module = model.get_submodule(name)
-            if not isinstance(module, pq.QuantLinear):
-                problems.append(
-                    f"tensor {name + '.weight'!r} was not found in the checkpoint, so layer {name!r} could not be "
-                    "quantized (it would be randomly initialised)"
-                )
-                continue
-            fmt = pq.get_format(layer.spec.grid)
-            for tname, lay in fmt.layout(layer).items():
-                t = getattr(module, tname)
-                key = f"{name}.{tname}"
-                if t is None or t.is_meta or (check_flags and not getattr(t, "_is_hf_initialized", False)):
-                    problems.append(f"tensor {key!r} was not found in the checkpoint")
-                    continue
-                if tuple(t.shape) != tuple(lay.shape):
-                    problems.append(f"tensor {key!r} has shape {list(t.shape)}, expected {list(lay.shape)}")
-                    continue
-                if t.dtype != lay.dtype:
-                    if self.pre_quantized and t.is_floating_point() and lay.dtype.is_floating_point and self._headers_checked():
-                        # the header check proved the file stores lay.dtype; transformers upcast it
-                        # (e.g. a keep-in-fp32 rule), so the cast back is exact
-                        setattr(module, tname, t.to(lay.dtype))
-                    else:
-                        problems.append(f"tensor {key!r} has dtype {t.dtype}, expected {lay.dtype}")
-            if module.bias is not None:
-                if module.bias.is_meta or (check_flags and not getattr(module.bias, "_is_hf_initialized", False)):
-                    problems.append(f"tensor {name + '.bias'!r} was not found in the checkpoint")
-                else:
-                    module.bias.requires_grad_(False)
-            act_scale = getattr(module, "act_scale", None)
-            if act_scale is not None and (act_scale.is_meta or (check_flags and not getattr(act_scale, "_is_hf_initialized", False))):
-                problems.append(f"tensor {name + '.act_scale'!r} was not found in the checkpoint")
-            elif len(problems) == n_before:
-                finite = {**module.quantized_tensors(), "act_scale": act_scale, "bias": module.bias}
-                try:
-                    check_finite_tensors(name, {k: v for k, v in finite.items() if v is not None})
-                except ValueError as exc:
-                    problems.append(str(exc).removeprefix("piecewise-quant: "))
-        if problems:
-            from .checkpoint import MAX_LISTED, CheckpointMismatchError
-
-            listed = problems[:MAX_LISTED]
-            more = len(problems) - len(listed)
-            raise CheckpointMismatchError(
-                "piecewise-quant: loading did not produce the quantized layers the quantization_config plans:\n  - "
-                + "\n  - ".join(listed)
-                + (f"\n  ... and {more} more" if more else "")
-            )
+        problems += loaded_layer_problems(model, self.plan, _core().QuantLinear, self._loaded_layer_problems)
+        raise_mismatch(problems)
         model.piecewise_quant_config = self.core_config
         if not self.pre_quantized and not self.calibrating:
             from piecewise_quant.quantization import warn_unquantized
 
             warn_unquantized(model)
         return model
+
+    def _calibrate_after_loading(self, model: nn.Module) -> None:
+        """Calibrate the float model just loaded (it has a calibration recipe); the plan and the
+        ``quantization_config`` become the calibrated ones."""
+        import piecewise_quant
+
+        model.__dict__.pop("piecewise_quant_config", None)  # set before loading; calibrate() sets it when done
+        report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
+        logger.info("piecewise-quant calibration:\n%s", report.summary())
+        model.piecewise_quant_calibration_report = report
+        self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)
+        model.config.quantization_config = self.quantization_config
+        self.plan = self._plan_after_calibration(model)
+
+    def _loaded_layer_problems(self, name: str, layer: Any, module: nn.Module) -> list[str]:
+        """What is wrong with one loaded ``QuantLinear``: a missing, misshapen or mistyped tensor, or
+        (when all are there) a NaN/Inf in its scales or bias."""
+        # Without safetensors headers to check (a state_dict or .bin checkpoint), a tensor missing from
+        # the checkpoint is only visible by the flag transformers puts on every tensor it loads
+        # (the missing ones it allocates empty). Accelerate dispatch may move tensors, losing it.
+        check_flags = self.pre_quantized and not self._headers_checked() and not self._dispatched
+
+        def missing(t: torch.Tensor | None) -> bool:
+            return t is None or t.is_meta or (check_flags and not getattr(t, "_is_hf_initialized", False))
+
+        expected = {t: (lay.shape, lay.dtype) for t, lay in _core().get_format(layer.spec.grid).layout(layer).items()}
+        act_scale = getattr(module, "act_scale", None)
+        if act_scale is not None:  # only its presence is checked (its dtype follows the host's load)
+            expected["act_scale"] = (tuple(act_scale.shape), act_scale.dtype)
+        # with checked headers the file stores the planned dtype; a float transformers upcast on load
+        # (e.g. a keep-in-fp32 rule) casts back exactly
+        problems = tensor_problems(name, module, expected, missing, cast_float=self.pre_quantized and self._headers_checked())
+        if problems:
+            return problems
+        finite = {**module.quantized_tensors(), "act_scale": act_scale, "bias": module.bias}
+        try:
+            check_finite_tensors(name, {k: v for k, v in finite.items() if v is not None})
+        except ValueError as exc:
+            return [str(exc).removeprefix("piecewise-quant: ")]
+        return []
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
         """``save_pretrained`` writes the model's own state dict, with the piecewise marker (format,

@@ -156,3 +156,25 @@ def test_layers_compute_in_the_dtype_the_model_is_loaded_in(saved_float, dfh, tm
     assert not any(isinstance(m, pq.QuantLinear) for m in model.modules())
     assert {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear} == {torch.float32}
     assert torch.allclose(dfh.denoise(model, x), quantized, rtol=1e-4, atol=1e-4)
+
+
+def test_the_core_checkpoint_error_catches_diffusers_mismatches(saved_float, tmp_path):
+    """One ``CheckpointMismatchError`` for every loader: the diffusers name is the core class, so
+    ``except piecewise_quant.CheckpointMismatchError`` catches a diffusers checkpoint mismatch."""
+    from safetensors.torch import load_file, save_file
+
+    from piecewise_quant.integrations.diffusers import quantizer
+
+    assert CheckpointMismatchError is pq.CheckpointMismatchError is quantizer.CheckpointMismatchError
+    cls, path, _, _ = saved_float["tiny_dit"]
+    cls.from_pretrained(path, quantization_config=pq.PiecewiseQuantConfig(bits=4, group_size=16)).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["transformer_blocks.0.attn1.to_q.scales"]
+    save_file(state, weights)
+    try:
+        cls.from_pretrained(tmp_path)
+    except pq.CheckpointMismatchError as exc:
+        assert "to_q.scales' was not found" in str(exc)
+    else:
+        pytest.fail("a checkpoint with a missing tensor loaded")
