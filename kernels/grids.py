@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PIECEWISE_TABLES", "piecewise_table"]
+__all__ = ["PIECEWISE_TABLES", "piecewise_table", "piecewise_levels", "outer_levels"]
 
 
 def _eight_bit_table() -> list[tuple[float, float]]:
@@ -61,3 +61,20 @@ def piecewise_table(bits: int, device: torch.device | str = "cpu") -> torch.Tens
         t = torch.tensor(PIECEWISE_TABLES[bits], dtype=torch.float32, device=device)
         _cache[key] = t
     return t
+
+
+def piecewise_levels(d: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Map centred codes ``d`` to grid levels in units of the scale (the formula above)."""
+    a = d.abs()
+    return torch.where(a <= h, d, torch.sign(d) * (h + r * (a - h)))
+
+
+def outer_levels(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per breakpoint id, the outermost level (in units of the scale) on the negative code side
+    (``2**(b-1)`` codes) and on the positive side (one fewer)."""
+    table = piecewise_table(bits, device)
+    h, r = table[:, 0], table[:, 1]
+    half = float(1 << (bits - 1))
+    neg = torch.where(h < half, h + r * (half - h), torch.full_like(h, half))
+    pos = torch.where(h < half - 1, h + r * (half - 1 - h), torch.full_like(h, half - 1))
+    return neg, pos

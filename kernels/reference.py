@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .grids import piecewise_table
+from .grids import piecewise_levels, piecewise_table
 from .packing import pack_codes, unpack_codes
 
 __all__ = [
@@ -68,12 +68,6 @@ def unpack_group_field(packed: torch.Tensor, bits: int, rows: int, n_groups: int
     if packed.shape[0] != n_groups:
         raise ValueError(f"per-group field has {packed.shape[0]} rows, expected n_groups={n_groups}")
     return unpack_codes(packed, bits, rows).t()
-
-
-def piecewise_levels(d: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Map centred codes ``d`` to grid levels in units of the scale (see :mod:`.grids`)."""
-    a = d.abs()
-    return torch.where(a <= h, d, torch.sign(d) * (h + r * (a - h)))
 
 
 def dequantize(

@@ -50,7 +50,7 @@ _LAZY = {
     "save_pretrained": ".saving",
     "model_size_report": ".report",
     "PiecewiseQuantWarning": ".errors",
-    "CheckpointMismatchError": ".checkpoint",
+    "CheckpointMismatchError": ".errors",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
     from .registry import available_formats, get_format
-    from .checkpoint import CheckpointMismatchError
+    from .errors import CheckpointMismatchError
     from .errors import PiecewiseQuantWarning
     from .report import model_size_report
     from .saving import save_pretrained

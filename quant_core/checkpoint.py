@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .errors import CheckpointMismatchError
+
 __all__ = [
     "SAFETENSORS_DTYPES", "read_headers", "expected_tensors", "check_checkpoint", "CheckpointMismatchError",
     "MARKER_FORMAT", "MARKER_VERSION", "MARKER_PLAN", "plan_hash", "marker_metadata", "read_marker",
@@ -50,8 +52,6 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
 MAX_LISTED = 12
 
 
-class CheckpointMismatchError(ValueError):
-    """A piecewise checkpoint's tensors do not match its ``quantization_config``."""
 
 
 def _open(path: Any):

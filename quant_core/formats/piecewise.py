@@ -19,6 +19,7 @@ import torch
 from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length, piecewise_table
 from ..kernels import reference as ref
+from ..kernels.grids import outer_levels, piecewise_levels
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
 from .groups import group_view, round_half_even
 
@@ -27,17 +28,6 @@ __all__ = ["PiecewiseFormat", "FORMAT_VERSION", "outer_levels"]
 FORMAT_VERSION = 1
 CHUNK_GROUPS = 1 << 14
 MAX_STAGE1_IDS = 32
-
-
-def outer_levels(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per breakpoint id, the outermost level (in units of the scale) on the negative code side
-    (``2**(b-1)`` codes) and on the positive side (one fewer)."""
-    table = piecewise_table(bits, device)
-    h, r = table[:, 0], table[:, 1]
-    half = float(1 << (bits - 1))
-    neg = torch.where(h < half, h + r * (half - h), torch.full_like(h, half))
-    pos = torch.where(h < half - 1, h + r * (half - 1 - h), torch.full_like(h, half - 1))
-    return neg, pos
 
 
 def _encode(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, half: float) -> torch.Tensor:
@@ -99,7 +89,7 @@ class PiecewiseFormat(WeightFormat):
         hr = self._shapes(tensors, layer)
         s = tensors["scales"].to(torch.float32).unsqueeze(-1)
         d = torch.arange(-half, half, dtype=torch.float32, device=s.device).view(1, 1, -1)
-        return ref.piecewise_levels(d, hr[..., :1], hr[..., 1:]) * s
+        return piecewise_levels(d, hr[..., :1], hr[..., 1:]) * s
 
     def breakpoints(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
         return (self._shapes(tensors, layer)[..., 0] * tensors["scales"].to(torch.float32)).abs()

@@ -165,7 +165,10 @@ def test_the_core_checkpoint_error_catches_diffusers_mismatches(saved_float, tmp
 
     from piecewise_quant.integrations.diffusers import quantizer
 
+    from piecewise_quant import checkpoint, errors
+
     assert CheckpointMismatchError is pq.CheckpointMismatchError is quantizer.CheckpointMismatchError
+    assert errors.CheckpointMismatchError is checkpoint.CheckpointMismatchError is pq.CheckpointMismatchError
     cls, path, _, _ = saved_float["tiny_dit"]
     cls.from_pretrained(path, quantization_config=pq.PiecewiseQuantConfig(bits=4, group_size=16)).save_pretrained(tmp_path)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
