@@ -59,6 +59,25 @@ def _sq_error(xo: torch.Tensor, s: torch.Tensor, h: torch.Tensor, r: torch.Tenso
     return sq.sum(dim=-1) * safe.squeeze(-1).square()
 
 
+def _finer_scales(xo, errs, coarse, shape_params, importance, best):
+    """Stage 3 of :meth:`PiecewiseFormat.search`: a finer scale search around the best coarse
+    scale, for the two best breakpoint ids of each group. Returns the improved ``(scale, id)``."""
+    best_err, best_s, best_k = best
+    rows = torch.arange(xo.shape[0])
+    step = float(coarse[0] - coarse[1])
+    deltas = torch.linspace(-step, step, 7, dtype=torch.float32)
+    for kk in errs.amin(dim=2).topk(min(2, errs.shape[1]), dim=1, largest=False).indices.t():
+        h, r, no, po, cover = shape_params(kk.unsqueeze(1))
+        f0 = coarse[errs[rows, kk].argmin(dim=1)]
+        f = (f0.unsqueeze(1) + deltas).clamp(min=0.05, max=1.0)
+        e, j = _sq_error(xo, cover * f, h, r, no, po, importance).min(dim=1)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best_s = torch.where(better, cover.squeeze(1) * f[rows, j], best_s)
+        best_k = torch.where(better, kk, best_k)
+    return best_s, best_k
+
+
 class PiecewiseFormat(WeightFormat):
     name = "piecewise"
     supported_bits = (2, 3, 4, 8)
@@ -151,20 +170,8 @@ class PiecewiseFormat(WeightFormat):
         best_k = best_idx // n_f
         _, _, _, _, cover = shape_params(best_k.unsqueeze(1))
         best_s = cover.squeeze(1) * coarse[best_idx % n_f]
-        if observer != "mse":
-            return best_s * sign, best_k
-        # stage 3: a finer scale search around the best coarse scale, for the two best ids
-        step = float(coarse[0] - coarse[1])
-        deltas = torch.linspace(-step, step, 7, dtype=torch.float32)
-        for kk in errs.amin(dim=2).topk(min(2, n_ids), dim=1, largest=False).indices.t():
-            h, r, no, po, cover = shape_params(kk.unsqueeze(1))
-            f0 = coarse[errs[rows, kk].argmin(dim=1)]
-            f = (f0.unsqueeze(1) + deltas).clamp(min=0.05, max=1.0)
-            e, j = _sq_error(xo, cover * f, h, r, no, po, importance).min(dim=1)
-            better = e < best_err
-            best_err = torch.where(better, e, best_err)
-            best_s = torch.where(better, cover.squeeze(1) * f[rows, j], best_s)
-            best_k = torch.where(better, kk, best_k)
+        if observer == "mse":
+            best_s, best_k = _finer_scales(xo, errs, coarse, shape_params, importance, (best_err, best_s, best_k))
         return best_s * sign, best_k
 
     def fit(self, groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
