@@ -113,7 +113,7 @@ def test_eval_text_file(tmp_path, tiny_llama_path, capsys):
 def test_inspect_table(quantized_dir, tiny_llama_path, capsys):
     assert cli.main(["inspect", "--model", str(quantized_dir)]) == 0
     out = capsys.readouterr().out
-    rows = [l for l in out.splitlines() if l.startswith("| model.layers.")]
+    rows = [line for line in out.splitlines() if line.startswith("| model.layers.")]
     assert len(rows) == 42
     q = next(r for r in rows if r.startswith("| model.layers.0.self_attn.q_proj |"))
     cells = [c.strip() for c in q.strip("|").split("|")]
@@ -124,7 +124,7 @@ def test_inspect_table(quantized_dir, tiny_llama_path, capsys):
     assert "--reference" in out
 
     assert cli.main(["inspect", "--model", str(quantized_dir), "--reference", str(tiny_llama_path)]) == 0
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| model.layers.")]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model.layers.")]
     errors = [float(r.strip("| ").split(" | ")[6]) for r in rows]
     assert len(errors) == 42 and all(0.01 < e < 0.2 for e in errors)  # 4-bit: a few percent
 
@@ -135,7 +135,7 @@ def test_inspect_plot_writes_png(quantized_dir, tiny_llama_path, tmp_path, capsy
                    "--layer", "model.layers.1.mlp.down_proj", "--plot", str(png), "--row", "3", "--group", "2"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert len([l for l in out.splitlines() if l.startswith("| model.layers.")]) == 1
+    assert len([line for line in out.splitlines() if line.startswith("| model.layers.")]) == 1
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -191,7 +191,8 @@ def test_inspect_float_model_is_a_user_error(tiny_llama_path, capsys):
     [
         (["eval", "--model", "no/such/dir"], "error: --model no/such/dir: no such directory"),
         (["quantize", "--model", "EMPTY", "--output", "OUT"], "not a Hugging Face model directory"),
-        (["quantize", "--model", "MODEL", "--output", "OUT", "--bits", "5"], "error: bits=5 is not supported by grid 'piecewise'"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--bits", "5"],
+         "error: bits=5 is not supported by grid 'piecewise'"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--grid", "nf4"], "error: unknown grid 'nf4'"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--group-size", "big"], "error: --group-size must be"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration", "magic"], "unknown calibration preset 'magic'"),

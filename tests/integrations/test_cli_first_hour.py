@@ -34,7 +34,8 @@ def minilm_path() -> Path:
          "error: --act-mode applies to quantized activations: give --act-bits 8 or 4"),
         (["quantize", "--model", "MODEL", "--output", "AFILE/sub"], "is a file, so no directory can be created under it"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--override", "*.down_proj"], "expected PATTERN=KEY:VALUE"),
-        (["quantize", "--model", "MODEL", "--output", "OUT", "--override", "*.down_proj=bits:5"], "error: overrides['*.down_proj']"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--override", "*.down_proj=bits:5"],
+         "error: overrides['*.down_proj']"),
         (["serve", "./no-such-model", "--quantization", "piecewise"], "error: serve ./no-such-model: no such directory"),
     ],
 )
@@ -112,8 +113,8 @@ def test_eval_of_a_checkpoint_without_tokenizer_names_the_option(tmp_path, tiny_
     import piecewise_quant as pq
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
-    pq.quantize(model, pq.PiecewiseQuantConfig(grid="uniform", modules_to_not_convert=["lm_head", r"re:model\.layers\.[1-5]\..*"]),
-                progress=False)
+    skip = ["lm_head", r"re:model\.layers\.[1-5]\..*"]
+    pq.quantize(model, pq.PiecewiseQuantConfig(grid="uniform", modules_to_not_convert=skip), progress=False)
     model.save_pretrained(tmp_path / "q")  # the README's Python snippets save no tokenizer
     assert cli.main(["eval", "--model", str(tmp_path / "q"), "--max-windows", "2"]) == 2
     err = capsys.readouterr().err
@@ -129,4 +130,5 @@ def test_eval_past_the_model_positions_warns(tiny_llama_path, capsys):
 def test_plot_without_matplotlib_names_the_extra(tmp_path, tiny_llama_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["inspect", "--model", str(tiny_llama_path), "--plot", str(tmp_path / "x.png")]) == 2
-    assert "error: --plot needs matplotlib, which is not installed: pip install 'piecewise-quant[plot]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: --plot needs matplotlib, which is not installed: pip install 'piecewise-quant[plot]'" in err

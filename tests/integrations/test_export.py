@@ -43,8 +43,9 @@ SCHEMES = {
                              "model.layers.1.mlp.gate_proj": {"grid": "none"}}),
 }
 EXPECTED_FORMAT = {
-    "w4_sym_g32": "pack-quantized", "w4_sym_g32_sharded": "pack-quantized", "w4_asym_g32": "pack-quantized", "w4_asym_tensor": "pack-quantized",
-    "w8_sym_channel": "pack-quantized", "fp8_channel": "naive-quantized", "fp8_tensor_a8fp8": "float-quantized", "fp8_a8fp8_static": "float-quantized",
+    "w4_sym_g32": "pack-quantized", "w4_sym_g32_sharded": "pack-quantized", "w4_asym_g32": "pack-quantized",
+    "w4_asym_tensor": "pack-quantized", "w8_sym_channel": "pack-quantized", "fp8_channel": "naive-quantized",
+    "fp8_tensor_a8fp8": "float-quantized", "fp8_a8fp8_static": "float-quantized",
     "w8a8_dynamic": "int-quantized", "w8a8_static": "int-quantized", "mixed": "mixed-precision",
 }
 # same weights; only the summation order differs (our CPU kernel vs torch matmul)
@@ -75,7 +76,7 @@ print("RESULT" + json.dumps(out))
 
 
 def tiny_llama(path: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -1,0 +1,36 @@
+"""Refusal from config.json alone, before any weight is read: a checkpoint none of whose schemes
+the requested format can hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import ExportError
+from .ct import refusal
+from .gguf_file import gguf_refusal
+
+
+def _specs_in_config(config: Any) -> list[tuple[str, Any]]:
+    out = [("the default scheme", config.default_spec)]
+    for pattern, spec in zip(config.overrides, config._override_specs):
+        if spec is not None:
+            out.append((f"override {pattern!r}", spec))
+    return out
+
+
+def check_exportable_config(quantization_config: dict, fmt: str = "compressed-tensors") -> None:
+    """Refuse, from config.json alone (before any weight is read), a checkpoint none of whose
+    schemes can be exported to ``fmt``. Mixed plans are checked layer by layer after loading."""
+    from piecewise_quant import PiecewiseQuantConfig
+
+    config = PiecewiseQuantConfig.from_dict(quantization_config)
+    if fmt == "gguf":
+        def why_not(spec):
+            gs = spec.group_size
+            return gguf_refusal(spec, -1 if gs == "tensor" else (gs if isinstance(gs, int) else "channel"))
+    else:
+        why_not = refusal
+    reasons = [(where, why_not(spec)) for where, spec in _specs_in_config(config)]
+    if all(r is not None for _, r in reasons):
+        where, why = reasons[0]
+        raise ExportError(f"cannot export to {'GGUF' if fmt == 'gguf' else 'compressed-tensors'}: {why}")
