@@ -496,6 +496,13 @@ class PiecewiseQuantConfig(QuantSpec):
             None if changes.get("grid") == "none" else self._override_spec(p, changes) for p, changes in self.overrides.items()
         )
 
+    @property
+    def override_schemes(self) -> dict[str, QuantSpec | None]:
+        """Each ``overrides`` pattern with the full scheme it gives its layers (``None``: the
+        pattern keeps them in float), in matching order; for validating a config before a model
+        is loaded."""
+        return dict(zip(self.overrides, self._override_specs))
+
     def is_skipped(self, name: str) -> bool:
         return self._skip_set.matches(name)
 

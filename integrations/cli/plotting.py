@@ -10,37 +10,18 @@ from .common import UserError, group_label
 
 
 def group_levels(q, row: int, group: int):
-    """The values one group of ``q`` can represent (sorted, float32) and, for the piecewise grid,
-    its breakpoints ``(-p, p)``; ``(None, None)`` for a plugin format without a known grid."""
-    import torch
-
-    from piecewise_quant.kernels import piecewise_table
-    from piecewise_quant.kernels.reference import piecewise_levels, unpack_group_field
-
-    spec = q.spec
-    t = q.quantized_tensors()
-    scales = t["scales"].to(torch.float32)
-    scales = scales.reshape(scales.shape[0], -1)
-    r, g = min(row, scales.shape[0] - 1), min(group, scales.shape[1] - 1)
-    s = scales[r, g]
-    kernel = q.fmt.kernel_format(spec)
-    half = 1 << (spec.bits - 1)
-    codes = torch.arange(-half, half, dtype=torch.float32)
-    if kernel == "piecewise":
-        ids = unpack_group_field(t["breakpoint_ids"], spec.bits, scales.shape[0], scales.shape[1]).long()
-        h, ratio = piecewise_table(spec.bits)[ids[r, g]]
-        levels = piecewise_levels(codes, h, ratio) * s
-        p = float((h * s).abs())
-        return levels.sort().values, (-p, p)
-    if kernel == "uniform_sym":
-        return (codes * s).sort().values, None
-    if kernel == "uniform_asym":
-        z = unpack_group_field(t["qzeros"], spec.bits, scales.shape[0], scales.shape[1])[r, g].to(torch.float32)
-        return ((codes + half - z) * s).sort().values, None
-    if kernel == "fp8_e4m3":
-        values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
-        return (values[torch.isfinite(values)].unique() * s).sort().values, None
-    return None, None
+    """The values one group of ``q`` can represent (sorted, float32) and, for a grid with a dense
+    centre (piecewise), its breakpoints ``(-p, p)``; ``(None, None)`` for a format that does not
+    describe its levels. The format decodes (``WeightFormat.levels``/``breakpoints``)."""
+    t, layer = q.quantized_tensors(), q.layer_spec
+    try:
+        levels = q.fmt.levels(t, layer)
+    except NotImplementedError:
+        return None, None
+    r, g = min(row, levels.shape[0] - 1), min(group, levels.shape[1] - 1)
+    bp = q.fmt.breakpoints(t, layer)
+    p = None if bp is None else float(bp[r, g])
+    return levels[r, g].sort().values, (None if p is None else (-p, p))
 
 
 def check_plot_backend() -> None:

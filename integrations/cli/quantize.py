@@ -176,7 +176,7 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
             modules_to_not_convert=skip, overrides=overrides,
         )
         pq.get_format(config.grid).validate(config.default_spec)  # bits the grid lacks, before loading
-        for pattern, spec in zip(config.overrides, config._override_specs):
+        for pattern, spec in config.override_schemes.items():
             if spec is not None:
                 try:
                     pq.get_format(spec.grid).validate(spec)

@@ -12,7 +12,7 @@ from .gguf_file import gguf_refusal
 
 def _specs_in_config(config: Any) -> list[tuple[str, Any]]:
     out = [("the default scheme", config.default_spec)]
-    for pattern, spec in zip(config.overrides, config._override_specs):
+    for pattern, spec in config.override_schemes.items():
         if spec is not None:
             out.append((f"override {pattern!r}", spec))
     return out
