@@ -14,7 +14,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .patterns import PatternSet, check_pattern, compile_pattern
 
@@ -233,9 +233,10 @@ class CalibrationConfig:
       the pipeline order above whatever order they are listed in; the data fields (``n_samples``
       ... ``activation_aware``) stay keywords, and the flat algorithm keywords cannot be mixed in.
 
-    ``config.modifiers`` gives the recipe as modifiers in pipeline order (``StaticActScales()``
-    always last: layers with static activations need it). The flat fields are what is stored
-    (``to_dict``, checkpoints), so both forms save the same ``config.json``.
+    ``modifiers`` is an init-only argument; ``config.recipe`` gives the recipe back as modifiers in
+    pipeline order (``StaticActScales()`` always last: layers with static activations need it).
+    The flat fields are what is stored (``to_dict``, checkpoints), so both forms save the same
+    ``config.json``, and ``dataclasses.replace`` works on them as before.
 
     Attributes:
         n_samples, seq_len: calibration sequences and their length in tokens (text is tokenised,
@@ -291,11 +292,12 @@ class CalibrationConfig:
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
     mixed_precision_grids: tuple[str, ...] = ("uniform", "piecewise")
     algorithm: str | None = None
-    # the list form of the algorithm fields above; read back through the ``modifiers`` property
+    # init-only: the list form of the algorithm fields above (read it back as ``recipe``)
     modifiers: dataclasses.InitVar[Any] = None
 
-    # the fields a modifier list replaces (the others describe the data and the fits)
-    ALGORITHM_FIELDS: ClassVar[tuple[str, ...]] = (
+    # the fields a modifier list replaces (the others describe the data and the fits); a class
+    # attribute, not a field (no annotation)
+    ALGORITHM_FIELDS = (
         "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
         "refine_breakpoints", "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "algorithm",
     )
@@ -377,7 +379,10 @@ class CalibrationConfig:
         for name, value in flat_fields(modifiers).items():
             object.__setattr__(self, name, value)
 
-    def _modifiers(self) -> tuple[Any, ...]:
+    @property
+    def recipe(self) -> tuple[Any, ...]:
+        """The algorithms as modifier configs, in pipeline order (``StaticActScales()`` last);
+        ``CalibrationConfig(modifiers=config.recipe, ...)`` rebuilds them."""
         from .calibration.recipe import modifiers_of
 
         return modifiers_of(self)
@@ -408,13 +413,6 @@ class CalibrationConfig:
             f"calibration must be a CalibrationConfig, a dict of its fields or a preset name "
             f"({_allowed(CALIBRATION_PRESETS)}); got {value!r}"
         )
-
-
-# ``modifiers`` is an init-only argument of the dataclass; read back, it is the recipe in pipeline
-# order (set after the class body: a property there would become the argument's default)
-CalibrationConfig.modifiers = property(  # type: ignore[assignment]
-    CalibrationConfig._modifiers, doc="The recipe as modifier configs, in pipeline order."
-)
 
 
 @dataclass(frozen=True)

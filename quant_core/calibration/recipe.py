@@ -2,8 +2,8 @@
 
 The flat keyword form (``CalibrationConfig(gptq=True, lwc=True)``) and the list form
 (``CalibrationConfig(modifiers=[GPTQ(), LWC()])``) describe the same recipe: the flat fields are
-what is stored (``to_dict`` and checkpoints keep them), and :func:`modifiers_of` reads the recipe
-back as modifiers, in pipeline order, for the runner.
+what is stored (``to_dict`` and checkpoints keep them), and :func:`modifiers_of` (``config.recipe``) reads
+the recipe back as modifiers, in pipeline order, for the runner.
 """
 
 from __future__ import annotations
