@@ -304,14 +304,8 @@ def gptq_quantize(
     grouped = layer.group_size not in (-1, layer.in_features)
     lazy = params is None and not act_order and grouped
     params = _initial_params(W, layer, fmt, params, lazy, col_imp)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        order = perm.tolist()
-    else:
-        perm = None
-        order = list(range(layer.in_features))
+    W, H, perm = _act_order(W, H) if act_order else (W, H, None)
+    order = perm.tolist() if perm is not None else list(range(layer.in_features))
     U, used_damp = _inverse_cholesky(H, damp, base, layer)
     del H
     sweep = _Sweep(W, U, layer, fmt, params, order, lazy, col_imp)
@@ -322,6 +316,12 @@ def gptq_quantize(
         params = {k: torch.stack(v, dim=1).reshape(-1) for k, v in sweep.fitted.items()}  # (out, ng) row-major
     assert params is not None
     return _result(weight, Q, params, layer, fmt, H0, used_damp, n_dead)
+
+
+def _act_order(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns by decreasing Hessian diagonal: the permuted weight and Hessian, and the permutation."""
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return W[:, perm], H[perm][:, perm], perm
 
 
 def _check_arguments(weight: torch.Tensor, hessian: torch.Tensor, layer: LayerSpec, fmt: WeightFormat,
