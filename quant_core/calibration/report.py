@@ -11,6 +11,9 @@ __all__ = ["CalibrationReport", "LayerReport", "BlockReport"]
 
 @dataclass
 class LayerReport:
+    """One quantized layer: its scheme, its exact storage cost, the calibration tokens it saw,
+    what chose its stored weights and why (e.g. why it fell back to data-free)."""
+
     name: str
     grid: str
     bits: int
@@ -22,6 +25,9 @@ class LayerReport:
 
 @dataclass
 class BlockReport:
+    """One calibrated block: its output error against the float chain, the channel-scaling folds
+    kept, the LWC/LET loss before and after training (``None`` without them) and the time taken."""
+
     index: int
     rel_error: float  # ||quantized block output - float block output||^2 / ||float output||^2
     folded: int
