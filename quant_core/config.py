@@ -204,6 +204,8 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return compile_pattern(pattern)(name)
 
 
+# Named recipes, as flat CalibrationConfig keywords; as modifier lists (piecewise_quant.calibration):
+# aware [], smoothquant [SmoothQuant(0.5)], gptq [GPTQ()], lwc [LWC()], omniquant [LET(), LWC()].
 CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
     # activation-aware ranges only (every weight's error weighted by its input's energy)
     "aware": {},
@@ -231,10 +233,23 @@ class CalibrationConfig:
     ``"omniquant"``) as ``PiecewiseQuantConfig(calibration=...)``; then
     ``piecewise_quant.calibrate(model, config, data)`` or ``from_pretrained(...,
     quantization_config=config)`` runs the model block by block on calibration data and applies,
-    in this order: SmoothQuant or LET (channel scaling folded into the previous norm/linear), LWC
-    (learned clipping), GPTQ (error compensation), breakpoint refinement (piecewise grid) and static
-    activation scales. Every choice of ranges weights each weight's error by the energy of its
-    input channel (``activation_aware``).
+    in this order: mixed-precision allocation, SmoothQuant or LET (channel scaling folded into the
+    previous norm/linear), LWC (learned clipping), breakpoint refinement (piecewise grid), GPTQ
+    (error compensation) or a plugin algorithm, and static activation scales. Every choice of
+    ranges weights each weight's error by the energy of its input channel (``activation_aware``).
+
+    The algorithms can be given two ways, which build equal configs:
+
+    * flat keywords (below), e.g. ``CalibrationConfig(gptq=True, act_order=False, lwc=True)``;
+    * ``modifiers``: a list of modifier configs from :mod:`piecewise_quant.calibration`, e.g.
+      ``CalibrationConfig(modifiers=[GPTQ(act_order=False), LWC()], n_samples=128)``. They run in
+      the pipeline order above whatever order they are listed in; the data fields (``n_samples``
+      ... ``activation_aware``) stay keywords, and the flat algorithm keywords cannot be mixed in.
+
+    ``modifiers`` is an init-only argument; ``config.recipe`` gives the recipe back as modifiers in
+    pipeline order (``StaticActScales()`` always last: layers with static activations need it).
+    The flat fields are what is stored (``to_dict``, checkpoints), so both forms save the same
+    ``config.json``, and ``dataclasses.replace`` works on them as before.
 
     Attributes:
         n_samples, seq_len: calibration sequences and their length in tokens (text is tokenised,
@@ -290,8 +305,19 @@ class CalibrationConfig:
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
     mixed_precision_grids: tuple[str, ...] = ("uniform", "piecewise")
     algorithm: str | None = None
+    # init-only: the list form of the algorithm fields above (read it back as ``recipe``)
+    modifiers: dataclasses.InitVar[Any] = None
 
-    def __post_init__(self) -> None:
+    # the fields a modifier list replaces (the others describe the data and the fits); a class
+    # attribute, not a field (no annotation)
+    ALGORITHM_FIELDS = (
+        "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
+        "refine_breakpoints", "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "algorithm",
+    )
+
+    def __post_init__(self, modifiers: Any = None) -> None:
+        if modifiers is not None:
+            self._take_modifiers(modifiers)
         for name in ("n_samples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -351,6 +377,28 @@ class CalibrationConfig:
                     f"calibration.mixed_precision_budget={budget} is below the smallest allowed bits "
                     f"({min(self.mixed_precision_bits)}); raise the budget or allow fewer bits in mixed_precision_bits"
                 )
+
+    def _take_modifiers(self, modifiers: Any) -> None:
+        """Set the flat algorithm fields from a list of modifier configs (see the class docstring)."""
+        from .calibration.modifier import flat_fields  # no torch: configs load without it
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        mixed = [f for f in self.ALGORITHM_FIELDS if getattr(self, f) != defaults[f]]
+        if mixed:
+            raise ValueError(
+                f"calibration: give the algorithms either as modifiers=[...] or as keywords, not both; "
+                f"got modifiers and {', '.join(mixed)} (e.g. gptq=True is modifiers=[GPTQ()])"
+            )
+        for name, value in flat_fields(modifiers).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def recipe(self) -> tuple[Any, ...]:
+        """The algorithms as modifier configs, in pipeline order (``StaticActScales()`` last);
+        ``CalibrationConfig(modifiers=config.recipe, ...)`` rebuilds them."""
+        from .calibration.recipe import modifiers_of
+
+        return modifiers_of(self)
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> "CalibrationConfig":

@@ -294,7 +294,7 @@ def calibrate_activation_scales(model: nn.Module, batches: Iterable) -> int:
     finally:
         if seen == 0:
             for m in layers:
-                m._observing = False
+                m.stop_observing()
     if seen == 0:
         raise ValueError("calibrate_activation_scales got no calibration batches")
     for m in layers:

@@ -12,6 +12,9 @@ Nothing here knows about a particular grid: the per-group parameters come from
 :meth:`WeightFormat.fit`, every column is rounded with :meth:`WeightFormat.fake_quantize` and the
 result is stored with :meth:`WeightFormat.encode`, so the uniform, piecewise and FP8 grids (and any
 plugin grid implementing those three methods) all work.
+
+As a calibration modifier (:class:`GPTQ`) it quantizes each block's calibrated layers after their
+group parameters are chosen; parameters fixed before (learned by LWC) are kept.
 """
 
 from __future__ import annotations
@@ -19,20 +22,101 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..config import LayerSpec
 from ..formats.base import WeightFormat
 from ..formats.groups import group_view, importance_view
+from .modifier import Modifier, check_bool, check_positive
+from .smoothing import trace_tensors
 
-__all__ = ["GPTQResult", "HessianAccumulator", "hessian_from_inputs", "gptq_quantize"]
+if TYPE_CHECKING:
+    from ..config import CalibrationConfig
+    from .state import BlockState, LayerRecord
+
+__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "hessian_from_inputs", "gptq_quantize"]
 
 logger = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 4
 DAMP_GROWTH = 10.0
+
+
+@dataclass(frozen=True)
+class GPTQ(Modifier):
+    """GPTQ error compensation of every calibrated layer (flat form: ``CalibrationConfig(gptq=True,
+    act_order=..., true_sequential=..., damp=...)``).
+
+    Attributes:
+        act_order: process columns by decreasing Hessian diagonal.
+        true_sequential: quantize the block's layers in call order (q/k/v, o, gate/up, down), each
+            on the inputs the already-quantized layers produce.
+        damp: relative dampening of the Hessian (raised tenfold on a failed Cholesky).
+    """
+
+    act_order: bool = True
+    true_sequential: bool = True
+    damp: float = 0.01
+
+    order = 60
+    needs_hessian = True
+
+    def __post_init__(self) -> None:
+        check_bool("GPTQ", "act_order", self.act_order)
+        check_bool("GPTQ", "true_sequential", self.true_sequential)
+        check_positive("GPTQ", "damp", self.damp)
+
+    def process_block(self, block: BlockState) -> None:
+        calibrated = [r.rel for r in block.calibrated]
+        if not calibrated:
+            return
+        stages = _stages(block.block, block.call_first, calibrated) if self.true_sequential else [sorted(calibrated)]
+        for k, stage in enumerate(stages):
+            records = [block.records[rel] for rel in stage]
+            if k > 0:  # inputs as the already-quantized layers of this block produce them
+                block.collect_stats(records, hessian=True)
+            for rec in records:
+                self._quantize(block, rec)
+
+    def _quantize(self, block: BlockState, rec: LayerRecord) -> None:
+        linear = block.linear(rec)
+        res = gptq_quantize(
+            linear.weight.detach(), rec.stats.hessian(), rec.layer, rec.fmt, params=rec.params if rec.params_fixed else None,
+            act_order=self.act_order, damp=self.damp, activation_aware=block.run.cal.activation_aware,
+        )
+        linear.weight.data.copy_(res.weight.to(linear.weight.dtype))
+        rec.tensors, rec.tensors_by = res.tensors, "gptq"
+        rec.note = f"damp {res.damp:g}" if res.damp != self.damp else ""
+
+    def flat(self) -> dict[str, Any]:
+        return {"gptq": True, "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp}
+
+    @classmethod
+    def from_flat(cls, cal: CalibrationConfig) -> GPTQ | None:
+        return cls(cal.act_order, cal.true_sequential, cal.damp) if cal.gptq else None
+
+
+@torch.no_grad()
+def _stages(block: nn.Module, call, rels: list[str]) -> list[list[str]]:
+    """Layers in the order the block calls them, those sharing one input tensor in one stage
+    (q/k/v, then o, then gate/up, then down): GPTQ's "true sequential" order."""
+    order, _ = trace_tensors(block, call, {rel: block.get_submodule(rel) for rel in rels})
+    stages: list[list[str]] = []
+    last_ptr = None
+    for rel, ptr in order.items():
+        if stages and ptr == last_ptr:
+            stages[-1].append(rel)
+        else:
+            stages.append([rel])
+        last_ptr = ptr
+    seen = {r for st in stages for r in st}
+    missing = [r for r in rels if r not in seen]
+    if missing:
+        stages.append(missing)
+    return stages
 
 
 @dataclass
@@ -213,6 +297,35 @@ def gptq_quantize(
     Raises ``ValueError`` for a grid without the calibration interface, mismatched shapes,
     NaN/Inf in the weight or Hessian, or a Hessian that stays non positive definite.
     """
+    _check_arguments(weight, hessian, layer, fmt, block_size, damp)
+    W, H = _float_copies(weight, hessian, layer)
+    H0 = H.clone()  # undamped, for the reported objective
+    n_dead, base, col_imp = _drop_dead_inputs(W, H, layer, activation_aware)
+    grouped = layer.group_size not in (-1, layer.in_features)
+    lazy = params is None and not act_order and grouped
+    params = _initial_params(W, layer, fmt, params, lazy, col_imp)
+    W, H, perm = _act_order(W, H) if act_order else (W, H, None)
+    order = perm.tolist() if perm is not None else list(range(layer.in_features))
+    U, used_damp = _inverse_cholesky(H, damp, base, layer)
+    del H
+    sweep = _Sweep(W, U, layer, fmt, params, order, lazy, col_imp)
+    Q = sweep.run(block_size)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    if lazy:
+        params = {k: torch.stack(v, dim=1).reshape(-1) for k, v in sweep.fitted.items()}  # (out, ng) row-major
+    assert params is not None
+    return _result(weight, Q, params, layer, fmt, H0, used_damp, n_dead)
+
+
+def _act_order(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns by decreasing Hessian diagonal: the permuted weight and Hessian, and the permutation."""
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return W[:, perm], H[perm][:, perm], perm
+
+
+def _check_arguments(weight: torch.Tensor, hessian: torch.Tensor, layer: LayerSpec, fmt: WeightFormat,
+                     block_size: int, damp: float) -> None:
     if not isinstance(fmt, WeightFormat) or not fmt.supports_calibration:
         name = getattr(fmt, "name", type(fmt).__name__)
         raise ValueError(
@@ -230,29 +343,33 @@ def gptq_quantize(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite non-negative number, got {damp!r}")
-    device = weight.device
+
+
+def _float_copies(weight: torch.Tensor, hessian: torch.Tensor, layer: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 working copies of the weight and the Hessian (on the weight's device), checked finite."""
     W = weight.detach().to(torch.float32).clone()
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"layer {layer.name!r}: the weight contains NaN or Inf; quantizing it would corrupt the model")
-    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    H = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
         raise ValueError(
             f"layer {layer.name!r}: the Hessian contains NaN or Inf (check the calibration inputs and the layers before it)"
         )
-    H0 = H.clone()  # undamped, for the reported objective
+    return W, H
 
-    grouped = layer.group_size not in (-1, in_f)
-    gsize = layer.group_size if grouped else in_f
-    n_groups_total = 1 if layer.group_size == -1 else out_f * layer.n_groups
 
-    # dead inputs: never active, so their weights cannot matter; GPTQ zeroes them
+def _drop_dead_inputs(W: torch.Tensor, H: torch.Tensor, layer: LayerSpec,
+                      activation_aware: bool) -> tuple[int, float, torch.Tensor | None]:
+    """Zero the weights of never-active inputs (in place; their Hessian diagonal becomes 1). Returns
+    how many there were, ``mean(diag(H))`` over the live ones (the damp's unit) and, when
+    ``activation_aware``, each column's importance ``diag(H) / base``."""
     diag = torch.diagonal(H)
     dead = diag == 0
     n_dead = int(dead.sum())
     if n_dead:
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
-        logger.info("layer %r: %d of %d inputs are never active; their weights are set to 0", layer.name, n_dead, in_f)
+        logger.info("layer %r: %d of %d inputs are never active; their weights are set to 0", layer.name, n_dead, layer.in_features)
     live = diag[~dead]
     base = float(live.mean()) if live.numel() else 1.0
     if not (base > 0 and math.isfinite(base)):
@@ -263,85 +380,100 @@ def gptq_quantize(
     col_imp: torch.Tensor | None = None
     if activation_aware:
         col_imp = torch.where(dead, torch.zeros_like(diag), diag).clamp(min=0) / base
+    return n_dead, base, col_imp
 
-    # group parameters known before the sweep
-    lazy = params is None and not act_order and grouped
+
+def _initial_params(W: torch.Tensor, layer: LayerSpec, fmt: WeightFormat, params: dict[str, torch.Tensor] | None,
+                    lazy: bool, col_imp: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    """The group parameters known before the sweep: the given ones, or a fit of the original
+    weight (``None`` when groups are fitted lazily during the sweep)."""
+    n_groups_total = 1 if layer.group_size == -1 else layer.out_features * layer.n_groups
     if params is not None:
-        params = _check_params(params, n_groups_total, layer, device)
-    elif not lazy:
-        imp = importance_view(col_imp, layer) if col_imp is not None else None
-        params = fmt.fit(group_view(W, layer), layer, importance=imp)
-        params = _check_params(params, n_groups_total, layer, device)
-    # per group index along the input dimension: its parameters for every output row
-    col_params: list[dict[str, torch.Tensor] | None] = (
-        list(_column_params(params, layer)) if params is not None else [None] * layer.n_groups
-    )
-    fitted: dict[str, list[torch.Tensor]] = {}
+        return _check_params(params, n_groups_total, layer, W.device)
+    if lazy:
+        return None
+    imp = importance_view(col_imp, layer) if col_imp is not None else None
+    params = fmt.fit(group_view(W, layer), layer, importance=imp)
+    return _check_params(params, n_groups_total, layer, W.device)
 
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        order = perm.tolist()
-    else:
-        perm = None
-        order = list(range(in_f))
-    group_of = [0 if layer.group_size == -1 else c // gsize for c in order]
 
-    U, used_damp = _inverse_cholesky(H, damp, base, layer)
-    del H
+class _Sweep:
+    """GPTQ's column sweep over the (permuted) weight ``W`` with the upper Cholesky factor ``U``
+    of ``H^-1``: each column is rounded with its group's parameters and its error spread over the
+    columns not yet quantized, ``block_size`` columns at a time."""
 
-    Q = torch.zeros_like(W)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+    def __init__(self, W: torch.Tensor, U: torch.Tensor, layer: LayerSpec, fmt: WeightFormat,
+                 params: dict[str, torch.Tensor] | None, order: list[int], lazy: bool, col_imp: torch.Tensor | None):
+        self.W, self.U, self.layer, self.fmt, self.lazy, self.col_imp = W, U, layer, fmt, lazy, col_imp
+        self.gsize = layer.group_size if layer.group_size not in (-1, layer.in_features) else layer.in_features
+        self.group_of = [0 if layer.group_size == -1 else c // self.gsize for c in order]
+        # per group index along the input dimension: its parameters for every output row
+        self.col_params: list[dict[str, torch.Tensor] | None] = (
+            list(_column_params(params, layer)) if params is not None else [None] * layer.n_groups
+        )
+        self.fitted: dict[str, list[torch.Tensor]] = {}
+
+    def run(self, block_size: int) -> torch.Tensor:
+        W, U, in_f = self.W, self.U, self.layer.in_features
+        Q = torch.zeros_like(W)
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            Q[:, i1:i2], Err1 = self._columns(i1, i2)
+            if i2 < in_f:
+                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        return Q
+
+    def _columns(self, i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize columns ``i1:i2``; returns them and their scaled errors."""
+        W1 = self.W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(count):
+        U1 = self.U[i1:i2, i1:i2]
+        out_f = self.layer.out_features
+        for i in range(i2 - i1):
             col = i1 + i
-            j = group_of[col]
-            if lazy and col % gsize == 0:
-                # the group's current (error-updated) weights: in-block columns from W1, later ones
-                # with this block's pending updates applied
-                end = col + gsize
-                inside = W1[:, i:min(end, i2) - i1]
-                if end > i2:
-                    later = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]
-                    cur = torch.cat([inside, later], dim=1)
-                else:
-                    cur = inside
-                imp = col_imp[col:end].unsqueeze(0).expand(out_f, gsize) if col_imp is not None else None
-                p = fmt.fit(cur.contiguous(), layer, importance=imp)
-                for k, v in p.items():
-                    if tuple(v.shape) != (out_f,):
-                        raise ValueError(
-                            f"layer {layer.name!r}: {fmt.name!r}.fit returned params[{k!r}] of shape "
-                            f"{tuple(v.shape)} for {out_f} groups"
-                        )
-                    fitted.setdefault(k, [v.new_zeros(())] * layer.n_groups)[j] = v.to(device)
-                col_params[j] = {k: v.to(device) for k, v in p.items()}
+            j = self.group_of[col]
+            if self.lazy and col % self.gsize == 0:
+                self._fit_group(W1, Err1, i1, i2, col, j)
             w = W1[:, i]
             d = U1[i, i]
-            pj = col_params[j]
+            pj = self.col_params[j]
             assert pj is not None
-            q = fmt.fake_quantize(w.unsqueeze(1), pj, layer).reshape(out_f)
+            q = self.fmt.fake_quantize(w.unsqueeze(1), pj, self.layer).reshape(out_f)
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        if i2 < in_f:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        return Q1, Err1
 
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q = Q[:, inv]
-    if lazy:
-        params = {k: torch.stack(v, dim=1).reshape(-1) for k, v in fitted.items()}  # (out, ng) row-major
-    assert params is not None
+    def _fit_group(self, W1: torch.Tensor, Err1: torch.Tensor, i1: int, i2: int, col: int, j: int) -> None:
+        """Fit group ``j`` on its current (error-updated) weights: in-block columns from ``W1``,
+        later ones with this block's pending updates applied."""
+        out_f, gsize, layer = self.layer.out_features, self.gsize, self.layer
+        end = col + gsize
+        inside = W1[:, col - i1:min(end, i2) - i1]
+        if end > i2:
+            later = self.W[:, i2:end] - Err1[:, :col - i1] @ self.U[i1:col, i2:end]
+            cur = torch.cat([inside, later], dim=1)
+        else:
+            cur = inside
+        imp = self.col_imp[col:end].unsqueeze(0).expand(out_f, gsize) if self.col_imp is not None else None
+        p = self.fmt.fit(cur.contiguous(), layer, importance=imp)
+        device = self.W.device
+        for k, v in p.items():
+            if tuple(v.shape) != (out_f,):
+                raise ValueError(
+                    f"layer {layer.name!r}: {self.fmt.name!r}.fit returned params[{k!r}] of shape "
+                    f"{tuple(v.shape)} for {out_f} groups"
+                )
+            self.fitted.setdefault(k, [v.new_zeros(())] * layer.n_groups)[j] = v.to(device)
+        self.col_params[j] = {k: v.to(device) for k, v in p.items()}
 
+
+def _result(weight: torch.Tensor, Q: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec,
+            fmt: WeightFormat, H0: torch.Tensor, used_damp: float, n_dead: int) -> GPTQResult:
+    """Encode the quantized weight, check that the format reproduces it, and measure the objective."""
+    device = weight.device
     tensors = fmt.encode(Q, params, layer)
     deq = fmt.dequantize(tensors, layer, torch.float32).to(device)
     tol = 1e-6 * max(float(Q.abs().max()), 1e-30) if Q.numel() else 0.0

@@ -1,42 +1,86 @@
-"""Learnable weight clipping (LWC) and learnable equivalent transformation (LET), trained per block.
+"""Learnable weight clipping (LWC) as a calibration modifier, and the per-block training it shares
+with the learnable equivalent transformation (LET, :mod:`.let`).
 
 Both come from OmniQuant (Shao et al., "OmniQuant: Omnidirectionally Calibrated Quantization for
 Large Language Models", ICLR 2024). Per block, the loss is the mean squared error between the
 block's output with fake-quantized weights (and activations) and the float block's output on the
 float inputs; rounding uses a straight-through estimator (the LSQ gradient for the step size).
 
-* **LWC** learns a clipping strength per weight group: for the uniform grid ``sigmoid(gamma)`` and
-  ``sigmoid(beta)`` shrink the group's max and min; for the piecewise grid a factor in ``(0, 2)``
-  of the scale that covers the group with its breakpoint (chosen before training, kept fixed).
-  FP8 layers keep their fitted scales.
+* **LWC** learns clipping strengths per weight group, ``sigmoid`` of a learned logit; the format
+  says what they clip (its ``lwc_*`` calibration hooks): for the uniform grid the group's max and
+  min, for the piecewise grid a factor in ``(0, 2)`` of the scale that covers the group with its
+  breakpoint (chosen before training, kept fixed). Formats without the hooks (FP8) keep their
+  fitted scales.
 * **LET** learns a per-channel scale ``s`` (initialised from SmoothQuant with alpha 0.5) and, where
   the producer and every consumer have a bias, a per-channel shift ``delta`` (initialised to the
   channel's (max + min) / 2) of each fold group
   (see :mod:`.smoothing`): the consumers see ``(x - delta) / s``, their weights become ``W s``
   and their biases ``b + W delta``. After training the transformation is folded for good.
+
+When both run they are learned together: one optimiser, one loss. Both modifiers join the block's
+:class:`BlockTraining` before the block, and the first of them to reach ``process_block`` runs it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..config import LayerSpec
-from ..formats.base import WeightFormat, round_scale, scale_dtype_of
+from ..formats.base import WeightFormat
 from ..formats.groups import group_view
-from ..formats.piecewise import outer_levels
 from ..kernels import reference as ref
-from ..observers import uniform_scale, zero_point
+from .modifier import Modifier, check_epochs, check_positive
 from .smoothing import FoldGroup, apply_fold
 
-__all__ = ["LayerClip", "train_block"]
+if TYPE_CHECKING:
+    from ..args import ActArgs
+    from ..config import CalibrationConfig
+    from .let import LET
+    from .state import BlockState
+
+__all__ = ["LWC", "LayerClip", "BlockTraining", "join_training", "train_once", "train_block"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LWC(Modifier):
+    """Learn per-group clipping strengths against the block output (flat form:
+    ``CalibrationConfig(lwc=True, lwc_lr=..., epochs=...)``).
+
+    Attributes:
+        lr: AdamW learning rate of the clipping logits.
+        epochs: passes over the calibration batches per block (shared with LET when both run).
+    """
+
+    lr: float = 5e-3
+    epochs: int = 5
+
+    order = 40
+
+    def __post_init__(self) -> None:
+        check_positive("LWC", "lr", self.lr)
+        check_epochs("LWC", self.epochs)
+
+    def before_block(self, block: BlockState) -> None:
+        join_training(block, lwc=self)
+
+    def process_block(self, block: BlockState) -> None:
+        train_once(block)
+
+    def flat(self) -> dict[str, Any]:
+        return {"lwc": True, "lwc_lr": self.lr, "epochs": self.epochs}
+
+    @classmethod
+    def from_flat(cls, cal: CalibrationConfig) -> LWC | None:
+        return cls(cal.lwc_lr, cal.epochs) if cal.lwc else None
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -45,51 +89,30 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 
 class LayerClip(nn.Module):
-    """Learnable clipping of one layer's weight groups (LWC); ``learn=False`` only fake-quantizes
-    with the fitted parameters (gradients still reach the weight through the straight-through
-    estimator, which LET needs)."""
+    """Learnable clipping of one layer's weight groups (LWC); ``learn=False``, or a format without
+    the ``lwc_*`` hooks, only fake-quantizes with the fitted parameters (gradients still reach the
+    weight through the straight-through estimator, which LET needs)."""
 
     def __init__(self, layer: LayerSpec, fmt: WeightFormat, weight: torch.Tensor, params: dict[str, torch.Tensor], learn: bool):
         super().__init__()
-        self.layer, self.fmt, self.learn = layer, fmt, learn
-        self.grid = layer.spec.grid if layer.spec.grid in ("uniform", "piecewise") else "other"
-        if not learn or self.grid == "other":
-            self.learn = False
-            self.fixed = {k: v.detach() for k, v in params.items()}
+        self.layer, self.fmt = layer, fmt
+        self.learn = learn and hasattr(fmt, "lwc_init")
+        if not self.learn:
+            self.frozen = {k: v.detach() for k, v in params.items()}
             return
-        g = group_view(weight.detach().float(), layer)
-        bits = layer.spec.bits
-        if self.grid == "uniform":
-            mn = g.amin(dim=1).clamp(max=0)
-            mx = g.amax(dim=1).clamp(min=0)
-            full = uniform_scale(mn, mx, bits, bool(layer.spec.symmetric)).abs()
-            f0 = params["scale"].abs() / full.clamp(min=1e-12)
-            self.gamma = nn.Parameter(_logit(f0))
-            self.beta = nn.Parameter(_logit(f0.clone()))
-        else:
-            self.register_buffer("breakpoint", params["breakpoint"].clone())
-            self.register_buffer("sign", torch.where(params["scale"] < 0, -1.0, 1.0))
-            base = self._cover(g)
-            self.gamma = nn.Parameter(_logit(params["scale"].abs() / (2 * base.clamp(min=1e-12))))
+        strength, self.fixed = fmt.lwc_init(group_view(weight.detach().float(), layer), layer, params)
+        self.names = list(strength)
+        for k, v in strength.items():
+            self.register_parameter(f"clip_{k}", nn.Parameter(_logit(v)))
 
-    def _cover(self, g: torch.Tensor) -> torch.Tensor:
-        neg_outer, _ = outer_levels(self.layer.spec.bits, g.device)
-        return g.abs().amax(dim=1) / neg_outer[self.breakpoint]
+    def strengths(self) -> dict[str, torch.Tensor]:
+        return {k: torch.sigmoid(getattr(self, f"clip_{k}")) for k in self.names}
 
     def params(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable per-group parameters for ``weight`` (scales not yet rounded)."""
         if not self.learn:
-            return self.fixed
-        g = group_view(weight.float(), self.layer)
-        bits, sym = self.layer.spec.bits, bool(self.layer.spec.symmetric)
-        if self.grid == "uniform":
-            lo = torch.sigmoid(self.beta) * g.amin(dim=1).clamp(max=0)
-            hi = torch.sigmoid(self.gamma) * g.amax(dim=1).clamp(min=0)
-            s = uniform_scale(lo, hi, bits, sym)
-            z = zero_point(lo.detach(), s.detach(), bits, sym)
-            return {"scale": s, "zero": z}
-        s = self.sign * 2 * torch.sigmoid(self.gamma) * self._cover(g.detach())
-        return {"scale": s, "breakpoint": self.breakpoint}
+            return self.frozen
+        return self.fmt.lwc_params(group_view(weight.float(), self.layer), self.layer, self.strengths(), self.fixed)
 
     def fake(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight with the straight-through estimator: inside the grid's range the
@@ -121,144 +144,180 @@ class LayerClip(nn.Module):
     def final_params(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stored-precision parameters for the final (folded) weight."""
         if not self.learn:
-            return self.fixed
-        p = self.params(weight)
-        s = round_scale(p["scale"].detach(), scale_dtype_of(self.layer.spec), self.layer.name).to(torch.float32)
-        if self.grid == "uniform":
-            g = group_view(weight.float(), self.layer)
-            lo = torch.sigmoid(self.beta) * g.amin(dim=1).clamp(max=0)
-            return {"scale": s, "zero": zero_point(lo, s, self.layer.spec.bits, bool(self.layer.spec.symmetric))}
-        return {"scale": s, "breakpoint": self.breakpoint.clone()}
+            return self.frozen
+        return self.fmt.lwc_final_params(group_view(weight.float(), self.layer), self.layer, self.strengths(), self.fixed)
 
 
-def _fake_act(x: torch.Tensor, spec) -> torch.Tensor:
-    fmt = f"int{spec.act_bits}" if spec.act_format == "int" else "fp8_e4m3"
-    if spec.act_mode == "static_per_tensor":
-        qmax = ref.ACT_QMAX[fmt]
+def _fake_act(x: torch.Tensor, args: ActArgs) -> torch.Tensor:
+    """Fake-quantized activations with a straight-through gradient; a static scale is the one the
+    calibration of this batch would give."""
+    if not args.dynamic:
         mag = x.detach().abs().reshape(-1)
-        k = min(spec.act_topk + 1, mag.numel())
-        scale = (mag.topk(k).values[-1] * spec.act_clip_ratio / qmax).clamp(min=1e-12)
-        q = ref.quantize_activation(x.detach(), fmt, "static_per_tensor", scale, 1.0, 0)
+        k = min(args.topk + 1, mag.numel())
+        scale = (mag.topk(k).values[-1] * args.clip_ratio / args.qmax).clamp(min=1e-12)
+        q = ref.quantize_activation(x.detach(), args.kernel_format, args.kernel_mode, scale, 1.0, 0)
     else:
-        q = ref.quantize_activation(x.detach(), fmt, "dynamic_per_token", None, spec.act_clip_ratio, spec.act_topk)
+        q = ref.quantize_activation(x.detach(), args.kernel_format, args.kernel_mode, None, args.clip_ratio, args.topk)
     return x + (q - x).detach()
 
 
-def train_block(
-    block: nn.Module,
-    layers: dict[str, LayerSpec],
-    fmts: dict[str, WeightFormat],
-    init_params: dict[str, dict[str, torch.Tensor]],
-    groups: list[FoldGroup],
-    call: Callable[[nn.Module, int, torch.Tensor], torch.Tensor],
-    inputs: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    *,
-    lwc: bool,
-    let: bool,
-    epochs: int,
-    lwc_lr: float,
-    let_lr: float,
-    seed: int,
-) -> tuple[dict[str, LayerClip], float, float]:
-    """Train LWC/LET for one block; folds the learned LET transform into the block and returns the
-    per-layer clip modules (for their final parameters) and the loss before/after."""
-    torch.manual_seed(seed)
-    # with LET alone the clip modules still follow the changing weights, but are not trained
-    clips = {
-        n: LayerClip(layers[n], fmts[n], block.get_submodule(n).weight, init_params[n], learn=lwc or let) for n in layers
-    }
-    let_scales: list[nn.Parameter] = []
-    let_shifts: list[nn.Parameter | None] = []
-    if let:
-        # the engine has already folded SmoothQuant's alpha=0.5 scales: LET starts from identity
-        for grp in groups:
-            let_scales.append(nn.Parameter(torch.zeros(grp.channels)))
-            let_shifts.append(nn.Parameter(grp.act_mean.clone().float()) if grp.shift_ok and grp.act_mean is not None else None)
-    params: dict[str, nn.Parameter] = dict(block.named_parameters())
-    base = {k: v.detach() for k, v in params.items()}
+# ---- the joint block training ------------------------------------------------------------------
 
-    def effective() -> dict[str, torch.Tensor]:
-        w = {k: v for k, v in base.items()}
-        if let:
-            for grp, th, d in zip(groups, let_scales, let_shifts):
-                s = torch.exp(th)
-                for c in grp.consumers:
-                    wc = w[f"{c}.weight"]
-                    if d is not None:
-                        w[f"{c}.bias"] = w[f"{c}.bias"] + (base[f"{c}.weight"].float() @ d).to(wc.dtype)
-                    w[f"{c}.weight"] = wc * s.unsqueeze(0).to(wc.dtype)
-                pw = w[f"{grp.producer}.weight"]
-                shp = (-1,) if grp.kind == "norm" else (-1, 1)
-                w[f"{grp.producer}.weight"] = pw / s.reshape(shp).to(pw.dtype)
-                bkey = f"{grp.producer}.bias"
-                if bkey in w and w[bkey] is not None:
-                    b = w[bkey] - (d if d is not None else 0.0)
-                    w[bkey] = b / s.to(b.dtype)
-        for n, clip in clips.items():
+
+@dataclass
+class BlockTraining:
+    """What the block's LWC and LET modifiers asked to learn; trained once, by the first of them."""
+
+    lwc: LWC | None = None
+    let: LET | None = None
+    done: bool = False
+
+    @property
+    def epochs(self) -> int:
+        return (self.lwc or self.let).epochs  # equal when both are given (CalibrationConfig checks)
+
+
+def join_training(block: BlockState, *, lwc: LWC | None = None, let: LET | None = None) -> None:
+    """Add LWC or LET to the block's joint training (before the block)."""
+    training = block.training if block.training is not None else BlockTraining()
+    training.lwc = lwc or training.lwc
+    training.let = let or training.let
+    block.training = training
+
+
+def train_once(block: BlockState) -> None:
+    """Run the block's joint training if it has not run yet; then every calibrated layer gets its
+    learned clipping (LWC) or a fit of its transformed weight (LET only)."""
+    training = block.training
+    if training is None or training.done or not block.calibrated:
+        return
+    training.done = True
+    clips, before, after = train_block(block, training)
+    block.lwc_loss = (before, after)
+    if training.let is not None and block.fold_groups:
+        block.collect_stats()
+    for rec in block.calibrated:
+        clip = clips[rec.rel]
+        if training.lwc is not None and clip.learn:
+            rec.params = clip.final_params(block.linear(rec).weight)
+            rec.params_by, rec.params_fixed = "lwc", True
+        else:
+            rec.params = block.fit(rec)
+
+
+class _Trainer:
+    """One block's learnable pieces: LWC's clip modules and LET's per-group scales (log) and shifts,
+    applied functionally over the block's frozen parameters."""
+
+    def __init__(self, block: BlockState, clips: dict[str, LayerClip], groups: list[FoldGroup]) -> None:
+        self.state, self.clips, self.groups = block, clips, groups
+        self.scales = [nn.Parameter(torch.zeros(g.channels)) for g in groups]
+        self.shifts = [nn.Parameter(g.act_mean.clone().float()) if g.shift_ok and g.act_mean is not None else None
+                       for g in groups]
+        self.params = dict(block.block.named_parameters())
+        self.base = {k: v.detach() for k, v in self.params.items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The block's parameters with LET's transformation and LWC's fake quantization applied."""
+        w = {k: v for k, v in self.base.items()}
+        for grp, th, d in zip(self.groups, self.scales, self.shifts):
+            _transform(w, self.base, grp, torch.exp(th), d)
+        for n, clip in self.clips.items():
             w[f"{n}.weight"] = clip.fake(w[f"{n}.weight"])
         return w
 
+    def loss_on(self, i: int) -> torch.Tensor:
+        st = self.state
+        out = st.run.inputs.call(lambda *a, **k: functional_call(st.block, self.weights(), a, k), i, st.q[i])
+        return (out.float() - st.fp_out[i].float()).pow(2).mean()
+
+    @torch.no_grad()
+    def mean_loss(self) -> float:
+        n = len(self.state.q)
+        return sum(float(self.loss_on(i)) for i in range(n)) / n
+
+    def optimise(self, param_groups: list[dict[str, Any]], epochs: int, seed: int) -> None:
+        opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for i in torch.randperm(len(self.state.q), generator=g).tolist():
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_on(i)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError("LWC/LET training produced a non-finite loss")
+                loss.backward()
+                opt.step()
+
+    def learnable(self) -> list[torch.Tensor]:
+        return [p for c in self.clips.values() for p in c.parameters()] + self.scales + [d for d in self.shifts if d is not None]
+
+
+def _transform(w: dict[str, torch.Tensor], base: dict[str, torch.Tensor], grp: FoldGroup, s: torch.Tensor,
+               d: torch.Tensor | None) -> None:
+    """LET on one fold group: consumers see ``(x - d) / s`` (weights ``W s``, biases ``b + W d``)."""
+    for c in grp.consumers:
+        wc = w[f"{c}.weight"]
+        if d is not None:
+            w[f"{c}.bias"] = w[f"{c}.bias"] + (base[f"{c}.weight"].float() @ d).to(wc.dtype)
+        w[f"{c}.weight"] = wc * s.unsqueeze(0).to(wc.dtype)
+    pw = w[f"{grp.producer}.weight"]
+    shp = (-1,) if grp.kind == "norm" else (-1, 1)
+    w[f"{grp.producer}.weight"] = pw / s.reshape(shp).to(pw.dtype)
+    bkey = f"{grp.producer}.bias"
+    if bkey in w and w[bkey] is not None:
+        b = w[bkey] - (d if d is not None else 0.0)
+        w[bkey] = b / s.to(b.dtype)
+
+
+def _act_hooks(block: BlockState) -> list[Any]:
+    """Fake-quantize the inputs of the calibrated layers that quantize activations."""
     hooks = []
-    for n, lay in layers.items():
-        if lay.spec.act_bits is not None:
-            spec = lay.spec
-            hooks.append(block.get_submodule(n).register_forward_pre_hook(lambda m, a, spec=spec: (_fake_act(a[0], spec),) + a[1:]))
-    trainable = [p for c in clips.values() for p in c.parameters()] if lwc else []
-    if not lwc:
+    for rec in block.calibrated:
+        args = rec.layer.spec.act_args
+        if args is not None:
+            hooks.append(block.linear(rec).register_forward_pre_hook(lambda m, a, args=args: (_fake_act(a[0], args),) + a[1:]))
+    return hooks
+
+
+def train_block(block: BlockState, training: BlockTraining) -> tuple[dict[str, LayerClip], float, float]:
+    """Train LWC/LET for one block; folds the learned LET transform into the block and returns the
+    per-layer clip modules (for their final parameters) and the loss before/after. A training that
+    does not lower the loss is undone."""
+    seed = block.run.cal.seed
+    torch.manual_seed(seed)
+    lwc, let = training.lwc, training.let
+    # with LET alone the clip modules still follow the changing weights, but are not trained
+    clips = {r.rel: LayerClip(r.layer, r.fmt, block.linear(r).weight, r.params, learn=True) for r in block.calibrated}
+    # the SmoothQuant alpha=0.5 scales are folded already: LET starts from identity
+    trainer = _Trainer(block, clips, block.fold_groups if let is not None else [])
+    hooks = _act_hooks(block)
+    if lwc is None:
         for c in clips.values():
             c.requires_grad_(False)
-    init_state = {n: {k: v.detach().clone() for k, v in c.named_parameters()} for n, c in clips.items()}
-    init_thetas = [th.detach().clone() for th in let_scales]
-    init_shifts = [None if d is None else d.detach().clone() for d in let_shifts]
-    groups_opt = []
+    param_groups = []
+    trainable = [p for c in clips.values() for p in c.parameters()] if lwc is not None else []
     if trainable:
-        groups_opt.append({"params": trainable, "lr": lwc_lr})
-    let_params = let_scales + [d for d in let_shifts if d is not None]
+        param_groups.append({"params": trainable, "lr": lwc.lr})
+    let_params = trainer.scales + [d for d in trainer.shifts if d is not None]
     if let_params:
-        groups_opt.append({"params": let_params, "lr": let_lr})
-
-    def loss_on(i: int) -> torch.Tensor:
-        out = call(lambda *a, **k: functional_call(block, effective(), a, k), i, inputs[i])
-        return (out.float() - targets[i].float()).pow(2).mean()
-
-    for p in params.values():
+        param_groups.append({"params": let_params, "lr": let.lr})
+    initial = [p.detach().clone() for p in trainer.learnable()]
+    for p in trainer.params.values():
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            before = sum(float(loss_on(i)) for i in range(len(inputs))) / len(inputs)
-        after = before
-        if groups_opt and epochs > 0:
-            opt = torch.optim.AdamW(groups_opt, weight_decay=0.0)
-            g = torch.Generator().manual_seed(seed)
-            for _ in range(epochs):
-                total = 0.0
-                for i in torch.randperm(len(inputs), generator=g).tolist():
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_on(i)
-                    if not math.isfinite(float(loss.detach())):
-                        raise FloatingPointError("LWC/LET training produced a non-finite loss")
-                    loss.backward()
-                    opt.step()
-                    total += loss.item()
-            with torch.no_grad():
-                after = sum(float(loss_on(i)) for i in range(len(inputs))) / len(inputs)
+        before = after = trainer.mean_loss()
+        if param_groups and training.epochs > 0:
+            trainer.optimise(param_groups, training.epochs, seed)
+            after = trainer.mean_loss()
             if after > before:
                 logger.info("LWC/LET did not lower the block loss (%.4g -> %.4g); keeping the initial parameters", before, after)
                 with torch.no_grad():
-                    for n, c in clips.items():
-                        for k, v in c.named_parameters():
-                            v.copy_(init_state[n][k])
-                    for th, t0 in zip(let_scales, init_thetas):
-                        th.copy_(t0)
-                    for d, d0 in zip(let_shifts, init_shifts):
-                        if d is not None:
-                            d.copy_(d0)
+                    for p, p0 in zip(trainer.learnable(), initial):
+                        p.copy_(p0)
                 after = before
     finally:
         for h in hooks:
             h.remove()
-    if let and let_scales:
-        for grp, th, d in zip(groups, let_scales, let_shifts):
-            apply_fold(block, grp, torch.exp(th.detach()), None if d is None else d.detach())
+    for grp, th, d in zip(trainer.groups, trainer.scales, trainer.shifts):
+        apply_fold(block.block, grp, torch.exp(th.detach()), None if d is None else d.detach())
     return clips, before, after

@@ -41,6 +41,11 @@ models with hundreds of similar layers the Lagrangian choice is already close to
 Ties are broken deterministically: among candidates of one layer with equal error the one with
 fewer bits per weight (then the earlier in the input) is kept; among allocations with equal total
 error the cheaper one, then the one giving more bits to layers earlier in sorted name order.
+
+As a calibration modifier (:class:`MixedPrecision`) it runs before the first block: a pass over
+the float model measures every layer's sensitivity to every candidate (the relative error of its
+block's output when only that layer is quantized), :func:`allocate` picks one per layer, and the
+plan becomes per-layer ``overrides`` in the saved config, so a reload rebuilds the same layers.
 """
 
 from __future__ import annotations
@@ -51,9 +56,27 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-__all__ = ["Candidate", "allocate", "summarize"]
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats.groups import group_view
+from ..quantization import layer_spec_for, plan_layers
+from ..registry import get_format
+from .blocks import onload_block, relative_error
+from .modifier import Modifier
+from .state import LayerStats, collect_stats, fit_params
+
+if TYPE_CHECKING:
+    from ..config import CalibrationConfig, QuantSpec
+    from .state import RunState
+
+__all__ = ["MixedPrecision", "Candidate", "allocate", "summarize"]
+
+MIXED_PRECISION_BITS = (2, 3, 4, 8)
+MIXED_PRECISION_GRIDS = ("uniform", "piecewise")
 
 # Relative slack in the budget check, for float rounding in the weighted sums only.
 _REL_TOL = 1e-12
@@ -289,21 +312,47 @@ def allocate(
     total_n = sum(n_w.values())
     limit = budget * total_n * (1.0 + _REL_TOL)
     fronts = {k: _pareto(candidates[k]) for k in names}
+    _check_feasible(names, fronts, n_w, limit, budget, total_n)
 
+    starts = [_lagrangian_start(names, fronts, n_w, limit)]
+    starts += _uniform_starts(names, candidates, fronts, n_w, limit)
+    starts.append(_frontier_dp(names, fronts, n_w, limit, max_states))
+    results = [_greedy(names, fronts, n_w, s, limit) for s in starts]
+    # equal error: the cheaper allocation, then the one giving more bits to layers earlier in name order
+    best_sel = min(
+        results,
+        key=lambda s: (_error(fronts, s), _cost(fronts, n_w, s), [-fronts[k][s[k]].bits_per_weight for k in names]),
+    )
+
+    final_cost = _cost(fronts, n_w, best_sel)
+    if final_cost > limit:  # pragma: no cover - every step above keeps the budget
+        raise AssertionError(f"internal error: allocation exceeds the budget ({final_cost / total_n} > {budget})")
+    return {k: fronts[k][best_sel[k]] for k in names}
+
+
+def _check_feasible(names: list[str], fronts: dict[str, list[Candidate]], n_w: dict[str, int], limit: float,
+                    budget: float, total_n: int) -> None:
+    """Raise ``ValueError`` (with the smallest achievable average) when even every layer's
+    cheapest candidate exceeds the budget."""
+    min_cost = _cost(fronts, n_w, {k: 0 for k in names})
+    if min_cost <= limit:
+        return
+    minimum = min_cost / total_n
+    costly = sorted(names, key=lambda k: (-fronts[k][0].bits_per_weight, k))[:3]
+    raise ValueError(
+        f"budget {budget:g} bits/weight is infeasible: the smallest achievable average is {minimum:.6g} "
+        f"bits/weight (every layer on its cheapest candidate; costliest minimums: "
+        + ", ".join(f"{k!r} {fronts[k][0].bits_per_weight:g}" for k in costly)
+        + f"). Raise the budget to at least {minimum:.6g}, or allow fewer bits (add cheaper candidates)."
+    )
+
+
+def _lagrangian_start(names: list[str], fronts: dict[str, list[Candidate]], n_w: dict[str, int],
+                      limit: float) -> dict[str, int]:
+    """The Lagrangian choice: bisect ``lam`` over the hull slopes (the only points where a choice
+    changes) for the smallest ``lam`` whose choice fits. Each ``lam`` sits just above a slope so
+    that the tie at the breakpoint goes to the cheaper side."""
     cheapest = {k: 0 for k in names}
-    min_cost = _cost(fronts, n_w, cheapest)
-    if min_cost > limit:
-        minimum = min_cost / total_n
-        costly = sorted(names, key=lambda k: (-fronts[k][0].bits_per_weight, k))[:3]
-        raise ValueError(
-            f"budget {budget:g} bits/weight is infeasible: the smallest achievable average is {minimum:.6g} "
-            f"bits/weight (every layer on its cheapest candidate; costliest minimums: "
-            + ", ".join(f"{k!r} {fronts[k][0].bits_per_weight:g}" for k in costly)
-            + f"). Raise the budget to at least {minimum:.6g}, or allow fewer bits (add cheaper candidates)."
-        )
-
-    # Lagrangian relaxation: bisect lam over the hull slopes (the only points where a choice changes).
-    # Each lam sits just above a slope so that the tie at the breakpoint goes to the cheaper side.
     slopes = sorted({s for k in names for s in _hull_slopes(fronts[k], n_w[k])})
     lams = [0.0, *(s * (1.0 + 1e-9) for s in slopes)]
 
@@ -314,12 +363,17 @@ def allocate(
         return _cost(fronts, n_w, choice(lam)) <= limit
 
     # fits() is monotone in lam (ties go to the cheaper candidate); the largest lam picks the cheapest
-    # candidate of every layer, which fits (checked above)
+    # candidate of every layer, which fits (checked before)
     i = bisect.bisect_left(range(len(lams)), True, key=lambda i: fits(lams[i]))
     start = choice(lams[i]) if i < len(lams) else cheapest
-    starts = [start if _cost(fronts, n_w, start) <= limit else cheapest]
+    return start if _cost(fronts, n_w, start) <= limit else cheapest
 
-    # Uniform choices (same (bits, grid) everywhere) that fit, so the result never loses to one.
+
+def _uniform_starts(names: list[str], candidates: Mapping[str, Sequence[Candidate]], fronts: dict[str, list[Candidate]],
+                    n_w: dict[str, int], limit: float) -> list[dict[str, int]]:
+    """Every uniform choice (the same ``(bits, grid)`` for all layers) that fits, mapped onto the
+    fronts, so the result never loses to one."""
+    starts = []
     keys = [set((c.bits, c.grid) for c in candidates[k]) for k in names]
     for key in sorted(set.intersection(*keys), key=lambda t: (t[0], str(t[1]))):
         sel = {}
@@ -336,19 +390,7 @@ def allocate(
             )
         if _cost(fronts, n_w, sel) <= limit:
             starts.append(sel)
-
-    starts.append(_frontier_dp(names, fronts, n_w, limit, max_states))
-    results = [_greedy(names, fronts, n_w, s, limit) for s in starts]
-    # equal error: the cheaper allocation, then the one giving more bits to layers earlier in name order
-    best_sel = min(
-        results,
-        key=lambda s: (_error(fronts, s), _cost(fronts, n_w, s), [-fronts[k][s[k]].bits_per_weight for k in names]),
-    )
-
-    final_cost = _cost(fronts, n_w, best_sel)
-    if final_cost > limit:  # pragma: no cover - every step above keeps the budget
-        raise AssertionError(f"internal error: allocation exceeds the budget ({final_cost / total_n} > {budget})")
-    return {k: fronts[k][best_sel[k]] for k in names}
+    return starts
 
 
 def summarize(choice: Mapping[str, Candidate], n_weights: Mapping[str, int]) -> dict:
@@ -373,3 +415,115 @@ def summarize(choice: Mapping[str, Candidate], n_weights: Mapping[str, int]) -> 
         "total_error": math.fsum(c.error for c in choice.values()),
         "counts": dict(sorted(counts.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))),
     }
+
+
+# ---- the modifier ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixedPrecision(Modifier):
+    """One (bits, grid) per layer under an average-bits budget, from measured sensitivities
+    (flat form: ``CalibrationConfig(mixed_precision_budget=..., mixed_precision_bits=...,
+    mixed_precision_grids=...)``).
+
+    Attributes:
+        budget: average bits per weight (codes and metadata) over the quantized layers.
+        bits, grids: the candidates, every combination (8-bit piecewise only without uniform).
+    """
+
+    budget: float
+    bits: tuple[int, ...] = MIXED_PRECISION_BITS
+    grids: tuple[str, ...] = MIXED_PRECISION_GRIDS
+
+    order = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(self.bits))
+        object.__setattr__(self, "grids", tuple(self.grids))
+        if [b for b in self.bits if b not in MIXED_PRECISION_BITS] or not self.bits:
+            raise ValueError(f"MixedPrecision.bits must be a non-empty subset of 2, 3, 4, 8; got {self.bits!r}")
+        if [g for g in self.grids if g not in MIXED_PRECISION_GRIDS] or not self.grids:
+            raise ValueError(f"MixedPrecision.grids must be a non-empty subset of 'uniform', 'piecewise'; got {self.grids!r}")
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < min(self.bits):
+            raise ValueError(
+                f"MixedPrecision.budget must be a number of bits per weight, at least the smallest allowed bits "
+                f"({min(self.bits)}); got {b!r}"
+            )
+
+    def start(self, run: RunState) -> None:
+        candidates, n_weights = self._sensitivities(run)
+        choice = allocate(candidates, n_weights, self.budget)
+        outside = set(run.outside())
+        overrides = {name: {"bits": c.bits, "grid": c.grid} for name, c in choice.items() if name not in outside}
+        run.config = run.config.with_overrides(overrides)
+        run.plan = plan_layers(run.model, run.config)
+        summary = summarize(choice, n_weights)
+        summary["budget"] = self.budget
+        summary["plan"] = {n: f"{c.grid}{c.bits}" for n, c in choice.items()}
+        run.report.mixed_precision = summary
+
+    def _combos(self) -> list[tuple[int, str]]:
+        # at 8 bits the grids are equally fine and piecewise's 256-breakpoint search is slow: uniform only
+        return [(b, g) for b in self.bits for g in self.grids if not (b == 8 and g == "piecewise" and "uniform" in self.grids)]
+
+    def _sensitivities(self, run: RunState) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
+        """Every block layer's candidates with their measured errors, on the float chain; layers
+        outside the blocks keep the config's scheme and count against the budget."""
+        candidates: dict[str, list[Candidate]] = {}
+        n_weights: dict[str, int] = {}
+        fp = list(run.inputs.hidden)
+        n_probe = min(len(fp), 2)
+        bar = tqdm(list(enumerate(run.blocks)), desc="sensitivity", unit="block", disable=not run.progress)
+        for i, block in bar:
+            onload_block(block)
+            names = run.block_layers(i)
+            fp_out = run.run_block(block, run.inputs, fp)
+            stats = collect_stats(block, lambda h: run.run_block(block, run.inputs, h), fp[:n_probe], names, hessian=False)
+            for rel, full in names.items():
+                candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp[:n_probe], fp_out[:n_probe])
+                n_weights[full] = run.plan[full].in_features * run.plan[full].out_features
+            fp = fp_out
+        for name in run.outside():
+            base = run.plan[name]
+            candidates[name] = [Candidate(base.spec.bits, base.spec.grid, get_format(base.spec.grid).bits_per_weight(base), 0.0)]
+            n_weights[name] = base.in_features * base.out_features
+        return candidates, n_weights
+
+    def _layer_candidates(self, run: RunState, block: nn.Module, rel: str, full: str, st: LayerStats,
+                          probe: list[torch.Tensor], targets: list[torch.Tensor]) -> list[Candidate]:
+        """Layer ``rel``'s candidates: the block's output error with only this layer fake-quantized."""
+        base = run.plan[full]
+        linear = block.get_submodule(rel)
+        w0 = linear.weight.data.clone()
+        cands = []
+        for bits, grid in self._combos():
+            try:
+                layer = layer_spec_for(full, _candidate_spec(base.spec, bits, grid), base.in_features, base.out_features)
+            except ValueError:
+                continue
+            fmt = get_format(grid)
+            p = fit_params(fmt, w0, layer, st if st.tokens > 0 else None, run.cal.activation_aware)
+            wq = fmt.fake_quantize(group_view(w0.float(), layer), p, layer).reshape(w0.shape)
+            linear.weight.data.copy_(wq.to(w0.dtype))
+            out = run.run_block(block, run.inputs, probe)
+            linear.weight.data.copy_(w0)
+            err = relative_error(out, targets)
+            cands.append(Candidate(bits, grid, fmt.bits_per_weight(layer), err if math.isfinite(err) else float("inf")))
+        if not cands:
+            raise ValueError(f"layer {full!r}: none of the mixed-precision candidates fits its shape")
+        return cands
+
+    def flat(self) -> dict[str, Any]:
+        return {"mixed_precision_budget": self.budget, "mixed_precision_bits": self.bits, "mixed_precision_grids": self.grids}
+
+    @classmethod
+    def from_flat(cls, cal: CalibrationConfig) -> MixedPrecision | None:
+        if cal.mixed_precision_budget is None:
+            return None
+        return cls(cal.mixed_precision_budget, cal.mixed_precision_bits, cal.mixed_precision_grids)
+
+
+def _candidate_spec(spec: QuantSpec, bits: int, grid: str) -> QuantSpec:
+    observer = spec.observer if spec.observer in ("mse", "minmax") else "mse"
+    return spec.with_changes({"bits": bits, "grid": grid, "observer": observer, "group_size": spec.group_size})

@@ -6,11 +6,15 @@ the layer's output error ``e^T H_gg e`` over the group's weights ``e = w - q``, 
 group's block of the input Hessian (so correlated input channels count together), over every
 breakpoint id and a range of scales that cover the group. The new choice is kept only if the
 block's output error on calibration data drops; otherwise the previous parameters stay.
+
+As a calibration modifier (:class:`RefineBreakpoints`) it runs after the block's parameters are
+fitted (and learned, with LWC), on every layer whose format has breakpoints to refine.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -20,8 +24,13 @@ from ..formats.base import WeightFormat, round_scale, scale_dtype_of
 from ..formats.groups import group_view
 from ..formats.piecewise import outer_levels
 from .blocks import relative_error
+from .modifier import Modifier
 
-__all__ = ["refine_breakpoints"]
+if TYPE_CHECKING:
+    from ..config import CalibrationConfig
+    from .state import BlockState
+
+__all__ = ["RefineBreakpoints", "refine_breakpoints"]
 
 MAX_IDS = 32
 FACTORS = torch.linspace(1.0, 0.5, 11, dtype=torch.float32)
@@ -97,3 +106,30 @@ def refine_breakpoints(
         return relative_error(outs, targets)
 
     return new if block_error(new) < block_error(params) else params
+
+
+@dataclass(frozen=True)
+class RefineBreakpoints(Modifier):
+    """Re-choose piecewise breakpoints against the layer and block output (flat form:
+    ``CalibrationConfig(refine_breakpoints=True)``); does not combine with GPTQ, which refits
+    every group itself."""
+
+    order = 50
+    needs_hessian = True
+
+    def process_block(self, block: BlockState) -> None:
+        # each layer is probed with every other layer of the block still in float
+        for rec in sorted(block.calibrated, key=lambda r: r.rel):
+            if getattr(rec.fmt, "breakpoint_refinement", False):
+                rec.params = refine_breakpoints(
+                    block.block, rec.rel, rec.layer, rec.fmt, rec.params, rec.stats.hessian(),
+                    lambda: block.run_block(block.q[:2]), block.fp_out[:2],
+                )
+                rec.params_fixed = True
+
+    def flat(self) -> dict[str, Any]:
+        return {"refine_breakpoints": True}
+
+    @classmethod
+    def from_flat(cls, cal: CalibrationConfig) -> RefineBreakpoints | None:
+        return cls() if cal.refine_breakpoints else None

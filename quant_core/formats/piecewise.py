@@ -222,3 +222,35 @@ class PiecewiseFormat(WeightFormat):
             tensors["qweight"], tensors["scales"], tensors["breakpoint_ids"], "piecewise",
             layer.spec.bits, layer.group_size, layer.in_features, dtype,
         )
+
+    # ---- calibration hooks (LWC)
+    # Learnable weight clipping (piecewise_quant.calibration.lwc) learns a clipping strength in
+    # (0, 1) per group: the scale is ``2 * strength`` times the one that covers the group with its
+    # breakpoint, which (with the scale's sign) stays as fitted.
+    # Breakpoint refinement (piecewise_quant.calibration.refine) applies to this format.
+    breakpoint_refinement = True
+
+    def lwc_init(self, groups: torch.Tensor, layer: LayerSpec, params: dict[str, torch.Tensor],
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The clipping strength that reproduces the fitted ``params``, and the fixed breakpoint and sign."""
+        fixed = {"breakpoint": params["breakpoint"].clone(), "sign": torch.where(params["scale"] < 0, -1.0, 1.0)}
+        cover = self._lwc_cover(groups, layer, fixed["breakpoint"])
+        return {"scale": params["scale"].abs() / (2 * cover.clamp(min=1e-12))}, fixed
+
+    def lwc_params(self, groups: torch.Tensor, layer: LayerSpec, strength: dict[str, torch.Tensor],
+                   fixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable group parameters (scale not yet rounded) for the clipping ``strength``."""
+        cover = self._lwc_cover(groups.detach(), layer, fixed["breakpoint"])
+        return {"scale": fixed["sign"] * 2 * strength["scale"] * cover, "breakpoint": fixed["breakpoint"]}
+
+    def lwc_final_params(self, groups: torch.Tensor, layer: LayerSpec, strength: dict[str, torch.Tensor],
+                         fixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored-precision group parameters: the rounded scale and the fixed breakpoint."""
+        p = self.lwc_params(groups, layer, strength, fixed)
+        s = round_scale(p["scale"].detach(), scale_dtype_of(layer.spec), layer.name).to(torch.float32)
+        return {"scale": s, "breakpoint": fixed["breakpoint"].clone()}
+
+    def _lwc_cover(self, groups: torch.Tensor, layer: LayerSpec, breakpoint: torch.Tensor) -> torch.Tensor:
+        """Per group, the scale whose outer level with ``breakpoint`` reaches the group's largest magnitude."""
+        neg_outer, _ = outer_levels(layer.spec.bits, groups.device)
+        return groups.abs().amax(dim=1) / neg_outer[breakpoint]

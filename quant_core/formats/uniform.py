@@ -99,3 +99,36 @@ class UniformFormat(WeightFormat):
             spec.bits, layer.group_size, layer.in_features, dtype,
         )
 
+
+    # ---- calibration hooks (LWC)
+    # Learnable weight clipping (piecewise_quant.calibration.lwc) learns clipping strengths in
+    # (0, 1) per group; these hooks say what the strengths clip: the group's max and its min.
+
+    def lwc_init(self, groups: torch.Tensor, layer: LayerSpec, params: dict[str, torch.Tensor],
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The clipping strengths that reproduce the fitted ``params`` (the scale's share of the
+        full group range; ``hi`` shrinks the max, ``lo`` the min) and the tensors kept fixed (none)."""
+        spec = layer.spec
+        mn = groups.amin(dim=1).clamp(max=0)
+        mx = groups.amax(dim=1).clamp(min=0)
+        full = uniform_scale(mn, mx, spec.bits, bool(spec.symmetric)).abs()
+        f0 = params["scale"].abs() / full.clamp(min=1e-12)
+        return {"hi": f0, "lo": f0.clone()}, {}
+
+    def lwc_params(self, groups: torch.Tensor, layer: LayerSpec, strength: dict[str, torch.Tensor],
+                   fixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable group parameters (scale not yet rounded) for the clipping ``strength``."""
+        bits, sym = layer.spec.bits, bool(layer.spec.symmetric)
+        lo = strength["lo"] * groups.amin(dim=1).clamp(max=0)
+        hi = strength["hi"] * groups.amax(dim=1).clamp(min=0)
+        s = uniform_scale(lo, hi, bits, sym)
+        return {"scale": s, "zero": zero_point(lo.detach(), s.detach(), bits, sym)}
+
+    def lwc_final_params(self, groups: torch.Tensor, layer: LayerSpec, strength: dict[str, torch.Tensor],
+                         fixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored-precision group parameters: the rounded scale, the zero point rounded against it."""
+        spec = layer.spec
+        p = self.lwc_params(groups, layer, strength, fixed)
+        s = round_scale(p["scale"].detach(), scale_dtype_of(spec), layer.name).to(torch.float32)
+        lo = strength["lo"] * groups.amin(dim=1).clamp(max=0)
+        return {"scale": s, "zero": zero_point(lo, s, spec.bits, bool(spec.symmetric))}
