@@ -171,15 +171,12 @@ class QuantSpec:
 
 
 def _format_defaults(grid: str) -> tuple[int, int | str, bool | None]:
-    """``(bits, group_size, symmetric)`` that ``None``/``"auto"`` mean for a built-in ``grid``: each
-    format class declares them (FP8: 8 bits, per-channel). A plugin grid gets 4 bits and groups of
-    128: reading its class would load every plugin whenever a spec is built."""
-    from . import formats
+    """``(bits, group_size, symmetric)`` that ``None``/``"auto"`` mean for ``grid`` (FP8: 8 bits, per
+    channel), from the formats' own table; a plugin grid gets 4 bits and groups of 128: reading its
+    class would load every plugin whenever a spec is built."""
+    from .formats.defaults import BUILTIN_DEFAULTS, GENERIC_DEFAULTS
 
-    for cls in (formats.PiecewiseFormat, formats.UniformFormat, formats.FP8Format):
-        if cls.name == grid:
-            return cls.default_bits, cls.default_group_size, cls.default_symmetric
-    return formats.WeightFormat.default_bits, formats.WeightFormat.default_group_size, None
+    return BUILTIN_DEFAULTS.get(grid, GENERIC_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -358,6 +355,9 @@ class CalibrationConfig:
             raise ValueError(f"calibration.dataset must be the path of a text file or None; got {self.dataset!r}")
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
             raise ValueError(f"calibration.blocks must be a dotted module path such as 'model.layers'; got {self.blocks!r}")
+        self._check_mixed_precision()
+
+    def _check_mixed_precision(self) -> None:
         object.__setattr__(self, "mixed_precision_bits", tuple(self.mixed_precision_bits))
         object.__setattr__(self, "mixed_precision_grids", tuple(self.mixed_precision_grids))
         bad = [b for b in self.mixed_precision_bits if b not in (2, 3, 4, 8)]

@@ -1,8 +1,17 @@
-"""Weight formats: the built-in grids and the interface plugin formats implement."""
+"""Weight formats: the built-in grids and the interface plugin formats implement.
 
-from .base import TensorLayout, WeightFormat
-from .fp8 import FP8Format
-from .piecewise import PiecewiseFormat
-from .uniform import UniformFormat
+Names load on first use (PEP 562), so a config can read :mod:`.defaults` without importing torch."""
+
+from .._lazy import lazy_exports
 
 __all__ = ["TensorLayout", "WeightFormat", "UniformFormat", "PiecewiseFormat", "FP8Format"]
+
+_LAZY = {
+    "TensorLayout": ".base",
+    "WeightFormat": ".base",
+    "UniformFormat": ".uniform",
+    "PiecewiseFormat": ".piecewise",
+    "FP8Format": ".fp8",
+}
+
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

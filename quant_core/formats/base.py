@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..config import LayerSpec, QuantSpec
+from .defaults import GENERIC_DEFAULTS
 
 if TYPE_CHECKING:
     from ..kernels.ops import WeightOperand
@@ -84,9 +85,9 @@ class WeightFormat(abc.ABC):
     #: the per-group tensor besides ``scales`` that the kernel reads (zero points, breakpoint ids)
     aux_tensor: ClassVar[str | None] = None
     #: what ``bits=None`` and ``group_size="auto"`` mean for this format (see ``QuantSpec``)
-    default_bits: ClassVar[int] = 4
-    default_group_size: ClassVar[int | str] = 128
-    default_symmetric: ClassVar[bool | None] = None
+    default_bits: ClassVar[int] = GENERIC_DEFAULTS[0]
+    default_group_size: ClassVar[int | str] = GENERIC_DEFAULTS[1]
+    default_symmetric: ClassVar[bool | None] = GENERIC_DEFAULTS[2]
 
     def weight_operand(self, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> "WeightOperand | None":
         """The stored tensors as the kernel op's weight operand; ``None`` for a format without a

@@ -12,6 +12,7 @@ import torch
 from ..config import LayerSpec, QuantSpec
 from ..kernels import reference as ref
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
+from .defaults import BUILTIN_DEFAULTS
 from .groups import group_view
 
 __all__ = ["FP8Format", "FP8_MAX"]
@@ -39,8 +40,7 @@ class FP8Format(WeightFormat):
         if spec.observer not in ("mse", "minmax"):
             raise ValueError(f"grid 'fp8' supports observer 'mse' or 'minmax', not {spec.observer!r}")
 
-    default_bits = 8
-    default_group_size = "channel"
+    default_bits, default_group_size, default_symmetric = BUILTIN_DEFAULTS["fp8"]
 
     def kernel_format(self, spec: QuantSpec) -> str:
         return "fp8_e4m3"

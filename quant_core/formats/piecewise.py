@@ -21,6 +21,7 @@ from ..kernels import pack_codes, packed_length, piecewise_table
 from ..kernels import reference as ref
 from ..kernels.grids import outer_levels, piecewise_levels
 from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
+from .defaults import BUILTIN_DEFAULTS
 from .groups import group_view, round_half_even
 
 __all__ = ["PiecewiseFormat", "FORMAT_VERSION", "outer_levels"]
@@ -93,6 +94,7 @@ class PiecewiseFormat(WeightFormat):
             raise ValueError(f"grid 'piecewise' supports observer 'mse' or 'minmax', not {spec.observer!r}")
 
     aux_tensor = "breakpoint_ids"
+    default_bits, default_group_size, default_symmetric = BUILTIN_DEFAULTS["piecewise"]
 
     def kernel_format(self, spec: QuantSpec) -> str:
         return "piecewise"

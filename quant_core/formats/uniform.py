@@ -12,8 +12,9 @@ import torch
 from ..config import LayerSpec, QuantSpec
 from ..kernels import pack_codes, packed_length
 from ..kernels import reference as ref
-from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
 from ..observers import mse_observer, uniform_codes, uniform_fake_quant, uniform_scale, zero_point
+from .base import TensorLayout, WeightFormat, round_scale, scale_dtype_of
+from .defaults import BUILTIN_DEFAULTS
 from .groups import group_view, observer_for
 
 __all__ = ["UniformFormat"]
@@ -26,7 +27,7 @@ class UniformFormat(WeightFormat):
     supported_bits = (2, 3, 4, 8)
 
     aux_tensor = "qzeros"
-    default_symmetric = False
+    default_bits, default_group_size, default_symmetric = BUILTIN_DEFAULTS["uniform"]
 
     def kernel_format(self, spec: QuantSpec) -> str:
         return "uniform_sym" if spec.symmetric else "uniform_asym"
