@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(_one(args.one, args.n_samples, args.threads)))
         return 0
-    print("| recipe (3-bit g128 piecewise) | samples x tokens | wall time (s) | process peak RSS (MB) | block activations held (MB) |")
+    print("| recipe (3-bit g128 piecewise) | samples x tokens | wall time (s) | process peak RSS (MB) "
+          "| block activations held (MB) |")
     print("|---|---|---:|---:|---:|")
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         if recipe not in RECIPES:
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True, text=True, check=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {recipe} | {r['n_samples']} x 256 | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['held_mb']:.1f} |", flush=True)
+        print(f"| {recipe} | {r['n_samples']} x 256 | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['held_mb']:.1f} |",
+              flush=True)
     return 0
 
 

@@ -45,8 +45,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import piecewise_quant as pq  # noqa: E402
 from quality import _SENT_SPLIT, LlamaBench, MiniLMBench, quantized_bpw  # noqa: E402
+
+import piecewise_quant as pq  # noqa: E402
 
 
 def calibration_sentences(n: int = 256) -> list[str]:
@@ -209,7 +210,8 @@ def table(model_name: str, float_metrics: dict[str, float], rows: list[dict[str,
             if "ppl" in r:
                 r["d_ppl"] = r["ppl"] - float_metrics["ppl"]
     else:
-        cols = [("cos_mean", "mean cosine", "{:.4f}"), ("cos_min", "min cosine", "{:.4f}"), ("nn_agree", "NN agreement", "{:.3f}")]
+        cols = [("cos_mean", "mean cosine", "{:.4f}"), ("cos_min", "min cosine", "{:.4f}"),
+                ("nn_agree", "NN agreement", "{:.3f}")]
     head = "| setting | method | bits/weight | " + " | ".join(c[1] for c in cols) + " | time (s) |"
     sep = "|" + "---|" * (len(cols) + 4)
     fl = "| float | float32 | 32 | " + " | ".join(

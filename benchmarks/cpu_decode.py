@@ -142,7 +142,8 @@ def vllm_worker(job: dict) -> dict:
     rng = random.Random(0)
     speeds = {}
     for batch in job["batches"]:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, job["vocab"]) for _ in range(PROMPT_LEN)]) for _ in range(batch)]
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, job["vocab"]) for _ in range(PROMPT_LEN)])
+                   for _ in range(batch)]
 
         def timed(n: int) -> float:
             params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -185,7 +186,8 @@ def weight_bytes(model) -> int:
 
 
 def table(rows: list[dict], batches: list[int]) -> str:
-    lines = ["| engine | model | variant | weights (MB) | " + " | ".join(f"batch {b} tok/s | x fp32 | x bf16" for b in batches) + " |",
+    lines = ["| engine | model | variant | weights (MB) | "
+             + " | ".join(f"batch {b} tok/s | x fp32 | x bf16" for b in batches) + " |",
              "|---|---|---|---:|" + "---:|---:|---:|" * len(batches)]
     for r in rows:
         base = {(x["engine"], x["model"], x["variant"]): x for x in rows}
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="transformers,vllm")
     p.add_argument("--models", default="tinyllama,bundled")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
-    p.add_argument("--act-dtype", default="float32", choices=["float32", "bfloat16"], help="activations of the quantized variants")
+    p.add_argument("--act-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="activations of the quantized variants")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=2)

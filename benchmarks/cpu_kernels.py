@@ -176,13 +176,14 @@ def bench_layer(name: str, n: int, k: int, m: int, args, ext, result: Result, pr
     def bw_for(nbytes: int) -> float:
         key = "cold" if args.cold else str(nbytes)
         if key not in result.read_gbps:
-            result.read_gbps[key] = read_gbps(ext, args.cold_bytes if args.cold else nbytes, torch.get_num_threads(), min_time * 4)
+            result.read_gbps[key] = read_gbps(ext, args.cold_bytes if args.cold else nbytes, torch.get_num_threads(),
+                                              min_time * 4)
         return result.read_gbps[key]
 
     def record(case: str, act: str, fn_for_copy, weight_bytes: int, backend: str) -> None:
         copies = copies_for(weight_bytes)
         fns = [fn_for_copy() for _ in range(copies)]
-        t = timeit(lambda i: fns[i](), copies, min_time, min_reps)
+        t = timeit(lambda i: fns[i](), copies, min_time, min_reps)  # noqa: F821 (called inside timeit, before `del fns`)
         del fns
         nbytes = weight_bytes + m * k * act_bytes.get(act, 1) + m * n * act_bytes.get(act, 4)
         gbps = nbytes / t / 1e9
@@ -267,7 +268,8 @@ def markdown(result: Result) -> str:
         f"{'cold weights (rotated copies beyond the L3)' if result.cold else 'hot weights (one layer, in cache)'}"
         f"{', dry run: timings meaningless' if result.dry_run else ''}\n\n"
         f"Read bandwidth measured in this run with a streaming read of the same working-set size "
-        f"(MB: GB/s): " + ", ".join(f"{_mb(k)}: {v:.1f}" for k, v in sorted(result.read_gbps.items(), key=lambda kv: _mb_sort(kv[0])))
+        f"(MB: GB/s): "
+        + ", ".join(f"{_mb(k)}: {v:.1f}" for k, v in sorted(result.read_gbps.items(), key=lambda kv: _mb_sort(kv[0])))
         + "\n\n"
     )
     lines = ["| case | activations | layer (N x K) | M | ms | x fp32 | x bf16 | GB/s | % of read bw | kernel |",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -96,7 +95,8 @@ def make_pipeline(transformer):
 # ---- training ---------------------------------------------------------------------------------------
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, model_config: dict, progress: bool = True) -> dict[str, Any]:
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, model_config: dict,
+          progress: bool = True) -> dict[str, Any]:
     from diffusers import DDPMScheduler, DiTTransformer2DModel
     from tqdm.auto import tqdm
 
@@ -234,8 +234,10 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
     w = lambda grid, bits, **kw: pq.PiecewiseQuantConfig(bits=bits, grid=grid, group_size=g, modules_to_not_convert=[], **kw)  # noqa: E731
     rows = [
         ("float", None, {}),
-        ("W8A8 static, shared scales", pq.PiecewiseQuantConfig(act_bits=8, act_mode="static_per_tensor", **u8), {"act_scales": "shared"}),
-        ("W8A8 static, per-timestep scales", pq.PiecewiseQuantConfig(act_bits=8, act_mode="static_per_tensor", **u8), {"act_scales": "per_timestep"}),
+        ("W8A8 static, shared scales", pq.PiecewiseQuantConfig(act_bits=8, act_mode="static_per_tensor", **u8),
+         {"act_scales": "shared"}),
+        ("W8A8 static, per-timestep scales", pq.PiecewiseQuantConfig(act_bits=8, act_mode="static_per_tensor", **u8),
+         {"act_scales": "per_timestep"}),
         ("W8A8 dynamic per-token", pq.PiecewiseQuantConfig(act_bits=8, **u8), {}),
         (f"W4A16 uniform g{g}", w("uniform", 4), {}),
         (f"W4A16 piecewise g{g}", w("piecewise", 4), {}),
@@ -248,7 +250,7 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         (f"W4A8 piecewise g{g}, group-wise acts (G={g})", w("piecewise", 4, act_bits=8), {"act_group_size": g}),
         (f"W3A16 uniform g{g}", w("uniform", 3), {}),
         (f"W3A16 piecewise g{g}", w("piecewise", 3), {}),
-        (f"mixed: 4-bit piecewise attn/MLP + 8-bit uniform embeddings/adaLN, A8",
+        ("mixed: 4-bit piecewise attn/MLP + 8-bit uniform embeddings/adaLN, A8",
          diffusion_recipe(bits=4, group_size=g, act_bits=8), {}),
         (f"W4A16 piecewise g{g} + GPTQ (calibrated through the pipeline)", w("piecewise", 4, calibration="gptq"), {}),
     ]
@@ -261,7 +263,8 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
     register_with_diffusers()
     judge = DigitsJudge()
     pipe = make_pipeline(load_model(model_path))
-    float_total = sum(t.numel() * t.element_size() for t in list(pipe.transformer.parameters()) + list(pipe.transformer.buffers()))
+    float_total = sum(t.numel() * t.element_size()
+                      for t in list(pipe.transformer.parameters()) + list(pipe.transformer.buffers()))
     calib = dict(calibration_prompts=list(range(10)), num_inference_steps=steps, guidance_scale=guidance, seed=12345,
                  calibration_batch_size=10, progress=False)
     results: dict[str, Any] = {

@@ -70,7 +70,8 @@ def bench_kernel(tokens: list[int], repeats: int, heads: int = HEADS, head_dim: 
                 specs.append(("2-D", WindowSpec(max(1, side // 8), "2d", block=max(1, side // 4))))
             for label, spec in specs:
                 s = _time(lambda: window_attention(q, k, v, spec), repeats)
-                desc = f"{spec.window} tokens, blocks of {spec.query_block}" if spec.shape == "1d" else f"{spec.window} patches around {spec.query_block}x{spec.query_block} tiles"
+                desc = (f"{spec.window} tokens, blocks of {spec.query_block}" if spec.shape == "1d"
+                        else f"{spec.window} patches around {spec.query_block}x{spec.query_block} tiles")
                 rows.append(dict(
                     tokens=n, kind=f"window {label}", window=desc, keys_fraction=keys_per_query(n, spec) / n,
                     seconds=s, speedup=dense / s,
@@ -102,7 +103,12 @@ METHOD_ROWS = [
 def bench_forward(tokens: list[int], layers: int, repeats: int, heads: int = HEADS, head_dim: int = HEAD_DIM,
                   text_tokens: int = 120, caption: int = 4096) -> list[dict]:
     """Forward time under each method; the plan is driven by hand (state.step), as a pipeline would."""
-    from piecewise_quant.integrations.diffusers.fast_attention import FastAttentionPlan, FastAttnProcessor, FastAttnState, self_attention_layers
+    from piecewise_quant.integrations.diffusers.fast_attention import (
+        FastAttentionPlan,
+        FastAttnProcessor,
+        FastAttnState,
+        self_attention_layers,
+    )
     from piecewise_quant.integrations.diffusers.window_attention import WindowSpec
 
     rows = []
@@ -155,7 +161,8 @@ def bench_forward(tokens: list[int], layers: int, repeats: int, heads: int = HEA
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(format(r[c[0]], c[2]) if c[2] else str(r[c[0]]) for c in cols) + " |")
     return "\n".join(lines)
@@ -191,14 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         result["kernel"] = rows
         print("## attention kernel (batch 2, %d heads x %d)\n" % (kw.get("heads", HEADS), kw.get("head_dim", HEAD_DIM)))
         print(_table(rows, [("tokens", "tokens", ""), ("kind", "kernel", ""), ("window", "window", ""),
-                            ("keys_fraction", "keys read", ".3f"), ("seconds", "seconds", ".4f"), ("speedup", "vs dense", ".2f")]))
+                            ("keys_fraction", "keys read", ".3f"), ("seconds", "seconds", ".4f"),
+                            ("speedup", "vs dense", ".2f")]))
         print()
     if args.part in ("all", "forward"):
         fkw = dict(kw, caption=64, text_tokens=8) if args.quick else {}
         rows = bench_forward([int(t) for t in args.forward_tokens.split(",")], args.layers, args.repeats, **fkw)
         result["forward"] = rows
         print(f"## PixArt-Sigma-shaped transformer forward ({args.layers} blocks, batch 2)\n")
-        print(_table(rows, [("tokens", "tokens", ""), ("method", "every layer", ""), ("seconds", "seconds", ".3f"), ("speedup", "vs full", ".2f")]))
+        print(_table(rows, [("tokens", "tokens", ""), ("method", "every layer", ""), ("seconds", "seconds", ".3f"),
+                            ("speedup", "vs full", ".2f")]))
         print()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

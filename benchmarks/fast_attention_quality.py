@@ -65,7 +65,8 @@ def to8(images: np.ndarray) -> np.ndarray:
 def train(out: Path, steps: int, batch: int, quick: bool) -> dict[str, Any]:
     bench.load_digits_tensors = load_digits16
     try:
-        return bench.train(out, steps=steps, batch_size=batch, lr=1e-3, seed=0, model_config=QUICK_CONFIG if quick else MODEL_CONFIG)
+        return bench.train(out, steps=steps, batch_size=batch, lr=1e-3, seed=0,
+                           model_config=QUICK_CONFIG if quick else MODEL_CONFIG)
     finally:
         bench.load_digits_tensors = _orig_load
 
@@ -103,7 +104,8 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, thre
     pipe = bench.make_pipeline(bench.load_model(model_path))
     fwd_json = DOCS / "fast_attention.json"
     forward_rows = json.loads(fwd_json.read_text()).get("forward", []) if fwd_json.is_file() else []
-    search = dict(calibration_prompts=list(range(10)), num_inference_steps=steps, guidance_scale=guidance, seed=12345, calibration_batch_size=10)
+    search = dict(calibration_prompts=list(range(10)), num_inference_steps=steps, guidance_scale=guidance, seed=12345,
+                  calibration_batch_size=10)
 
     def gen() -> tuple[np.ndarray, np.ndarray, float]:
         t0 = time.perf_counter()
@@ -111,17 +113,20 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, thre
         return to8(images), labels, time.perf_counter() - t0
 
     def row(name: str, images: np.ndarray, labels: np.ndarray, gen_s: float, **extra) -> dict[str, Any]:
-        r = {"name": name, "accuracy": judge.accuracy(images, labels), "fd": judge.fd(images), "generate_s": round(gen_s, 1), **extra}
+        r = {"name": name, "accuracy": judge.accuracy(images, labels), "fd": judge.fd(images), "generate_s": round(gen_s, 1),
+             **extra}
         if ref is not None:
             r["psnr_vs_float"] = bench.psnr(images, ref)
-        print(f"  {name}: acc {r['accuracy']:.3f}  FD {r['fd']:.2f}" + (f"  saved {100 * extra['flops_saved']:.1f}%" if "flops_saved" in extra else ""), file=sys.stderr)
+        print(f"  {name}: acc {r['accuracy']:.3f}  FD {r['fd']:.2f}"
+              + (f"  saved {100 * extra['flops_saved']:.1f}%" if "flops_saved" in extra else ""), file=sys.stderr)
         return r
 
     ref = None
     images, labels, s = gen()
     results: dict[str, Any] = {
         "settings": {"per_class": per_class, "steps": steps, "guidance_scale": guidance, "scheduler": "DDIM", "eval_seed": 0,
-                     "search": "10 class labels, 1 pipeline call, seed 12345", "tokens": int(pipe.transformer.config.sample_size) ** 2},
+                     "search": "10 class labels, 1 pipeline call, seed 12345",
+                     "tokens": int(pipe.transformer.config.sample_size) ** 2},
         "judge": {"real_test_accuracy": judge.real_accuracy, "real_train_vs_test_fd": judge.real_split_fd},
         "rows": [row("float", images, labels, s)],
     }
@@ -133,7 +138,8 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, thre
         for delta in (thresholds if shape == "1d" else thresholds_2d):
             rep = pipe.enable_fast_attention(threshold=delta, window_shape=shape, **search)
             if all(m == "full" for r in rep.plan.methods for m in r):
-                images, labels, s = ref, results_labels, 0.0  # an all-full plan runs the original processors: the float images, bit for bit
+                # an all-full plan runs the original processors: the float images, bit for bit
+                images, labels, s = ref, results_labels, 0.0
             else:
                 images, labels, s = gen()
             name = f"fast attention {shape}, delta {delta}"
@@ -165,17 +171,20 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, thre
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| configuration | attention FLOPs saved | accuracy | FD | PSNR vs float (dB) | predicted forward speed-up, 4,096 tokens |",
+    lines = ["| configuration | attention FLOPs saved | accuracy | FD | PSNR vs float (dB) "
+             "| predicted forward speed-up, 4,096 tokens |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         saved = f"{100 * r['flops_saved']:.1f}%" if "flops_saved" in r else "—"
         p = r.get("psnr_vs_float")
         p = "—" if p is None else ("inf" if p == float("inf") else f"{p:.1f}")
         sp = r.get("predicted_speedup_4096")
-        lines.append(f"| {r['name']} | {saved} | {r['accuracy']:.3f} | {r['fd']:.2f} | {p} | {'—' if sp is None else f'{sp:.2f}x'} |")
+        lines.append(f"| {r['name']} | {saved} | {r['accuracy']:.3f} | {r['fd']:.2f} | {p} "
+                     f"| {'—' if sp is None else f'{sp:.2f}x'} |")
     j = results["judge"]
     lines.append("")
-    lines.append(f"Judge: {j['real_test_accuracy']:.3f} accuracy on held-out real digits; FD between real train and test digits {j['real_train_vs_test_fd']:.2f}.")
+    lines.append(f"Judge: {j['real_test_accuracy']:.3f} accuracy on held-out real digits; "
+                 f"FD between real train and test digits {j['real_train_vs_test_fd']:.2f}.")
     lines.append(f"Chosen threshold (smallest with >= 40% attention FLOPs saved, 1-D window): {results['chosen_threshold']}")
     return "\n".join(lines)
 
@@ -245,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.batch, args.per_class = 20, 16, 2
     if args.command in ("train", "all") or args.quick:
         info = train(model_dir, args.steps, args.batch, args.quick)
-        print(json.dumps({k: info[k] for k in ("steps", "train_wall_s", "final_loss_avg_last_500", "parameters")}), file=sys.stderr)
+        print(json.dumps({k: info[k] for k in ("steps", "train_wall_s", "final_loss_avg_last_500", "parameters")}),
+              file=sys.stderr)
     if args.command in ("evaluate", "all") or args.quick:
         floats = lambda text: tuple(float(t) for t in text.split(",") if t.strip())  # noqa: E731
-        res = evaluate(model_dir, args.per_class, 4 if args.quick else 20, 2.0, (0.0, 0.15) if args.quick else floats(args.thresholds),
+        res = evaluate(model_dir, args.per_class, 4 if args.quick else 20, 2.0,
+                       (0.0, 0.15) if args.quick else floats(args.thresholds),
                        args.quick, (0.15,) if args.quick else floats(args.thresholds_2d))
         print(table(res))
         save_outputs(res, docs_dir)

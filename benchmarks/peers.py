@@ -272,7 +272,8 @@ def _run_quanto(model, names, calib_ids, bits: int, group_size: int, w8a8: bool)
     if bits < 8:
         build_s = _quanto_cpp_extension(q)
         if build_s > 1.0:
-            notes.append(f"compiled optimum-quanto's quanto_cpp C++ extension first ({build_s:.0f} s, once per install; not in quant_s)")
+            notes.append(f"compiled optimum-quanto's quanto_cpp C++ extension first "
+                         f"({build_s:.0f} s, once per install; not in quant_s)")
 
     def quantize():
         q.quantize(model, weights=qtypes[bits], activations=q.qint8 if w8a8 else None, include=names)
@@ -332,7 +333,7 @@ def _quanto_cpp_extension(q: Any) -> float:
 
     t0 = time.perf_counter()
     try:
-        get_extension("quanto_cpp").lib
+        get_extension("quanto_cpp").lib  # noqa: B018 (accessing .lib loads the extension, building it on first use)
     except Exception as exc:  # noqa: BLE001
         raise RuntimeError(
             f"optimum-quanto {peer_version('quanto')} cannot build its C++ extension quanto_cpp, which it needs to "
@@ -363,12 +364,14 @@ def _run_torchao(model, names, calib_ids, bits: int, group_size: int, key: str) 
             raise ValueError("torchao-w8a8 is 8-bit; pass bits=8")
         config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)  # no global inductor settings
         code_names: tuple[str, ...] = ("qdata",)
-        notes.append("int8 symmetric per-channel weights, dynamic symmetric per-token int8 activations; group_size does not apply; data-free")
+        notes.append("int8 symmetric per-channel weights, dynamic symmetric per-token int8 activations; "
+                     "group_size does not apply; data-free")
     else:
         if not 1 <= bits <= 8:
             raise ValueError(f"torchao intx weights have 1..8 bits, not {bits}")
         mapping = MappingType.SYMMETRIC if key == "torchao-sym" else MappingType.ASYMMETRIC
-        config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size), mapping_type=mapping)
+        config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size),
+                                      mapping_type=mapping)
         code_names = ("qdata",)
         skipped = [nm for nm in names if model.get_submodule(nm).in_features % group_size]
         if skipped:

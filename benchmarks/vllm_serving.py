@@ -55,7 +55,8 @@ def serve(model: str | Path, port: int, extra: list[str] | None = None, log: Pat
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     # `piecewise-quant serve` is `vllm serve` (the vllm-cpu 0.32.0 `vllm` command cannot start)
-    cmd = [sys.executable, "-m", "piecewise_quant.integrations.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "piecewise_quant.integrations.cli", "serve", str(model),
+           "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--max-model-len", "256", "--served-model-name", "model", *(extra or [])]
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,10 +84,10 @@ def stop(proc: subprocess.Popen, timeout: float = 60.0) -> int:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise RuntimeError(f"vllm serve did not stop within {timeout:.0f} s of SIGINT; killed")
+            raise RuntimeError(f"vllm serve did not stop within {timeout:.0f} s of SIGINT; killed") from exc
     return proc.returncode
 
 
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens, --dtype {args.dtype}, "
           f"{os.cpu_count()} CPU cores\n\n{table}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": None, "markdown": None}, "rows": rows}, indent=2, default=str))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": None, "markdown": None}, "rows": rows}, indent=2,
+                                        default=str))
     if args.markdown:
         args.markdown.write_text(table + "\n")
     failed = [r for r in rows if r["ok"] != r["requests"] or r["exit_code"] not in (0, -2, 130)]

@@ -104,7 +104,8 @@ def _configs() -> list[triton.Config]:
             for m, n, k, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "FP8"], prune_configs_by={"early_config_prune": prune_by_m_bucket})
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "FP8"],
+                 prune_configs_by={"early_config_prune": prune_by_m_bucket})
 @triton.jit
 def _w8a8_kernel(
     a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr,

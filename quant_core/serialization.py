@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,7 +46,8 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
     try:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "piecewise", **marker_metadata(config)})
+        save_file(state, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt", "quant_method": "piecewise", **marker_metadata(config)})
         (tmp / CONFIG_NAME).write_text(config.to_json_string())
         replace_files(tmp, out, last=(CONFIG_NAME,))
     except BaseException as exc:

@@ -122,8 +122,8 @@ def can_concat_rows(layers: Sequence[LayerSpec]) -> bool:
     grouped scales; per-tensor layers keep one scale each and cannot be joined)."""
     first = layers[0]
     return all(
-        l.spec == first.spec and l.in_features == first.in_features and l.group_size == first.group_size
-        for l in layers
+        layer.spec == first.spec and layer.in_features == first.in_features and layer.group_size == first.group_size
+        for layer in layers
     ) and first.group_size != -1
 
 
@@ -136,7 +136,8 @@ def concat_rows(
     layers = [p[0] for p in parts]
     if not can_concat_rows(layers):
         raise ValueError(
-            f"cannot join {[l.name for l in layers]} into {name!r}: their schemes, input widths or group sizes differ"
+            f"cannot join {[layer.name for layer in layers]} into {name!r}: "
+            "their schemes, input widths or group sizes differ"
         )
     for layer, tensors in parts:
         _check_names(fmt, layer, tensors)
@@ -146,12 +147,12 @@ def concat_rows(
         ts = [p[1][key] for p in parts]
         if key in ("qweight", "scales"):
             out[key] = torch.cat(ts, dim=0)
-        elif all(l.out_features % 8 == 0 for l in layers[:-1]) and ts[0].dtype == torch.uint8:
+        elif all(layer.out_features % 8 == 0 for layer in layers[:-1]) and ts[0].dtype == torch.uint8:
             out[key] = torch.cat(ts, dim=-1)  # every part but the last fills whole 8-code blocks
         else:
-            codes = [unpack_codes(t, bits, l.out_features) for t, l in zip(ts, layers)]
+            codes = [unpack_codes(t, bits, layer.out_features) for t, layer in zip(ts, layers)]
             out[key] = pack_codes(torch.cat(codes, dim=-1), bits)
-    joined = dataclasses.replace(layers[0], name=name, out_features=sum(l.out_features for l in layers))
+    joined = dataclasses.replace(layers[0], name=name, out_features=sum(layer.out_features for layer in layers))
     _check_layout(fmt, joined, out)
     return joined, out
 

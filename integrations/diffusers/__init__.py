@@ -185,7 +185,8 @@ def _wrap_from_pretrained(cls: Any) -> None:
         try:
             _restore_fast_attention(pipe)
         except Exception as exc:  # the pipeline itself loaded fine: say why the plan did not come back
-            warnings.warn(f"piecewise-quant could not re-enable the saved fast-attention plan: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"piecewise-quant could not re-enable the saved fast-attention plan: {exc}", RuntimeWarning,
+                          stacklevel=2)
         return pipe
 
     from_pretrained.__doc__ = original.__doc__

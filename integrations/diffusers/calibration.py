@@ -127,7 +127,8 @@ def resolve_calibration_inputs(
             items = []
             for p in prompts:
                 if isinstance(p, bool) or not isinstance(p, (int, str)):
-                    raise TypeError(f"{type(pipe).__name__} is class-conditional: calibration_prompts must be class ids or label names; got {p!r}")
+                    raise TypeError(f"{type(pipe).__name__} is class-conditional: "
+                                    f"calibration_prompts must be class ids or label names; got {p!r}")
                 if isinstance(p, str):
                     if not hasattr(pipe, "get_label_ids") or not getattr(pipe, "labels", None):
                         raise ValueError(f"{type(pipe).__name__} has no label names; give class ids instead of {p!r}")
@@ -168,7 +169,8 @@ def _quiet(pipe: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def run_pipeline(pipe: Any, run: CalibrationRun, states: Sequence[TimestepState] = (), progress: bool = True, desc: str = "calibrating") -> int:
+def run_pipeline(pipe: Any, run: CalibrationRun, states: Sequence[TimestepState] = (), progress: bool = True,
+                 desc: str = "calibrating") -> int:
     """Call the pipeline on every calibration batch; returns the number of pipeline calls."""
     params = _call_params(pipe)
     n_calls = 0
@@ -218,14 +220,16 @@ def _detach(value: Any) -> Any:
 
 
 @torch.no_grad()
-def capture_denoiser_inputs(pipe: Any, models: dict[str, nn.Module], run: CalibrationRun, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+def capture_denoiser_inputs(pipe: Any, models: dict[str, nn.Module], run: CalibrationRun,
+                            progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Run the (float) pipeline and record every call of each denoiser as a dict of keyword inputs."""
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     handles = []
     for name, model in models.items():
         def hook(module: nn.Module, args: tuple, kwargs: dict, _name: str = name) -> None:
             rec = _detach(_bound_kwargs(module, args, kwargs))
-            rec["return_dict"] = False if "return_dict" in inspect.signature(type(module).forward).parameters else rec.get("return_dict")
+            rec["return_dict"] = (False if "return_dict" in inspect.signature(type(module).forward).parameters
+                                  else rec.get("return_dict"))
             if rec.get("return_dict") is None:
                 rec.pop("return_dict", None)
             records[_name].append(rec)

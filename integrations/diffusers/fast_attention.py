@@ -72,7 +72,8 @@ CFG_ORDERS = ("auto", "uncond_first", "cond_first")
 def _method(name: str, where: str = "") -> str:
     m = _ALIASES.get(name, name)
     if m not in METHODS:
-        raise ValueError(f"unknown fast-attention method {name!r}{where}; known: {', '.join(METHODS)} (or DiTFastAttn's names {', '.join(_ALIASES)})")
+        raise ValueError(f"unknown fast-attention method {name!r}{where}; known: {', '.join(METHODS)} "
+                         f"(or DiTFastAttn's names {', '.join(_ALIASES)})")
     return m
 
 
@@ -120,9 +121,11 @@ class FastAttentionPlan:
             for i in range(len(out)):
                 m = out[i][j]
                 if m == "ast" and not have_out:
-                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) reuses the previous output ('ast') at step {i} before any step computed it")
+                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) reuses the previous output ('ast') "
+                                     f"at step {i} before any step computed it")
                 if m.startswith("wars") and not have_res:
-                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) uses window attention ('{m}') at step {i} before any full step cached its residual")
+                    raise ValueError(f"fast-attention plan: layer {j} ({self.layers[j]}) uses window attention ('{m}') "
+                                     f"at step {i} before any full step cached its residual")
                 have_out = True
                 have_res = have_res or m.startswith("full")
 
@@ -142,7 +145,8 @@ class FastAttentionPlan:
         if not isinstance(d, dict) or "methods" not in d or "layers" not in d:
             raise ValueError("not a fast-attention plan: expected a dict with 'methods' and 'layers'")
         if d.get("version", 1) != 1:
-            raise ValueError(f"fast-attention plan version {d.get('version')} is not supported (this piecewise-quant reads version 1)")
+            raise ValueError(f"fast-attention plan version {d.get('version')} is not supported "
+                             "(this piecewise-quant reads version 1)")
         w = d.get("window") or {}
         plan = cls(
             methods=[list(r) for r in d["methods"]], layers=list(d["layers"]),
@@ -151,7 +155,8 @@ class FastAttentionPlan:
         )
         n = d.get("num_inference_steps")
         if n is not None and n != plan.num_inference_steps:
-            raise ValueError(f"fast-attention plan says num_inference_steps={n} but has {plan.num_inference_steps} rows of methods")
+            raise ValueError(f"fast-attention plan says num_inference_steps={n} "
+                             f"but has {plan.num_inference_steps} rows of methods")
         return plan
 
     def save(self, path: str) -> None:
@@ -334,12 +339,15 @@ def detect_cfg(model: nn.Module, args: tuple, kwargs: dict, default: str) -> tup
             return None, "the two halves have the same conditioning"
         za, zb = not bool(a.any()), not bool(b.any())
         if za != zb:
-            return ("uncond_first", "zero embeddings in the first half") if za else ("cond_first", "zero embeddings in the second half")
+            return (("uncond_first", "zero embeddings in the first half") if za
+                    else ("cond_first", "zero embeddings in the second half"))
         if n >= 2:
             ua, ub = bool((a == a[:1]).all()), bool((b == b[:1]).all())
             if ua != ub:
-                return ("uncond_first", "identical embeddings in the first half") if ua else ("cond_first", "identical embeddings in the second half")
-        return ("uncond_first" if default in ("auto", "uncond_first") else "cond_first"), f"assumed ({default}: could not tell the halves apart)"
+                return (("uncond_first", "identical embeddings in the first half") if ua
+                        else ("cond_first", "identical embeddings in the second half"))
+        return (("uncond_first" if default in ("auto", "uncond_first") else "cond_first"),
+                f"assumed ({default}: could not tell the halves apart)")
     return None, "no conditioning input to tell the halves apart"
 
 
@@ -578,7 +586,8 @@ def _tensor_out(out: Any) -> torch.Tensor:
 class _Search:
     """Greedy DiTFastAttn search, run inside the transformer's forward pre-hook at each step."""
 
-    def __init__(self, state: FastAttnState, threshold: float, metric: Callable[[torch.Tensor, torch.Tensor], float], candidates: Sequence[str]):
+    def __init__(self, state: FastAttnState, threshold: float, metric: Callable[[torch.Tensor, torch.Tensor], float],
+                 candidates: Sequence[str]):
         self.state = state
         self.threshold = threshold
         self.metric = metric
@@ -908,7 +917,9 @@ def disable_fast_attention(pipe: Any, component: str | None = None) -> None:
     from .pipeline import _check_pipeline
 
     _check_pipeline(pipe)
-    names = [component] if component is not None else [n for n, c in pipe.components.items() if getattr(c, "_piecewise_fast_attention", None) is not None]
+    names = [component] if component is not None else [
+        n for n, c in pipe.components.items() if getattr(c, "_piecewise_fast_attention", None) is not None
+    ]
     if not names:
         raise ValueError(f"fast attention is not enabled on {type(pipe).__name__}; nothing to disable")
     for n in names:

@@ -66,7 +66,8 @@ class DiffusionQuantReport:
                 mode = f"per timestep ({len(c.timesteps)} timesteps)" if c.timesteps else "shared over timesteps"
                 line = f"  static activation scales for {len(c.activations)} layers, {mode}"
                 if spreads:
-                    line += f"; input range max/min across timesteps: median x{spreads[len(spreads) // 2]:.2f}, worst x{spreads[-1]:.2f}"
+                    line += (f"; input range max/min across timesteps: median x{spreads[len(spreads) // 2]:.2f}, "
+                             f"worst x{spreads[-1]:.2f}")
                 lines.append(line)
                 branches = sorted({b for s in c.activations.values() for b in s.absmax_per_branch})
                 if {"cond", "uncond"} <= set(branches):
@@ -75,7 +76,8 @@ class DiffusionQuantReport:
                         for s in c.activations.values() if s.absmax_per_branch.get("uncond", 0) > 0
                     )
                     if ratios:
-                        lines.append(f"  cond/uncond input range ratio: median {ratios[len(ratios) // 2]:.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
+                        lines.append(f"  cond/uncond input range ratio: median {ratios[len(ratios) // 2]:.2f} "
+                                     f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
             if c.engine is not None:
                 lines.append("  " + c.engine.summary().replace("\n", "\n  "))
         if self.n_pipeline_calls:
@@ -133,7 +135,8 @@ def _resolve_components(pipe: Any, components: Sequence[str] | str | None) -> li
         if comp is None:
             raise ValueError(f"{type(pipe).__name__} has no component {name!r}; it has: {', '.join(pipe.components)}")
         if not isinstance(comp, nn.Module):
-            raise ValueError(f"component {name!r} is a {type(comp).__name__}, not a torch.nn.Module; only models can be quantized")
+            raise ValueError(f"component {name!r} is a {type(comp).__name__}, not a torch.nn.Module; "
+                             "only models can be quantized")
     return names
 
 

@@ -29,7 +29,8 @@ def _is_dynamic(layer: LayerSpec) -> bool:
     return layer.spec.act_bits is not None and layer.spec.act_mode == "dynamic_per_token"
 
 
-def plan_component(model: nn.Module, core: PiecewiseQuantConfig, diffusion: DiffusionOptions, component: str = "model") -> dict[str, LayerSpec]:
+def plan_component(model: nn.Module, core: PiecewiseQuantConfig, diffusion: DiffusionOptions,
+                   component: str = "model") -> dict[str, LayerSpec]:
     """The layer plan of one pipeline component; raises a ``ValueError`` naming the problem when the
     config would quantize nothing or its diffusion options fit no layer."""
     try:

@@ -30,7 +30,8 @@ checkpoint: reload it with AutoModelForCausalLM.from_pretrained(OUTPUT)."""
 
 
 class PiecewiseQuantizeCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="quantize", help="quantize a causal LM with piecewise-quant and save it as a Hugging Face checkpoint")
+    COMMAND = CommandInfo(name="quantize",
+                          help="quantize a causal LM with piecewise-quant and save it as a Hugging Face checkpoint")
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:

@@ -172,7 +172,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     def unmerge(self) -> None:
         """Restore the original packed base exactly (no arithmetic, no re-quantization)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         merged_base = self.base_layer
         device = merged_base.qweight.device if isinstance(merged_base, QuantLinear) else merged_base.weight.device

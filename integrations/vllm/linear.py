@@ -197,7 +197,8 @@ class PiecewiseLinearMethod(LinearMethodBase):
 
     # ---- layout -------------------------------------------------------------------------------
 
-    def _shards(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int], input_size: int) -> list[_Shard]:
+    def _shards(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                input_size: int) -> list[_Shard]:
         tp_rank = int(getattr(layer, "tp_rank", 0))
         tp_size = 1 if isinstance(layer, ReplicatedLinear) else int(getattr(layer, "tp_size", 1))
         if tp_size == 1:
@@ -330,7 +331,8 @@ class PiecewiseLinearMethod(LinearMethodBase):
             if len(run) == 1:
                 spec, tensors = run[0]
             else:
-                spec, tensors = concat_rows(fmt, [(s, _weight_tensors(t)) for s, t in run], f"{self.prefix}[{','.join(s.name.rsplit('.', 1)[-1] for s, _ in run)}]")
+                spec, tensors = concat_rows(fmt, [(s, _weight_tensors(t)) for s, t in run],
+                                            f"{self.prefix}[{','.join(s.name.rsplit('.', 1)[-1] for s, _ in run)}]")
                 if "act_scale" in run[0][1]:
                     tensors["act_scale"] = run[0][1]["act_scale"]
             parts.append(_quant_linear(spec, tensors, state.dtype))

@@ -36,7 +36,8 @@ class FP8Format(WeightFormat):
         if spec.bits != 8:
             raise ValueError(f"bits={spec.bits} is not supported by grid 'fp8'; allowed: 8")
         if spec.group_size not in ("channel", "tensor"):
-            raise ValueError(f"grid 'fp8' uses per-channel or per-tensor scales; group_size must be 'channel' or 'tensor', not {spec.group_size!r}")
+            raise ValueError(f"grid 'fp8' uses per-channel or per-tensor scales; "
+                             f"group_size must be 'channel' or 'tensor', not {spec.group_size!r}")
         if spec.observer not in ("mse", "minmax"):
             raise ValueError(f"grid 'fp8' supports observer 'mse' or 'minmax', not {spec.observer!r}")
 
@@ -91,4 +92,5 @@ class FP8Format(WeightFormat):
         return self.encode(weight, self.fit(groups, layer), layer)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], layer: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
-        return ref.dequantize(tensors["qweight"], tensors["scales"], None, "fp8_e4m3", 8, layer.group_size, layer.in_features, dtype)
+        return ref.dequantize(tensors["qweight"], tensors["scales"], None, "fp8_e4m3", 8, layer.group_size, layer.in_features,
+                              dtype)

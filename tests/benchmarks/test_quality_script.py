@@ -108,7 +108,8 @@ def test_json_and_plot(quick_run):
 
 
 def test_bad_arguments_are_rejected():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--models", "gpt2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--models", "gpt2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and "unknown model 'gpt2'" in proc.stderr
 
 
@@ -117,7 +118,8 @@ def test_from_json_reprints_the_same_tables(quick_run, tmp_path):
     stdout, data, _ = quick_run
     saved = tmp_path / "r.json"
     saved.write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == stdout
 
@@ -163,5 +165,7 @@ def test_textbook_reference_quantizer(quality_module):
         step = (g.amax(1).clamp(min=0) - g.amin(1).clamp(max=0)) / (2**bits - 1)
         assert bool(((rtn.reshape(-1, 64) - g).abs() <= 0.51 * step.unsqueeze(1)).all())
         # the MSE clip never does worse than RTN, group by group
-        err = lambda q: (q.reshape(-1, 64) - g).square().sum(1)
+        def err(q, g=g):
+            return (q.reshape(-1, 64) - g).square().sum(1)
+
         assert bool((err(mse) <= err(rtn) + 1e-6).all())

@@ -39,5 +39,6 @@ def test_dry_run_prints_every_variant_and_batch(tmp_path):
 
 
 def test_refuses_bad_arguments():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--tokens", "1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--tokens", "1"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and "--tokens >= 2" in proc.stderr

@@ -12,7 +12,7 @@ import torch
 
 import piecewise_quant as pq
 from piecewise_quant import plugins
-from piecewise_quant.kernels import reference, registered_backends, select_backend, unregister_backend
+from piecewise_quant.kernels import registered_backends, select_backend, unregister_backend
 from piecewise_quant.registry import sync_kernel_backends
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()

@@ -6,7 +6,7 @@ editable install setuptools' finder maps ``optimum.commands.register`` to
 ``integrations/optimum_register``, and a wheel install puts ``piecewise.py`` in site-packages'
 ``optimum/commands/register``; only when neither exposes it does the test put a copy of the
 register file on ``PYTHONPATH``, never both (the command would be registered twice). The wheel layout is checked in tests/packaging.
-"""
+"""  # noqa: E501 (wrapping the docstring would change the string)
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ from piecewise_quant.kernels import KernelBackend, ops, reference, register_back
 def _layer(grid="piecewise", bits=4, group=32, act_bits=None, **kw):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    m = pq.quantize(torch.nn.Sequential(lin), pq.PiecewiseQuantConfig(grid=grid, bits=bits, group_size=group, act_bits=act_bits, **kw), progress=False)
+    m = pq.quantize(torch.nn.Sequential(lin),
+                    pq.PiecewiseQuantConfig(grid=grid, bits=bits, group_size=group, act_bits=act_bits, **kw),
+                    progress=False)
     return m[0]
 
 

@@ -78,7 +78,7 @@ def test_core_kernels_and_plugins_never_import_host_frameworks_at_module_level()
     offenders = []
     for folder in ("quant_core", "kernels", "plugins"):
         for path in sorted((REPO / folder).rglob("*.py")):
-            for module, line, top in _imports(path):
+            for module, line, _top in _imports(path):
                 if module.split(".")[0] in HOSTS:
                     offenders.append(f"{path.relative_to(REPO)}:{line} imports {module}")
     assert not offenders, "\n".join(offenders)

@@ -47,7 +47,8 @@ def test_wheel_contains_every_source_file_under_one_namespace(wheel):
     missing = _expected_files() - py
     assert not missing, f"in the source tree but not in the wheel (add the package to pyproject.toml): {sorted(missing)}"
     tops = {n.split("/")[0] for n in names}
-    assert tops <= {"piecewise_quant", "optimum", "piecewise_quant_autoload.pth"} | {n.split("/")[0] for n in names if ".dist-info" in n}
+    assert tops <= ({"piecewise_quant", "optimum", "piecewise_quant_autoload.pth"}
+                    | {n.split("/")[0] for n in names if ".dist-info" in n})
     # optimum is a namespace package: an __init__.py of ours would shadow every other portion
     assert {n for n in names if n.startswith("optimum/")} == {"optimum/commands/register/piecewise.py"}
     for forbidden in ("kernels", "plugins", "integrations", "quant_core"):

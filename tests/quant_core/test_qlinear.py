@@ -49,7 +49,8 @@ def test_output_equals_linear_with_dequantized_weight(config, dtype):
 
 def test_dequantized_weight_is_close_to_float_weight():
     float_model = _model()
-    for config, bound in ((pq.PiecewiseQuantConfig(bits=8, group_size=32), 1e-4), (pq.PiecewiseQuantConfig(bits=4, group_size=32), 1.5e-2)):
+    for config, bound in ((pq.PiecewiseQuantConfig(bits=8, group_size=32), 1e-4),
+                          (pq.PiecewiseQuantConfig(bits=4, group_size=32), 1.5e-2)):
         m = pq.quantize(copy.deepcopy(float_model), config, progress=False)
         w = float_model[0].weight.detach()
         rel = (m[0].dequantize() - w).pow(2).mean() / w.pow(2).mean()

@@ -65,7 +65,8 @@ def test_a_raising_hook_never_disables_the_builtins_or_other_plugins(fresh):
                                              piecewise_quant_register_observers=exits)),
         EntryPoint("good", lambda: _plugin(piecewise_quant_register_observers=good)),
     ])
-    with pytest.warns(RuntimeWarning, match=r"'broken' was skipped for piecewise_quant_register_formats: RuntimeError: bug in plugin"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"'broken' was skipped for piecewise_quant_register_formats: RuntimeError: bug in plugin"):
         assert {"piecewise", "uniform", "fp8"} <= set(formats())
     with pytest.warns(RuntimeWarning, match=r"'broken' was skipped for piecewise_quant_register_observers: SystemExit"):
         assert {"mse", "minmax", "mine"} <= set(observers())
@@ -128,7 +129,7 @@ assert len(layers) == 7 and {{q.fmt.name for q in layers.values()}} == {{"nf4"}}
 with torch.no_grad():
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 print("NF4-OK")
-"""
+"""  # noqa: E501 (a line of the subprocess script above; wrapping it would change the string)
     proc = rel.run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NF4-OK" in proc.stdout

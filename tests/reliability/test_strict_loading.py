@@ -101,7 +101,8 @@ def test_an_edited_plan_is_detected_by_the_marker(checkpoint_copy, edit):
     [
         (lambda q: q.update(grid="uniform", symmetric=True), "breakpoint_ids' is in the checkpoint but not in the model"),
         (lambda q: q.update(overrides=[["*.down_proj", {"grid": "none"}]]), "down_proj.qweight' is in the checkpoint"),
-        (lambda q: q.update(modules_to_not_convert=["lm_head", "re:model\\.layers\\.[2-5]\\..*"]), "model.layers.1.self_attn.q_proj.qweight' is missing"),
+        (lambda q: q.update(modules_to_not_convert=["lm_head", "re:model\\.layers\\.[2-5]\\..*"]),
+         "model.layers.1.self_attn.q_proj.qweight' is missing"),
     ],
 )
 def test_an_edited_plan_with_a_forged_marker_is_caught_by_the_tensors(checkpoint_copy, edit, needle):

@@ -135,7 +135,8 @@ class TinyTextPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, prompt, num_inference_steps: int = 4, guidance_scale: float = 3.0, generator=None, output_type: str = "latent"):
+    def __call__(self, prompt, num_inference_steps: int = 4, guidance_scale: float = 3.0, generator=None,
+                 output_type: str = "latent"):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts)
         model = self.transformer
@@ -159,7 +160,8 @@ class TinyTextPipeline(DiffusionPipeline):
                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
                 out = out[:, : x.shape[1]]
             else:
-                out = model(hidden_states=x, timestep=t.expand(b), encoder_hidden_states=emb, pooled_projections=pool, return_dict=False)[0]
+                out = model(hidden_states=x, timestep=t.expand(b), encoder_hidden_states=emb, pooled_projections=pool,
+                            return_dict=False)[0]
             if cfg:
                 uncond, c = out.chunk(2)
                 out = uncond + guidance_scale * (c - uncond)
@@ -176,7 +178,8 @@ def text_pipeline(transformer) -> TinyTextPipeline:
 
 
 def dit_images(pipe, labels=(1, 2), steps: int = 4, seed: int = 0) -> torch.Tensor:
-    return pipe(class_labels=list(labels), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return pipe(class_labels=list(labels), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                output_type="pt").images
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ through the pipeline, and SD3/Flux/PixArt denoisers calibrated through a text pi
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

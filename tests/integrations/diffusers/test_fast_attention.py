@@ -24,7 +24,8 @@ from piecewise_quant.integrations.diffusers.window_attention import WindowSpec, 
 STEPS = 5
 # 16 tokens (8x8 latents, 2x2 patches): a 1-token window with 2-query blocks attends to 4 keys
 SMALL_WINDOW = dict(window=1, window_block=2)
-W8A8 = pq.PiecewiseQuantConfig(bits=8, grid="uniform", group_size="channel", act_bits=8, act_mode="static_per_tensor", modules_to_not_convert=[])
+W8A8 = pq.PiecewiseQuantConfig(bits=8, grid="uniform", group_size="channel", act_bits=8, act_mode="static_per_tensor",
+                               modules_to_not_convert=[])
 
 
 def _masked_reference(q, k, v, spec, grid=None):
@@ -40,7 +41,8 @@ def _masked_reference(q, k, v, spec, grid=None):
 
 @pytest.mark.parametrize(
     "n,spec,grid",
-    [(100, WindowSpec(8), None), (96, WindowSpec(10, block=7), None), (64, WindowSpec(2, "2d"), None), (48, WindowSpec(1, "2d", block=3), (6, 8))],
+    [(100, WindowSpec(8), None), (96, WindowSpec(10, block=7), None), (64, WindowSpec(2, "2d"), None),
+     (48, WindowSpec(1, "2d", block=3), (6, 8))],
 )
 def test_window_attention_is_block_local_attention(n, spec, grid):
     torch.manual_seed(0)
@@ -168,7 +170,8 @@ def test_text_pipeline_pixart(dfh):
     pipe = dfh.text_pipeline(dfh.tiny_pixart())
     run = lambda: pipe(["a cat"], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))[0]  # noqa: E731
     ref = run()
-    report = enable_fast_attention(pipe, threshold=0.3, calibration_prompts=["a cat", "a dog"], num_inference_steps=STEPS, **SMALL_WINDOW)
+    report = enable_fast_attention(pipe, threshold=0.3, calibration_prompts=["a cat", "a dog"], num_inference_steps=STEPS,
+                                   **SMALL_WINDOW)
     assert any("uncond_first: zero embeddings in the first half" in k for k in report.cfg_detected)
     out = run()
     assert torch.isfinite(out).all() and dfh.rel_err(out, ref) < 0.5

@@ -102,7 +102,8 @@ def test_pipeline_quantization_config_backend(dfh, tmp_path):
 
 def test_static_activations_and_calibration_are_refused_on_load(saved_float):
     cls, path, _, _ = saved_float["tiny_dit"]
-    static = pq.PiecewiseQuantConfig(bits=8, group_size="channel", act_bits=8, act_mode="static_per_tensor", modules_to_not_convert=[])
+    static = pq.PiecewiseQuantConfig(bits=8, group_size="channel", act_bits=8, act_mode="static_per_tensor",
+                                     modules_to_not_convert=[])
     with pytest.raises(ValueError, match="need calibration through the pipeline.*enable_quant"):
         cls.from_pretrained(path, quantization_config=static)
     with pytest.raises(ValueError, match="calibration recipe.*enable_quant"):
@@ -147,7 +148,8 @@ def test_layers_compute_in_the_dtype_the_model_is_loaded_in(saved_float, dfh, tm
     cls, path, x, _ = saved_float["tiny_dit"]
     half = tmp_path / "fp16"
     cls.from_pretrained(path).to(torch.float16).save_pretrained(half)
-    model = cls.from_pretrained(half, quantization_config=pq.PiecewiseQuantConfig(bits=4, group_size=16, modules_to_not_convert=[]))
+    model = cls.from_pretrained(half,
+                                quantization_config=pq.PiecewiseQuantConfig(bits=4, group_size=16, modules_to_not_convert=[]))
     layers = [m for m in model.modules() if isinstance(m, DiffusionQuantLinear)]
     assert layers and {m.compute_dtype for m in layers} == {torch.float32}
     assert {m.bias.dtype for m in layers if m.bias is not None} == {torch.float32}
@@ -163,9 +165,8 @@ def test_the_core_checkpoint_error_catches_diffusers_mismatches(saved_float, tmp
     ``except piecewise_quant.CheckpointMismatchError`` catches a diffusers checkpoint mismatch."""
     from safetensors.torch import load_file, save_file
 
-    from piecewise_quant.integrations.diffusers import quantizer
-
     from piecewise_quant import checkpoint, errors
+    from piecewise_quant.integrations.diffusers import quantizer
 
     assert CheckpointMismatchError is pq.CheckpointMismatchError is quantizer.CheckpointMismatchError
     assert errors.CheckpointMismatchError is checkpoint.CheckpointMismatchError is pq.CheckpointMismatchError

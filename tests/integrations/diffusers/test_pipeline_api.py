@@ -74,7 +74,8 @@ def test_save_then_plain_reload_gives_identical_images(dfh, tmp_path):
     ref = dfh.dit_images(pipe)
     x = dfh.denoiser_inputs(pipe.transformer, timestep=500)
     ref_eps = dfh.denoise(pipe.transformer, x)
-    pipe.enable_quant(W8A8_STATIC, calibration_prompts=[3, 4, 5], num_inference_steps=4, act_scales="per_timestep", progress=False)
+    pipe.enable_quant(W8A8_STATIC, calibration_prompts=[3, 4, 5], num_inference_steps=4, act_scales="per_timestep",
+                      progress=False)
     out = dfh.dit_images(pipe)
     # static per-tensor int8 activations (per-timestep scales) and 8-bit weights on a random-weight
     # DiT: the denoiser output at a calibrated timestep moves by under 10%; images (4 DDIM steps

@@ -25,7 +25,8 @@ def test_register_is_idempotent_and_reversible():
     assert pqd.is_registered()
     assert AUTO_QUANTIZER_MAPPING["piecewise"] is pqd.PiecewiseDiffusersQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["piecewise"] is pqd.PiecewiseDiffusersConfig
-    assert DiffusionPipeline.enable_quant._piecewise_quant and "enable_quant(pipe, config" in DiffusionPipeline.enable_quant.__doc__
+    assert DiffusionPipeline.enable_quant._piecewise_quant
+    assert "enable_quant(pipe, config" in DiffusionPipeline.enable_quant.__doc__
     try:
         pqd.unregister_from_diffusers()
         assert not pqd.is_registered() and not hasattr(DiffusionPipeline, "enable_quant")

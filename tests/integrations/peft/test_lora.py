@@ -33,9 +33,10 @@ def _ids(vocab=128, shape=(2, 12), seed=0):
 
 
 def test_autoload_registered_and_idempotent():
+    from peft.tuners.lora.model import LoraModel
+
     from piecewise_quant._autoload import HOOKS
     from piecewise_quant.integrations import peft as pq_peft
-    from peft.tuners.lora.model import LoraModel
 
     assert HOOKS["peft.tuners.lora.model"] == ("piecewise_quant.integrations.peft", "register_with_peft")
     assert pq_peft.is_registered()  # `import peft` above fired the hook

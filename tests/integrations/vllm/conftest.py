@@ -150,7 +150,8 @@ def assert_same_generation(got: list[list[int]], ref: dict, tie: float = 1e-3) -
         j = next(k for k in range(min(len(g), len(want))) if g[k] != want[k])
         logits = ref["step_logits"][i][j]
         gap = float(logits[want[j]] - logits[g[j]])
-        assert gap < tie, f"prompt {i}: vLLM token {g[j]} at step {j} vs transformers {want[j]} (logit gap {gap:.4g})\n{g}\n{want}"
+        assert gap < tie, (f"prompt {i}: vLLM token {g[j]} at step {j} vs transformers {want[j]} (logit gap {gap:.4g})"
+                           f"\n{g}\n{want}")
 
 
 def max_logprob_diff(got: list[list[float]], want: list[list[float]]) -> float:
@@ -195,8 +196,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     ck["bad_missing"] = root / "bad_missing"
     _edit_safetensors(w4, ck["bad_missing"], lambda s: s.pop("model.layers.0.self_attn.k_proj.scales"))
     ck["bad_shape"] = root / "bad_shape"
-    _edit_safetensors(w4, ck["bad_shape"], lambda s: s.__setitem__("model.layers.1.mlp.down_proj.qweight",
-                                                                    s["model.layers.1.mlp.down_proj.qweight"][:, :-8].contiguous()))
+    _edit_safetensors(w4, ck["bad_shape"], lambda s: s.__setitem__(
+        "model.layers.1.mlp.down_proj.qweight", s["model.layers.1.mlp.down_proj.qweight"][:, :-8].contiguous()))
     ck["bad_grid"] = root / "bad_grid"
     _edit_config(w4, ck["bad_grid"], lambda c: c["quantization_config"].__setitem__("grid", "nf5"))
     ck["bad_version"] = root / "bad_version"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # float32 on both sides, same piecewise_quant::linear op: only attention/summation order differs

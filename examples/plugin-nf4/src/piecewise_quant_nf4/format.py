@@ -50,7 +50,8 @@ class NF4Format(WeightFormat):
     def validate(self, spec: QuantSpec) -> None:
         super().validate(spec)
         if spec.group_size == "tensor":
-            raise ValueError("grid 'nf4' keeps one absmax per group or per output channel; use an integer group_size or 'channel', not 'tensor'")
+            raise ValueError("grid 'nf4' keeps one absmax per group or per output channel; "
+                             "use an integer group_size or 'channel', not 'tensor'")
         if spec.symmetric is not None:
             raise ValueError("grid 'nf4' is symmetric by construction (absmax scaling, a fixed code book); leave symmetric unset")
 
