@@ -134,7 +134,9 @@ class QuantSpec:
             if isinstance(self.act_bits, bool) or self.act_bits not in (4, 8):
                 raise ValueError(f"act_bits must be None (weight-only), 8 or 4; got {self.act_bits!r}")
             if self.act_format == "fp8" and self.act_bits != 8:
-                raise ValueError(f"act_format='fp8' must be 8 bits wide; set act_bits=8 (got {self.act_bits}) or act_format='int'")
+                raise ValueError(
+                    f"act_format='fp8' must be 8 bits wide; set act_bits=8 (got {self.act_bits}) or act_format='int'"
+                )
         ratio = self.act_clip_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
             raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")
@@ -341,7 +343,10 @@ class CalibrationConfig:
             raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
         if self.algorithm is not None:
             if not isinstance(self.algorithm, str) or not self.algorithm:
-                raise ValueError(f"calibration.algorithm must be the name of a registered calibration algorithm or None; got {self.algorithm!r}")
+                raise ValueError(
+                    "calibration.algorithm must be the name of a registered calibration algorithm or None; "
+                    f"got {self.algorithm!r}"
+                )
             if self.gptq or self.refine_breakpoints:
                 raise ValueError(
                     f"calibration.algorithm={self.algorithm!r} replaces the step that GPTQ and breakpoint refinement "
@@ -362,11 +367,14 @@ class CalibrationConfig:
         object.__setattr__(self, "mixed_precision_grids", tuple(self.mixed_precision_grids))
         bad = [b for b in self.mixed_precision_bits if b not in (2, 3, 4, 8)]
         if bad or not self.mixed_precision_bits:
-            raise ValueError(f"calibration.mixed_precision_bits must be a non-empty subset of 2, 3, 4, 8; got {self.mixed_precision_bits!r}")
+            raise ValueError(
+                f"calibration.mixed_precision_bits must be a non-empty subset of 2, 3, 4, 8; got {self.mixed_precision_bits!r}"
+            )
         badg = [g for g in self.mixed_precision_grids if g not in ("uniform", "piecewise")]
         if badg or not self.mixed_precision_grids:
             raise ValueError(
-                f"calibration.mixed_precision_grids must be a non-empty subset of 'uniform', 'piecewise'; got {self.mixed_precision_grids!r}"
+                "calibration.mixed_precision_grids must be a non-empty subset of 'uniform', 'piecewise'; "
+                f"got {self.mixed_precision_grids!r}"
             )
         budget = self.mixed_precision_budget
         if budget is not None:

@@ -18,7 +18,8 @@ from .qlinear import QuantLinear
 from .registry import get_format
 
 __all__ = [
-    "quantize", "plan_layers", "check_float_model", "warn_unquantized", "tied_linear_names", "layer_spec_for", "calibrate_activation_scales", "quantized_layers", "dequantize_layers",
+    "quantize", "plan_layers", "check_float_model", "warn_unquantized", "tied_linear_names", "layer_spec_for",
+    "calibrate_activation_scales", "quantized_layers", "dequantize_layers",
 ]
 
 logger = logging.getLogger(__name__)

@@ -196,6 +196,8 @@ def _prepare(data: Any, *, model: Any, tokenizer: Any, n_samples: int, seq_len: 
                     raise ValueError(f"calibration batch {i}: input {k!r} contains NaN or Inf")
             batches.append(item)
         if not batches:
-            raise ValueError("calibration data is empty; give text, token ids or model-input dicts (None uses the bundled corpus)")
+            raise ValueError(
+                "calibration data is empty; give text, token ids or model-input dicts (None uses the bundled corpus)"
+            )
         return batches
     raise ValueError(f"unsupported calibration data of type {type(data).__name__}; give text, token ids or model-input dicts")

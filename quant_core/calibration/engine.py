@@ -111,7 +111,9 @@ def _plan_run(model: nn.Module, config: PiecewiseQuantConfig, cal: CalibrationCo
     """The run's plan, blocks and modifiers; every modifier's ``setup`` (before any work)."""
     plan = plan_layers(model, config)
     if not plan:
-        raise ValueError("found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)")
+        raise ValueError(
+            "found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)"
+        )
     blocks_path, blocks = find_blocks(model, cal.blocks)
     run = RunState(model, config, cal, cal.recipe, plan, blocks_path, blocks, CalibrationReport(blocks_path=blocks_path),
                    run_block, progress)

@@ -369,7 +369,8 @@ def _drop_dead_inputs(W: torch.Tensor, H: torch.Tensor, layer: LayerSpec,
     if n_dead:
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
-        logger.info("layer %r: %d of %d inputs are never active; their weights are set to 0", layer.name, n_dead, layer.in_features)
+        logger.info("layer %r: %d of %d inputs are never active; their weights are set to 0",
+                    layer.name, n_dead, layer.in_features)
     live = diag[~dead]
     base = float(live.mean()) if live.numel() else 1.0
     if not (base > 0 and math.isfinite(base)):

@@ -479,7 +479,8 @@ class MixedPrecision(Modifier):
             onload_block(block)
             names = run.block_layers(i)
             fp_out = run.run_block(block, run.inputs, fp)
-            stats = collect_stats(block, lambda h: run.run_block(block, run.inputs, h), fp[:n_probe], names, hessian=False)
+            stats = collect_stats(block, lambda h, block=block: run.run_block(block, run.inputs, h), fp[:n_probe], names,
+                                  hessian=False)
             for rel, full in names.items():
                 candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp[:n_probe], fp_out[:n_probe])
                 n_weights[full] = run.plan[full].in_features * run.plan[full].out_features

@@ -52,7 +52,7 @@ def _search(w: torch.Tensor, h: torch.Tensor, layer: LayerSpec, fmt: WeightForma
         hj = h[j * g:(j + 1) * g, j * g:(j + 1) * g]
         sign = torch.where(scale[:, j] < 0, -1.0, 1.0)
 
-        def err_of(s: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        def err_of(s: torch.Tensor, k: torch.Tensor, x: torch.Tensor = x, hj: torch.Tensor = hj) -> torch.Tensor:
             q = fmt.fake_quantize(x, {"scale": s, "breakpoint": k}, layer)
             e = x - q
             return ((e @ hj) * e).sum(dim=1)

@@ -68,10 +68,12 @@ class CalibrationReport:
             lines.append(f"block output relative error: {errs}")
         free = self.data_free_layers
         if free:
-            lines.append(f"data-free fallback for {len(free)} layer(s): " + ", ".join(f"{n} ({self.layers[n].note})" for n in free))
+            listed = ", ".join(f"{n} ({self.layers[n].note})" for n in free)
+            lines.append(f"data-free fallback for {len(free)} layer(s): " + listed)
         if self.mixed_precision:
             mp = self.mixed_precision
-            lines.append(f"mixed precision: {mp['average_bits_per_weight']:.3f} bits/weight (budget {mp['budget']}); {mp['counts']}")
+            lines.append(f"mixed precision: {mp['average_bits_per_weight']:.3f} bits/weight "
+                         f"(budget {mp['budget']}); {mp['counts']}")
         return "\n".join(lines)
 
     def table(self) -> str:

@@ -23,7 +23,9 @@ __all__ = ["ModelUndo"]
 
 class ModelUndo:
     def __init__(self) -> None:
-        self._saved: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], set[str], dict[str, torch.Tensor]]] = {}
+        self._saved: dict[
+            int, tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], set[str], dict[str, torch.Tensor]]
+        ] = {}
 
     @torch.no_grad()
     def record(self, root: nn.Module, copy_values: bool) -> None:

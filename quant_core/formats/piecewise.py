@@ -135,7 +135,6 @@ class PiecewiseFormat(WeightFormat):
         best ids of each group.
         """
         table = piecewise_table(bits, groups.device)
-        half = float(1 << (bits - 1))
         lo = groups.amin(dim=1).clamp(max=0)
         hi = groups.amax(dim=1).clamp(min=0)
         neg_big = (-lo) >= hi

@@ -80,9 +80,9 @@ def _hidden_error(model, ref_hidden, x):
 
 @pytest.fixture(scope="module")
 def real_setup(tiny_llama_path):
-    from piecewise_quant import evaluate
-
     from transformers import AutoTokenizer
+
+    from piecewise_quant import evaluate
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_path)
     stream = torch.tensor(tok(evaluate.heldout_text(), add_special_tokens=False)["input_ids"])
@@ -196,7 +196,8 @@ def test_bert_encoder_is_calibrated_and_the_pooler_is_data_free():
                                  intermediate_size=64)).eval()
     config = pq.PiecewiseQuantConfig(group_size=32, modules_to_not_convert=[],
                                      calibration=pq.CalibrationConfig(n_samples=4, seq_len=16, smoothquant=0.5))
-    batches = [{"input_ids": ids(2, 16, vocab=100, seed=s), "attention_mask": torch.ones(2, 16, dtype=torch.long)} for s in (0, 1)]
+    batches = [{"input_ids": ids(2, 16, vocab=100, seed=s), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+               for s in (0, 1)]
     report = pq.calibrate(model, config, batches, progress=False)
     assert report.blocks_path == "encoder.layer"
     assert report.data_free_layers == ["pooler.dense"]

@@ -369,7 +369,7 @@ def test_hessian_accumulator_matches_definition():
 def test_hessian_accumulator_refuses_bad_input():
     acc = HessianAccumulator(16, name="model.layers.3.mlp.up_proj")
     with pytest.raises(ValueError, match="up_proj.*no calibration inputs"):
-        acc.hessian
+        acc.hessian  # noqa: B018 - the property raises
     x = torch.randn(4, 16)
     x[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"'model\.layers\.3\.mlp\.up_proj'.*NaN or Inf"):

@@ -13,7 +13,14 @@ import torch
 
 import piecewise_quant as pq
 from piecewise_quant.calibration import (
-    GPTQ, LET, LWC, Algorithm, MixedPrecision, RefineBreakpoints, SmoothQuant, StaticActScales,
+    GPTQ,
+    LET,
+    LWC,
+    Algorithm,
+    MixedPrecision,
+    RefineBreakpoints,
+    SmoothQuant,
+    StaticActScales,
 )
 from piecewise_quant.qlinear import QuantLinear
 
@@ -69,14 +76,17 @@ def test_the_listed_order_does_not_change_the_pipeline():
     (lambda: GPTQ(act_order="yes"), r"GPTQ\.act_order must be True or False"),
     (lambda: LWC(epochs=-1), r"LWC\.epochs must be an integer >= 0"),
     (lambda: SmoothQuant(1.5), r"SmoothQuant\.alpha .* must be in \[0, 1\]"),
-    (lambda: MixedPrecision(1.5, bits=(2, 4)), r"MixedPrecision\.budget .* at least the smallest allowed bits \(2\)"),
+    (lambda: MixedPrecision(1.5, bits=(2, 4)),
+     r"MixedPrecision\.budget .* at least the smallest allowed bits \(2\)"),
     (lambda: MixedPrecision(4, grids=("nf4",)), r"MixedPrecision\.grids must be a non-empty subset"),
     (lambda: Algorithm(""), r"Algorithm\.name must be the name of a registered calibration algorithm"),
     (lambda: pq.CalibrationConfig(modifiers=["gptq"]), r"must be modifier configs such as GPTQ\(\)"),
     (lambda: pq.CalibrationConfig(modifiers=GPTQ()), r"must be a list such as \[GPTQ\(\), StaticActScales\(\)\]"),
     (lambda: pq.CalibrationConfig(modifiers=[GPTQ(), GPTQ(damp=0.1)]), r"GPTQ is listed twice"),
-    (lambda: pq.CalibrationConfig(modifiers=[LWC(epochs=1), LET(epochs=2)]), r"LET and LWC disagree on epochs|LWC and LET disagree on epochs"),
-    (lambda: pq.CalibrationConfig(gptq=True, modifiers=[LWC()]), r"either as modifiers=\[\.\.\.\] or as keywords, not both; got modifiers and gptq"),
+    (lambda: pq.CalibrationConfig(modifiers=[LWC(epochs=1), LET(epochs=2)]),
+     r"LET and LWC disagree on epochs|LWC and LET disagree on epochs"),
+    (lambda: pq.CalibrationConfig(gptq=True, modifiers=[LWC()]),
+     r"either as modifiers=\[\.\.\.\] or as keywords, not both; got modifiers and gptq"),
     (lambda: pq.CalibrationConfig(modifiers=[GPTQ(), RefineBreakpoints()]), r"refine_breakpoints and gptq do not combine"),
     (lambda: pq.CalibrationConfig(modifiers=[SmoothQuant(), LET()]), r"choose smoothquant or let, not both"),
     (lambda: pq.CalibrationConfig(modifiers=[GPTQ(), Algorithm("x")]), r"set gptq=False"),
