@@ -19,7 +19,7 @@ import contextlib
 import functools
 import inspect
 import types
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicC
 
 from piecewise_quant.args import KVArgs
 from piecewise_quant.kv import KVQTensor, cat, dequantize_kv, fake_quantize_kv, quantize_kv, storage_bytes
+
+FakeQuantizer = Callable[[torch.Tensor, KVArgs, str], torch.Tensor]
 
 __all__ = ["QuantizedKVCache", "QuantizedKVLayer", "enable_kv_cache", "disable_kv_cache", "kv_fake_quant", "cache_bytes"]
 
@@ -249,14 +251,15 @@ class _FakeQuantUpdate:
     """Stands in for the cache an attention module receives: quantizes the new K/V, then hands
     them to the real cache (or returns them, when the model runs without a cache)."""
 
-    def __init__(self, inner: Any, args: KVArgs) -> None:
+    def __init__(self, inner: Any, args: KVArgs, fn: FakeQuantizer) -> None:
         self._inner = inner
         self._args = args
+        self._fn = fn
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         a = self._args
-        k = fake_quantize_kv(key_states, a, a.key_axis)
-        v = fake_quantize_kv(value_states, a, a.value_axis)
+        k = self._fn(key_states, a, a.key_axis)
+        v = self._fn(value_states, a, a.value_axis)
         if self._inner is None:
             return k, v
         return self._inner.update(k, v, *args, **kwargs)
@@ -287,11 +290,15 @@ def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 @contextlib.contextmanager
-def kv_fake_quant(model: nn.Module, kv: KVArgs | Mapping[str, Any]) -> Iterator[nn.Module]:
+def kv_fake_quant(
+    model: nn.Module, kv: KVArgs | Mapping[str, Any], fake_quantize: FakeQuantizer = fake_quantize_kv
+) -> Iterator[nn.Module]:
     """Within the block, every attention module of ``model`` fake-quantizes its new post-RoPE keys
-    and values (:func:`piecewise_quant.kv.fake_quantize_kv`) as they enter the cache, with or
-    without one: QLLM-Eval's protocol when ``kv`` has ``key_axis="token"`` (the residual window
-    and sink tokens are not used). Works with any ``Cache`` class.
+    and values (``fake_quantize(states, kv, axis)``, by default
+    :func:`piecewise_quant.kv.fake_quantize_kv`) as they enter the cache, with or without one:
+    QLLM-Eval's protocol when ``kv`` has ``key_axis="token"`` (the residual window and sink tokens
+    are not used). Works with any ``Cache`` class. ``fake_quantize`` lets an experiment try
+    another grid with the same protocol.
     """
     args = KVArgs.coerce(dict(kv) if isinstance(kv, Mapping) else kv)
     found = _attention_modules(model)
@@ -302,7 +309,7 @@ def kv_fake_quant(model: nn.Module, kv: KVArgs | Mapping[str, Any]) -> Iterator[
 
     def hook_for(kwarg: str):
         def hook(module: nn.Module, args_: tuple, kwargs: dict):
-            kwargs[kwarg] = _FakeQuantUpdate(kwargs.get(kwarg), args)
+            kwargs[kwarg] = _FakeQuantUpdate(kwargs.get(kwarg), args, fake_quantize)
             return args_, kwargs
 
         return hook
