@@ -281,7 +281,8 @@ def grid_comparison(s: Setup, n_windows: int) -> list[dict[str, Any]]:
     s.model(windows, past_key_values=cache)
     grids = {"uniform min-max (cache)": fake_quantize_kv, "uniform mse (project format)": format_fake_quant("uniform"),
              "piecewise (project format)": format_fake_quant("piecewise")}
-    out = []
+    out = [dict(bits=16, grid="float", bits_per_value=16.0, keys_rel_mse=0.0, values_rel_mse=0.0,
+                ppl=perplexity(s.model, input_ids=windows.reshape(-1), window=WINDOW))]
     for bits in (4, 3, 2):
         kv = KVArgs(bits=bits, key_axis="token", group_size=64, residual_length=0)
         for name, fq in grids.items():
@@ -363,9 +364,10 @@ def plot(grid: dict[str, Any], path: Path) -> None:
     im = ax.imshow(data, cmap="Reds", aspect="auto")
     ax.set_xticks(range(len(kvs)), ["float KV" if k == "-" else k for k in kvs])
     ax.set_yticks(range(len(was)), was)
+    top = max(max(row) for row in data) or 1.0
     for i, row in enumerate(data):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=9)
+            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=9, color="white" if v > 0.6 * top else "black")
     ax.set_title(f"held-out perplexity increase over float ({base:.2f})")
     fig.colorbar(im, ax=ax, label="Δ ppl %")
     fig.tight_layout()
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-tokens", type=int, default=64)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny ops gain nothing from more, and a shared machine makes more threads spin)")
-    p.add_argument("--grid-windows", type=int, default=2, help="windows for the piecewise-vs-uniform K/V comparison")
+    p.add_argument("--grid-windows", type=int, default=8, help="windows for the piecewise-vs-uniform K/V comparison")
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
