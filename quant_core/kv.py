@@ -15,7 +15,6 @@ which is all a cache needs: history is never re-quantized.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -119,17 +118,10 @@ def _unpack(packed: torch.Tensor, bits: int, fmt: str, d: int) -> torch.Tensor:
         return packed.float()
     if bits not in _FAST_BITS:
         return unpack_codes(packed, bits, d).float()
-    # one table lookup per byte (all its codes at once) is faster than shifting and masking
-    codes = torch.nn.functional.embedding(packed.int(), _byte_table(bits, packed.device))
-    return codes.reshape(*packed.shape[:-1], -1)[..., :d]
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
-    """``(256, 8 // bits)`` float32: the codes packed in each byte value, low bits first."""
-    b = torch.arange(256, dtype=torch.int64)
-    shifts = torch.arange(0, 8, bits, dtype=torch.int64)
-    return ((b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).float().to(device)
+    # one uint8 op per code position, stacked (measured faster than a broadcast shift or a table lookup)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :d].float()
 
 
 def dequantize_kv(q: KVQTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -91,6 +91,7 @@ class QuantizedKVLayer(DynamicLayer):
                 self.values = rest
 
     def _stored(self, which: str) -> torch.Tensor:
+        """What attention sees: sinks, the dequantized history and the window, in token order."""
         sink, q, fp = (
             (self.sink_keys, self.qkeys, self.keys) if which == "key" else (self.sink_values, self.qvalues, self.values)
         )
