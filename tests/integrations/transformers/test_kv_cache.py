@@ -71,10 +71,19 @@ def test_quantized_logits_close_and_cache_matches_fake_quant_exactly(tiny, batch
     assert torch.equal(fake, got)
 
 
-@pytest.mark.parametrize("beams", [1, 3])
-def test_generate_batch_and_beam_search_match_fake_quant(tiny, batch, beams):
-    real = _gen(tiny, batch, num_beams=beams, past_key_values=QuantizedKVCache(EXACT, tiny.config))
-    with kv_fake_quant(tiny, EXACT):
+@pytest.mark.parametrize(
+    "beams, kv",
+    [
+        (1, EXACT),
+        (3, EXACT),
+        (1, KVArgs(bits=3, key_axis="token", group_size=16, residual_length=0, symmetric=True)),
+        (1, KVArgs(format="fp8", bits=8, key_axis="token", group_size=32, residual_length=0)),
+    ],
+    ids=["int4", "int4-beams", "int3-sym", "fp8"],
+)
+def test_generate_batch_and_beam_search_match_fake_quant(tiny, batch, beams, kv):
+    real = _gen(tiny, batch, num_beams=beams, past_key_values=QuantizedKVCache(kv, tiny.config))
+    with kv_fake_quant(tiny, kv):
         fake = _gen(tiny, batch, num_beams=beams)
     assert torch.equal(real, fake)
 
