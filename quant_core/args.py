@@ -23,7 +23,7 @@ from .kernels.reference import ACT_QMAX
 if TYPE_CHECKING:
     from .config import QuantSpec
 
-__all__ = ["WeightArgs", "ActArgs", "ACT_STRATEGIES", "KVArgs", "KV_BITS", "KV_AXES"]
+__all__ = ["WeightArgs", "ActArgs", "ACT_STRATEGIES"]
 
 ACT_STRATEGIES = ("token", "tensor", "group", "timestep")
 
@@ -120,6 +120,10 @@ class ActArgs:
         strategy = f"group({self.group_size})" if self.strategy == "group" else self.strategy
         return f"{self.format}{self.bits if self.format == 'int' else ''}/{strategy}"
 
+
+# ---- the KV cache (appended here so that it merges cleanly with other edits of this module) ----
+
+__all__ += ["KVArgs", "KV_BITS", "KV_AXES"]
 
 KV_BITS = (2, 3, 4, 8)
 KV_AXES = ("channel", "token")
