@@ -51,6 +51,7 @@ _LAZY = {
     "model_size_report": ".report",
     "PiecewiseQuantWarning": ".errors",
     "CheckpointMismatchError": ".errors",
+    "KVArgs": ".args",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
     from .registry import available_formats, get_format
+    from .args import KVArgs
     from .errors import CheckpointMismatchError
     from .errors import PiecewiseQuantWarning
     from .report import model_size_report

@@ -460,6 +460,12 @@ class PiecewiseQuantConfig(QuantSpec):
         strict: an ``overrides`` or ``modules_to_not_convert`` pattern that matches no Linear
             layer of the model raises ``ValueError`` instead of a :class:`PiecewiseQuantWarning`
             (a typo such as ``"*.down_prj"`` otherwise only warns).
+        kv_cache: ``None`` (the KV cache stays in float) or a
+            :class:`~piecewise_quant.args.KVArgs` (or a dict of its fields): how a transformers
+            model loaded with this config quantizes its KV cache in ``generate()``
+            (docs/kv-cache.md).
+        kv_bits, kv_group_size, kv_residual_length: shortcuts that build ``kv_cache`` (or change
+            those fields of the given one); they read back as ``None``, ``kv_cache`` holds the result.
 
     Patterns are matched in linear time and limited in length and number
     (:mod:`piecewise_quant.patterns`): a checkpoint's config cannot hang or exhaust a loader.
@@ -471,6 +477,10 @@ class PiecewiseQuantConfig(QuantSpec):
     strict: bool = False
     version: int = SCHEMA_VERSION
     quant_method: str = QUANT_METHOD
+    kv_cache: "KVArgs | None" = None
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
+    kv_residual_length: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -519,7 +529,23 @@ class PiecewiseQuantConfig(QuantSpec):
             self._override_spec(pattern, clean[pattern])  # validate now, not at quantize time
         object.__setattr__(self, "overrides", clean)
         object.__setattr__(self, "calibration", CalibrationConfig.coerce(self.calibration))
+        self._resolve_kv_cache()
         self._skip_set, self._override_set  # noqa: B018 - build (and check the limits of) the matchers now
+
+    def _resolve_kv_cache(self) -> None:
+        """``kv_cache`` as a :class:`KVArgs` built from itself and the flat ``kv_*`` shortcuts."""
+        shortcuts = {"bits": self.kv_bits, "group_size": self.kv_group_size, "residual_length": self.kv_residual_length}
+        shortcuts = {k: v for k, v in shortcuts.items() if v is not None}
+        if self.kv_cache is None and not shortcuts:
+            return
+        from .args import KVArgs
+
+        kv = KVArgs.coerce(self.kv_cache)
+        if shortcuts:
+            kv = KVArgs(**{**(kv.to_dict() if kv is not None else {}), **shortcuts})
+        object.__setattr__(self, "kv_cache", kv)
+        for name in ("kv_bits", "kv_group_size", "kv_residual_length"):
+            object.__setattr__(self, name, None)
 
     # ---- resolution -------------------------------------------------------------------------
 
@@ -606,6 +632,8 @@ class PiecewiseQuantConfig(QuantSpec):
         d["quant_method"] = QUANT_METHOD
         if self.calibration is not None:
             d["calibration"] = self.calibration.to_dict()
+        if self.kv_cache is not None:  # written only when set: configs without one keep their plan hash
+            d["kv_cache"] = self.kv_cache.to_dict()
         return dict(sorted(d.items()))
 
     def to_json_string(self, indent: int | None = 2) -> str:

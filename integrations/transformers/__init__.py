@@ -33,6 +33,10 @@ __all__ = [
     "PiecewiseHfQuantizer",
     "PiecewiseMethod",
     "QUANT_METHOD",
+    "QuantizedKVCache",
+    "enable_kv_cache",
+    "disable_kv_cache",
+    "kv_fake_quant",
 ]
 
 _LAZY = {
@@ -41,11 +45,18 @@ _LAZY = {
     "as_core_config": ".config",
     "PiecewiseHfQuantizer": ".quantizer",
     "CheckpointMismatchError": ".checkpoint",
+    "QuantizedKVCache": ".kv_cache",
+    "QuantizedKVLayer": ".kv_cache",
+    "enable_kv_cache": ".kv_cache",
+    "disable_kv_cache": ".kv_cache",
+    "kv_fake_quant": ".kv_cache",
+    "cache_bytes": ".kv_cache",
 }
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointMismatchError
     from .config import PiecewiseHfConfig, PiecewiseMethod, as_core_config
+    from .kv_cache import QuantizedKVCache, QuantizedKVLayer, cache_bytes, disable_kv_cache, enable_kv_cache, kv_fake_quant
     from .quantizer import PiecewiseHfQuantizer
 
 _REGISTRY = HostRegistry(

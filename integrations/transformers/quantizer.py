@@ -290,6 +290,10 @@ class PiecewiseHfQuantizer(HfQuantizer):
         problems += loaded_layer_problems(model, self.plan, _core().QuantLinear, self._loaded_layer_problems)
         raise_mismatch(problems)
         model.piecewise_quant_config = self.core_config
+        if self.core_config.kv_cache is not None:  # a declared KV scheme: plain generate() uses it
+            from .kv_cache import enable_kv_cache
+
+            enable_kv_cache(model, self.core_config.kv_cache)
         if not self.pre_quantized and not self.calibrating:
             from piecewise_quant.quantization import warn_unquantized
 

@@ -1,0 +1,436 @@
+"""W x A x KV evaluation grid on the bundled tiny Llama (QLLM-Eval's axes), plus the issue-19 KV targets.
+
+Weights and activations: data-free ``piecewise_quant.quantize`` with the default (piecewise) grid,
+``lm_head`` in float; no calibration text is used (the held-out split is only evaluated). KV:
+
+* ``KV8`` / ``KV4``: QLLM-Eval's protocol, ``kv_fake_quant``: every post-RoPE K/V quantized as it
+  enters the cache, asymmetric, per token in groups of head_dim (64), no residual window;
+* ``KV2 (KIVI)`` (and the KIVI rows of the targets): the real ``QuantizedKVCache`` (keys per
+  channel, values per token, G32, full-precision residual R); perplexity is computed feeding each
+  window in chunks of 32 tokens through the cache (a query never sees an unfinished key block
+  quantized, as in generation).
+
+Columns: held-out perplexity (``piecewise_quant.evaluate``: non-overlapping 256-token windows of
+the held-out ``pydoc_data.topics`` split; the evaluate module offers no out-of-domain text),
+its increase over float, the repetition of greedy generations (rep-4: the share of generated
+4-grams that already occurred in the same continuation; rep-line: the share of generated
+non-empty lines repeating an earlier one), KV bytes per token (measured: allocated bytes of the
+cache after a prefill of ``--ctx`` tokens, divided by the tokens; for fake-quant rows the real
+cache with the same storage) and weight bytes (allocated bytes of parameters and buffers).
+
+Usage (repository root)::
+
+    python benchmarks/kv_grid.py                 # full grid + targets, markdown to stdout (~5 min, 2 cores)
+    python benchmarks/kv_grid.py --quick         # a few windows and rows (the test uses it)
+    python benchmarks/kv_grid.py --markdown docs/results/kv_grid.md --plot docs/kv_grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import piecewise_quant as pq
+from piecewise_quant.args import KVArgs
+from piecewise_quant.evaluate import default_model_path, heldout_text, perplexity
+from piecewise_quant.kv import storage_bytes
+
+WINDOW = 256
+CHUNK = 32
+KV8 = KVArgs(bits=8, key_axis="token", group_size=64, residual_length=0)
+KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
+KIVI = {b: KVArgs(bits=b, key_axis="channel", group_size=32, residual_length=128) for b in (2, 4)}
+WA = {  # name -> PiecewiseQuantConfig fields (None: float)
+    "float": None,
+    "W8": dict(bits=8),
+    "W4": dict(bits=4),
+    "W3": dict(bits=3),
+    "W8A8": dict(bits=8, act_bits=8),
+    "W4A8": dict(bits=4, act_bits=8),
+}
+KV = {"-": None, "KV8": ("fake", KV8), "KV4": ("fake", KV4), "KV2 (KIVI)": ("cache", KIVI[2])}
+ROWS = [  # (row name, W/A setting, KV setting): the issue's list
+    ("float", "float", "-"), ("W8", "W8", "-"), ("W4", "W4", "-"), ("W3", "W3", "-"),
+    ("W8A8", "W8A8", "-"), ("W4A8", "W4A8", "-"), ("KV8", "float", "KV8"), ("KV4", "float", "KV4"),
+    ("KV2 (KIVI)", "float", "KV2 (KIVI)"), ("W8KV4", "W8", "KV4"), ("W4A8KV4", "W4A8", "KV4"),
+]
+
+
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    windows: torch.Tensor
+    prompts: torch.Tensor
+    args: argparse.Namespace
+
+
+# ---- measurements ------------------------------------------------------------------------------
+
+
+def _cache_for(model: Any, kv: KVArgs | None) -> Any:
+    from transformers import DynamicCache
+
+    from piecewise_quant.integrations.transformers import QuantizedKVCache
+
+    return DynamicCache(config=model.config) if kv is None else QuantizedKVCache(kv, model.config)
+
+
+@torch.no_grad()
+def ppl_with_cache(model: Any, windows: torch.Tensor, kv: KVArgs, batch_size: int = 16) -> float:
+    """The evaluate module's perplexity protocol, each window fed ``CHUNK`` tokens at a time
+    through a fresh quantized cache."""
+    losses = []
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size]
+        cache = _cache_for(model, kv)
+        logits = torch.cat(
+            [model(batch[:, s : s + CHUNK], past_key_values=cache).logits for s in range(0, batch.shape[1], CHUNK)], dim=1
+        )[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        losses.append(loss.reshape(batch.shape[0], -1).mean(dim=1))
+    return math.exp(float(torch.cat(losses).mean()))
+
+
+def _in_kv_mode(model: Any, kv_setting: tuple[str, KVArgs] | None, fn: Callable[[Any], Any]) -> Any:
+    """``fn(cache_or_None)`` with the KV setting active: fake-quant hooks, or a real cache."""
+    from piecewise_quant.integrations.transformers import kv_fake_quant
+
+    if kv_setting is None:
+        return fn(None)
+    mode, kv = kv_setting
+    if mode == "fake":
+        with kv_fake_quant(model, kv):
+            return fn(None)
+    return fn(kv)
+
+
+def evaluate_ppl(s: Setup, model: Any, kv_setting: Any) -> float:
+    if kv_setting is not None and kv_setting[0] == "cache":
+        return ppl_with_cache(model, s.windows, kv_setting[1])
+    return _in_kv_mode(model, kv_setting, lambda _: perplexity(model, input_ids=s.windows.reshape(-1), window=WINDOW))
+
+
+def repetition(seqs: list[list[int]], tokenizer: Any) -> tuple[float, float]:
+    """(rep-4, rep-line) averaged over the continuations."""
+    rep4, rep_line = [], []
+    for ids in seqs:
+        grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+        rep4.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+        lines = [ln.strip() for ln in tokenizer.decode(ids).splitlines() if ln.strip()]
+        rep_line.append(1 - len(set(lines)) / len(lines) if lines else 0.0)
+    return statistics.fmean(rep4), statistics.fmean(rep_line)
+
+
+@torch.no_grad()
+def generate_greedy(s: Setup, model: Any, kv_setting: Any) -> list[list[int]]:
+    def run(kv: KVArgs | None) -> Any:
+        extra = {} if kv is None else {"past_key_values": _cache_for(model, kv)}
+        return model.generate(
+            s.prompts, attention_mask=torch.ones_like(s.prompts), max_new_tokens=s.args.new_tokens,
+            min_new_tokens=s.args.new_tokens, do_sample=False, pad_token_id=2, **extra,
+        )
+
+    out = _in_kv_mode(model, kv_setting, run)
+    return out[:, s.prompts.shape[1] :].tolist()
+
+
+@torch.no_grad()
+def kv_bytes_per_token(model: Any, kv: KVArgs | None, ctx: int, ids: torch.Tensor) -> float:
+    from piecewise_quant.integrations.transformers import cache_bytes
+
+    cache = _cache_for(model, kv)
+    model(ids[:, :ctx], past_key_values=cache)
+    return cache_bytes(cache) / ctx
+
+
+def weight_bytes(model: Any) -> int:
+    return storage_bytes([*model.parameters(), *model.buffers()])
+
+
+# ---- the grid ----------------------------------------------------------------------------------
+
+
+def _wa_model(float_model: Any, setting: str, quick: bool = False) -> Any:
+    fields = WA[setting]
+    if fields is None:
+        return float_model
+    if quick:  # round-to-nearest uniform: seconds instead of the piecewise grid's search
+        fields = dict(fields, grid="uniform", observer="minmax")
+    return pq.quantize(copy.deepcopy(float_model), pq.PiecewiseQuantConfig(**fields), progress=False)
+
+
+def storage_kv(kv_name: str) -> KVArgs | None:
+    """The real-cache storage of a KV setting (fake-quant rows are measured with it)."""
+    setting = KV[kv_name]
+    return None if setting is None else setting[1]
+
+
+def run_grid(s: Setup) -> dict[str, Any]:
+    wa_names = list(WA) if not s.args.quick else ["float", "W4A8"]
+    kv_names = list(KV) if not s.args.quick else ["-", "KV4", "KV2 (KIVI)"]
+    ppl: dict[str, dict[str, float]] = {}
+    rows = []
+    long_ids = s.windows.reshape(1, -1)
+    for wa in wa_names:
+        t0 = time.perf_counter()
+        model = _wa_model(s.model, wa, s.args.quick)
+        ppl[wa] = {kv: evaluate_ppl(s, model, KV[kv]) for kv in kv_names}
+        for name, rw, rk in ROWS:
+            if rw != wa or rk not in kv_names:
+                continue
+            rep4, rep_line = repetition(generate_greedy(s, model, KV[rk]), s.tokenizer)
+            rows.append(dict(
+                setting=name, weights_acts=wa, kv=rk, kv_scheme="float" if KV[rk] is None else KV[rk][1].describe(),
+                kv_protocol="-" if KV[rk] is None else KV[rk][0], ppl=ppl[wa][rk], rep4=rep4, rep_line=rep_line,
+                kv_bytes_per_token=kv_bytes_per_token(model, storage_kv(rk), s.args.ctx, long_ids),
+                weight_bytes=weight_bytes(model),
+            ))
+        print(f"[kv_grid] {wa} ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in ppl[wa].items()),
+              file=sys.stderr)
+    base = ppl["float"]["-"]
+    for r in rows:
+        r["ppl_delta_pct"] = 100 * (r["ppl"] / base - 1)
+    return {"ppl": ppl, "rows": rows, "float_ppl": base}
+
+
+# ---- the issue-19 targets ----------------------------------------------------------------------
+
+MEMORY_SCHEMES = {
+    "KIVI-4 G32 R128": KIVI[4],
+    "KIVI-4 G64 R32": KVArgs(bits=4, group_size=64, residual_length=32),
+    "int4 per-token G64 R0": KV4,
+    "KIVI-2 G32 R128": KIVI[2],
+    "int8 per-token G64 R0": KV8,
+}
+
+
+@torch.no_grad()
+def memory_targets(s: Setup, contexts: list[int]) -> list[dict[str, Any]]:
+    """KV bytes of each scheme over the fp16 cache, with the model in float16 (measured)."""
+    half = copy.deepcopy(s.model).to(torch.float16)
+    ids = s.windows.reshape(1, -1)
+    out = []
+    for ctx in contexts:
+        fp16 = kv_bytes_per_token(half, None, ctx, ids)
+        for name, kv in MEMORY_SCHEMES.items():
+            q = kv_bytes_per_token(half, kv, ctx, ids)
+            out.append(dict(ctx=ctx, scheme=name, bytes_per_token=q, fp16_bytes_per_token=fp16, ratio=q / fp16))
+    return out
+
+
+@torch.no_grad()
+def speed_target(s: Setup, ctx: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """generate() tokens/s after a ``ctx``-token prompt: full-precision vs KIVI-4 cache (median of
+    interleaved repeats, so that load from other processes hits both alike)."""
+    prompt = s.windows.reshape(1, -1)[:, :ctx]
+    times: dict[str, list[float]] = {"float cache": [], "KIVI-4 G32 R128": []}
+    for _ in range(repeats):
+        for name, kv in (("float cache", None), ("KIVI-4 G32 R128", KIVI[4])):
+            t = time.perf_counter()
+            s.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=2,
+                             past_key_values=_cache_for(s.model, kv))
+            times[name].append(time.perf_counter() - t)
+    tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+    return dict(ctx=ctx, new_tokens=new_tokens, repeats=repeats, tokens_per_s=tps,
+                ratio=tps["KIVI-4 G32 R128"] / tps["float cache"])
+
+
+def format_fake_quant(grid: str, observer: str = "mse") -> Callable[[torch.Tensor, KVArgs, str], torch.Tensor]:
+    """A ``kv_fake_quant`` quantizer with one of the project's weight formats: rows of head_dim
+    values (per token and head), groups of ``kv.group_size`` (token axis only)."""
+    from piecewise_quant.config import LayerSpec, QuantSpec
+    from piecewise_quant.registry import get_format
+
+    fmt = get_format(grid)
+
+    def fq(x: torch.Tensor, kv: KVArgs, axis: str) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        spec = QuantSpec(grid=grid, bits=kv.bits, group_size=kv.group_size, observer=observer)
+        layer = LayerSpec("kv", spec, in_features=rows.shape[1], out_features=rows.shape[0], group_size=kv.group_size)
+        return fmt.dequantize(fmt.quantize(rows, layer), layer, torch.float32).reshape(x.shape).to(x.dtype)
+
+    fq.bits_per_value = lambda kv: fmt.bits_per_weight(  # type: ignore[attr-defined]
+        LayerSpec("kv", QuantSpec(grid=grid, bits=kv.bits, group_size=kv.group_size), kv.group_size * 8, 8, kv.group_size))
+    return fq
+
+
+@torch.no_grad()
+def grid_comparison(s: Setup, n_windows: int) -> list[dict[str, Any]]:
+    """Piecewise vs uniform grids for K/V at equal code bits, per token and head (groups of 64),
+    QLLM-Eval protocol: relative squared error of the float model's post-RoPE K/V on
+    ``n_windows`` held-out windows, and held-out perplexity on the same windows."""
+    from piecewise_quant.integrations.transformers import kv_fake_quant
+    from piecewise_quant.kv import fake_quantize_kv
+
+    cache = _cache_for(s.model, None)
+    windows = s.windows[:n_windows]
+    s.model(windows, past_key_values=cache)
+    grids = {"uniform min-max (cache)": fake_quantize_kv, "uniform mse (project format)": format_fake_quant("uniform"),
+             "piecewise (project format)": format_fake_quant("piecewise")}
+    out = [dict(bits=16, grid="float", bits_per_value=16.0, keys_rel_mse=0.0, values_rel_mse=0.0,
+                ppl=perplexity(s.model, input_ids=windows.reshape(-1), window=WINDOW))]
+    for bits in (4, 3, 2):
+        kv = KVArgs(bits=bits, key_axis="token", group_size=64, residual_length=0)
+        for name, fq in grids.items():
+            err = {}
+            for which in ("keys", "values"):
+                x = torch.cat([getattr(layer, which) for layer in cache.layers], dim=0).float()
+                err[which] = float(((fq(x, kv, "token") - x) ** 2).sum() / (x**2).sum())
+            with kv_fake_quant(s.model, kv, fq):
+                ppl = perplexity(s.model, input_ids=windows.reshape(-1), window=WINDOW)
+            bpv = fq.bits_per_value(kv) if hasattr(fq, "bits_per_value") else kv.bits_per_value("token")
+            out.append(dict(bits=bits, grid=name, bits_per_value=bpv, keys_rel_mse=err["keys"],
+                            values_rel_mse=err["values"], ppl=ppl))
+    return out
+
+
+def run_targets(s: Setup, grid: dict[str, Any]) -> dict[str, Any]:
+    base = grid["float_ppl"]
+    kivi = {"KIVI-4 G32 R128": KIVI[4], "KIVI-4 G32 R32": KVArgs(bits=4, group_size=32, residual_length=32)}
+    if s.args.quick:
+        kivi = {}
+    t0 = time.perf_counter()
+
+    def stage(name: str, value: Any) -> Any:
+        nonlocal t0
+        print(f"[kv_grid] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        return value
+
+    ppl = stage("KIVI perplexity", {name: ppl_with_cache(s.model, s.windows, kv) for name, kv in kivi.items()})
+    return dict(
+        kv8_fake_delta_pct=100 * (grid["ppl"]["float"]["KV8"] / base - 1) if "KV8" in grid["ppl"]["float"] else None,
+        kivi_ppl={k: dict(ppl=v, delta_pct=100 * (v / base - 1)) for k, v in ppl.items()},
+        memory=stage("memory", memory_targets(s, [s.args.ctx] if s.args.quick else [1024, 2048])),
+        speed=stage("speed", speed_target(s, s.args.ctx, s.args.speed_tokens, s.args.speed_repeats)),
+        grids=stage("grids", [] if s.args.quick else grid_comparison(s, s.args.grid_windows)),
+    )
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def markdown(grid: dict[str, Any], targets: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [f"float perplexity {grid['float_ppl']:.3f}; {meta['windows']} windows of {WINDOW} tokens; "
+             f"{meta['prompts']} greedy generations of {meta['new_tokens']} tokens; KV bytes at {meta['ctx']} tokens.", "",
+             "| setting | KV scheme | KV protocol | ppl | Δ ppl | rep-4 | rep-line | KV bytes/token | weight bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in grid["rows"]:
+        lines.append(f"| {r['setting']} | {r['kv_scheme']} | {r['kv_protocol']} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | "
+                     f"{r['rep4']:.3f} | {r['rep_line']:.3f} | {r['kv_bytes_per_token']:.0f} | {r['weight_bytes']:,} |")
+    lines += ["", "Perplexity, W/A (rows) x KV (columns):", "", "| W/A | " + " | ".join(grid["ppl"]["float"]) + " |",
+              "|---" * (1 + len(grid["ppl"]["float"])) + "|"]
+    for wa, row in grid["ppl"].items():
+        lines.append(f"| {wa} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    lines += ["", "KIVI (real cache, chunked) perplexity:", ""]
+    lines += [f"- {k}: {v['ppl']:.3f} ({v['delta_pct']:+.2f}%)" for k, v in targets["kivi_ppl"].items()]
+    lines += ["", "| context | scheme | KV bytes/token | fp16 bytes/token | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {m['ctx']} | {m['scheme']} | {m['bytes_per_token']:.0f} | {m['fp16_bytes_per_token']:.0f} | {m['ratio']:.3f} |"
+              for m in targets["memory"]]
+    sp = targets["speed"]
+    lines += ["", f"generate() at {sp['ctx']} tokens of context, {sp['new_tokens']} new tokens, median of {sp['repeats']}: "
+              + ", ".join(f"{k} {v:.1f} tok/s" for k, v in sp["tokens_per_s"].items()) + f" (ratio {sp['ratio']:.2f})", "",
+              "Grids for K/V (per token and head, QLLM-Eval protocol, first windows only):", "",
+              "| bits | grid | bits/value | keys rel. MSE | values rel. MSE | ppl |", "|---|---|---|---|---|---|"]
+    lines += [f"| {g['bits']} | {g['grid']} | {g['bits_per_value']:.2f} | {g['keys_rel_mse']:.5f} | "
+              f"{g['values_rel_mse']:.5f} | {g['ppl']:.3f} |" for g in targets["grids"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was, kvs = list(grid["ppl"]), list(grid["ppl"]["float"])
+    base = grid["float_ppl"]
+    data = [[100 * (grid["ppl"][w][k] / base - 1) for k in kvs] for w in was]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(kvs), 0.9 + 0.55 * len(was)))
+    im = ax.imshow(data, cmap="Reds", aspect="auto")
+    ax.set_xticks(range(len(kvs)), ["float KV" if k == "-" else k for k in kvs])
+    ax.set_yticks(range(len(was)), was)
+    top = max(max(row) for row in data) or 1.0
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=9, color="white" if v > 0.6 * top else "black")
+    ax.set_title(f"held-out perplexity increase over float ({base:.2f})")
+    fig.colorbar(im, ax=ax, label="Δ ppl %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    path = args.model or default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"])
+    n = ids.numel() // WINDOW
+    windows = ids[: n * WINDOW].reshape(n, WINDOW)[: args.windows]
+    # prompts: the first 32 tokens of evenly spread held-out windows
+    step = max(1, n // args.prompts)
+    prompts = ids[: n * WINDOW].reshape(n, WINDOW)[::step][: args.prompts, :32]
+    return Setup(model, tokenizer, windows, prompts, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few windows, W/A float and W4A8, KV -, KV4, KIVI-2")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled tiny-llama-pydoc)")
+    p.add_argument("--windows", type=int, default=None, help="held-out windows for perplexity (default: all)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--ctx", type=int, default=1024, help="context for KV bytes and speed")
+    p.add_argument("--speed-tokens", type=int, default=64)
+    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny ops gain nothing from more, and a shared machine makes more threads spin)")
+    p.add_argument("--grid-windows", type=int, default=8, help="windows for the piecewise-vs-uniform K/V comparison")
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.windows = args.windows or 4
+        args.prompts, args.new_tokens, args.ctx = min(args.prompts, 2), min(args.new_tokens, 16), min(args.ctx, 256)
+        args.speed_tokens, args.speed_repeats = min(args.speed_tokens, 4), 1
+    t0 = time.perf_counter()
+    s = setup(args)
+    grid = run_grid(s)
+    targets = run_targets(s, grid)
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
+                processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
+                windows=int(s.windows.shape[0]), prompts=int(s.prompts.shape[0]), new_tokens=args.new_tokens, ctx=args.ctx,
+                seconds=round(time.perf_counter() - t0, 1), command="python benchmarks/kv_grid.py " + " ".join(argv or sys.argv[1:]))
+    text = markdown(grid, targets, meta)
+    print(text)
+    print(f"[kv_grid] {meta['seconds']} s", file=sys.stderr)
+    if args.markdown:
+        args.markdown.write_text(f"<!-- {meta['command']} ; {meta['date']} ; {meta['machine']} -->\n" + text)
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta=meta, grid=grid, targets=targets), indent=1))
+    if args.plot:
+        plot(grid, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

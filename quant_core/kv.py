@@ -1,0 +1,179 @@
+"""KV-cache quantization, framework-free: quantize, pack, dequantize and fake-quantize K/V tensors.
+
+Tensors are attention states shaped ``(batch, heads, tokens, head_dim)``. Two axes
+(:class:`~piecewise_quant.args.KVArgs`):
+
+* ``"token"``: a scale (and zero point) per token and per ``group_size`` channels of head_dim;
+* ``"channel"``: a scale per channel for each block of ``group_size`` tokens (KIVI keys); the
+  token count must be a multiple of ``group_size``.
+
+Codes are packed along head_dim with :mod:`piecewise_quant.kernels.packing`'s layout (low bits
+first; 3-bit codes take 3 bits), so a :class:`KVQTensor` really holds ``bits`` per value plus
+float16 metadata. Quantized tensors concatenate along tokens (:func:`cat`) and select along batch,
+which is all a cache needs: history is never re-quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .args import KVArgs
+from .kernels.packing import pack_codes, unpack_codes
+
+__all__ = ["KVQTensor", "quantize_kv", "dequantize_kv", "fake_quantize_kv", "cat", "storage_bytes"]
+
+META_DTYPE = torch.float16
+_FAST_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class KVQTensor:
+    """Packed K or V codes with their metadata.
+
+    ``codes``: uint8, ``(B, H, T, packed)`` (token axis) or ``(B, H, T//G, G, packed)`` (channel axis);
+    ``scale``/``zero``: float16, ``(B, H, T, D//G, 1)`` or ``(B, H, T//G, 1, D)`` (``zero`` is
+    ``None`` when symmetric). Dimension 2 is always the token (or token-block) dimension.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    axis: str
+    bits: int
+    format: str
+    head_dim: int
+
+    @property
+    def tokens(self) -> int:
+        n = self.codes.shape[2]
+        return n * self.codes.shape[3] if self.axis == "channel" else n
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+
+    def map(self, fn) -> "KVQTensor":
+        """The same codes with ``fn`` applied to every tensor (batch selection, device moves)."""
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=None if self.zero is None else fn(self.zero))
+
+
+def _groups(x: torch.Tensor, axis: str, g: int) -> tuple[torch.Tensor, int]:
+    """``x`` reshaped so that each group is reduced over dimension ``red`` (returned)."""
+    b, h, t, d = x.shape
+    if axis == "token":
+        if d % g:
+            raise ValueError(f"kv_cache.group_size={g} must divide head_dim={d} for per-token quantization")
+        return x.reshape(b, h, t, d // g, g), -1
+    if t % g:
+        raise ValueError(f"per-channel KV quantization needs a multiple of group_size={g} tokens; got {t}")
+    return x.reshape(b, h, t // g, g, d), -2
+
+
+def _round_up_half(x: torch.Tensor) -> torch.Tensor:
+    """float16 no smaller than ``x`` (a rounded-down scale would clip the group's extreme)."""
+    y = x.to(META_DTYPE)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+
+
+def quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
+    """Quantize ``x`` (``(B, H, T, D)``) along ``axis`` as ``args`` say."""
+    g = args.group_size
+    xg, red = _groups(x.float(), axis, g)
+    if args.symmetric:
+        amax = xg.abs().amax(dim=red, keepdim=True)
+        scale = _round_up_half((amax / args.qmax).clamp_min(1e-6))
+        zero = None
+        q = xg / scale.float()
+        if args.format == "fp8":
+            codes = q.clamp(-args.qmax, args.qmax).to(torch.float8_e4m3fn).view(torch.uint8)
+        else:
+            offset = 2 ** (args.bits - 1)
+            codes = (torch.round(q).clamp(-args.qmax, args.qmax) + offset).to(torch.uint8)
+    else:
+        lo = xg.amin(dim=red, keepdim=True)
+        hi = xg.amax(dim=red, keepdim=True)
+        zero = lo.to(META_DTYPE)
+        scale = _round_up_half(((hi - zero.float()) / args.qmax).clamp_min(1e-6))
+        codes = torch.round((xg - zero.float()) / scale.float()).clamp(0, args.qmax).to(torch.uint8)
+    codes = codes.reshape(*codes.shape[:3], -1) if axis == "token" else codes
+    return KVQTensor(_pack(codes, args.bits, args.format), scale, zero, axis, args.bits, args.format, x.shape[-1])
+
+
+def _pack(codes: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
+    if fmt == "fp8" or bits == 8:
+        return codes.contiguous()
+    if bits not in _FAST_BITS:
+        return pack_codes(codes, bits)
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (c << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, fmt: str, d: int) -> torch.Tensor:
+    if fmt == "fp8":
+        return packed.view(torch.float8_e4m3fn).float()
+    if bits == 8:
+        return packed.float()
+    if bits not in _FAST_BITS:
+        return unpack_codes(packed, bits, d).float()
+    # one uint8 op per code position, stacked (measured faster than a broadcast shift or a table lookup)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :d].float()
+
+
+def dequantize_kv(q: KVQTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``(B, H, T, D)`` tensor that ``q`` stores, in ``dtype``."""
+    vals = _unpack(q.codes, q.bits, q.format, q.head_dim)
+    if q.axis == "token":
+        b, h, t, d = vals.shape
+        vals = vals.reshape(b, h, t, q.scale.shape[3], -1)
+    if q.zero is None:
+        if q.format == "int":
+            vals = vals - 2 ** (q.bits - 1)
+        out = vals * q.scale.float()
+    else:
+        out = torch.addcmul(q.zero.float(), vals, q.scale.float())
+    b, h = out.shape[:2]
+    return out.reshape(b, h, -1, q.head_dim).to(dtype)
+
+
+def fake_quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> torch.Tensor:
+    """``dequantize_kv(quantize_kv(x))`` in ``x``'s dtype. On the channel axis a trailing partial
+    block of tokens is quantized as a block of its own."""
+    if axis == "channel" and x.shape[2] % args.group_size:
+        cut = x.shape[2] - x.shape[2] % args.group_size
+        tail = fake_quantize_kv(x[:, :, cut:], replace(args, group_size=x.shape[2] - cut), axis)
+        head = fake_quantize_kv(x[:, :, :cut], args, axis) if cut else x[:, :, :0]
+        return torch.cat([head, tail], dim=2)
+    if x.shape[2] == 0:
+        return x
+    return dequantize_kv(quantize_kv(x, args, axis), x.dtype)
+
+
+def cat(parts: list[KVQTensor]) -> KVQTensor:
+    """Concatenate quantized tensors along tokens (same axis, bits and format)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    zero = None if first.zero is None else torch.cat([p.zero for p in parts], dim=2)
+    return replace(
+        first,
+        codes=torch.cat([p.codes for p in parts], dim=2),
+        scale=torch.cat([p.scale for p in parts], dim=2),
+        zero=zero,
+    )
+
+
+def storage_bytes(tensors: list[torch.Tensor | None]) -> int:
+    """Bytes allocated for ``tensors`` (their storages, each counted once: a view of a larger
+    tensor counts the whole allocation it keeps alive)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())

@@ -1,0 +1,42 @@
+"""benchmarks/kv_grid.py: --quick runs end to end and writes a sane markdown table, JSON and heat map."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SCRIPT = REPO / "benchmarks" / "kv_grid.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("kv_grid_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run(tmp_path, capsys):
+    kv_grid = _load()
+    md, js, png = tmp_path / "grid.md", tmp_path / "grid.json", tmp_path / "grid.png"
+    assert kv_grid.main(["--quick", "--markdown", str(md), "--json", str(js), "--plot", str(png)]) == 0
+    data = json.loads(js.read_text())
+    rows = {r["setting"]: r for r in data["grid"]["rows"]}
+    assert {"float", "KV4", "KV2 (KIVI)", "W4A8", "W4A8KV4"} <= set(rows)
+    assert rows["float"]["ppl_delta_pct"] == 0
+    # measured bytes: 4-bit per-token cache well under the float32 one, quantized weights smaller
+    assert rows["KV4"]["kv_bytes_per_token"] < 0.2 * rows["float"]["kv_bytes_per_token"]
+    assert rows["W4A8"]["weight_bytes"] < 0.5 * rows["float"]["weight_bytes"]
+    assert all(0 <= r["rep4"] <= 1 and r["ppl"] > 1 for r in rows.values())
+    text = md.read_text()
+    assert "| setting | KV scheme |" in text and "kv_grid.py --quick" in text
+    assert png.stat().st_size > 1000
+    assert "| W4A8KV4 |" in capsys.readouterr().out

@@ -1,0 +1,137 @@
+"""KVArgs validation, KV quantize/dequantize error bounds (float64 reference), packing sizes, and
+the ``kv_cache`` field of PiecewiseQuantConfig (shortcuts, round trip, no mutation)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import piecewise_quant as pq
+from piecewise_quant.args import KVArgs
+from piecewise_quant.kv import cat, dequantize_kv, fake_quantize_kv, quantize_kv, storage_bytes
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(bits=5), "bits must be one of"),
+        (dict(bits=True), "bits must be one of"),
+        (dict(bits=16), "bits must be one of"),
+        (dict(format="fp8", bits=4), "bits must be one of"),
+        (dict(format="fp8", bits=8, symmetric=False), "symmetric"),
+        (dict(format="nf4"), "format must be"),
+        (dict(key_axis="head"), "key_axis"),
+        (dict(value_axis="channel"), "value_axis"),
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=True), "group_size"),
+        (dict(residual_length=-1), "residual_length"),
+        (dict(sink_tokens=1.5), "sink_tokens"),
+        (dict(symmetric="yes"), "symmetric"),
+        (dict(grid="piecewise"), "grid must be 'uniform'"),
+    ],
+)
+def test_kvargs_rejects_bad_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        KVArgs(**fields)
+
+
+def test_kvargs_defaults_and_coerce():
+    kv = KVArgs()
+    assert (kv.bits, kv.key_axis, kv.value_axis, kv.group_size, kv.residual_length, kv.symmetric) == (4, "channel", "token", 32, 128, False)
+    assert KVArgs(format="fp8", bits=8).symmetric is True
+    d = {"bits": 2, "group_size": 64}
+    before = copy.deepcopy(d)
+    assert KVArgs.coerce(d) == KVArgs(bits=2, group_size=64)
+    assert d == before
+    assert KVArgs.coerce(kv.to_dict()) == kv
+    with pytest.raises(ValueError, match="unknown kv_cache fields"):
+        KVArgs.coerce({"nbits": 4})
+    assert kv.bits_per_value("token") == 4 + 32 / 32
+
+
+def _reference_groups(x: torch.Tensor, axis: str, g: int) -> torch.Tensor:
+    b, h, t, d = x.shape
+    if axis == "token":
+        return x.reshape(b, h, t, d // g, g)
+    return x.reshape(b, h, t // g, g, d).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_asymmetric_error_within_half_step_of_float64_range(bits, axis):
+    torch.manual_seed(bits)
+    x = torch.randn(2, 3, 64, 32) * torch.linspace(0.1, 4, 32)  # channels of very different ranges
+    x[0, 0, 5, 7] = 25.0  # an outlier
+    kv = KVArgs(bits=bits, group_size=16)
+    q = quantize_kv(x, kv, axis)
+    y = dequantize_kv(q).double()
+    ref = _reference_groups(x.double(), axis, 16)
+    step = (ref.amax(-1) - ref.amin(-1)) / (2**bits - 1)  # float64 reference step per group
+    err = (_reference_groups(y, axis, 16) - ref).abs().amax(-1)
+    # half a step, plus float16 metadata: the step rounded up (< 2**-10 relative), the zero point's rounding
+    zero_err = ref.amin(-1).abs() * 2**-11
+    assert bool((err <= step * 0.5 * (1 + 2**-9) + zero_err + 1e-6).all())
+    # codes really take `bits` bits (plus float16 scale and zero per group)
+    assert q.codes.numel() == x.numel() * bits // 8
+    assert storage_bytes(q.tensors()) * 8 / x.numel() == pytest.approx(kv.bits_per_value(axis))
+
+
+@pytest.mark.parametrize("fields", [dict(bits=4, symmetric=True), dict(bits=8, symmetric=True), dict(format="fp8", bits=8)])
+def test_symmetric_and_fp8_error(fields):
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 64)
+    kv = KVArgs(group_size=32, **fields)
+    y = fake_quantize_kv(x, kv, "token").double()
+    amax = _reference_groups(x.double(), "token", 32).abs().amax(-1, keepdim=True)
+    err = _reference_groups((y - x.double()), "token", 32).abs()
+    if kv.format == "fp8":
+        assert bool((err <= 2**-4 * _reference_groups(x.double(), "token", 32).abs() + amax / 448 * 2**-6 + 1e-6).all())
+    else:
+        assert bool((err <= amax / kv.qmax * 0.5 * (1 + 2**-9) + 1e-6).all())
+
+
+def test_cat_and_partial_channel_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 48, 16)
+    kv = KVArgs(bits=4, group_size=16)
+    whole = quantize_kv(x, kv, "channel")
+    parts = cat([quantize_kv(x[:, :, i : i + 16], kv, "channel") for i in range(0, 48, 16)])
+    assert torch.equal(dequantize_kv(whole), dequantize_kv(parts)) and parts.tokens == 48
+    assert fake_quantize_kv(x[:, :, :40], kv, "channel").shape == (2, 2, 40, 16)  # a partial block of 8
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_kv(x[:, :, :40], kv, "channel")
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        quantize_kv(x, KVArgs(group_size=12), "token")
+
+
+def test_config_kv_cache_shortcuts_and_round_trip():
+    cfg = pq.PiecewiseQuantConfig(bits=4, kv_bits=2, kv_group_size=64, kv_residual_length=16)
+    assert cfg.kv_cache == KVArgs(bits=2, group_size=64, residual_length=16)
+    assert cfg.kv_bits is None  # shortcuts build kv_cache and read back as None
+    user = {"bits": 8, "key_axis": "token", "residual_length": 0}
+    before = copy.deepcopy(user)
+    cfg2 = pq.PiecewiseQuantConfig(kv_cache=user, kv_group_size=16)
+    assert user == before
+    assert cfg2.kv_cache == KVArgs(bits=8, key_axis="token", residual_length=0, group_size=16)
+    for c in (cfg, cfg2):
+        d = json.loads(c.to_json_string())
+        assert pq.PiecewiseQuantConfig.from_dict(d) == c
+        assert d["kv_cache"]["bits"] == c.kv_cache.bits
+
+
+def test_config_without_kv_cache_serialises_as_before():
+    d = pq.PiecewiseQuantConfig(bits=4).to_dict()
+    assert "kv_cache" not in d and "kv_bits" not in d
+    assert pq.PiecewiseQuantConfig.from_dict(d).kv_cache is None
+
+
+def test_config_rejects_bad_kv_fields():
+    with pytest.raises(ValueError, match="kv_cache.bits"):
+        pq.PiecewiseQuantConfig(kv_bits=5)
+    with pytest.raises(ValueError, match="unknown kv_cache fields"):
+        pq.PiecewiseQuantConfig.from_dict({"kv_cache": {"bits": 4, "axis": 0}})
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        pq.PiecewiseQuantConfig(kv_cache=4)
