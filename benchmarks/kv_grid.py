@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=1024, help="context for KV bytes and speed")
     p.add_argument("--speed-tokens", type=int, default=64)
     p.add_argument("--speed-repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny ops gain nothing from more, and a shared machine makes more threads spin)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: tiny ops gain nothing from more, and a shared machine makes more threads spin)")
     p.add_argument("--grid-windows", type=int, default=8, help="windows for the piecewise-vs-uniform K/V comparison")
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -419,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
                 processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
                 windows=int(s.windows.shape[0]), prompts=int(s.prompts.shape[0]), new_tokens=args.new_tokens, ctx=args.ctx,
-                seconds=round(time.perf_counter() - t0, 1), command="python benchmarks/kv_grid.py " + " ".join(argv or sys.argv[1:]))
+                seconds=round(time.perf_counter() - t0, 1),
+                command="python benchmarks/kv_grid.py " + " ".join(argv or sys.argv[1:]))
     text = markdown(grid, targets, meta)
     print(text)
     print(f"[kv_grid] {meta['seconds']} s", file=sys.stderr)

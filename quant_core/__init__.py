@@ -57,16 +57,15 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from .args import KVArgs
     from .calibration.engine import CalibrationReport, LayerCalibration, calibrate
     from .config import CalibrationConfig, PiecewiseQuantConfig, QuantSpec
+    from .errors import CheckpointMismatchError, PiecewiseQuantWarning
     from .formats import TensorLayout, WeightFormat
     from .plugins import hookimpl
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers
     from .registry import available_formats, get_format
-    from .args import KVArgs
-    from .errors import CheckpointMismatchError
-    from .errors import PiecewiseQuantWarning
     from .report import model_size_report
     from .saving import save_pretrained
     from .serialization import load_quantized, save_quantized

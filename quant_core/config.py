@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .patterns import PatternSet, check_pattern, compile_pattern
 
 if TYPE_CHECKING:
-    from .args import ActArgs, WeightArgs
+    from .args import ActArgs, KVArgs, WeightArgs
 
 __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 

@@ -51,10 +51,9 @@ def _core() -> Any:
     registration time, which runs inside transformers' own import)."""
     from types import SimpleNamespace
 
+    import piecewise_quant
     from piecewise_quant.qlinear import QuantLinear
     from piecewise_quant.registry import get_format
-
-    import piecewise_quant
 
     return SimpleNamespace(
         QuantLinear=QuantLinear, get_format=get_format, plan_layers=piecewise_quant.plan_layers

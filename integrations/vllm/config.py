@@ -55,6 +55,13 @@ class PiecewiseVllmConfig(QuantizationConfig):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
         self.core = core if core is not None else PiecewiseQuantConfig()
+        if self.core.kv_cache is not None:
+            raise ValueError(
+                f"piecewise-quant: this config declares a quantized KV cache ({self.core.kv_cache.describe()}), "
+                "which the vLLM integration does not serve yet; vLLM would silently keep a full-precision cache. "
+                "Serve it with transformers (docs/kv-cache.md), or remove kv_cache from quantization_config "
+                "(vLLM's own --kv-cache-dtype fp8 works on a checkpoint without it)"
+            )
         self.mode = mode
         self.headers: dict[str, tuple[tuple[int, ...], str, str]] | None = None
         self._mapper: Any = None

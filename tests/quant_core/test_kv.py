@@ -40,7 +40,8 @@ def test_kvargs_rejects_bad_fields(fields, match):
 
 def test_kvargs_defaults_and_coerce():
     kv = KVArgs()
-    assert (kv.bits, kv.key_axis, kv.value_axis, kv.group_size, kv.residual_length, kv.symmetric) == (4, "channel", "token", 32, 128, False)
+    got = (kv.bits, kv.key_axis, kv.value_axis, kv.group_size, kv.residual_length, kv.symmetric)
+    assert got == (4, "channel", "token", 32, 128, False)
     assert KVArgs(format="fp8", bits=8).symmetric is True
     d = {"bits": 2, "group_size": 64}
     before = copy.deepcopy(d)

@@ -106,7 +106,6 @@ def test_register_with_transformers_is_idempotent():
 
 def test_builtin_plugin_registers_through_the_integration_hook():
     from piecewise_quant.integrations.transformers import is_registered, unregister_from_transformers
-
     from piecewise_quant.registry import integrations
 
     unregister_from_transformers()

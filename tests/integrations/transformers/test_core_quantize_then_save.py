@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 import piecewise_quant as pq
 
 

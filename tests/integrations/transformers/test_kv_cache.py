@@ -197,5 +197,6 @@ def test_checkpoint_declaring_kv_scheme_uses_it_in_plain_generate(tiny, batch, t
     second = again.generate(**batch, **GEN, return_dict_in_generate=True)
     assert isinstance(second.past_key_values, QuantizedKVCache)
     assert torch.equal(first.sequences, second.sequences)
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=pq.PiecewiseQuantConfig(bits=8, group_size=32))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float",
+                                                 quantization_config=pq.PiecewiseQuantConfig(bits=8, group_size=32))
     assert type(plain.generate(**batch, **GEN, return_dict_in_generate=True).past_key_values) is DynamicCache

@@ -67,6 +67,15 @@ def test_online_configs_that_need_calibration_are_refused(tmp_path):
         PiecewiseVllmConfig.from_config_dict_json(json.dumps({"bits": 11}))
 
 
+def test_a_kv_cache_scheme_is_refused_not_served_in_full_precision():
+    from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
+
+    with pytest.raises(ValueError, match="quantized KV cache .* does not serve yet"):
+        PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "bits": 4, "kv_bits": 4})
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        PiecewiseVllmConfig.from_config_dict_json(json.dumps({"kv_cache": {"bits": 8}}))
+
+
 def test_mode_is_read_from_the_checkpoint(tmp_path):
     """A config.json quantization_config over float tensors (e.g. passed by --hf-overrides) means
     online quantization; over qweight tensors it means pre-quantized."""
