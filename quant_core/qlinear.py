@@ -167,17 +167,21 @@ class QuantLinear(nn.Module):
             return None
         from .kernels import backends
 
-        w = self.fmt.weight_operand(self.quantized_tensors(), self.layer_spec)
-        if w is None:
-            return None  # a plugin format without a kernel: it runs its own linear
-        tensors = (w.qweight, w.scales, w.aux)
         version = backends.version()
         forced = os.environ.get(backends.ENV_FORCE, "")
         prepared = self._prepared
         if prepared is False and self._prepared_key == (version, forced):
             return None
+        # the hot path reads the buffers directly: building the full operand costs as much as a small kernel
+        buffers, aux = self._buffers, self.fmt.aux_tensor
+        tensors = (buffers.get("qweight"), buffers.get("scales"), buffers.get(aux) if aux is not None else None)
         if prepared is None or prepared is False or not prepared.matches(tensors, version, forced):
             prepared = False
+            w = self.fmt.weight_operand(self.quantized_tensors(), self.layer_spec)
+            if w is None:  # a plugin format without a kernel: it runs its own linear
+                self._prepared, self._prepared_key = False, (version, forced)
+                return None
+            tensors = (w.qweight, w.scales, w.aux)
             chosen = backends.select_backend("cpu", w.format, w.bits, w.group_size, x.dtype, "none")
             if chosen is not None and chosen.name == "cpu":
                 from .kernels import cpu_backend
