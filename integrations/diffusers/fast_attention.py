@@ -3,7 +3,7 @@
 ::
 
     report = pipe.enable_fast_attention(threshold=0.05, calibration_prompts=[1, 2, 3], num_inference_steps=20)
-    print(report)                     # the method of every layer at every step, attention FLOPs saved, wall time
+    report.summary()                  # the method of every layer at every step, attention FLOPs saved, wall time
     images = pipe(class_labels=[7], num_inference_steps=20).images
     pipe.save_pretrained("out")       # the plan travels in transformer/config.json; from_pretrained re-enables it
     pipe.disable_fast_attention()     # the original attention processors, exactly
