@@ -381,7 +381,9 @@ class Prepared:
             and forced == self.forced
         )
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None):
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None):
+        """``rotation``: a :class:`~piecewise_quant.kernels.hadamard.Rotation` of the input, applied
+        inside the same call (float32 rows in a scratch buffer)."""
         dt = _DTYPES.get(x.dtype)
         if dt is None or x.device.type != "cpu" or x.shape[-1] != self.k:
             return None
@@ -392,9 +394,10 @@ class Prepared:
         y = torch.empty(m, self.n, dtype=x.dtype)
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
+        rot = () if rotation is None else rotation.kernel_args()
         done = self.ext.gemv(
             self.desc, x2.data_ptr(), dt, m, x2.stride(0), y.data_ptr(), dt, self.n,
-            _ptr(bias), dt, torch.get_num_threads(), -1, 0, 127.0, 1.0, 0, 0, -1,
+            _ptr(bias), dt, torch.get_num_threads(), -1, 0, 127.0, 1.0, 0, 0, -1, *rot,
         )
         return y.view(*x.shape[:-1], self.n) if done else None
 

@@ -23,7 +23,7 @@ from .kernels.reference import ACT_QMAX
 if TYPE_CHECKING:
     from .config import QuantSpec
 
-__all__ = ["WeightArgs", "ActArgs", "ACT_STRATEGIES"]
+__all__ = ["WeightArgs", "ActArgs", "ACT_STRATEGIES", "RotationArgs", "OnlineRotation", "ROTATION_PRESETS"]
 
 ACT_STRATEGIES = ("token", "tensor", "group", "timestep")
 
@@ -156,6 +156,10 @@ class KVArgs:
         grid: ``"uniform"``. (The project's piecewise grid was measured on K/V: lower error
             and perplexity at 3-4 bits, worse at 2; not offered yet, it would run a breakpoint
             search at every cache write; see docs/kv-cache.md.)
+        key_rotation: rotate each head's keys by a randomized Hadamard matrix before quantizing
+            them and back after (QuaRot/SpinQuant's R3: the same attention scores as rotating
+            queries and keys, and key outlier channels spread out). Set by ``rotation`` with
+            ``"R3"``; the head size must have a Hadamard matrix (docs/rotation.md).
     """
 
     bits: int = 4
@@ -167,8 +171,11 @@ class KVArgs:
     sink_tokens: int = 0
     symmetric: bool | None = None
     grid: str = "uniform"
+    key_rotation: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.key_rotation, bool):
+            raise ValueError(f"kv_cache.key_rotation must be True or False; got {self.key_rotation!r}")
         if self.format not in KV_FORMATS:
             raise ValueError(f"kv_cache.format must be one of {KV_FORMATS}; got {self.format!r}")
         allowed = (8,) if self.format == "fp8" else KV_BITS
@@ -231,4 +238,123 @@ class KVArgs:
         sink = f" sink{self.sink_tokens}" if self.sink_tokens else ""
         name = "fp8" if self.format == "fp8" else f"int{self.bits}"
         sym = " sym" if self.symmetric and self.format == "int" else ""
-        return f"{name}{sym} K/{self.key_axis} V/{self.value_axis} g{self.group_size} r{self.residual_length}{sink}"
+        rot = " R3" if self.key_rotation else ""
+        return f"{name}{sym} K/{self.key_axis} V/{self.value_axis} g{self.group_size} r{self.residual_length}{sink}{rot}"
+
+
+ROTATIONS = ("R1", "R2", "R3", "R4", "input", "output")
+ROTATION_DEFAULT_ONLINE_TARGETS = ("*down_proj", "*o_proj")
+ROTATION_PRESETS: dict[str, dict[str, Any]] = {
+    # QuaRot-style (random Hadamard, not learned): residual stream and per-head rotations fused into
+    # the weights, online rotations of the down_proj input and (across heads) the o_proj input
+    "quarot": {"rotations": ("R1", "R2", "R4"), "online_targets": ROTATION_DEFAULT_ONLINE_TARGETS},
+    # QuIP#-style incoherence for low-bit weights: every quantized layer's input and output rotated
+    # online, the inverse rotations fused into its weight
+    "quip": {"rotations": ("input", "output")},
+}
+
+
+@dataclass(frozen=True)
+class OnlineRotation:
+    """The rotations one quantized layer applies at run time: ``input`` rotates ``x`` before the
+    (rotated) weight multiplies it, ``output`` rotates the result back. Rebuilt from ``seed`` and
+    the layer's sizes, never stored."""
+
+    input: bool = False
+    output: bool = False
+    seed: int = 0
+
+    def describe(self) -> str:
+        return "+".join(n for n, on in (("in", self.input), ("out", self.output)) if on) + f"/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class RotationArgs:
+    """Randomized Hadamard rotations applied before quantization (QuaRot, QuIP#).
+
+    Each rotation ``R`` is orthogonal, so inserting ``R R^T`` between two linear maps changes
+    nothing in float; it spreads outlier channels over all channels, which makes weights and
+    activations far easier to quantize. The matrices are rebuilt from ``seed`` and the layer sizes
+    (``kernels/hadamard.py``), so a checkpoint stores only this object.
+
+    Attributes:
+        rotations: any of
+            ``"R1"``: the residual stream (embeddings, every block's q/k/v/gate/up inputs and
+            o/down outputs, ``lm_head``'s input), fused into the weights; RMSNorm weights are
+            folded into the following layers first and tied embeddings are untied (Llama-family
+            decoders);
+            ``"R2"``: per attention head between ``v_proj`` and ``o_proj``, fused;
+            ``"R3"``: each head's keys in the quantized KV cache (needs ``kv_cache``; sets its
+            ``key_rotation``), the same scores as rotating queries and keys after RoPE;
+            ``"R4"``: online on the input of the layers matching ``online_targets`` (default
+            ``down_proj`` and ``o_proj``, QuaRot's choice), the inverse fused into their weight;
+            ``"input"`` / ``"output"``: online on every quantized layer's input / output (QuIP#
+            incoherence for 2-3 bit weights).
+        seed: seed of the random signs (each rotation draws from ``(seed, size, which)``).
+        online_targets: layer name patterns that ``"R4"`` rotates online.
+
+    Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache) and ``"quip"``
+    (input, output); pass the name as
+    ``PiecewiseQuantConfig(rotation="quarot")``.
+    """
+
+    rotations: tuple[str, ...] = ("R1", "R2", "R4")
+    seed: int = 0
+    online_targets: tuple[str, ...] = ROTATION_DEFAULT_ONLINE_TARGETS
+
+    def __post_init__(self) -> None:
+        rots = self.rotations
+        if isinstance(rots, str) or not isinstance(rots, (tuple, list)) or not rots:
+            raise ValueError(f"rotation.rotations must be a non-empty list of {list(ROTATIONS)}; got {rots!r}")
+        unknown = [r for r in rots if r not in ROTATIONS]
+        if unknown:
+            raise ValueError(f"rotation.rotations has unknown entries {unknown}; allowed: {list(ROTATIONS)}")
+        if len(set(rots)) != len(rots):
+            raise ValueError(f"rotation.rotations lists an entry twice: {list(rots)}")
+        object.__setattr__(self, "rotations", tuple(r for r in ROTATIONS if r in rots))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"rotation.seed must be an integer >= 0; got {self.seed!r}")
+        targets = self.online_targets
+        if isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"rotation.online_targets must be a list of layer name patterns; got {targets!r}")
+        object.__setattr__(self, "online_targets", tuple(targets))
+
+    @classmethod
+    def coerce(cls, value: Any) -> "RotationArgs | None":
+        """``None``, a :class:`RotationArgs`, a preset name (``"quarot"``, ``"quip"``) or a dict of its fields."""
+        if value is None or isinstance(value, RotationArgs):
+            return value
+        if isinstance(value, str):
+            if value not in ROTATION_PRESETS:
+                raise ValueError(f"unknown rotation preset {value!r}; allowed: {sorted(ROTATION_PRESETS)}")
+            return cls(**ROTATION_PRESETS[value])
+        if isinstance(value, dict) or hasattr(value, "keys"):
+            known = set(cls.__dataclass_fields__)
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown rotation fields {unknown}; allowed: {sorted(known)}")
+            data = dict(value)
+            for key in ("rotations", "online_targets"):
+                if isinstance(data.get(key), list):
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        raise ValueError(
+            f"rotation must be a RotationArgs, a preset name {sorted(ROTATION_PRESETS)}, a dict or None; got {value!r}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rotations": list(self.rotations), "seed": self.seed, "online_targets": list(self.online_targets)}
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The rotations folded into the model's weights (``R1``, ``R2``)."""
+        return tuple(r for r in self.rotations if r in ("R1", "R2"))
+
+    def online_for(self, name: str, matches: Any) -> OnlineRotation | None:
+        """The online rotations of layer ``name`` (``matches(pattern, name)`` tests a pattern)."""
+        inp = "input" in self.rotations or ("R4" in self.rotations and any(matches(p, name) for p in self.online_targets))
+        out = "output" in self.rotations
+        return OnlineRotation(inp, out, self.seed) if (inp or out) else None
+
+    def describe(self) -> str:
+        return "+".join(self.rotations) + f" seed{self.seed}"

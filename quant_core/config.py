@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .patterns import PatternSet, check_pattern, compile_pattern
 
 if TYPE_CHECKING:
-    from .args import ActArgs, KVArgs, WeightArgs
+    from .args import ActArgs, KVArgs, OnlineRotation, RotationArgs, WeightArgs
 
 __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig", "SCHEMA_VERSION", "QUANT_METHOD"]
 
@@ -191,6 +191,7 @@ class LayerSpec:
     in_features: int
     out_features: int
     group_size: int
+    rotation: "OnlineRotation | None" = None
 
     @property
     def n_groups(self) -> int:
@@ -466,6 +467,11 @@ class PiecewiseQuantConfig(QuantSpec):
             (docs/kv-cache.md).
         kv_bits, kv_group_size, kv_residual_length: shortcuts that build ``kv_cache`` (or change
             those fields of the given one); they read back as ``None``, ``kv_cache`` holds the result.
+        rotation: ``None`` or a :class:`~piecewise_quant.args.RotationArgs` (or a dict of its
+            fields, or a preset name ``"quarot"`` / ``"quip"``): randomized Hadamard rotations
+            applied by ``quantize``/``calibrate`` before any layer is quantized
+            (docs/rotation.md). A checkpoint stores the rotations' description; the fused ones
+            are in its weights, the online ones are rebuilt from the seed on load.
 
     Patterns are matched in linear time and limited in length and number
     (:mod:`piecewise_quant.patterns`): a checkpoint's config cannot hang or exhaust a loader.
@@ -481,6 +487,7 @@ class PiecewiseQuantConfig(QuantSpec):
     kv_bits: int | None = None
     kv_group_size: int | None = None
     kv_residual_length: int | None = None
+    rotation: "RotationArgs | None" = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -530,6 +537,8 @@ class PiecewiseQuantConfig(QuantSpec):
         object.__setattr__(self, "overrides", clean)
         object.__setattr__(self, "calibration", CalibrationConfig.coerce(self.calibration))
         self._resolve_kv_cache()
+        if self.rotation is not None:
+            self._resolve_rotation()
         self._skip_set, self._override_set  # noqa: B018 - build (and check the limits of) the matchers now
 
     def _resolve_kv_cache(self) -> None:
@@ -546,6 +555,21 @@ class PiecewiseQuantConfig(QuantSpec):
         object.__setattr__(self, "kv_cache", kv)
         for name in ("kv_bits", "kv_group_size", "kv_residual_length"):
             object.__setattr__(self, name, None)
+
+    def _resolve_rotation(self) -> None:
+        """``rotation`` as :class:`RotationArgs`; ``"R3"`` turns on the KV cache's key rotation."""
+        from .args import RotationArgs
+
+        rot = RotationArgs.coerce(self.rotation)
+        object.__setattr__(self, "rotation", rot)
+        if "R3" in rot.rotations:
+            if self.kv_cache is None:
+                raise ValueError(
+                    "rotation 'R3' rotates the keys of a quantized KV cache, but this config has no kv_cache; set "
+                    "kv_cache (e.g. kv_bits=4) or drop 'R3'"
+                )
+            if not self.kv_cache.key_rotation:
+                object.__setattr__(self, "kv_cache", dataclasses.replace(self.kv_cache, key_rotation=True))
 
     # ---- resolution -------------------------------------------------------------------------
 
@@ -584,6 +608,10 @@ class PiecewiseQuantConfig(QuantSpec):
         pattern keeps them in float), in matching order; for validating a config before a model
         is loaded."""
         return dict(zip(self.overrides, self._override_specs))
+
+    def online_rotation_for(self, name: str) -> "OnlineRotation | None":
+        """The online rotations of layer ``name`` under :attr:`rotation` (``None``: none)."""
+        return None if self.rotation is None else self.rotation.online_for(name, _pattern_matches)
 
     def is_skipped(self, name: str) -> bool:
         return self._skip_set.matches(name)
@@ -634,6 +662,8 @@ class PiecewiseQuantConfig(QuantSpec):
             d["calibration"] = self.calibration.to_dict()
         if self.kv_cache is not None:  # written only when set: configs without one keep their plan hash
             d["kv_cache"] = self.kv_cache.to_dict()
+        if self.rotation is not None:  # likewise
+            d["rotation"] = self.rotation.to_dict()
         return dict(sorted(d.items()))
 
     def to_json_string(self, indent: int | None = 2) -> str:

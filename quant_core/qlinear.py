@@ -39,6 +39,18 @@ def ensure_runtime() -> None:
             _runtime_ready = True
 
 
+def _online_rotations(layer: LayerSpec) -> tuple:
+    """The layer's online input and output :class:`~piecewise_quant.kernels.hadamard.Rotation`
+    (``None`` where it has none)."""
+    rot = layer.rotation
+    if rot is None:
+        return None, None
+    from .kernels.hadamard import get_rotation
+
+    return (get_rotation(layer.in_features, rot.seed, "input") if rot.input else None,
+            get_rotation(layer.out_features, rot.seed, "output") if rot.output else None)
+
+
 class QuantLinear(nn.Module):
     """A quantized ``nn.Linear``. Build one with :meth:`from_linear` (quantizes a float layer) or
     :meth:`empty` (allocates buffers to be filled from a checkpoint)."""
@@ -73,6 +85,7 @@ class QuantLinear(nn.Module):
         else:
             self.act_scale = None
         self.act_quantizer = ActQuantizer(act, layer.name, self._buffers) if act is not None else None
+        self._rot_in, self._rot_out = _online_rotations(layer)
         self._prepared = None  # the CPU kernels' prepared call (see _fast_cpu), False: none applies
         self._prepared_key = None
 
@@ -139,8 +152,26 @@ class QuantLinear(nn.Module):
         return {name: getattr(self, name) for name in self._tensor_names}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float ``(out_features, in_features)`` weight these buffers represent."""
-        return self.fmt.dequantize(self.quantized_tensors(), self.layer_spec, dtype or self.compute_dtype)
+        """The float ``(out_features, in_features)`` weight this layer applies: the format's
+        dequantized buffers, with the layer's online rotations (if any) folded back in, so it
+        stands in for the original float weight."""
+        dtype = dtype or self.compute_dtype
+        w = self.fmt.dequantize(self.quantized_tensors(), self.layer_spec, dtype)
+        if self._rot_in is None and self._rot_out is None:
+            return w
+        w = w.float()
+        if self._rot_in is not None:
+            w = self._rot_in(w, inverse=True)
+        if self._rot_out is not None:
+            w = self._rot_out(w.T.contiguous(), inverse=True).T
+        return w.to(dtype).contiguous()
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias this layer adds, in its output's basis (the stored one is rotated with an
+        online output rotation)."""
+        if self.bias is None or self._rot_out is None:
+            return self.bias
+        return self._rot_out(self.bias.detach().float().unsqueeze(0), inverse=True).squeeze(0).to(self.bias.dtype)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -151,13 +182,13 @@ class QuantLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
         linear.weight.copy_(self.dequantize(dtype))
         if self.bias is not None:
-            linear.bias.copy_(self.bias.to(dtype))
+            linear.bias.copy_(self.effective_bias().to(dtype))
         return linear
 
     def bits_per_weight(self) -> float:
         return self.fmt.bits_per_weight(self.layer_spec)
 
-    def _fast_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _fast_cpu(self, x: torch.Tensor, rotation=None) -> torch.Tensor | None:
         """Inference on CPU through a prepared call into the CPU kernels, skipping the op dispatch
         (the decode loop of a small model spends more time there than in the kernel). ``None``: use
         the op (gradients needed, torch.compile tracing, another backend selected, a shape the
@@ -191,9 +222,23 @@ class QuantLinear(nn.Module):
             self._prepared, self._prepared_key = prepared, (version, forced)
             if prepared is False:
                 return None
-        return prepared(x, self.bias)
+        return prepared(x, self.bias, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._rot_in is None and self._rot_out is None:
+            return self._forward(x)
+        y = None
+        if self._rot_in is not None:
+            if self.act_quantizer is None and x.device.type == "cpu":
+                ensure_runtime()
+                y = self._fast_cpu(x, self._rot_in)  # the kernel rotates the rows itself
+            if y is None:
+                x = self._rot_in(x)
+        if y is None:
+            y = self._forward(x)
+        return self._rot_out(y, inverse=True) if self._rot_out is not None else y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels.ops import NO_ACT, quantized_linear
 
         aq = self.act_quantizer
@@ -245,5 +290,7 @@ class QuantLinear(nn.Module):
             parts.append(f"symmetric={spec.symmetric}")
         if self.act_quantizer is not None:
             parts.append(f"act={spec.act_format}{spec.act_bits}/{spec.act_mode}")
+        if self.layer_spec.rotation is not None:
+            parts.append(f"rotation={self.layer_spec.rotation.describe()}")
         parts.append(f"bpw={self.bits_per_weight():.4f}")
         return ", ".join(parts)

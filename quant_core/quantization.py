@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .args import OnlineRotation
 from .config import LayerSpec, PiecewiseQuantConfig, QuantSpec
 from .errors import PiecewiseQuantWarning
 from .qlinear import QuantLinear
@@ -25,8 +26,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def layer_spec_for(name: str, spec: QuantSpec, in_features: int, out_features: int) -> LayerSpec:
-    """Bind ``spec`` to a layer, resolving the group size and checking the format accepts it."""
+def layer_spec_for(name: str, spec: QuantSpec, in_features: int, out_features: int,
+                   rotation: OnlineRotation | None = None) -> LayerSpec:
+    """Bind ``spec`` to a layer, resolving the group size and checking the format accepts it;
+    ``rotation``: the layer's online rotations (their sizes must have a Hadamard matrix)."""
     if in_features < 1 or out_features < 1:
         raise ValueError(
             f"layer {name!r} has in_features={in_features}, out_features={out_features}: it holds no weights to "
@@ -50,7 +53,18 @@ def layer_spec_for(name: str, spec: QuantSpec, in_features: int, out_features: i
                 f"choose a divisor of {in_features}, 'channel', or override this layer "
                 f"(overrides={{{name!r}: {{'group_size': 'channel'}}}}) or skip it (modules_to_not_convert)"
             )
-    return LayerSpec(name=name, spec=spec, in_features=in_features, out_features=out_features, group_size=group)
+    if rotation is not None:
+        from .kernels.hadamard import supported_size
+
+        for side, size in (("input", in_features), ("output", out_features)):
+            if getattr(rotation, side) and not supported_size(size):
+                raise ValueError(
+                    f"layer {name!r}: no Hadamard rotation of its {side} size {size} (sizes K * 2^m with K = 1 or a "
+                    "Paley order up to 256, e.g. 768 = 12 * 64); keep it in float (modules_to_not_convert) or drop "
+                    f"the {side} rotation"
+                )
+    return LayerSpec(name=name, spec=spec, in_features=in_features, out_features=out_features, group_size=group,
+                     rotation=rotation)
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
@@ -121,7 +135,8 @@ def plan_layers(model: nn.Module, config: PiecewiseQuantConfig, exempt_patterns:
         if name in tied:
             kept_tied.append(name)
             continue
-        plan[name] = layer_spec_for(name, spec, module.in_features, module.out_features)
+        plan[name] = layer_spec_for(name, spec, module.in_features, module.out_features,
+                                    config.online_rotation_for(name))
     if kept_tied:
         warnings.warn(
             "piecewise-quant keeps these layers in float because their weight is tied to another module "
@@ -181,11 +196,15 @@ def quantize(model: nn.Module, config: PiecewiseQuantConfig | None = None, progr
         )
     # every layer is quantized before the first one is swapped in: an error or a KeyboardInterrupt
     # on the way leaves the model exactly as it was
-    built: dict[str, QuantLinear] = {}
-    for name, layer in tqdm(plan.items(), desc="quantizing", unit="layer", disable=not progress):
-        built[name] = QuantLinear.from_linear(model.get_submodule(name), layer, get_format(layer.spec.grid))
-    for name, q in built.items():
-        model.set_submodule(name, q)
+    # (a rotation changes the float weights first: rotated() puts them back on any exception)
+    from .rotation import rotated
+
+    with rotated(model, config.rotation, plan):
+        built: dict[str, QuantLinear] = {}
+        for name, layer in tqdm(plan.items(), desc="quantizing", unit="layer", disable=not progress):
+            built[name] = QuantLinear.from_linear(model.get_submodule(name), layer, get_format(layer.spec.grid))
+        for name, q in built.items():
+            model.set_submodule(name, q)
     model.piecewise_quant_config = config
     _record_in_host_config(model, config)
     warn_unquantized(model)

@@ -119,12 +119,14 @@ def slice_quantized(
 
 def can_concat_rows(layers: Sequence[LayerSpec]) -> bool:
     """Whether :func:`concat_rows` can join these layers into one (same scheme, same input width,
-    grouped scales; per-tensor layers keep one scale each and cannot be joined)."""
+    grouped scales, same online input rotation; per-tensor layers keep one scale each, and an online
+    output rotation spans one layer's rows, so neither can be joined)."""
     first = layers[0]
     return all(
         layer.spec == first.spec and layer.in_features == first.in_features and layer.group_size == first.group_size
+        and layer.rotation == first.rotation
         for layer in layers
-    ) and first.group_size != -1
+    ) and first.group_size != -1 and (first.rotation is None or not first.rotation.output)
 
 
 def concat_rows(

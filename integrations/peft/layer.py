@@ -59,8 +59,13 @@ def merged_base_layer(
     dtype = base.compute_dtype
     weight = base.dequantize(torch.float32) + delta.to(device=base.qweight.device, dtype=torch.float32)
     bias = None
+    if base.layer_spec.rotation is not None and merge_to != "float":
+        raise ValueError(
+            f"layer {name!r} rotates its input/output online (PiecewiseQuantConfig.rotation); merging an adapter "
+            "into it re-quantized is not supported: merge with merge_to='float', or keep the adapter unmerged"
+        )
     if base.bias is not None:
-        bias = base.bias.detach().to(torch.float32)
+        bias = base.effective_bias().detach().to(torch.float32)
         if bias_delta is not None:
             bias = bias + bias_delta.detach().to(device=bias.device, dtype=torch.float32)
     elif bias_delta is not None:

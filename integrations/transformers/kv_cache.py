@@ -33,6 +33,13 @@ FakeQuantizer = Callable[[torch.Tensor, KVArgs, str], torch.Tensor]
 __all__ = ["QuantizedKVCache", "QuantizedKVLayer", "enable_kv_cache", "disable_kv_cache", "kv_fake_quant", "cache_bytes"]
 
 
+def _key_rotation(keys: torch.Tensor):
+    """R3: the randomized Hadamard rotation of one head's keys (seed 0)."""
+    from piecewise_quant.kernels.hadamard import get_rotation
+
+    return get_rotation(keys.shape[-1], 0, "R3")
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's quantized cache (see the module docstring).
 
@@ -81,7 +88,10 @@ class QuantizedKVLayer(DynamicLayer):
                 n = (n // a.group_size) * a.group_size
             if n <= 0:
                 continue
-            q = quantize_kv(fp[:, :, :n], a, a.for_axis(which))
+            part = fp[:, :, :n]
+            if which == "key" and a.key_rotation:
+                part = _key_rotation(part)(part)
+            q = quantize_kv(part, a, a.for_axis(which))
             rest = fp[:, :, n:].clone()  # a slice would keep the whole old tensor allocated
             if which == "key":
                 self.qkeys = q if self.qkeys is None else cat([self.qkeys, q])
@@ -95,7 +105,12 @@ class QuantizedKVLayer(DynamicLayer):
         sink, q, fp = (
             (self.sink_keys, self.qkeys, self.keys) if which == "key" else (self.sink_values, self.qvalues, self.values)
         )
-        parts = [t for t in (sink, None if q is None else dequantize_kv(q, self.dtype), fp) if t is not None and t.shape[-2]]
+        history = None
+        if q is not None:
+            history = dequantize_kv(q, self.dtype)
+            if which == "key" and self.args.key_rotation:
+                history = _key_rotation(history)(history, inverse=True)
+        parts = [t for t in (sink, history, fp) if t is not None and t.shape[-2]]
         if not parts:
             return fp
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
@@ -259,7 +274,11 @@ class _FakeQuantUpdate:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         a = self._args
-        k = self._fn(key_states, a, a.key_axis)
+        if a.key_rotation:
+            rot = _key_rotation(key_states)
+            k = rot(self._fn(rot(key_states), a, a.key_axis), inverse=True)
+        else:
+            k = self._fn(key_states, a, a.key_axis)
         v = self._fn(value_states, a, a.value_axis)
         if self._inner is None:
             return k, v

@@ -119,7 +119,7 @@ class PiecewiseHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
-        calibrating = not self.pre_quantized and self.core_config.calibration is not None
+        calibrating = self.calibrating
         if not self.pre_quantized and not calibrating and isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
                 "piecewise-quant cannot quantize on load with disk offloading in device_map; quantize and "
@@ -230,8 +230,10 @@ class PiecewiseHfQuantizer(HfQuantizer):
 
     @property
     def calibrating(self) -> bool:
-        """A float checkpoint with a calibration recipe: load in float, calibrate after loading."""
-        return not self.pre_quantized and self.core_config.calibration is not None
+        """A float checkpoint with a calibration recipe, or with a rotation (it changes weights
+        across layers): load in float, then calibrate (or rotate and quantize) after loading."""
+        core = self.core_config
+        return not self.pre_quantized and (core.calibration is not None or core.rotation is not None)
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized or self.calibrating:
@@ -305,9 +307,12 @@ class PiecewiseHfQuantizer(HfQuantizer):
         import piecewise_quant
 
         model.__dict__.pop("piecewise_quant_config", None)  # set before loading; calibrate() sets it when done
-        report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
-        logger.info("piecewise-quant calibration:\n%s", report.summary())
-        model.piecewise_quant_calibration_report = report
+        if self.core_config.calibration is None:  # a rotation without calibration: data-free after loading
+            piecewise_quant.quantize(model, self.core_config, progress=False)
+        else:
+            report = piecewise_quant.calibrate(model, self.core_config, tokenizer=_model_tokenizer(model))
+            logger.info("piecewise-quant calibration:\n%s", report.summary())
+            model.piecewise_quant_calibration_report = report
         self.quantization_config = PiecewiseHfConfig.from_core(model.piecewise_quant_config)
         model.config.quantization_config = self.quantization_config
         self.plan = self._plan_after_calibration(model)

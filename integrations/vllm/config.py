@@ -84,6 +84,12 @@ class PiecewiseVllmConfig(QuantizationConfig):
                 "scales (act_mode='static_per_tensor'); use act_mode='dynamic_per_token', or calibrate with piecewise-quant "
                 "(from_pretrained + save_pretrained) and serve the saved checkpoint"
             )
+        if core.rotation is not None:
+            raise ValueError(
+                "piecewise-quant: a rotation (rotation=...) changes weights across layers (embeddings, norms, lm_head), "
+                "which vLLM's on-load quantization cannot do layer by layer; quantize with piecewise-quant "
+                "(quantize()/calibrate() or from_pretrained, then save_pretrained) and serve the saved directory"
+            )
         if core.calibration is not None:
             raise ValueError(
                 "piecewise-quant: a calibrated recipe (calibration=...) needs calibration data, which online quantization in "

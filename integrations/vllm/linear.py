@@ -224,7 +224,9 @@ class PiecewiseLinearMethod(LinearMethodBase):
             rows = (rank * local, (rank + 1) * local) if column_parallel else (0, local)
             shard = _Shard(index=i, name=name, spec=spec, full_out=full_out, rows=rows, cols=cols, full_cols=input_size)
             if spec is not None and self.config.prequantized:
-                shard.full = layer_spec_for(name, spec, input_size, full_out)
+                rotation = self.config.core.online_rotation_for(name)
+                _check_rotation_tp(name, rotation, row_parallel, tp_size)
+                shard.full = layer_spec_for(name, spec, input_size, full_out, rotation)
             shards.append(shard)
         return shards
 
@@ -366,6 +368,20 @@ class PiecewiseLinearMethod(LinearMethodBase):
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out
+
+
+def _check_rotation_tp(name: str, rotation: Any, row_parallel: bool, tp_size: int) -> None:
+    """An online rotation mixes every channel of the side it rotates, so that side cannot be split
+    across tensor-parallel ranks (vLLM's compressed-tensors transforms have the same limit)."""
+    if rotation is None or tp_size == 1:
+        return
+    cut = "input" if row_parallel else "output"
+    if getattr(rotation, cut):
+        raise NotImplementedError(
+            f"piecewise-quant: {name!r} rotates its {cut} online (quantization_config.rotation), and with tensor "
+            f"parallelism ({tp_size} ranks) each rank holds only part of that {cut}; serve this checkpoint with "
+            "--tensor-parallel-size 1, or quantize it without online rotations (rotation with only R1/R2)"
+        )
 
 
 def _weight_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

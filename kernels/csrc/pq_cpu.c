@@ -22,6 +22,7 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -1350,15 +1351,33 @@ static int clamp_threads(int nt, int64_t work) {
  * fp32 inputs, 2 for bf16/fp16). path: -1 automatic, 0 the float-level kernels, 1 the integer kernel.
  * Returns False (and computes nothing) when this call needs the reference: int activations the
  * integer kernel cannot serve, or NaN/Inf in x on the integer path. */
+static int hadamard_rows(const void *x, int dt, int64_t M, int64_t xs, void *y, int odt, const float *s,
+                         const float *hk, int64_t K, int64_t P, int inv);
+
+/* gemv(layer, x, ..., path[, signs, hk, K, P]): with signs, the rows are first rotated (x @ R, kernels/hadamard.py)
+   into a float32 scratch buffer, so an online input rotation costs no extra call */
 static PyObject *py_gemv(PyObject *self, PyObject *args) {
     PyObject *lobj;
-    unsigned long long x, y, bias, rs;
+    unsigned long long x, y, bias, rs, rsig = 0, rhk = 0;
     int xdt, ydt, bdt, nt, tier, amode, pieces, path;
-    long long M, xs, ys;
+    long long M, xs, ys, rK = 0, rP = 0;
     float qmax, clip;
-    if (!PyArg_ParseTuple(args, "OKiLLKiLKiiiiffKii", &lobj, &x, &xdt, &M, &xs, &y, &ydt, &ys, &bias, &bdt, &nt, &tier,
-                          &amode, &qmax, &clip, &rs, &pieces, &path))
+    if (!PyArg_ParseTuple(args, "OKiLLKiLKiiiiffKii|KKLL", &lobj, &x, &xdt, &M, &xs, &y, &ydt, &ys, &bias, &bdt, &nt,
+                          &tier, &amode, &qmax, &clip, &rs, &pieces, &path, &rsig, &rhk, &rK, &rP))
         return NULL;
+    if (rsig && M > 0) {
+        if (rK < 1 || rP < 1 || (rP & (rP - 1))) {
+            PyErr_SetString(PyExc_ValueError, "gemv: rotation needs K >= 1 and P a power of two");
+            return NULL;
+        }
+        float *xr = scratch(6, (size_t)(M * rK * rP) * 4);
+        if (!xr || !hadamard_rows((const void *)(uintptr_t)x, xdt, M, xs, xr, DT_F32, (const float *)(uintptr_t)rsig,
+                                  (const float *)(uintptr_t)rhk, rK, rP, 0))
+            return PyErr_NoMemory();
+        x = (unsigned long long)(uintptr_t)xr;
+        xdt = DT_F32;
+        xs = rK * rP;
+    }
     layer_t L;
     if (get_layer(lobj, &L) < 0) return NULL;
     int lim = tier_limit();
@@ -1511,6 +1530,103 @@ static PyObject *py_set_spin(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------- */
+/* Randomized Hadamard transform (kernels/hadamard.py): y = x @ R or x @ R^T per row,           */
+/* R = diag(s) kron(H_K, H_P) / sqrt(K P), H_P Sylvester (butterfly), H_K a small dense matrix.  */
+
+INLINE void had8(float *v) {
+    float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
+    float a4 = v[4] + v[5], a5 = v[4] - v[5], a6 = v[6] + v[7], a7 = v[6] - v[7];
+    float b0 = a0 + a2, b1 = a1 + a3, b2 = a0 - a2, b3 = a1 - a3;
+    float b4 = a4 + a6, b5 = a5 + a7, b6 = a4 - a6, b7 = a5 - a7;
+    v[0] = b0 + b4; v[1] = b1 + b5; v[2] = b2 + b6; v[3] = b3 + b7;
+    v[4] = b0 - b4; v[5] = b1 - b5; v[6] = b2 - b6; v[7] = b3 - b7;
+}
+
+#define HAD_BODY                                                                                     \
+    int64_t n = K * P;                                                                               \
+    float scale = 1.0f / sqrtf((float)n);                                                            \
+    for (int64_t m = 0; m < M; m++) {                                                                \
+        const char *xr = (const char *)x + m * xs * (dt == DT_F32 ? 4 : 2);                          \
+        for (int64_t i = 0; i < n; i++) t[i] = load_x(xr, dt, i) * (inv ? 1.0f : s[i]);              \
+        for (int64_t a = 0; a < K; a++) {                                                            \
+            float *v = t + a * P;                                                                    \
+            int64_t h0 = 1;                                                                          \
+            if (P >= 8) {                                                                            \
+                for (int64_t i = 0; i < P; i += 8) had8(v + i);                                      \
+                h0 = 8;                                                                              \
+            }                                                                                        \
+            for (int64_t h = h0; h < P; h <<= 1)                                                     \
+                for (int64_t i = 0; i < P; i += 2 * h)                                               \
+                    for (int64_t j = i; j < i + h; j++) {                                            \
+                        float u = v[j], w = v[j + h];                                                \
+                        v[j] = u + w;                                                                \
+                        v[j + h] = u - w;                                                            \
+                    }                                                                                \
+        }                                                                                            \
+        float *r = t;                                                                                \
+        if (K > 1) {                                                                                 \
+            memset(t2, 0, (size_t)n * 4);                                                            \
+            for (int64_t c = 0; c < K; c++) {                                                        \
+                float *o = t2 + c * P;                                                               \
+                for (int64_t a = 0; a < K; a++) {                                                    \
+                    float coef = hk[a * K + c];                                                      \
+                    const float *v = t + a * P;                                                      \
+                    for (int64_t b = 0; b < P; b++) o[b] += coef * v[b];                             \
+                }                                                                                    \
+            }                                                                                        \
+            r = t2;                                                                                  \
+        }                                                                                            \
+        for (int64_t i = 0; i < n; i++) {                                                            \
+            float val = r[i] * scale * (inv ? s[i] : 1.0f);                                          \
+            if (odt == DT_F32) ((float *)y)[m * n + i] = val;                                        \
+            else if (odt == DT_BF16) ((uint16_t *)y)[m * n + i] = bf16_rne(val);                     \
+            else ((uint16_t *)y)[m * n + i] = half_rne(val);                                         \
+        }                                                                                            \
+    }
+
+__attribute__((target("avx2,fma"))) static void had_avx2(const void *x, int dt, int64_t M, int64_t xs, void *y,
+                                                         int odt, const float *s, const float *hk, int64_t K,
+                                                         int64_t P, int inv, float *t, float *t2) {
+    HAD_BODY
+}
+
+static void had_base(const void *x, int dt, int64_t M, int64_t xs, void *y, int odt, const float *s, const float *hk,
+                     int64_t K, int64_t P, int inv, float *t, float *t2) {
+    HAD_BODY
+}
+
+static int hadamard_rows(const void *x, int dt, int64_t M, int64_t xs, void *y, int odt, const float *s,
+                         const float *hk, int64_t K, int64_t P, int inv) {
+    float *t = scratch(5, (size_t)(K * P) * 8);
+    if (!t) return 0;
+    if (tier_limit() >= 1)
+        had_avx2(x, dt, M, xs, y, odt, s, hk, K, P, inv, t, t + K * P);
+    else
+        had_base(x, dt, M, xs, y, odt, s, hk, K, P, inv, t, t + K * P);
+    return 1;
+}
+
+/* hadamard(x, dtype, M, x_row_stride, y, signs, hk, K, P, inverse): y (contiguous, x's dtype) */
+static PyObject *py_hadamard(PyObject *self, PyObject *args) {
+    unsigned long long x, y, s, hk;
+    int dt, inv;
+    long long M, xs, K, P;
+    if (!PyArg_ParseTuple(args, "KiLLKKKLLi", &x, &dt, &M, &xs, &y, &s, &hk, &K, &P, &inv)) return NULL;
+    if (K < 1 || P < 1 || (P & (P - 1)) || dt < 0 || dt > 2) {
+        PyErr_SetString(PyExc_ValueError, "hadamard: K >= 1, P a power of two, dtype code 0..2");
+        return NULL;
+    }
+    if (M <= 0) Py_RETURN_NONE;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = hadamard_rows((const void *)(uintptr_t)x, dt, M, xs, (void *)(uintptr_t)y, dt, (const float *)(uintptr_t)s,
+                       (const float *)(uintptr_t)hk, K, P, inv);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"layer", py_layer, METH_VARARGS, "Describe a quantized layer (pointers stay owned by the caller)."},
     {"gemv", py_gemv, METH_VARARGS, "Fused dequantize + matrix-vector product for a few activation rows."},
@@ -1518,6 +1634,7 @@ static PyMethodDef methods[] = {
     {"features", py_features, METH_NOARGS, "(tier, vnni, description) of this CPU."},
     {"set_spin_us", py_set_spin, METH_VARARGS, "How long idle worker threads spin before sleeping."},
     {"set_openmp", py_set_openmp, METH_VARARGS, "Run parallel work on torch's OpenMP team (GOMP entry points)."},
+    {"hadamard", py_hadamard, METH_VARARGS, "Randomized Hadamard transform of float rows (kernels/hadamard.py)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},
 };

@@ -42,6 +42,7 @@ from ..config import CalibrationConfig, PiecewiseQuantConfig
 from ..qlinear import QuantLinear
 from ..quantization import _record_in_host_config, check_float_model, plan_layers, warn_unquantized
 from ..registry import get_format
+from ..rotation import rotated
 from .algorithm import LayerCalibration
 from .blocks import capture_block_inputs, find_blocks, onload_block, relative_error, run_block
 from .data import prepare_batches
@@ -97,7 +98,8 @@ def calibrate(
         parent = name.rpartition(".")[0]
         undo.record_children(model.get_submodule(parent) if parent else model)
     try:
-        _run(run, batches)
+        with rotated(model, config.rotation, run.plan, undo):
+            _run(run, batches)
     except BaseException:
         undo.restore()
         raise

@@ -161,6 +161,10 @@ def max_logprob_diff(got: list[list[float]], want: list[list[float]]) -> float:
 # ---- checkpoints and the one vLLM run ------------------------------------------------------------
 
 W4 = PiecewiseQuantConfig(grid="piecewise", bits=4, group_size=64)
+# rotations: R1/R2 fused, online input rotations of o_proj/down_proj (GQA: R2 on 2 KV heads), A8;
+# QuIP: online input and output rotations of every layer (fused q/k/v are served unjoined)
+QUAROT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation="quarot")
+QUIP = PiecewiseQuantConfig(grid="piecewise", bits=3, group_size=64, rotation="quip")
 ONLINE_OVERRIDE = {"quant_method": "piecewise", "grid": "uniform", "bits": 3, "group_size": 64}
 
 
@@ -192,6 +196,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "gqa_float": make_gqa_model(root / "gqa_float"),
     }
     ck["gqa_mixed"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_mixed", MIXED, calibrate=True)
+    ck["gqa_quarot"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot", QUAROT)
+    ck["bundled_quip"] = quantize_checkpoint(BUNDLED, root / "bundled_quip", QUIP)
     w4 = ck["bundled_w4"]
     ck["bad_missing"] = root / "bad_missing"
     _edit_safetensors(w4, ck["bad_missing"], lambda s: s.pop("model.layers.0.self_attn.k_proj.scales"))
@@ -216,6 +222,8 @@ def _jobs(ck: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
         "bundled_w4_fp16": {**base, "model": str(ck["bundled_w4"]), "dtype": "float16"},
         "float_fp16": {**base, "model": str(BUNDLED), "dtype": "float16"},
         "gqa_mixed": {**base, "model": str(ck["gqa_mixed"])},
+        "gqa_quarot": {**base, "model": str(ck["gqa_quarot"])},
+        "bundled_quip": {**base, "model": str(ck["bundled_quip"])},
         "online_default": {**base, "model": str(BUNDLED), "quantization": "piecewise"},
         "online_override": {**base, "model": str(BUNDLED), "quantization": "piecewise",
                             "hf_overrides": {"quantization_config_dict_json": json.dumps(ONLINE_OVERRIDE)}},

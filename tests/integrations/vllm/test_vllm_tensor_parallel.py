@@ -92,3 +92,15 @@ def test_row_parallel_ranks_take_input_columns():
         layer = _fake(RowParallelLinear, tp_rank=rank, tp_size=2)
         (s,) = method._shards(layer, 64, [96], 128)
         assert s.rows == (0, 96) and s.cols == (rank * 64, rank * 64 + 64) and s.full.in_features == 128
+
+
+def test_online_rotations_refuse_the_tensor_parallel_split_they_cannot_take():
+    from piecewise_quant.args import OnlineRotation
+    from piecewise_quant.integrations.vllm.linear import _check_rotation_tp
+
+    _check_rotation_tp("down_proj", OnlineRotation(True, False, 0), row_parallel=True, tp_size=1)
+    _check_rotation_tp("q_proj", OnlineRotation(True, False, 0), row_parallel=False, tp_size=2)  # input whole
+    with pytest.raises(NotImplementedError, match="rotates its input online"):
+        _check_rotation_tp("down_proj", OnlineRotation(True, False, 0), row_parallel=True, tp_size=2)
+    with pytest.raises(NotImplementedError, match="rotates its output online"):
+        _check_rotation_tp("q_proj", OnlineRotation(False, True, 0), row_parallel=False, tp_size=2)

