@@ -143,6 +143,12 @@ class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
                 diffusion = inner
         else:
             core = PiecewiseQuantConfig.from_dict(kwargs)
+        if core.rotation is not None:
+            raise ValueError(
+                "piecewise-quant: rotation= is not supported for diffusers models yet (the fused rotations need a "
+                "Llama-family decoder, and online rotations of DiT layers are not wired into the diffusion layers); "
+                "remove rotation from the config"
+            )
         self._init_face(core)
         object.__setattr__(self, "_diffusion", diffusion)
 
