@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TENSORS", "OUTLIER_BITS", "per_group", "group_width", "index_dtype", "dense_layer", "outlier_layout", "select",
-    "fit_without", "encode_with", "outlier_tensors", "gptq_saliency", "outlier_matrix", "add_to_weight",
+    "fit_without", "encode_with", "outlier_tensors", "gptq_select", "outlier_matrix", "add_to_weight",
     "global_columns", "split_tensors", "has_outliers",
 ]
 
@@ -124,7 +124,7 @@ def _score(fmt: "WeightFormat", groups: torch.Tensor, layer: LayerSpec, params: 
     the squared error on it; without (choosing what the fit leaves out), the squared distance from
     the median weighted by ``importance`` (the input energy, ``diag(H)``): the weights that would
     stretch a range and whose error the output feels most. GPTQ uses its own test (SpQR's
-    ``(w - q(w))^2 / [H^-1]_qq``, :func:`gptq_saliency`)."""
+    ``(w - q(w))^2 / [H^-1]_qq``, :func:`gptq_select`)."""
     dist = groups - groups.median(dim=1, keepdim=True).values
     if layer.spec.outlier_method == "magnitude":
         return dist.abs()
@@ -133,18 +133,27 @@ def _score(fmt: "WeightFormat", groups: torch.Tensor, layer: LayerSpec, params: 
     return dist**2 * importance if importance is not None else dist**2
 
 
-def gptq_saliency(fmt: "WeightFormat", groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None,
-                  hinv_diag: torch.Tensor) -> torch.Tensor:
-    """SpQR's outlier test inside GPTQ for ``groups`` ``(n, g)``: the output error a weight costs on
-    a grid fitted to its group, ``(w - q(w))^2 / d^2`` with ``d`` ``(n, g)`` the diagonal of the
-    Cholesky factor of ``H^-1``; ``"magnitude"`` layers use the median distance instead. The grid
-    is fitted without the ``K`` weights farthest from the median, so it shows what they cost."""
-    if layer.spec.outlier_method == "magnitude":
-        return _score(fmt, groups, layer, None, None)
+def gptq_select(fmt: "WeightFormat", groups: torch.Tensor, layer: LayerSpec, importance: torch.Tensor | None,
+                hinv_diag: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SpQR's outlier test inside GPTQ for ``groups`` ``(n, g)``: the ``K`` weights per group with
+    the largest output-error saliency ``(w - q(w))^2 / d^2`` (``d`` ``(n, g)``: the diagonal of the
+    Cholesky factor of ``H^-1``) on a grid fitted without the ``K`` farthest from the median, so
+    the grid shows what the tails cost. Returns the positions ``(n, K)`` and the group parameters
+    fitted without them (refitted only for the groups whose choice changed). ``"magnitude"``
+    layers keep the median-distance choice."""
     k = per_group(layer)
-    params = fit_without(fmt, groups, layer, importance, select(_score(fmt, groups, layer, None, importance), k))
+    first = select(_score(fmt, groups, layer, None, importance), k)
+    params = fit_without(fmt, groups, layer, importance, first)
+    if layer.spec.outlier_method == "magnitude":
+        return first, params
     err = (groups - fmt.fake_quantize(groups, params, dense_layer(layer))) ** 2
-    return err / hinv_diag.clamp(min=1e-12) ** 2
+    idx = select(err / hinv_diag.clamp(min=1e-12) ** 2, k)
+    changed = (idx != first).any(dim=1).nonzero().squeeze(1)
+    if changed.numel():
+        imp = importance[changed] if importance is not None else None
+        refit = fit_without(fmt, groups[changed], layer, imp, idx[changed])
+        params = {name: v.index_copy(0, changed, refit[name].to(v.dtype)) for name, v in params.items()}
+    return idx, params
 
 
 def fit(fmt: "WeightFormat", groups: torch.Tensor, layer: LayerSpec,

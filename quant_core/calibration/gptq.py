@@ -342,14 +342,12 @@ def _upfront_outliers(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor | Non
     hd = importance_view(d, layer)
     if fixed:
         score = (groups - fmt.fake_quantize(groups, params, dl)) ** 2 / hd.clamp(min=1e-12) ** 2
+        idx = outliers.select(score, outliers.per_group(layer))
     else:
-        score = outliers.gptq_saliency(fmt, groups, layer, imp, hd)
-    idx = outliers.select(score, outliers.per_group(layer))
+        idx, params = outliers.gptq_select(fmt, groups, layer, imp, hd)
     m = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).reshape(W.shape)
     mask.copy_(m[:, perm] if perm is not None else m)
-    if fixed:
-        return params
-    return _check_params(outliers.fit_without(fmt, groups, layer, imp, idx), groups.shape[0], layer, W.device)
+    return _check_params(params, groups.shape[0], layer, W.device)
 
 
 def _act_order(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -518,9 +516,9 @@ class _Sweep:
         saliency on the current weights ``cur``, mark them and fit the group without them."""
         assert self.mask is not None
         hd = torch.diagonal(self.U)[col:end].unsqueeze(0).expand_as(cur)
-        idx = outliers.select(outliers.gptq_saliency(self.fmt, cur, self.layer, imp, hd), outliers.per_group(self.layer))
+        idx, params = outliers.gptq_select(self.fmt, cur, self.layer, imp, hd)
         self.mask[:, col:end] = torch.zeros_like(cur, dtype=torch.bool).scatter_(1, idx, True)
-        return outliers.fit_without(self.fmt, cur, self.layer, imp, idx)
+        return params
 
 
 def _result(weight: torch.Tensor, Q: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec,
