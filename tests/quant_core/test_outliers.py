@@ -214,3 +214,64 @@ def test_from_pretrained_round_trip_is_bit_exact(tmp_path):
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+# ---- calibration: aware fits, GPTQ and mixed precision on a tiny Llama ----------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # heavy tails, as trained models have
+        for lin in (m for m in model.model.modules() if isinstance(m, torch.nn.Linear)):
+            spikes = torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.01
+            lin.weight.mul_(torch.where(spikes, 12.0, 1.0))
+    return model
+
+
+def _ids(n=8, length=32, seed=0):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _output_error(model, ref_logits):
+    with torch.no_grad():
+        return float((model(_ids(2, 32, 9)).logits - ref_logits).square().mean())
+
+
+@pytest.mark.parametrize("preset", ["aware", "gptq"])
+def test_calibrated_outliers_lower_the_output_error(preset):
+    import copy
+
+    base = _tiny_llama()
+    with torch.no_grad():
+        ref = base(_ids(2, 32, 9)).logits
+    errors = {}
+    for o in (None, 1):
+        model = copy.deepcopy(base)
+        cal = pq.CalibrationConfig.preset(preset, n_samples=8, seq_len=32)
+        pq.calibrate(model, pq.PiecewiseQuantConfig(bits=3, group_size=32, outliers=o, calibration=cal), _ids(),
+                     progress=False)
+        q = pq.quantized_layers(model)
+        assert all(("outlier_idx" in m.quantized_tensors()) == (o is not None) for m in q.values())
+        errors[o] = _output_error(model, ref)
+    assert errors[1] < 0.8 * errors[None]
+
+
+def test_mixed_precision_weighs_outliers_against_bits():
+    model = _tiny_llama()
+    cal = pq.CalibrationConfig.preset("gptq", n_samples=8, seq_len=32, mixed_precision_budget=3.0,
+                                      mixed_precision_bits=(2, 3, 4), mixed_precision_grids=("uniform",))
+    report = pq.calibrate(model, pq.PiecewiseQuantConfig(grid="uniform", bits=3, group_size=32, outliers=1,
+                                                         calibration=cal), _ids(), progress=False)
+    assert report.mixed_precision["average_bits_per_weight"] <= 3.0
+    saved = pq.PiecewiseQuantConfig.from_dict(model.config.quantization_config)
+    layers = pq.quantized_layers(model)
+    kinds = {(m.spec.bits, m.spec.outliers) for m in layers.values()}
+    assert any(o is None for _, o in kinds) and any(o == 1 for _, o in kinds), kinds  # both kinds chosen
+    assert any(v.endswith("+o1") for v in report.mixed_precision["plan"].values())
+    for name, m in layers.items():
+        assert saved.spec_for(name) == m.spec
+        assert ("outlier_idx" in m.quantized_tensors()) == (m.spec.outliers is not None)
