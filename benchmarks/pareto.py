@@ -7,7 +7,8 @@ Families (each a few points at 2, 3 and 4 bits):
 * ``piecewise + GPTQ``: the ``"gptq"`` calibration preset;
 * ``+ outliers``: the same with dense-and-sparse outliers (``outliers=K`` per group,
   ``outlier_method="hessian"``: SpQR's saliency inside GPTQ), docs/outliers.md;
-* ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise} + GPTQ under a budget.
+* ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, each below 8 bits with and
+  without one outlier per group (LLM-MQ), + GPTQ, under a budget.
 
 Models and metrics:
 
@@ -29,6 +30,7 @@ Usage (repository root; the whole run takes about 20 CPU-minutes on 2 cores)::
         --plot docs/pareto.png
     python benchmarks/pareto.py --models llama --family "+ outliers"           # a subset
     python benchmarks/pareto.py --from-json docs/results/pareto.json --plot docs/pareto.png   # replot
+    python benchmarks/pareto.py --from-json llama.json,minilm.json --json docs/results/pareto.json   # merge runs
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Point:
         if self.outliers:
             s += f" + {self.outliers}/group"
         if self.budget is not None:
-            s = f"budget {self.budget}"
+            s = f"budget {self.budget}" + (f", {{2,3,4,8}} x grids, +{self.outliers}/group candidates" if self.outliers else "")
         return s
 
     def config(self, n_samples: int, seq_len: int, skip: list[str] | None) -> pq.PiecewiseQuantConfig:
@@ -89,15 +91,14 @@ class Point:
 
 
 def points(model: str) -> list[Point]:
-    """The points of every family; groups divide every layer of both models (256/768, 384/1536)."""
-    g3 = 128
+    """The points of every family. Groups divide every layer of both models (Llama 256/768,
+    MiniLM 384/1536); the 3-bit outlier point is the one that fits 3.3 bits per weight."""
+    g3, k3 = (256, 2) if model == "llama" else (384, 3)
     out = [Point("uniform", b, 128, observer="minmax") for b in (2, 3, 4)]
     out += [Point("piecewise", b, 128) for b in (2, 3, 4)]
     out += [Point("piecewise + GPTQ", b, 128) for b in (2, 3, 4)]
-    out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, 1), Point("+ outliers", 4, 128, 1)]
-    out += [Point("+ outliers", 2, 64 if model == "minilm" else 256, 2)]
-    out += [Point("+ outliers", 3, 256 if model == "llama" else 384, 2)]
-    out += [Point("mixed precision", 3, 128, budget=b) for b in (2.5, 3.25)]
+    out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, k3)]
+    out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25)]
     return out
 
 
@@ -235,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--from-json", default=None, help="re-print and replot saved results")
+    ap.add_argument("--from-json", default=None, help="re-print and replot saved results (comma list: merged)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.from_json:
-        out = json.loads(Path(args.from_json).read_text())
+    if args.from_json:  # several files (e.g. one run per model) are merged
+        out = {}
+        for f in args.from_json.split(","):
+            out.update(json.loads(Path(f).read_text()))
     else:
         out = {}
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             out[name] = {"float": bench.evaluate(bench.model), "rows": rows}
     text = markdown(out)
     print(text)
-    if args.json and not args.from_json:
+    if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     if args.md:
