@@ -99,6 +99,8 @@ def points(model: str) -> list[Point]:
     out += [Point("piecewise + GPTQ", b, 128) for b in (2, 3, 4)]
     out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, k3)]
     out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25)]
+    if model == "llama":  # the no-outlier points next to the outlier ones in bits per weight
+        out += [Point("piecewise + GPTQ", 2, 64), Point("piecewise + GPTQ", 3, 64), Point("+ outliers", 3, 256, 1)]
     return out
 
 
