@@ -24,7 +24,8 @@ Models and metrics:
 Bits per weight are exact (codes, scales, zero points / breakpoint ids, outlier indices and
 values), averaged over the quantized layers by size.
 
-Usage (repository root; the whole run takes about 20 CPU-minutes on 2 cores)::
+Usage (repository root; the whole run quantizes for about 40 minutes on 2 cores, the mixed-precision
+points are the slowest; ``--family`` runs a subset)::
 
     nice -n 10 python benchmarks/pareto.py --json docs/results/pareto.json --md docs/results/pareto.md \\
         --plot docs/pareto.png
