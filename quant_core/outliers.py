@@ -35,18 +35,17 @@ if TYPE_CHECKING:
     from .formats.base import TensorLayout, WeightFormat
 
 __all__ = [
-    "TENSORS", "OUTLIER_BITS", "per_group", "group_width", "index_dtype", "dense_layer", "outlier_layout", "select",
+    "TENSORS", "per_group", "group_width", "index_dtype", "dense_layer", "outlier_layout", "select",
     "fit_without", "encode_with", "outlier_tensors", "gptq_select", "outlier_matrix", "add_to_weight",
     "global_columns", "split_tensors", "has_outliers",
 ]
 
 IDX, VALS = "outlier_idx", "outlier_vals"
 TENSORS = (IDX, VALS)
-#: storage of one correction value (float16)
-OUTLIER_BITS = 16
 
 
 def has_outliers(layer: LayerSpec) -> bool:
+    """Whether ``layer``'s spec keeps outliers (specs from before the field have none)."""
     return getattr(layer.spec, "outliers", None) is not None
 
 

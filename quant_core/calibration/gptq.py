@@ -13,6 +13,11 @@ Nothing here knows about a particular grid: the per-group parameters come from
 result is stored with :meth:`WeightFormat.encode`, so the uniform, piecewise and FP8 grids (and any
 plugin grid implementing those three methods) all work.
 
+For a layer with dense-and-sparse outliers (``QuantSpec.outliers``) each group's outliers are
+chosen by SpQR's saliency ``(w - q(w))^2 / U_qq^2`` before the group is quantized (up front with
+``act_order``, else when the sweep reaches the group), the group is fitted without them, and they
+are kept exact (to their float16 correction), so they spread no error (:mod:`piecewise_quant.outliers`).
+
 As a calibration modifier (:class:`GPTQ`) it quantizes each block's calibrated layers after their
 group parameters are chosen; parameters fixed before (learned by LWC) are kept.
 """
@@ -509,7 +514,6 @@ class _Sweep:
                 )
             self.fitted.setdefault(k, [v.new_zeros(())] * layer.n_groups)[j] = v.to(device)
         self.col_params[j] = {k: v.to(device) for k, v in p.items()}
-
 
     def _fit_outliers(self, cur: torch.Tensor, imp: torch.Tensor | None, col: int, end: int) -> dict[str, torch.Tensor]:
         """Group ``col:end`` of a dense-and-sparse layer, fitted lazily: choose its outliers by SpQR's
