@@ -48,7 +48,12 @@ SPEC_FIELDS = (
     "act_mode",
     "act_clip_ratio",
     "act_topk",
+    "outliers",
+    "outlier_method",
 )
+# written to config.json only when set, so configs without outliers keep their bytes and plan hash
+OPTIONAL_SPEC_FIELDS = {"outliers": None, "outlier_method": "hessian"}
+OUTLIER_METHODS = ("hessian", "magnitude")
 
 
 def _allowed(values: Any) -> str:
@@ -79,6 +84,13 @@ class QuantSpec:
             ``"static_per_tensor"`` (one scale from calibration statistics).
         act_clip_ratio: the activation range is multiplied by this coefficient, in (0, 1].
         act_topk: the range is the (k+1)-th largest magnitude, so the k largest are clipped.
+        outliers: dense-and-sparse weights (docs/outliers.md): ``None`` (default, none), a float in
+            (0, 1) (the share of weights kept exactly, as float16 corrections; rounded up to a
+            whole count per group) or an integer >= 1 (that many per group). The dense codes are
+            fitted without them, so they do not stretch the ranges.
+        outlier_method: how outliers are chosen: ``"hessian"`` (the largest output-error
+            saliency: GPTQ's ``(w - q(w))^2 / [H^-1]_qq``, else the activation-weighted error) or
+            ``"magnitude"`` (the largest distance from the group median).
     """
 
     grid: str = "piecewise"
@@ -92,6 +104,8 @@ class QuantSpec:
     act_mode: str = "dynamic_per_token"
     act_clip_ratio: float = 1.0
     act_topk: int = 0
+    outliers: float | int | None = None
+    outlier_method: str = "hessian"
 
     def __post_init__(self) -> None:
         grid = self.grid
@@ -142,6 +156,23 @@ class QuantSpec:
             raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")
         if isinstance(self.act_topk, bool) or not isinstance(self.act_topk, int) or self.act_topk < 0:
             raise ValueError(f"act_topk must be an integer >= 0 (how many largest magnitudes to clip); got {self.act_topk!r}")
+        self._validate_outliers()
+
+    def _validate_outliers(self) -> None:
+        o = self.outliers
+        if o is not None:
+            if isinstance(o, bool) or not isinstance(o, (int, float)) or not math.isfinite(o) or (
+                isinstance(o, float) and not 0 < o < 1) or (isinstance(o, int) and o < 1):
+                raise ValueError(
+                    "outliers must be None, a fraction in (0, 1) of weights kept in float16 (e.g. 0.005) or an "
+                    f"integer >= 1 per weight group; got {o!r}"
+                )
+            if self.group_size == "tensor":
+                raise ValueError("outliers are counted per weight group: use group_size=<int> or 'channel', not 'tensor'")
+            if isinstance(self.group_size, int) and isinstance(o, int) and o >= self.group_size:
+                raise ValueError(f"outliers={o} per group must be smaller than group_size={self.group_size}")
+        if self.outlier_method not in OUTLIER_METHODS:
+            raise ValueError(f"outlier_method must be one of {_allowed(OUTLIER_METHODS)}; got {self.outlier_method!r}")
 
     def spec_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in SPEC_FIELDS}
@@ -649,7 +680,7 @@ class PiecewiseQuantConfig(QuantSpec):
     # ---- serialization ----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.spec_dict()
+        d = {k: v for k, v in self.spec_dict().items() if k not in OPTIONAL_SPEC_FIELDS or v != OPTIONAL_SPEC_FIELDS[k]}
         mods = self.modules_to_not_convert
         d["modules_to_not_convert"] = None if mods is None else list(mods)
         # a list keeps the order (first match wins) through hosts that sort JSON keys

@@ -229,7 +229,7 @@ class QuantLinear(nn.Module):
             return self._forward(x)
         y = None
         if self._rot_in is not None:
-            if self.act_quantizer is None and x.device.type == "cpu":
+            if self.act_quantizer is None and x.device.type == "cpu" and "outlier_vals" not in self._buffers:
                 ensure_runtime()
                 y = self._fast_cpu(x, self._rot_in)  # the kernel rotates the rows itself
             if y is None:
@@ -247,13 +247,22 @@ class QuantLinear(nn.Module):
         if aq is None and x.device.type == "cpu":
             y = self._fast_cpu(x)
             if y is not None:
-                return y
+                return self._add_outliers(x, y)
         tensors = self.quantized_tensors()
         w = self.fmt.weight_operand(tensors, self.layer_spec)
-        if w is None:
+        if w is None:  # its linear() dequantizes, outliers included
             return self.fmt.linear(x, tensors, self.layer_spec, self.bias, act)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return quantized_linear(x, w, bias, act)
+        return self._add_outliers(x, quantized_linear(x, w, bias, act))
+
+    def _add_outliers(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The dense result plus the kept outliers' share ``x S^T`` (dense-and-sparse layers)."""
+        if "outlier_vals" not in self._buffers:
+            return y
+        from .outliers import outlier_matrix
+
+        self._sparse = outlier_matrix(self._buffers, self.layer_spec, getattr(self, "_sparse", None))
+        return self._sparse.add_to(y, x)
 
     # ---- static activation calibration (delegated to the ActQuantizer) --------------------------
 
@@ -290,6 +299,8 @@ class QuantLinear(nn.Module):
             parts.append(f"symmetric={spec.symmetric}")
         if self.act_quantizer is not None:
             parts.append(f"act={spec.act_format}{spec.act_bits}/{spec.act_mode}")
+        if spec.outliers is not None:
+            parts.append(f"outliers={spec.outliers} ({spec.outlier_method})")
         if self.layer_spec.rotation is not None:
             parts.append(f"rotation={self.layer_spec.rotation.describe()}")
         parts.append(f"bpw={self.bits_per_weight():.4f}")

@@ -24,6 +24,13 @@ def check_exportable_config(quantization_config: dict, fmt: str = "compressed-te
     from piecewise_quant import PiecewiseQuantConfig
 
     config = PiecewiseQuantConfig.from_dict(quantization_config)
+    online = [r for r in (config.rotation.rotations if config.rotation is not None else ()) if r not in ("R1", "R2")]
+    if online:
+        raise ExportError(
+            f"cannot export to {'GGUF' if fmt == 'gguf' else 'compressed-tensors'}: the checkpoint uses online rotations "
+            f"{online} (quantization_config.rotation), which other engines would skip and compute wrong outputs; "
+            "re-quantize with only the fused rotations (rotation={'rotations': ['R1', 'R2']})"
+        )
     if fmt == "gguf":
         def why_not(spec):
             gs = spec.group_size

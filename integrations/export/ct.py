@@ -20,11 +20,32 @@ _REQUANTIZE = ("re-quantize the float model with a grid other engines have, e.g.
                "`piecewise-quant quantize --grid uniform --bits 4 --group-size 128`")
 
 
+def dense_only_refusal(spec: Any) -> str | None:
+    """Why a scheme with full-precision outliers cannot be written for another engine (they have
+    no dense-and-sparse layers), or ``None``."""
+    if getattr(spec, "outliers", None) is not None:
+        return (f"dense-and-sparse outliers (outliers={spec.outliers}): other engines have no sparse add, so the "
+                "outliers would be silently dropped; re-quantize without outliers=")
+    return None
+
+
+def rotation_refusal(layer: Any) -> str | None:
+    """Why a layer that rotates its input or output online cannot be exported, or ``None``."""
+    if getattr(layer, "rotation", None) is not None:
+        return ("an online Hadamard rotation (quantization_config.rotation with R4/input/output): other engines would "
+                "skip it and compute wrong outputs; re-quantize with only the fused rotations (rotation={'rotations': "
+                "['R1', 'R2']}), which export as ordinary weights")
+    return None
+
+
 def refusal(spec: Any, group_size: int | None = None, in_features: int | None = None) -> str | None:
     """Why a layer with ``spec`` (a :class:`~piecewise_quant.config.QuantSpec`; its resolved
     ``group_size`` and ``in_features`` when known) cannot be written as compressed-tensors, or
     ``None`` when it can."""
     grid, bits = spec.grid, spec.bits
+    why = dense_only_refusal(spec)
+    if why is not None:
+        return why
     if grid == "piecewise":
         return (f"grid 'piecewise' ({bits}-bit): no other engine has the piecewise grid (dense centre, sparse tails), "
                 f"so no stock kernel can run these codes; keep it for transformers/vLLM with piecewise-quant installed, or "
@@ -208,8 +229,9 @@ def export_compressed_tensors(model: Any, source: str | Path, output: str | Path
     if not layers:
         raise ExportError(f"{source} has no piecewise-quant layers (a float checkpoint? quantize it first)")
     # every layer's scheme first: one refused layer refuses the export before anything is written
-    refuse_layers(layers, lambda q: refusal(q.spec, q.layer_spec.group_size, q.in_features), "compressed-tensors",
-                  "equivalent")
+    refuse_layers(layers, lambda q: rotation_refusal(q.layer_spec) or refusal(q.spec, q.layer_spec.group_size,
+                                                                             q.in_features),
+                  "compressed-tensors", "equivalent")
     schemes = {name: ct_scheme(q.spec, q.layer_spec.group_size, q.in_features) for name, q in layers.items()}
     ct_config = _ct_config(model, schemes, len(layers))
     config = json.loads((source / "config.json").read_text())

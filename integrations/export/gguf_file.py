@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .common import ExportError, ExportSummary, local_tensor_names, refuse_layers
+from .ct import dense_only_refusal, rotation_refusal
 
 GGUF_FILE = "model.gguf"
 GGUF_GROUP = 32
@@ -20,6 +21,9 @@ _GGUF_ARCHS = {"LlamaForCausalLM": "llama"}
 
 def gguf_refusal(spec: Any, group_size: int | str) -> str | None:
     """Why a layer cannot be written as GGUF Q4_0/Q8_0 without loss, or ``None``."""
+    why = dense_only_refusal(spec)
+    if why is not None:
+        return why
     if spec.grid == "piecewise" or spec.grid not in ("uniform", "fp8"):
         return (f"grid {spec.grid!r}: GGUF has no such grid; re-quantize with --grid uniform --bits 4 --group-size 32 "
                 "--override '*=symmetric:true' (Q4_0) or --bits 8 (Q8_0)")
@@ -87,7 +91,8 @@ def export_gguf(model: Any, source: str | Path, output: str | Path, overwrite: b
     layers = quantized_layers(model)
     if not layers:
         raise ExportError(f"{source} has no piecewise-quant layers (a float checkpoint? quantize it first)")
-    refuse_layers(layers, lambda q: gguf_refusal(q.spec, q.layer_spec.group_size), "GGUF", "exact Q4_0/Q8_0 equivalent")
+    refuse_layers(layers, lambda q: rotation_refusal(q.layer_spec) or gguf_refusal(q.spec, q.layer_spec.group_size),
+                  "GGUF", "exact Q4_0/Q8_0 equivalent")
     try:
         vocab = gguf.vocab.BpeVocab(source)
     except (FileNotFoundError, ValueError) as exc:

@@ -24,6 +24,7 @@ quantized in ``process_weights_after_loading``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
 
+from piecewise_quant import outliers
 from piecewise_quant.checkpoint import check_checkpoint, check_finite_tensors, expected_tensors
 from piecewise_quant.config import LayerSpec, QuantSpec
 from piecewise_quant.qlinear import QuantLinear
@@ -170,7 +172,7 @@ class _LayerState:
             shard.local = shard.full
         else:
             act = shard.tensors.pop("act_scale", None)
-            shard.local, cut = slice_quantized(
+            shard.local, cut = _slice(
                 get_format(shard.spec.grid), shard.full, shard.tensors,
                 rows=None if whole_rows else rows, cols=None if whole_cols else cols,
             )
@@ -333,7 +335,7 @@ class PiecewiseLinearMethod(LinearMethodBase):
             if len(run) == 1:
                 spec, tensors = run[0]
             else:
-                spec, tensors = concat_rows(fmt, [(s, _weight_tensors(t)) for s, t in run],
+                spec, tensors = _concat(fmt, [(s, _weight_tensors(t)) for s, t in run],
                                             f"{self.prefix}[{','.join(s.name.rsplit('.', 1)[-1] for s, _ in run)}]")
                 if "act_scale" in run[0][1]:
                     tensors["act_scale"] = run[0][1]["act_scale"]
@@ -382,6 +384,40 @@ def _check_rotation_tp(name: str, rotation: Any, row_parallel: bool, tp_size: in
             f"parallelism ({tp_size} ranks) each rank holds only part of that {cut}; serve this checkpoint with "
             "--tensor-parallel-size 1, or quantize it without online rotations (rotation with only R1/R2)"
         )
+
+
+def _slice(fmt: Any, full: LayerSpec, tensors: dict[str, torch.Tensor], rows: tuple[int, int] | None,
+           cols: tuple[int, int] | None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+    """:func:`slice_quantized`, also for dense-and-sparse layers: their outlier tensors
+    (``(out, n_groups * K)``, positions inside each group) are cut by rows and by whole groups."""
+    if not outliers.has_outliers(full):
+        return slice_quantized(fmt, full, tensors, rows=rows, cols=cols)
+    if cols is not None and full.group_size == full.in_features:
+        raise NotImplementedError(
+            f"piecewise-quant: layer {full.name!r} keeps outliers per channel, which a row-parallel split "
+            "cannot cut; quantize it with a group_size that divides the partition, or serve it on one GPU"
+        )
+    dense = outliers.split_tensors(tensors)
+    sub, cut = slice_quantized(fmt, outliers.dense_layer(full), dense, rows=rows, cols=cols)
+    k = outliers.per_group(full)
+    r0, r1 = rows if rows is not None else (0, full.out_features)
+    c0, c1 = cols if cols is not None else (0, full.in_features)
+    g = full.group_size
+    for name in outliers.TENSORS:
+        cut[name] = tensors[name][r0:r1, c0 // g * k : c1 // g * k].contiguous()
+    return dataclasses.replace(sub, spec=full.spec), cut
+
+
+def _concat(fmt: Any, parts: list[tuple[LayerSpec, dict[str, torch.Tensor]]],
+            name: str) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+    """:func:`concat_rows`, also for dense-and-sparse layers (outlier tensors are row-major)."""
+    if not outliers.has_outliers(parts[0][0]):
+        return concat_rows(fmt, parts, name)
+    dense = [(outliers.dense_layer(s), outliers.split_tensors(t)) for s, t in parts]
+    joined, out = concat_rows(fmt, dense, name)
+    for t in outliers.TENSORS:
+        out[t] = torch.cat([p[1][t] for p in parts], dim=0)
+    return dataclasses.replace(joined, spec=parts[0][0].spec), out
 
 
 def _weight_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,11 @@ Nothing here knows about a particular grid: the per-group parameters come from
 result is stored with :meth:`WeightFormat.encode`, so the uniform, piecewise and FP8 grids (and any
 plugin grid implementing those three methods) all work.
 
+For a layer with dense-and-sparse outliers (``QuantSpec.outliers``) each group's outliers are
+chosen by SpQR's saliency ``(w - q(w))^2 / U_qq^2`` before the group is quantized (up front with
+``act_order``, else when the sweep reaches the group), the group is fitted without them, and they
+are kept exact (to their float16 correction), so they spread no error (:mod:`piecewise_quant.outliers`).
+
 As a calibration modifier (:class:`GPTQ`) it quantizes each block's calibrated layers after their
 group parameters are chosen; parameters fixed before (learned by LWC) are kept.
 """
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import outliers
 from ..config import LayerSpec
 from ..formats.base import WeightFormat
 from ..formats.groups import group_view, importance_view
@@ -303,19 +309,50 @@ def gptq_quantize(
     n_dead, base, col_imp = _drop_dead_inputs(W, H, layer, activation_aware)
     grouped = layer.group_size not in (-1, layer.in_features)
     lazy = params is None and not act_order and grouped
-    params = _initial_params(W, layer, fmt, params, lazy, col_imp)
+    fixed = params is not None
+    if not (outliers.has_outliers(layer) and not fixed):  # else fitted with the outliers below
+        params = _initial_params(W, layer, fmt, params, lazy, col_imp)
     W, H, perm = _act_order(W, H) if act_order else (W, H, None)
     order = perm.tolist() if perm is not None else list(range(layer.in_features))
     U, used_damp = _inverse_cholesky(H, damp, base, layer)
     del H
-    sweep = _Sweep(W, U, layer, fmt, params, order, lazy, col_imp)
+    mask = None
+    if outliers.has_outliers(layer):
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        if not lazy:  # chosen up front on the original weight, as the group parameters are
+            params = _upfront_outliers(W, U, perm, layer, fmt, params, fixed, col_imp, mask)
+    sweep = _Sweep(W, U, layer, fmt, params, order, lazy, col_imp, mask)
     Q = sweep.run(block_size)
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
+        inv = torch.argsort(perm)
+        Q, mask = Q[:, inv], (mask[:, inv] if mask is not None else None)
     if lazy:
         params = {k: torch.stack(v, dim=1).reshape(-1) for k, v in sweep.fitted.items()}  # (out, ng) row-major
     assert params is not None
-    return _result(weight, Q, params, layer, fmt, H0, used_damp, n_dead)
+    return _result(weight, Q, params, layer, fmt, H0, used_damp, n_dead, mask)
+
+
+def _upfront_outliers(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor | None, layer: LayerSpec,
+                      fmt: WeightFormat, params: dict[str, torch.Tensor] | None, fixed: bool,
+                      col_imp: torch.Tensor | None, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Choose every group's outliers by SpQR's saliency on the (permuted) weight ``W``, mark them
+    in ``mask`` (same column order) and refit the groups without them (fixed parameters stay)."""
+    inv = torch.argsort(perm) if perm is not None else None
+    Wo = W[:, inv] if inv is not None else W
+    d = torch.diagonal(U)
+    d = d[inv] if inv is not None else d
+    dl = outliers.dense_layer(layer)
+    groups = group_view(Wo, dl)
+    imp = importance_view(col_imp, layer) if col_imp is not None else None
+    hd = importance_view(d, layer)
+    if fixed:
+        score = (groups - fmt.fake_quantize(groups, params, dl)) ** 2 / hd.clamp(min=1e-12) ** 2
+        idx = outliers.select(score, outliers.per_group(layer))
+    else:
+        idx, params = outliers.gptq_select(fmt, groups, layer, imp, hd)
+    m = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).reshape(W.shape)
+    mask.copy_(m[:, perm] if perm is not None else m)
+    return _check_params(params, groups.shape[0], layer, W.device)
 
 
 def _act_order(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -404,8 +441,10 @@ class _Sweep:
     columns not yet quantized, ``block_size`` columns at a time."""
 
     def __init__(self, W: torch.Tensor, U: torch.Tensor, layer: LayerSpec, fmt: WeightFormat,
-                 params: dict[str, torch.Tensor] | None, order: list[int], lazy: bool, col_imp: torch.Tensor | None):
+                 params: dict[str, torch.Tensor] | None, order: list[int], lazy: bool, col_imp: torch.Tensor | None,
+                 mask: torch.Tensor | None = None):
         self.W, self.U, self.layer, self.fmt, self.lazy, self.col_imp = W, U, layer, fmt, lazy, col_imp
+        self.mask = mask  # outliers (dense-and-sparse layers): kept exact, so they spread no error
         self.gsize = layer.group_size if layer.group_size not in (-1, layer.in_features) else layer.in_features
         self.group_of = [0 if layer.group_size == -1 else c // self.gsize for c in order]
         # per group index along the input dimension: its parameters for every output row
@@ -413,6 +452,7 @@ class _Sweep:
             list(_column_params(params, layer)) if params is not None else [None] * layer.n_groups
         )
         self.fitted: dict[str, list[torch.Tensor]] = {}
+        self.dense = outliers.dense_layer(layer) if mask is not None else layer
 
     def run(self, block_size: int) -> torch.Tensor:
         W, U, in_f = self.W, self.U, self.layer.in_features
@@ -440,7 +480,9 @@ class _Sweep:
             d = U1[i, i]
             pj = self.col_params[j]
             assert pj is not None
-            q = self.fmt.fake_quantize(w.unsqueeze(1), pj, self.layer).reshape(out_f)
+            q = self.fmt.fake_quantize(w.unsqueeze(1), pj, self.dense).reshape(out_f)
+            if self.mask is not None:  # stored as the dense value plus a float16 correction
+                q = torch.where(self.mask[:, col], q + (w - q).to(torch.float16).to(q.dtype), q)
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
@@ -459,7 +501,10 @@ class _Sweep:
         else:
             cur = inside
         imp = self.col_imp[col:end].unsqueeze(0).expand(out_f, gsize) if self.col_imp is not None else None
-        p = self.fmt.fit(cur.contiguous(), layer, importance=imp)
+        if self.mask is not None:
+            p = self._fit_outliers(cur.contiguous(), imp, col, end)
+        else:
+            p = self.fmt.fit(cur.contiguous(), layer, importance=imp)
         device = self.W.device
         for k, v in p.items():
             if tuple(v.shape) != (out_f,):
@@ -470,15 +515,31 @@ class _Sweep:
             self.fitted.setdefault(k, [v.new_zeros(())] * layer.n_groups)[j] = v.to(device)
         self.col_params[j] = {k: v.to(device) for k, v in p.items()}
 
+    def _fit_outliers(self, cur: torch.Tensor, imp: torch.Tensor | None, col: int, end: int) -> dict[str, torch.Tensor]:
+        """Group ``col:end`` of a dense-and-sparse layer, fitted lazily: choose its outliers by SpQR's
+        saliency on the current weights ``cur``, mark them and fit the group without them."""
+        assert self.mask is not None
+        hd = torch.diagonal(self.U)[col:end].unsqueeze(0).expand_as(cur)
+        idx, params = outliers.gptq_select(self.fmt, cur, self.layer, imp, hd)
+        self.mask[:, col:end] = torch.zeros_like(cur, dtype=torch.bool).scatter_(1, idx, True)
+        return params
+
 
 def _result(weight: torch.Tensor, Q: torch.Tensor, params: dict[str, torch.Tensor], layer: LayerSpec,
-            fmt: WeightFormat, H0: torch.Tensor, used_damp: float, n_dead: int) -> GPTQResult:
+            fmt: WeightFormat, H0: torch.Tensor, used_damp: float, n_dead: int,
+            mask: torch.Tensor | None = None) -> GPTQResult:
     """Encode the quantized weight, check that the format reproduces it, and measure the objective."""
     device = weight.device
-    tensors = fmt.encode(Q, params, layer)
+    if mask is None:
+        tensors = fmt.encode(Q, params, layer)
+    else:
+        dl = outliers.dense_layer(layer)
+        idx = outliers.select(group_view(mask, dl).to(torch.float32), outliers.per_group(layer))
+        tensors = outliers.encode_with(fmt, Q, params, layer, idx)
     deq = fmt.dequantize(tensors, layer, torch.float32).to(device)
     tol = 1e-6 * max(float(Q.abs().max()), 1e-30) if Q.numel() else 0.0
-    diff = float((deq - Q).abs().max()) if Q.numel() else 0.0
+    # an outlier's float16 correction rounds (it was taken from the dense code GPTQ saw)
+    diff = float(((deq - Q).abs() * (~mask if mask is not None else 1)).max()) if Q.numel() else 0.0
     if not diff <= tol:
         raise RuntimeError(
             f"layer {layer.name!r}: grid {fmt.name!r}: encode() does not reproduce the values fake_quantize() "

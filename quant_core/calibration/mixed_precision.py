@@ -91,12 +91,14 @@ class Candidate:
         grid: weight format name, e.g. ``"uniform"`` or ``"piecewise"``.
         bits_per_weight: exact storage cost per weight, scales and zero points included.
         error: sensitivity, the output error when only this layer is quantized this way (>= 0).
+        outliers: the ``QuantSpec.outliers`` of this candidate (dense-and-sparse), or ``None``.
     """
 
     bits: int
     grid: str
     bits_per_weight: float
     error: float
+    outliers: float | int | None = None
 
 
 def _check_inputs(
@@ -374,14 +376,14 @@ def _uniform_starts(names: list[str], candidates: Mapping[str, Sequence[Candidat
     """Every uniform choice (the same ``(bits, grid)`` for all layers) that fits, mapped onto the
     fronts, so the result never loses to one."""
     starts = []
-    keys = [set((c.bits, c.grid) for c in candidates[k]) for k in names]
+    keys = [set((c.bits, c.grid, c.outliers) for c in candidates[k]) for k in names]
     for key in sorted(set.intersection(*keys), key=lambda t: (t[0], str(t[1]))):
         sel = {}
         for k in names:
             # the best candidate with that key, mapped onto the front (a dominated one is replaced by
             # the front point that dominates it: no costlier and no worse)
             best = min(
-                (c for c in candidates[k] if (c.bits, c.grid) == key), key=lambda c: (c.error, c.bits_per_weight)
+                (c for c in candidates[k] if (c.bits, c.grid, c.outliers) == key), key=lambda c: (c.error, c.bits_per_weight)
             )
             sel[k] = max(
                 j
@@ -455,17 +457,21 @@ class MixedPrecision(Modifier):
         candidates, n_weights = self._sensitivities(run)
         choice = allocate(candidates, n_weights, self.budget)
         outside = set(run.outside())
-        overrides = {name: {"bits": c.bits, "grid": c.grid} for name, c in choice.items() if name not in outside}
+        with_outliers = any(c.outliers is not None for cands in candidates.values() for c in cands)
+        overrides = {name: _override(c, with_outliers) for name, c in choice.items() if name not in outside}
         run.config = run.config.with_overrides(overrides)
         run.plan = plan_layers(run.model, run.config)
         summary = summarize(choice, n_weights)
         summary["budget"] = self.budget
-        summary["plan"] = {n: f"{c.grid}{c.bits}" for n, c in choice.items()}
+        summary["plan"] = {n: f"{c.grid}{c.bits}" + (f"+o{c.outliers}" if c.outliers else "") for n, c in choice.items()}
         run.report.mixed_precision = summary
 
-    def _combos(self) -> list[tuple[int, str]]:
+    def _combos(self, spec: QuantSpec) -> list[tuple[int, str, float | int | None]]:
+        """(bits, grid, outliers) candidates. With ``outliers`` in the config every candidate below
+        8 bits comes with and without them, so outliers go where they buy the most (LLM-MQ)."""
         # at 8 bits the grids are equally fine and piecewise's 256-breakpoint search is slow: uniform only
-        return [(b, g) for b in self.bits for g in self.grids if not (b == 8 and g == "piecewise" and "uniform" in self.grids)]
+        pairs = [(b, g) for b in self.bits for g in self.grids if not (b == 8 and g == "piecewise" and "uniform" in self.grids)]
+        return [(b, g, o) for b, g in pairs for o in dict.fromkeys((None, spec.outliers if b < 8 else None))]
 
     def _sensitivities(self, run: RunState) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
         """Every block layer's candidates with their measured errors, on the float chain; layers
@@ -498,19 +504,23 @@ class MixedPrecision(Modifier):
         linear = block.get_submodule(rel)
         w0 = linear.weight.data.clone()
         cands = []
-        for bits, grid in self._combos():
+        for bits, grid, outliers in self._combos(base.spec):
             try:
-                layer = layer_spec_for(full, _candidate_spec(base.spec, bits, grid), base.in_features, base.out_features)
+                spec = _candidate_spec(base.spec, bits, grid).with_changes({"outliers": outliers})
+                layer = layer_spec_for(full, spec, base.in_features, base.out_features, base.rotation)
             except ValueError:
                 continue
             fmt = get_format(grid)
             p = fit_params(fmt, w0, layer, st if st.tokens > 0 else None, run.cal.activation_aware)
-            wq = fmt.fake_quantize(group_view(w0.float(), layer), p, layer).reshape(w0.shape)
+            if outliers is None:
+                wq = fmt.fake_quantize(group_view(w0.float(), layer), p, layer).reshape(w0.shape)
+            else:  # the stored weight: dense codes plus the kept outliers
+                wq = fmt.dequantize(fmt.encode(w0.float(), p, layer), layer, torch.float32)
             linear.weight.data.copy_(wq.to(w0.dtype))
             out = run.run_block(block, run.inputs, probe)
             linear.weight.data.copy_(w0)
             err = relative_error(out, targets)
-            cands.append(Candidate(bits, grid, fmt.bits_per_weight(layer), err if math.isfinite(err) else float("inf")))
+            cands.append(Candidate(bits, grid, fmt.bits_per_weight(layer), err if math.isfinite(err) else float("inf"), outliers))
         if not cands:
             raise ValueError(f"layer {full!r}: none of the mixed-precision candidates fits its shape")
         return cands
@@ -523,6 +533,12 @@ class MixedPrecision(Modifier):
         if cal.mixed_precision_budget is None:
             return None
         return cls(cal.mixed_precision_budget, cal.mixed_precision_bits, cal.mixed_precision_grids)
+
+
+def _override(c: Candidate, with_outliers: bool) -> dict[str, Any]:
+    """The ``overrides`` entry of a chosen candidate; with outlier candidates in play it always
+    names ``outliers`` (``None`` too: the config's own value would otherwise apply)."""
+    return {"bits": c.bits, "grid": c.grid, **({"outliers": c.outliers} if with_outliers else {})}
 
 
 def _candidate_spec(spec: QuantSpec, bits: int, grid: str) -> QuantSpec:

@@ -67,6 +67,16 @@ class WeightFormat(abc.ABC):
     supported_bits: ClassVar[tuple[int, ...]]
     supports_groups: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Route ``layout``/``fit``/``encode``/``dequantize`` through :mod:`piecewise_quant.outliers`
+        for layers with ``outliers`` set, so every format stores dense-and-sparse weights."""
+        super().__init_subclass__(**kwargs)
+        from .. import outliers
+
+        for name in outliers.WRAPPED:
+            if name in cls.__dict__:
+                setattr(cls, name, outliers.wrap(name, cls.__dict__[name]))
+
     def validate(self, spec: QuantSpec) -> None:
         """Raise ``ValueError`` naming the field if this format cannot store ``spec``."""
         if spec.bits not in self.supported_bits:

@@ -253,6 +253,8 @@ def refused_checkpoints(tmp_path_factory):
         "w4a8": quantized_checkpoint(float_path, root / "w4a8", grid="uniform", bits=4, group_size=32, act_bits=8),
         "pw_mixed": quantized_checkpoint(float_path, root / "pwm", grid="uniform", bits=4, group_size=32,
                                          overrides={"*.down_proj": {"grid": "piecewise"}}),
+        "outliers": quantized_checkpoint(float_path, root / "out", grid="uniform", bits=4, group_size=32, outliers=1),
+        "rotated": quantized_checkpoint(float_path, root / "rot", grid="uniform", bits=4, group_size=32, rotation="quarot"),
     }
 
 
@@ -262,6 +264,8 @@ def refused_checkpoints(tmp_path_factory):
     ("w4a8", ["W4A8", "--bits 8 --group-size channel --act-bits 8"]),
     ("float", ["not a piecewise-quant checkpoint", "quantize it first"]),
     ("pw_mixed", ["2 of 14 quantized layers", "down_proj", "piecewise"]),
+    ("outliers", ["dense-and-sparse outliers", "without outliers="]),
+    ("rotated", ["online rotations", "['R4']", "'R1', 'R2'"]),
 ])
 def test_unexportable_checkpoints_are_refused_with_the_reason(name, words, refused_checkpoints, tmp_path, capsys):
     out = tmp_path / "out"

