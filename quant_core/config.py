@@ -213,7 +213,7 @@ CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
     "gptq": {"gptq": True},
     "lwc": {"lwc": True},
     "omniquant": {"lwc": True, "let": True},
-    # the recipe calibrate() runs when none is named: the best one measured on both models at 2, 3
+    # the recipe calibrate() runs when none is named: measured best overall on both models at 2, 3
     # and 4 bits (benchmarks/recipes.py, docs/results/recipes.md)
     "default": {"gptq": True},
 }
@@ -243,6 +243,9 @@ class CalibrationConfig:
     previous norm/linear), LWC (learned clipping), breakpoint refinement (piecewise grid), GPTQ
     (error compensation) or a plugin algorithm, and static activation scales. Every choice of
     ranges weights each weight's error by the energy of its input channel (``activation_aware``).
+    ``calibrate`` given no calibration config runs the ``"default"`` preset (GPTQ, the measured
+    best); a config built from keywords runs only the algorithms it names, so ``CalibrationConfig()``
+    is the fast ``"aware"`` recipe (use ``CalibrationConfig.preset("default", n_samples=...)``).
 
     The algorithms can be given two ways, which build equal configs:
 

@@ -70,7 +70,7 @@ def calibrate(
 
     ``config.calibration`` (a :class:`~piecewise_quant.CalibrationConfig` or preset name) chooses the
     algorithms; when it is ``None`` (or ``config`` is), the ``"default"`` preset runs: the recipe
-    measured best on both bundled benchmark models (``benchmarks/recipes.py``). ``"aware"`` is the
+    measured best overall on the two benchmark models (``benchmarks/recipes.py``). ``"aware"`` is the
     fast option. ``data``: ``None`` (the bundled ``pydoc_data`` corpus),
     text (a string or list of strings, tokenised with ``tokenizer`` or the model's own), token ids
     (1-D stream or 2-D samples) or an iterable of model-input dicts. The model keeps
