@@ -9,10 +9,11 @@ peer toolkit, on two real models, in one run.
 
 Calibration data, always from the calibration split of ``pydoc_data.topics`` (never the held-out
 text), seed 0: for the llama 32 windows of 256 tokens; for MiniLM 256 prose sentences (padded batches
-of 32 with attention masks, [CLS]/[SEP] added), shaped like what a sentence encoder sees. Calibrating
-MiniLM on 128-token windows of running text instead gave mean cosine 0.9873 (W4) / 0.9508 (W3)
-with piecewise + GPTQ (commit 1e2cfcb), against 0.9917 / 0.9650 with sentences. Every row reports the exact bits per weight
-over the quantized layers and the quantization/calibration wall time. The peer toolkit (see
+of 32 with attention masks, [CLS]/[SEP] added), shaped like what a sentence encoder sees. How the
+recipes compare when calibrated as a new user would (plain windows) and evaluated out of domain, and
+what the sentence shape is worth, is ``benchmarks/recipes.py`` (``docs/results/recipes.md``). Every
+row reports the exact bits per weight over the quantized layers and the quantization/calibration
+wall time. The peer toolkit (see
 ``benchmarks/peers.py``) runs on the same model copy and data in the same process.
 
 Usage (from the repository root)::

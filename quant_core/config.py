@@ -238,13 +238,20 @@ def _pattern_matches(pattern: str, name: str) -> bool:
 # Named recipes, as flat CalibrationConfig keywords; as modifier lists (piecewise_quant.calibration):
 # aware [], smoothquant [SmoothQuant(0.5)], gptq [GPTQ()], lwc [LWC()], omniquant [LET(), LWC()].
 CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
-    # activation-aware ranges only (every weight's error weighted by its input's energy)
+    # activation-aware ranges only (every weight's error weighted by its input's energy); the fast
+    # option, and what CalibrationConfig() with no algorithm keyword means (as before)
     "aware": {},
     "smoothquant": {"smoothquant": 0.5},
     "gptq": {"gptq": True},
     "lwc": {"lwc": True},
     "omniquant": {"lwc": True, "let": True},
+    # the recipe calibrate() runs when none is named: measured best overall on both models at 2, 3
+    # and 4 bits (benchmarks/recipes.py, docs/results/recipes.md)
+    "default": {"gptq": True},
 }
+# PiecewiseQuantConfig(calibration=None) given to calibrate() runs this preset. Checkpoints store the
+# flat fields of the recipe that ran, never this name, so changing it never changes a saved config.
+DEFAULT_CALIBRATION_PRESET = "default"
 
 
 def check_known_fields(cls: type, data: Mapping[str, Any], what: str, hidden: frozenset[str] = frozenset()) -> None:
@@ -260,7 +267,7 @@ def check_known_fields(cls: type, data: Mapping[str, Any], what: str, hidden: fr
 class CalibrationConfig:
     """Data-aware calibration: which algorithms run and on what data.
 
-    Pass it (or a preset name: ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"lwc"``,
+    Pass it (or a preset name: ``"default"``, ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"lwc"``,
     ``"omniquant"``) as ``PiecewiseQuantConfig(calibration=...)``; then
     ``piecewise_quant.calibrate(model, config, data)`` or ``from_pretrained(...,
     quantization_config=config)`` runs the model block by block on calibration data and applies,
@@ -268,6 +275,9 @@ class CalibrationConfig:
     previous norm/linear), LWC (learned clipping), breakpoint refinement (piecewise grid), GPTQ
     (error compensation) or a plugin algorithm, and static activation scales. Every choice of
     ranges weights each weight's error by the energy of its input channel (``activation_aware``).
+    ``calibrate`` given no calibration config runs the ``"default"`` preset (GPTQ, the measured
+    best); a config built from keywords runs only the algorithms it names, so ``CalibrationConfig()``
+    is the fast ``"aware"`` recipe (use ``CalibrationConfig.preset("default", n_samples=...)``).
 
     The algorithms can be given two ways, which build equal configs:
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import CalibrationConfig, PiecewiseQuantConfig
+from ..config import DEFAULT_CALIBRATION_PRESET, CalibrationConfig, PiecewiseQuantConfig
 from ..qlinear import QuantLinear
 from ..quantization import _record_in_host_config, check_float_model, plan_layers, warn_unquantized
 from ..registry import get_format
@@ -69,8 +69,10 @@ def calibrate(
 ) -> CalibrationReport:
     """Quantize ``model`` in place with data-aware calibration; returns a :class:`CalibrationReport`.
 
-    ``config.calibration`` (a :class:`~piecewise_quant.CalibrationConfig` or preset name; default
-    ``"aware"``) chooses the algorithms. ``data``: ``None`` (the bundled ``pydoc_data`` corpus),
+    ``config.calibration`` (a :class:`~piecewise_quant.CalibrationConfig` or preset name) chooses the
+    algorithms; when it is ``None`` (or ``config`` is), the ``"default"`` preset runs: the recipe
+    measured best overall on the two benchmark models (``benchmarks/recipes.py``). ``"aware"`` is the
+    fast option. ``data``: ``None`` (the bundled ``pydoc_data`` corpus),
     text (a string or list of strings, tokenised with ``tokenizer`` or the model's own), token ids
     (1-D stream or 2-D samples) or an iterable of model-input dicts. The model keeps
     ``model.piecewise_quant_config`` (with the mixed-precision plan as overrides) and, for Hugging
@@ -78,10 +80,10 @@ def calibrate(
     that reloads without calibration.
     """
     t_start = time.perf_counter()
-    config = config if config is not None else PiecewiseQuantConfig(calibration=CalibrationConfig())
+    config = config if config is not None else PiecewiseQuantConfig()
     if not isinstance(config, PiecewiseQuantConfig):
         raise TypeError(f"config must be a PiecewiseQuantConfig, got {type(config).__name__}")
-    cal = config.calibration or CalibrationConfig()
+    cal = config.calibration or CalibrationConfig.preset(DEFAULT_CALIBRATION_PRESET)
     if config.calibration is None:
         config = dataclasses.replace(config, calibration=cal)
     check_float_model(model, "calibrate")

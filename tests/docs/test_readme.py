@@ -42,25 +42,49 @@ def test_readme_python_snippets_run(tmp_path):
     assert (tmp_path / "tiny-llama-w4" / "config.json").is_file()
 
 
+def _calibration_snippet() -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "pq.calibrate(" in b]
+    assert len(blocks) == 1, "the README has one calibration snippet"
+    return blocks[0]
+
+
+def test_readme_calibration_snippet_runs_the_default_recipe():
+    """The snippet names no recipe, so it shows (and its claim measures) what a new user gets."""
+    import piecewise_quant as pq
+
+    line = re.search(r"^config = (pq\.PiecewiseQuantConfig\(.*\))", _calibration_snippet(), flags=re.M).group(1)
+    config = eval(line, {"pq": pq})  # noqa: S307 - the README's own line
+    assert config.calibration is None and config.bits == 3 and config.group_size == 128
+    assert pq.CalibrationConfig.preset("default").gptq
+
+
 @pytest.mark.slow
 def test_readme_calibration_claim_reproduces():
-    """The perplexity increase the README quotes for its calibration snippet is what that snippet
-    gives (same config, same bundled data and held-out text)."""
+    """The perplexity increases the README quotes for its calibration snippet (and for
+    round-to-nearest at the same bits) are what the snippet's config gives, within 0.01 (same
+    bundled data and held-out text)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import piecewise_quant as pq
     from piecewise_quant.evaluate import heldout_text, perplexity
 
-    n_samples = int(re.search(r'preset\("gptq", n_samples=(\d+)\)', README).group(1))
-    claim = float(re.search(r"\(piecewise 3-bit \+ GPTQ, (\d+) samples\) adds \+([0-9.]+) perplexity", README).group(2))
-    assert f"{n_samples} samples" in README
+    line = re.search(r"^config = (pq\.PiecewiseQuantConfig\(.*\))", _calibration_snippet(), flags=re.M).group(1)
+    found = re.search(r"the snippet above\s+\(([^)]*)\)\s+adds\s+\+([0-9.]+)\s+perplexity\s+where\s+round-to-nearest"
+                      r"\s+adds\s+\+([0-9.]+)", README)
+    assert found, "README: 'the snippet above (...) adds +X perplexity where round-to-nearest adds +Y'"
+    claim, rtn_claim = float(found.group(2)), float(found.group(3))
     path = REPO / "assets" / "tiny-llama-pydoc"
     tok = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor(tok(heldout_text(), add_special_tokens=False)["input_ids"])
     base = perplexity(AutoModelForCausalLM.from_pretrained(path).eval(), input_ids=ids)
+    config = eval(line, {"pq": pq})  # noqa: S307 - the README's own line
+    rtn = AutoModelForCausalLM.from_pretrained(path)
+    pq.quantize(rtn, pq.PiecewiseQuantConfig(bits=config.bits, group_size=config.group_size, grid="uniform",
+                                             observer="minmax"), progress=False)
+    assert perplexity(rtn.eval(), input_ids=ids) - base == pytest.approx(rtn_claim, abs=0.01)
     model = AutoModelForCausalLM.from_pretrained(path)
-    config = pq.PiecewiseQuantConfig(bits=3, group_size=128, calibration=pq.CalibrationConfig.preset("gptq", n_samples=n_samples))
-    pq.calibrate(model, config, tokenizer=tok, progress=False)
+    report = pq.calibrate(model, config, tokenizer=tok, progress=False)
+    assert {r.method for r in report.layers.values() if r.method != "data-free"} == {"gptq"}
     delta = perplexity(model.eval(), input_ids=ids) - base
     assert delta == pytest.approx(claim, abs=0.01)
