@@ -8,6 +8,8 @@ import argparse
 import time
 from pathlib import Path
 
+from piecewise_quant.config import DEFAULT_CALIBRATION_PRESET
+
 from .common import (
     CAUSAL_LM,
     DTYPES,
@@ -57,10 +59,14 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-mode", default=None, choices=("dynamic_per_token", "static_per_tensor"),
                    help="with --act-bits: dynamic_per_token (default) or static_per_tensor (needs calibration)")
     p.add_argument("--calibration", default=None, metavar="PRESET",
-                   help="data-aware calibration preset: aware, smoothquant, gptq, lwc, omniquant (default: data-free)")
+                   help="data-aware calibration preset: default (GPTQ), aware, smoothquant, gptq, lwc, omniquant "
+                        "(default: data-free)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
-                   help="UTF-8 text file to calibrate on (implies --calibration aware unless given; default: bundled text)")
+                   help="UTF-8 text file to calibrate on (implies --calibration default unless given; default: bundled text)")
     p.add_argument("--n-samples", type=positive_int, default=None, help="calibration sequences (default 64)")
+    p.add_argument("--rotation", default=None, choices=("quarot", "quip"),
+                   help="Hadamard rotations before quantizing: quarot (W4A4, Llama-family) or quip (2-3 bit weights, any "
+                        "model); see docs/rotation.md")
     p.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
 
@@ -120,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"piecewise-quant quantize: {model_path} -> {out}")
     print(f"  grid={config.grid} bits={config.bits} group_size={config.group_size}"
           + (f" act_bits={config.act_bits} act_mode={config.act_mode}" if config.act_bits else "")
-          + (f" calibration={args.calibration or 'aware'} on {args.calibration_text or 'the bundled pydoc text'}"
-             if calibration else " (data-free)"))
+          + (f" calibration={args.calibration or DEFAULT_CALIBRATION_PRESET} on "
+             f"{args.calibration_text or 'the bundled pydoc text'}" if calibration else " (data-free)")
+          + (f" rotation={args.rotation}" if args.rotation else ""))
     start = time.perf_counter()
     model = _quantize_model(args, model_path, config, text, tok)
     seconds = time.perf_counter() - start
@@ -163,7 +170,7 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
         calibration = None
         if args.calibration is not None or text is not None:
             changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
-            calibration = pq.CalibrationConfig.preset(args.calibration or "aware", **changes)
+            calibration = pq.CalibrationConfig.preset(args.calibration or DEFAULT_CALIBRATION_PRESET, **changes)
         skip = None
         if args.ignore:
             from piecewise_quant.config import DEFAULT_MODULES_TO_NOT_CONVERT
@@ -172,7 +179,7 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
         overrides = dict(parse_override(v) for v in (args.override or []))
         config = pq.PiecewiseQuantConfig(
             grid=args.grid, bits=args.bits, group_size=parse_group_size(args.group_size),
-            act_bits=args.act_bits, act_mode=act_mode, calibration=calibration,
+            act_bits=args.act_bits, act_mode=act_mode, calibration=calibration, rotation=args.rotation,
             modules_to_not_convert=skip, overrides=overrides,
         )
         pq.get_format(config.grid).validate(config.default_spec)  # bits the grid lacks, before loading

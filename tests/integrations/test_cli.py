@@ -76,15 +76,16 @@ def test_quantize_calibrated_on_a_text_file(tmp_path, tiny_llama_path, capsys):
     text.write_text(calibration_text()[:30000], encoding="utf-8")
     out = tmp_path / "cal"
     rc = cli.main(["quantize", "--model", str(tiny_llama_path), "--output", str(out), "--bits", "3",
-                   "--calibration-text", str(text), "--n-samples", "4"])
+                   "--calibration-text", str(text), "--n-samples", "4", "--calibration", "aware", "--rotation", "quip"])
     assert rc == 0
-    assert f"calibration=aware on {text}" in capsys.readouterr().out
+    assert f"calibration=aware on {text} rotation=quip" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(pq.quantized_layers(model)) == 42
     import json
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["bits"] == 3 and qc["calibration"]["n_samples"] == 4
+    assert qc["bits"] == 3 and qc["calibration"]["n_samples"] == 4 and qc["calibration"]["gptq"] is False
+    assert qc["rotation"]["rotations"] == ["input", "output"]
 
 
 def test_eval_float_and_quantized(quantized_dir, tiny_llama_path, capsys):
