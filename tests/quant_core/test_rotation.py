@@ -290,3 +290,19 @@ def test_the_online_input_rotation_inside_the_cpu_kernel_equals_rotating_first(r
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
     reference = x @ (layers[0].dequantize(torch.float32)).T
     assert _rel(fused.double(), reference.double()) < 1e-4
+
+
+def test_merging_an_adapter_into_a_rotated_layer_keeps_the_original_basis():
+    pytest.importorskip("peft")
+    from piecewise_quant.integrations.peft.layer import merged_base_layer
+
+    net = nn.Sequential(nn.Linear(64, 192))
+    q = pq.quantize(net, pq.PiecewiseQuantConfig(grid="uniform", bits=8, group_size="channel", rotation="quip",
+                                                 modules_to_not_convert=[]), progress=False)[0]
+    delta = torch.randn(192, 64) * 0.01
+    merged = merged_base_layer(q, delta, None, "float")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), q(x) + x @ delta.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="rotates its input/output online"):
+        merged_base_layer(q, delta, None, "quantized")
