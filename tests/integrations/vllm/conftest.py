@@ -120,6 +120,16 @@ def run_vllm(jobs: list[dict], tmp: Path, timeout: int = 900, tensor_parallel: i
     return results
 
 
+def fake_layer(cls, **attrs):
+    """An instance of vLLM layer class ``cls`` with only ``attrs`` set (no process group, no weights):
+    enough for a linear method's layout decisions."""
+    layer = cls.__new__(cls)
+    torch.nn.Module.__init__(layer)
+    for k, v in attrs.items():
+        setattr(layer, k, v)
+    return layer
+
+
 # ---- transformers references -----------------------------------------------------------------
 
 

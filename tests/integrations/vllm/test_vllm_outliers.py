@@ -24,14 +24,6 @@ def _no_process_group(monkeypatch):
     monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
 
 
-def _fake(cls, **attrs):
-    layer = cls.__new__(cls)
-    torch.nn.Module.__init__(layer)
-    for k, v in attrs.items():
-        setattr(layer, k, v)
-    return layer
-
-
 def _quantized(name: str, out: int, inn: int, seed: int):
     spec = CFG.spec_for(name)
     layer = layer_spec_for(name, spec, inn, out)
@@ -43,21 +35,21 @@ def _quantized(name: str, out: int, inn: int, seed: int):
     return tensors, fmt.dequantize(tensors, layer, torch.float64)
 
 
-def _method(cls, names, **attrs):
+def _method(vh, cls, names, **attrs):
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
     from piecewise_quant.integrations.vllm.linear import PiecewiseLinearMethod
 
     cfg = PiecewiseVllmConfig(CFG, mode="prequantized")
-    return PiecewiseLinearMethod(cfg, "l.fused", names, [cfg.core.spec_for(n) for n in names]), _fake(cls, **attrs)
+    return PiecewiseLinearMethod(cfg, "l.fused", names, [cfg.core.spec_for(n) for n in names]), vh.fake_layer(cls, **attrs)
 
 
-def test_fused_qkv_with_outliers_loads_and_applies_dense_plus_sparse():
+def test_fused_qkv_with_outliers_loads_and_applies_dense_plus_sparse(vh):
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     names = ["l.q_proj", "l.k_proj", "l.v_proj"]
     sizes = [64, 32, 32]
-    method, layer = _method(QKVParallelLinear, names, tp_rank=0, tp_size=1, num_kv_head_replicas=1)
+    method, layer = _method(vh, QKVParallelLinear, names, tp_rank=0, tp_size=1, num_kv_head_replicas=1)
     method.create_weights(layer, 64, sizes, 64, sum(sizes), torch.float32, weight_loader=None)
     params = dict(layer.named_parameters())
     assert {"outlier_idx", "outlier_vals", "qweight", "scales"} <= set(params)
@@ -76,11 +68,11 @@ def test_fused_qkv_with_outliers_loads_and_applies_dense_plus_sparse():
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_row_parallel_ranks_cut_outliers_by_whole_groups(rank):
+def test_row_parallel_ranks_cut_outliers_by_whole_groups(vh, rank):
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.linear import RowParallelLinear
 
-    method, layer = _method(RowParallelLinear, ["l.o_proj"], tp_rank=rank, tp_size=2)
+    method, layer = _method(vh, RowParallelLinear, ["l.o_proj"], tp_rank=rank, tp_size=2)
     method.create_weights(layer, 64, [48], 128, 48, torch.float32, weight_loader=None)
     tensors, deq = _quantized("l.o_proj", 48, 128, 7)
     params = dict(layer.named_parameters())

@@ -39,16 +39,8 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for p, q in zip(a["prompt_logprobs"], b["prompt_logprobs"]) for x, y in zip(p, q))
 
 
-def _fake(cls, **attrs):
-    layer = cls.__new__(cls)
-    torch.nn.Module.__init__(layer)
-    for k, v in attrs.items():
-        setattr(layer, k, v)
-    return layer
-
-
 @pytest.mark.parametrize("tp_size, kv_heads", [(2, 2), (4, 2), (4, 1)])
-def test_qkv_rows_per_rank_follow_kv_head_replication(tp_size, kv_heads):
+def test_qkv_rows_per_rank_follow_kv_head_replication(vh, tp_size, kv_heads):
     """8 query heads and ``kv_heads`` KV heads of 16 dims over ``tp_size`` ranks: every rank's
     q/k/v rows are the heads vLLM's attention gives that rank (KV heads replicated when there
     are fewer KV heads than ranks)."""
@@ -66,7 +58,7 @@ def test_qkv_rows_per_rank_follow_kv_head_replication(tp_size, kv_heads):
     kv_per_rank = max(1, kv_heads // tp_size)
     seen_k = set()
     for rank in range(tp_size):
-        layer = _fake(QKVParallelLinear, tp_rank=rank, tp_size=tp_size, num_kv_head_replicas=replicas)
+        layer = vh.fake_layer(QKVParallelLinear, tp_rank=rank, tp_size=tp_size, num_kv_head_replicas=replicas)
         parts = [heads // tp_size * head, kv_per_rank * head, kv_per_rank * head]
         shards = method._shards(layer, 64, parts, 64)
         q, k, v = shards
@@ -79,7 +71,7 @@ def test_qkv_rows_per_rank_follow_kv_head_replication(tp_size, kv_heads):
     assert len(seen_k) == kv_heads  # every KV head is held by some rank
 
 
-def test_row_parallel_ranks_take_input_columns():
+def test_row_parallel_ranks_take_input_columns(vh):
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from piecewise_quant import PiecewiseQuantConfig
@@ -89,7 +81,7 @@ def test_row_parallel_ranks_take_input_columns():
     cfg = PiecewiseVllmConfig(PiecewiseQuantConfig(bits=4, group_size=32), mode="prequantized")
     method = PiecewiseLinearMethod(cfg, "l.o_proj", ["l.o_proj"], [cfg.core.spec_for("l.o_proj")])
     for rank in range(2):
-        layer = _fake(RowParallelLinear, tp_rank=rank, tp_size=2)
+        layer = vh.fake_layer(RowParallelLinear, tp_rank=rank, tp_size=2)
         (s,) = method._shards(layer, 64, [96], 128)
         assert s.rows == (0, 96) and s.cols == (rank * 64, rank * 64 + 64) and s.full.in_features == 128
 
