@@ -22,7 +22,18 @@ import torch
 from .args import KVArgs
 from .kernels.packing import pack_codes, unpack_codes
 
-__all__ = ["KVQTensor", "quantize_kv", "dequantize_kv", "fake_quantize_kv", "cat", "storage_bytes"]
+__all__ = [
+    "KVQTensor",
+    "KVParts",
+    "quantize_kv",
+    "dequantize_kv",
+    "fake_quantize_kv",
+    "cat",
+    "storage_bytes",
+    "key_rotation",
+    "decode_attention",
+    "decode_attention_reference",
+]
 
 META_DTYPE = torch.float16
 _FAST_BITS = (2, 4, 8)
@@ -76,8 +87,33 @@ def _round_up_half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
 
 
+def _quantize_tokens_c(x: torch.Tensor, args: KVArgs) -> KVQTensor | None:
+    """The token axis in C (bit for bit what the torch code below computes), or ``None``."""
+    from .kernels import kv_attention
+
+    ext = kv_attention._ext()
+    b, h, t, d = x.shape
+    if ext is None or args.format != "int" or args.bits not in _FAST_BITS or not x.is_cpu or d % args.group_size or d > 4096:
+        return None
+    xf = x.to(torch.float32).contiguous()
+    codes = torch.empty(b, h, t, d * args.bits // 8, dtype=torch.uint8)
+    scale = torch.empty(b, h, t, d // args.group_size, 1, dtype=META_DTYPE)
+    zero = None if args.symmetric else torch.empty_like(scale)
+    ok = ext.kv_quantize(xf.data_ptr(), b * h * t, d, args.group_size, args.bits, int(args.symmetric), codes.data_ptr(),
+                         scale.data_ptr(), 0 if zero is None else zero.data_ptr())
+    return KVQTensor(codes, scale, zero, "token", args.bits, args.format, d) if ok else None
+
+
 def quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     """Quantize ``x`` (``(B, H, T, D)``) along ``axis`` as ``args`` say."""
+    if axis == "token" and not (x.requires_grad and torch.is_grad_enabled()):
+        fast = _quantize_tokens_c(x, args)
+        if fast is not None:
+            return fast
+    return _quantize_torch(x, args, axis)
+
+
+def _quantize_torch(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     g = args.group_size
     xg, red = _groups(x.float(), axis, g)
     if args.symmetric:
@@ -177,3 +213,100 @@ def storage_bytes(tensors: list[torch.Tensor | None]) -> int:
         st = t.untyped_storage()
         seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values())
+
+
+# ---- decode attention straight from the codes ----------------------------------------------------
+
+
+def key_rotation(head_dim: int):
+    """R3: the randomized Hadamard rotation of one head's keys (seed 0)."""
+    from .kernels.hadamard import get_rotation
+
+    return get_rotation(head_dim, 0, "R3")
+
+
+@dataclass(frozen=True)
+class KVParts:
+    """What a cache layer stores for its keys or values, in token order: full-precision ``sink``
+    tokens, the packed ``history`` (or ``None``) and the full-precision ``window`` of recent tokens,
+    each ``(B, H, n, D)``. ``rotated``: the history holds R3-rotated keys. The parts are never
+    modified (a cache replaces them), so a :class:`KVParts` is a snapshot."""
+
+    sink: torch.Tensor
+    history: KVQTensor | None
+    window: torch.Tensor
+    rotated: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.sink.shape[2] + (self.history.tokens if self.history is not None else 0) + self.window.shape[2]
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``(B, H, T, D)`` tensor attention sees, in ``dtype`` (default: the window's)."""
+        dtype = dtype or self.window.dtype
+        history = None
+        if self.history is not None:
+            history = dequantize_kv(self.history, dtype)
+            if self.rotated:
+                history = key_rotation(history.shape[-1])(history, inverse=True)
+        parts = [t.to(dtype) for t in (self.sink, history, self.window) if t is not None and t.shape[-2]]
+        if not parts:
+            return self.window.to(dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def fusable(self) -> bool:
+        """Whether :func:`decode_attention`'s kernel reads this history (int codes of 2, 4 or 8 bits
+        on the CPU; fp8 and 3-bit codes are not)."""
+        from .kernels import kv_attention
+
+        h = self.history
+        return (
+            kv_attention.available()
+            and self.window.device.type == "cpu"
+            and (h is None or (h.format == "int" and h.bits in kv_attention.FUSED_BITS and h.codes.device.type == "cpu"))
+        )
+
+
+def _segment(h: KVQTensor | None):
+    from .kernels.kv_attention import PackedSegment
+
+    if h is None:
+        return None
+    g = h.codes.shape[3] if h.axis == "channel" else h.head_dim // h.scale.shape[3]
+    return PackedSegment(h.codes, h.scale, h.zero, h.tokens, g, h.bits, h.axis)
+
+
+def decode_attention(
+    query: torch.Tensor, keys: KVParts, values: KVParts, scaling: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(query keys^T * scaling + mask) values`` for one query token per head, computed from
+    the packed codes without dequantizing the history (C kernel, float32 arithmetic).
+
+    ``query``: ``(B, Hq, D)``, ``Hq`` a multiple of the cache's heads; ``mask``: additive ``(B, T)``
+    or ``None``. Returns ``(B, Hq, D)`` in ``query``'s dtype. Both parts must be
+    :meth:`KVParts.fusable`; values must be quantized per token.
+    """
+    from .kernels.kv_attention import kv_attend
+
+    if not (keys.fusable() and values.fusable()):
+        raise ValueError("decode_attention needs int 2/4/8-bit histories on the CPU with the compiled kernels")
+    if values.history is not None and values.history.axis != "token":
+        raise ValueError("decode_attention: values must be quantized per token")
+    q_history = key_rotation(query.shape[-1])(query.float()) if keys.rotated and keys.history is not None else None
+    out = kv_attend(query, (keys.sink, _segment(keys.history), keys.window),
+                    (values.sink, _segment(values.history), values.window), scaling, mask, q_history)
+    return out.to(query.dtype)
+
+
+def decode_attention_reference(
+    query: torch.Tensor, keys: KVParts, values: KVParts, scaling: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`decode_attention` in float64 from the dequantized parts (the tests' reference)."""
+    k = keys.dense(torch.float64)
+    v = values.dense(torch.float64)
+    rep = query.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", query.double(), k) * scaling
+    if mask is not None:
+        scores = scores + mask.double()[:, None, :]
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(dim=-1), v).to(query.dtype)

@@ -47,6 +47,7 @@ _LAZY = {
     "CheckpointMismatchError": ".checkpoint",
     "QuantizedKVCache": ".kv_cache",
     "QuantizedKVLayer": ".kv_cache",
+    "LazyKV": ".kv_cache",
     "enable_kv_cache": ".kv_cache",
     "disable_kv_cache": ".kv_cache",
     "kv_fake_quant": ".kv_cache",
@@ -56,7 +57,15 @@ _LAZY = {
 if TYPE_CHECKING:
     from .checkpoint import CheckpointMismatchError
     from .config import PiecewiseHfConfig, PiecewiseMethod, as_core_config
-    from .kv_cache import QuantizedKVCache, QuantizedKVLayer, cache_bytes, disable_kv_cache, enable_kv_cache, kv_fake_quant
+    from .kv_cache import (
+        LazyKV,
+        QuantizedKVCache,
+        QuantizedKVLayer,
+        cache_bytes,
+        disable_kv_cache,
+        enable_kv_cache,
+        kv_fake_quant,
+    )
     from .quantizer import PiecewiseHfQuantizer
 
 _REGISTRY = HostRegistry(

@@ -5,8 +5,14 @@
   tokens are waiting (per-channel keys), values one token at a time as they leave the residual
   window; the first ``sink_tokens`` and the last ``residual_length`` tokens stay in full precision,
   and history is never re-quantized. Attention always sees what the cache stores, so with
-  ``residual_length=0`` and per-token keys it equals :func:`kv_fake_quant` exactly. Sliding-window
+  ``residual_length=0`` and per-token keys it stores exactly what :func:`kv_fake_quant` computes
+  (decode steps then agree with it to float32 rounding). Sliding-window
   layers keep transformers' own (bounded, full-precision) sliding layer.
+* Decoding (one new token) never dequantizes the history: the cache hands attention lazy K/V
+  tensors, and transformers' ``"sdpa"`` attention (wrapped once, the first time a quantized cache
+  is made) runs :func:`piecewise_quant.kv.decode_attention` on the codes. Any other consumer of
+  those tensors (eager attention, a custom model) gets them dequantized on first use, so results
+  never depend on which attention runs.
 * :func:`enable_kv_cache` makes plain ``model.generate()`` use it (the transformers quantizer calls
   it for checkpoints whose ``quantization_config`` declares ``kv_cache``).
 * :func:`kv_fake_quant` reproduces QLLM-Eval's protocol: every new post-RoPE K/V is quantized
@@ -18,26 +24,138 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import types
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, DynamicLayer
 
 from piecewise_quant.args import KVArgs
-from piecewise_quant.kv import KVQTensor, cat, dequantize_kv, fake_quantize_kv, quantize_kv, storage_bytes
+from piecewise_quant.kv import (
+    KVParts,
+    KVQTensor,
+    cat,
+    decode_attention,
+    fake_quantize_kv,
+    key_rotation,
+    quantize_kv,
+    storage_bytes,
+)
 
 FakeQuantizer = Callable[[torch.Tensor, KVArgs, str], torch.Tensor]
 
-__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "enable_kv_cache", "disable_kv_cache", "kv_fake_quant", "cache_bytes"]
+__all__ = [
+    "QuantizedKVCache",
+    "QuantizedKVLayer",
+    "LazyKV",
+    "enable_kv_cache",
+    "disable_kv_cache",
+    "kv_fake_quant",
+    "cache_bytes",
+]
 
 
 def _key_rotation(keys: torch.Tensor):
     """R3: the randomized Hadamard rotation of one head's keys (seed 0)."""
-    from piecewise_quant.kernels.hadamard import get_rotation
+    return key_rotation(keys.shape[-1])
 
-    return get_rotation(keys.shape[-1], 0, "R3")
+
+def _fused_enabled() -> bool:
+    return os.environ.get("PIECEWISE_QUANT_KV_FUSED", "1") != "0"
+
+
+class LazyKV(torch.Tensor):
+    """The K or V tensor a :class:`QuantizedKVLayer` returns while decoding: its shape, dtype and
+    device are those of the dense tensor, but it holds the layer's :class:`~piecewise_quant.kv.KVParts`
+    (packed history included). The wrapped ``"sdpa"`` attention reads the parts directly; any other
+    torch operation on it dequantizes it first (once), so every consumer sees the same values."""
+
+    parts: KVParts
+
+    @staticmethod
+    def __new__(cls, parts: KVParts, dtype: torch.dtype) -> "LazyKV":
+        b, h, _, d = parts.window.shape
+        shape = (b, h, parts.tokens, d)
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=parts.window.device)
+        self.parts = parts
+        self._dense = None
+        return self
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def dense(self) -> torch.Tensor:
+        """The dequantized ``(B, H, T, D)`` tensor (computed once)."""
+        if self._dense is None:
+            self._dense = self.parts.dense(self.dtype)
+        return self._dense
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.dense() if isinstance(t, LazyKV) else t  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+    def __repr__(self) -> str:
+        return f"LazyKV(shape={tuple(self.shape)}, dtype={self.dtype}, tokens={self.parts.tokens})"
+
+
+_UNFUSABLE_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "sinks")
+
+
+def _decode_mask(mask: torch.Tensor | None, b: int, t: int) -> tuple[bool, torch.Tensor | None]:
+    """(ok, additive (B, T) float mask) from the mask transformers hands SDPA for one query token."""
+    if mask is None:
+        return True, None
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != t or mask.shape[0] not in (1, b):
+        return False, None
+    m = mask[:, 0, 0, :].expand(b, t)
+    if m.dtype == torch.bool:
+        return True, torch.zeros(b, t).masked_fill_(~m, float("-inf"))
+    return True, m.float()
+
+
+def _fused_sdpa(module: nn.Module, query: torch.Tensor, key: LazyKV, value: LazyKV, attention_mask: Any,
+                dropout: float, scaling: float | None, kwargs: dict) -> torch.Tensor | None:
+    """The decode step from the codes, or ``None`` when this call needs the dense path."""
+    b, hq, q_len, d = query.shape
+    if (
+        q_len != 1
+        or (dropout and module.training)
+        or kwargs.get("output_attentions")
+        or any(kwargs.get(k) is not None for k in _UNFUSABLE_KWARGS)
+        or hq % key.shape[1]
+        or key.shape[0] != b
+    ):
+        return None
+    ok, mask = _decode_mask(attention_mask, b, key.shape[2])
+    if not ok:
+        return None
+    out = decode_attention(query[:, :, 0], key.parts, value.parts, d**-0.5 if scaling is None else scaling, mask)
+    return out.unsqueeze(1)  # (B, 1, Hq, D): what transformers' sdpa_attention_forward returns
+
+
+def _install_sdpa_wrapper() -> None:
+    """Route transformers' global ``"sdpa"`` attention through :func:`_fused_sdpa` for
+    :class:`LazyKV` inputs; every other call goes to the original function unchanged."""
+    from transformers.modeling_utils import AttentionInterface
+
+    current = AttentionInterface._global_mapping.get("sdpa")
+    if current is None or getattr(current, "_piecewise_quant_kv", False):
+        return
+
+    @functools.wraps(current)
+    def sdpa_with_quantized_kv(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if isinstance(key, LazyKV) and isinstance(value, LazyKV):
+            out = _fused_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            if out is not None:
+                return out, None
+            key, value = key.dense(), value.dense()
+        return current(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    sdpa_with_quantized_kv._piecewise_quant_kv = True
+    AttentionInterface.register("sdpa", sdpa_with_quantized_kv)
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -76,7 +194,21 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self._flush()
-        return self._stored("key"), self._stored("value")
+        keys, values = self.parts("key"), self.parts("value")
+        quantized = keys.history is not None or values.history is not None
+        if quantized and key_states.shape[-2] == 1 and self._fusable(keys, values, key_states):
+            _install_sdpa_wrapper()
+            return LazyKV(keys, self.dtype), LazyKV(values, self.dtype)
+        return keys.dense(self.dtype), values.dense(self.dtype)
+
+    def _fusable(self, keys: KVParts, values: KVParts, key_states: torch.Tensor) -> bool:
+        return (
+            _fused_enabled()
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and key_states.requires_grad)
+            and keys.fusable()
+            and values.fusable()
+        )
 
     def _flush(self) -> None:
         """Quantize what left the residual window: whole key blocks, single values."""
@@ -100,20 +232,15 @@ class QuantizedKVLayer(DynamicLayer):
                 self.qvalues = q if self.qvalues is None else cat([self.qvalues, q])
                 self.values = rest
 
+    def parts(self, which: str) -> KVParts:
+        """A snapshot of what this layer stores for ``"key"`` or ``"value"``, in token order."""
+        if which == "key":
+            return KVParts(self.sink_keys, self.qkeys, self.keys, self.args.key_rotation)
+        return KVParts(self.sink_values, self.qvalues, self.values)
+
     def _stored(self, which: str) -> torch.Tensor:
         """What attention sees: sinks, the dequantized history and the window, in token order."""
-        sink, q, fp = (
-            (self.sink_keys, self.qkeys, self.keys) if which == "key" else (self.sink_values, self.qvalues, self.values)
-        )
-        history = None
-        if q is not None:
-            history = dequantize_kv(q, self.dtype)
-            if which == "key" and self.args.key_rotation:
-                history = _key_rotation(history)(history, inverse=True)
-        parts = [t for t in (sink, history, fp) if t is not None and t.shape[-2]]
-        if not parts:
-            return fp
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return self.parts(which).dense(self.dtype)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length if self.is_initialized else 0

@@ -1627,6 +1627,467 @@ static PyObject *py_hadamard(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------- */
+/* decode attention over a quantized KV cache (integrations/transformers/kv_cache.py)           */
+
+/* One packed K or V history segment (quant_core/kv.py's KVQTensor): codes packed along head_dim,
+ * low bits first (bits 2, 4 or 8); float16 scale and zero point (zero NULL: symmetric, codes offset
+ * by 2^(bits-1)). axis 0 (token): scale [B][H][n][D/G]; axis 1 (channel): scale [B][H][n/G][D]. */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scale, *zero;
+    int64_t n, G;
+    int bits, axis;
+} kvq_t;
+
+typedef struct {
+    const float *q, *qh, *mask;
+    float *out;
+    int64_t B, Hq, Hkv, D, T, S, Rk, Rv;
+    float scaling;
+    const float *ks, *kr, *vs, *vr;
+    kvq_t kq, vq;
+} kvjob_t;
+
+INLINE void kv_unpack_row(const uint8_t *p, int bits, int64_t D, float *out) {
+    if (bits == 8) {
+        for (int64_t c = 0; c < D; c++) out[c] = (float)p[c];
+    } else if (bits == 4) {
+        for (int64_t j = 0; j < D / 2; j++) {
+            out[2 * j] = (float)(p[j] & 15);
+            out[2 * j + 1] = (float)(p[j] >> 4);
+        }
+    } else {
+        for (int64_t j = 0; j < D / 4; j++) {
+            uint8_t b = p[j];
+            out[4 * j] = (float)(b & 3);
+            out[4 * j + 1] = (float)((b >> 2) & 3);
+            out[4 * j + 2] = (float)((b >> 4) & 3);
+            out[4 * j + 3] = (float)(b >> 6);
+        }
+    }
+}
+
+INLINE float kv_dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (; i < n; i++) s += a[i] * b[i];
+    return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+
+/* AVX-512 primitives (D a multiple of 32 for unpacking, 16 for the rest); the generic versions above
+ * serve other shapes and CPUs */
+AVX512 static inline void kv_unpack512(const uint8_t *p, int bits, int64_t D, float *out) {
+    if (bits == 8) {
+        for (int64_t c = 0; c < D; c += 16)
+            _mm512_storeu_ps(out + c, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c)))));
+    } else if (bits == 4) {
+        for (int64_t j = 0; j < D / 2; j += 16) {
+            __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + j)));
+            __m256i lo = _mm256_and_si256(w, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(w, 4);
+            __m256i in = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 8));
+            _mm512_storeu_ps(out + 2 * j, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(in))));
+            _mm512_storeu_ps(out + 2 * j + 16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(in, 1))));
+        }
+    } else {
+        for (int64_t j = 0; j < D / 4; j += 16) {
+            __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));
+            __m512i m3 = _mm512_set1_epi32(3);
+            __m512i in = _mm512_or_si512(
+                _mm512_or_si512(_mm512_and_si512(w, m3), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w, 2), m3), 8)),
+                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w, 4), m3), 16),
+                                _mm512_slli_epi32(_mm512_srli_epi32(w, 6), 24)));
+            for (int k = 0; k < 4; k++) {
+                __m128i part = k == 0 ? _mm512_extracti32x4_epi32(in, 0) : k == 1 ? _mm512_extracti32x4_epi32(in, 1)
+                             : k == 2 ? _mm512_extracti32x4_epi32(in, 2) : _mm512_extracti32x4_epi32(in, 3);
+                _mm512_storeu_ps(out + 4 * j + 16 * k, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)));
+            }
+        }
+    }
+}
+
+AVX512 static inline float kv_dot512(const float *a, const float *b, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i < n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* y += a * x + z over n (a multiple of 16) */
+AVX512 static inline void kv_axpyz512(float *y, const float *x, float a, float z, int64_t n) {
+    __m512 va = _mm512_set1_ps(a), vz = _mm512_set1_ps(z);
+    for (int64_t c = 0; c < n; c += 16)
+        _mm512_storeu_ps(y + c, _mm512_add_ps(_mm512_fmadd_ps(va, _mm512_loadu_ps(x + c), _mm512_loadu_ps(y + c)), vz));
+}
+
+AVX512 static inline void kv_h2f512(const uint16_t *h, float *out, int64_t n) {
+    for (int64_t c = 0; c < n; c += 16)
+        _mm512_storeu_ps(out + c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + c))));
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum); below -87, 0 */
+AVX512 static inline __m512 kv_exp512(__m512 x) {
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(y, n));
+}
+
+/* p = softmax(sc * scaling + mask) in place, T values; returns 0 for a fully masked row */
+AVX512 static inline void kv_softmax512(float *sc, const float *mask, int64_t T, float scaling) {
+    __m512 vs = _mm512_set1_ps(scaling), vm = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sc + t), vs);
+        if (mask) v = _mm512_add_ps(v, _mm512_loadu_ps(mask + t));
+        _mm512_storeu_ps(sc + t, v);
+        vm = _mm512_max_ps(vm, v);
+    }
+    float m = _mm512_reduce_max_ps(vm);
+    for (; t < T; t++) {
+        float v = sc[t] * scaling + (mask ? mask[t] : 0.0f);
+        sc[t] = v;
+        if (v > m) m = v;
+    }
+    if (m == -INFINITY) {
+        for (t = 0; t < T; t++) sc[t] = NAN;
+        return;
+    }
+    __m512 vmax = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
+    float sum = 0;
+    for (t = 0; t + 16 <= T; t += 16) {
+        __m512 e = kv_exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmax));
+        _mm512_storeu_ps(sc + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    for (; t < T; t++) {
+        float e = expf(sc[t] - m);
+        sc[t] = e;
+        sum += e;
+    }
+    sum += _mm512_reduce_add_ps(vsum);
+    __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (t = 0; t + 16 <= T; t += 16) _mm512_storeu_ps(sc + t, _mm512_mul_ps(_mm512_loadu_ps(sc + t), inv));
+    for (; t < T; t++) sc[t] *= 1.0f / sum;
+}
+
+/* V512: the AVX-512 primitives serve this call (isa 2); unpacking reads 16 bytes at a time */
+#define KV_UNPACK(p, bits, D, out) \
+    (V512 && (D) % (128 / (bits)) == 0 ? kv_unpack512(p, bits, D, out) : kv_unpack_row(p, bits, D, out))
+#define KV_DOT(a, b, n) (V512 && (n) % 16 == 0 ? kv_dot512(a, b, n) : kv_dot(a, b, n))
+
+/* scores[r][t] for the n_rep query heads of kv head (b, h); sc holds n_rep rows of T */
+INLINE void kv_scores(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, float *sc, float *buf, float *qs, int isa) {
+    const int64_t D = J->D, T = J->T;
+    const int V512 = isa == 2;
+    const float *q0 = J->q + (b * J->Hq + h * nrep) * D, *qh0 = J->qh + (b * J->Hq + h * nrep) * D;
+    int64_t t = 0;
+    const float *ks = J->ks + (b * J->Hkv + h) * J->S * D;
+    for (int64_t i = 0; i < J->S; i++, t++)
+        for (int64_t r = 0; r < nrep; r++) sc[r * T + t] = KV_DOT(q0 + r * D, ks + i * D, D);
+    const kvq_t *K = &J->kq;
+    if (K->n) {
+        int64_t rowb = D * K->bits / 8, bh = b * J->Hkv + h;
+        const uint8_t *codes = K->codes + bh * K->n * rowb;
+        float off = K->zero ? 0.0f : (float)(1 << (K->bits - 1));
+        if (K->axis == 1) {
+            int64_t nb = K->n / K->G;
+            const uint16_t *s16 = K->scale + bh * nb * D, *z16 = K->zero ? K->zero + bh * nb * D : NULL;
+            float *sv = qs + nrep * D, *zv = sv + D; /* one block's scales and zero points */
+            for (int64_t k = 0; k < nb; k++) {
+                float bias[64];
+                if (V512 && D % 16 == 0) {
+                    kv_h2f512(s16 + k * D, sv, D);
+                    if (z16) kv_h2f512(z16 + k * D, zv, D);
+                } else {
+                    for (int64_t c = 0; c < D; c++) {
+                        sv[c] = half_to_float(s16[k * D + c]);
+                        if (z16) zv[c] = half_to_float(z16[k * D + c]);
+                    }
+                }
+                for (int64_t r = 0; r < nrep; r++) {
+                    const float *qr = qh0 + r * D;
+                    float *qsr = qs + r * D;
+                    for (int64_t c = 0; c < D; c++) qsr[c] = qr[c] * sv[c];
+                    if (z16) bias[r] = KV_DOT(qr, zv, D);
+                    else {
+                        float sum = 0;
+                        for (int64_t c = 0; c < D; c++) sum += qsr[c];
+                        bias[r] = -off * sum;
+                    }
+                }
+                for (int64_t i = 0; i < K->G; i++, t++) {
+                    KV_UNPACK(codes + (k * K->G + i) * rowb, K->bits, D, buf);
+                    for (int64_t r = 0; r < nrep; r++) sc[r * T + t] = KV_DOT(buf, qs + r * D, D) + bias[r];
+                }
+            }
+        } else {
+            int64_t ng = D / K->G;
+            const uint16_t *s16 = K->scale + bh * K->n * ng, *z16 = K->zero ? K->zero + bh * K->n * ng : NULL;
+            float *qsum = qs; /* per rep and group: the sum of the query over the group */
+            for (int64_t r = 0; r < nrep; r++)
+                for (int64_t g = 0; g < ng; g++) {
+                    float acc = 0;
+                    for (int64_t c = g * K->G; c < (g + 1) * K->G; c++) acc += qh0[r * D + c];
+                    qsum[r * ng + g] = acc;
+                }
+            for (int64_t i = 0; i < K->n; i++, t++) {
+                KV_UNPACK(codes + i * rowb, K->bits, D, buf);
+                for (int64_t r = 0; r < nrep; r++) {
+                    const float *qr = qh0 + r * D;
+                    float acc = 0;
+                    for (int64_t g = 0; g < ng; g++) {
+                        float s_ = half_to_float(s16[i * ng + g]);
+                        float z_ = z16 ? half_to_float(z16[i * ng + g]) : -off * s_;
+                        acc += s_ * KV_DOT(buf + g * K->G, qr + g * K->G, K->G) + z_ * qsum[r * ng + g];
+                    }
+                    sc[r * T + t] = acc;
+                }
+            }
+        }
+    }
+    const float *kr = J->kr + (b * J->Hkv + h) * J->Rk * D;
+    for (int64_t i = 0; i < J->Rk; i++, t++)
+        for (int64_t r = 0; r < nrep; r++) sc[r * T + t] = KV_DOT(q0 + r * D, kr + i * D, D);
+}
+
+INLINE void kv_axpyz(float *y, const float *x, float a, float z, int64_t n) {
+    for (int64_t c = 0; c < n; c++) y[c] += a * x[c] + z;
+}
+
+#define KV_AXPYZ(y, x, a, z, n) (V512 && (n) % 16 == 0 ? kv_axpyz512(y, x, a, z, n) : kv_axpyz(y, x, a, z, n))
+
+/* out[r] = sum_t p[r][t] v[t] over the n_rep heads of kv head (b, h) */
+INLINE void kv_values(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, const float *p, float *buf, float *acc, int isa) {
+    const int64_t D = J->D, T = J->T;
+    const int V512 = isa == 2;
+    memset(acc, 0, (size_t)(nrep * D) * 4);
+    int64_t t = 0;
+    const float *vs = J->vs + (b * J->Hkv + h) * J->S * D;
+    for (int64_t i = 0; i < J->S; i++, t++)
+        for (int64_t r = 0; r < nrep; r++) KV_AXPYZ(acc + r * D, vs + i * D, p[r * T + t], 0.0f, D);
+    const kvq_t *V = &J->vq;
+    if (V->n) {
+        int64_t rowb = D * V->bits / 8, bh = b * J->Hkv + h, ng = D / V->G;
+        const uint8_t *codes = V->codes + bh * V->n * rowb;
+        const uint16_t *s16 = V->scale + bh * V->n * ng, *z16 = V->zero ? V->zero + bh * V->n * ng : NULL;
+        float off = V->zero ? 0.0f : (float)(1 << (V->bits - 1));
+        for (int64_t i = 0; i < V->n; i++, t++) {
+            KV_UNPACK(codes + i * rowb, V->bits, D, buf);
+            for (int64_t g = 0; g < ng; g++) {
+                float s_ = half_to_float(s16[i * ng + g]);
+                float z_ = z16 ? half_to_float(z16[i * ng + g]) : -off * s_;
+                for (int64_t r = 0; r < nrep; r++) {
+                    float w = p[r * T + t];
+                    KV_AXPYZ(acc + r * D + g * V->G, buf + g * V->G, w * s_, w * z_, V->G);
+                }
+            }
+        }
+    }
+    const float *vr = J->vr + (b * J->Hkv + h) * J->Rv * D;
+    for (int64_t i = 0; i < J->Rv; i++, t++)
+        for (int64_t r = 0; r < nrep; r++) KV_AXPYZ(acc + r * D, vr + i * D, p[r * T + t], 0.0f, D);
+}
+
+INLINE void kv_softmax(float *sc, const float *mask, int64_t T, float scaling) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < T; t++) {
+        float v = sc[t] * scaling + (mask ? mask[t] : 0.0f);
+        sc[t] = v;
+        if (v > m) m = v;
+    }
+    if (m == -INFINITY) {
+        for (int64_t t = 0; t < T; t++) sc[t] = NAN; /* a fully masked row: what SDPA's math path gives */
+        return;
+    }
+    float sum = 0;
+    for (int64_t t = 0; t < T; t++) {
+        float e = expf(sc[t] - m);
+        sc[t] = e;
+        sum += e;
+    }
+    float inv = 1.0f / sum;
+    for (int64_t t = 0; t < T; t++) sc[t] *= inv;
+}
+
+#define KV_TASK_BODY(ISA)                                                                            \
+    const kvjob_t *J = ctx;                                                                          \
+    int64_t nrep = J->Hq / J->Hkv, pairs = J->B * J->Hkv;                                            \
+    float *sc = scratch(1, (size_t)(nrep * J->T + J->D * (4 + 2 * nrep) + 64) * 4);                       \
+    if (!sc) return;                                                                                 \
+    float *buf = sc + nrep * J->T, *acc = buf + J->D, *qs = acc + J->D * nrep;                       \
+    for (int64_t bh = part; bh < pairs; bh += nparts) {                                              \
+        int64_t b = bh / J->Hkv, h = bh % J->Hkv;                                                    \
+        const float *mrow = J->mask ? J->mask + b * J->T : NULL;                                     \
+        kv_scores(J, b, h, nrep, sc, buf, qs, ISA);                                                  \
+        for (int64_t r = 0; r < nrep; r++) {                                                         \
+            if (ISA == 2) kv_softmax512(sc + r * J->T, mrow, J->T, J->scaling);                       \
+            else kv_softmax(sc + r * J->T, mrow, J->T, J->scaling);                                  \
+        }                                                                                            \
+        kv_values(J, b, h, nrep, sc, buf, acc, ISA);                                                 \
+        memcpy(J->out + (b * J->Hq + h * nrep) * J->D, acc, (size_t)(nrep * J->D) * 4);              \
+    }
+
+AVX512 static void kv_task512(void *ctx, int part, int nparts) { KV_TASK_BODY(2) }
+AVX2 static void kv_task256(void *ctx, int part, int nparts) { KV_TASK_BODY(1) }
+static void kv_task_base(void *ctx, int part, int nparts) { KV_TASK_BODY(0) }
+
+static int kv_parse_q(PyObject *t, kvq_t *K, int64_t B, int64_t H, int64_t D) {
+    unsigned long long c, s, z;
+    long long n, G;
+    int bits, axis;
+    if (!PyArg_ParseTuple(t, "KKKLLii", &c, &s, &z, &n, &G, &bits, &axis)) return 0;
+    if (n < 0 || (n && (!c || !s || G < 1 || (bits != 2 && bits != 4 && bits != 8) || (axis != 0 && axis != 1) ||
+                        (axis == 0 && D % G) || (axis == 1 && n % G) || (D * bits) % 8))) {
+        PyErr_SetString(PyExc_ValueError, "kv_attend: bad quantized segment (bits 2/4/8, axis 0/1, G must divide)");
+        return 0;
+    }
+    *K = (kvq_t){(const uint8_t *)(uintptr_t)c, (const uint16_t *)(uintptr_t)s, (const uint16_t *)(uintptr_t)z, n, G, bits, axis};
+    return 1;
+}
+
+/* kv_attend(q, qh, mask, out, B, Hq, Hkv, D, scaling, ks, S, kq, kr, Rk, vs, vq, vr, Rv, nthreads):
+ * decode attention of one query token per head. q/qh/out float32 [B][Hq][D] (qh: the query for the
+ * quantized key history, q rotated when the history holds rotated keys); mask float32 [B][T] or 0;
+ * ks/vs sinks and kr/vr residual windows float32 [B][Hkv][n][D]; kq/vq: (codes, scale, zero, n, G,
+ * bits, axis). T = S + kq.n + Rk = S + vq.n + Rv. */
+static PyObject *py_kv_attend(PyObject *self, PyObject *args) {
+    unsigned long long q, qh, mask, out, ks, kr, vs, vr;
+    long long B, Hq, Hkv, D, S, Rk, Rv;
+    double scaling;
+    int nthreads;
+    PyObject *kqo, *vqo;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLdKLOKLKOKLi", &q, &qh, &mask, &out, &B, &Hq, &Hkv, &D, &scaling, &ks, &S,
+                          &kqo, &kr, &Rk, &vs, &vqo, &vr, &Rv, &nthreads))
+        return NULL;
+    kvjob_t J = {0};
+    if (B < 1 || Hkv < 1 || Hq % Hkv || D < 1 || D > 4096 || Hq / Hkv > 64 || S < 0 || Rk < 0 || Rv < 0) {
+        PyErr_SetString(PyExc_ValueError, "kv_attend: bad shapes (Hq a multiple of Hkv, at most 64 query heads per kv head)");
+        return NULL;
+    }
+    if (!kv_parse_q(kqo, &J.kq, B, Hkv, D) || !kv_parse_q(vqo, &J.vq, B, Hkv, D)) return NULL;
+    if (J.vq.n && J.vq.axis != 0) {
+        PyErr_SetString(PyExc_ValueError, "kv_attend: values are quantized per token (axis 0)");
+        return NULL;
+    }
+    J.T = S + J.kq.n + Rk;
+    if (J.T != S + J.vq.n + Rv || J.T < 1) {
+        PyErr_SetString(PyExc_ValueError, "kv_attend: keys and values cover different token counts");
+        return NULL;
+    }
+    J.q = (const float *)(uintptr_t)q;
+    J.qh = (const float *)(uintptr_t)qh;
+    J.mask = (const float *)(uintptr_t)mask;
+    J.out = (float *)(uintptr_t)out;
+    J.B = B, J.Hq = Hq, J.Hkv = Hkv, J.D = D, J.S = S, J.Rk = Rk, J.Rv = Rv;
+    J.scaling = (float)scaling;
+    J.ks = (const float *)(uintptr_t)ks, J.kr = (const float *)(uintptr_t)kr;
+    J.vs = (const float *)(uintptr_t)vs, J.vr = (const float *)(uintptr_t)vr;
+    int64_t pairs = B * Hkv;
+    int nt = clamp_threads(nthreads, 2 * B * Hq * J.T * D);
+    if (nt > pairs) nt = (int)pairs;
+    task_fn fn = tier_limit() >= 2 ? kv_task512 : tier_limit() >= 1 ? kv_task256 : kv_task_base;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(fn, &J, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* kv_quantize(x, rows, D, G, bits, symmetric, codes, scale, zero) -> bool: quant_core/kv.py's
+ * quantize_kv on the token axis, bit for bit (float32 arithmetic in the same order, float16
+ * metadata rounded the same way). x float32 [rows][D]; codes uint8 [rows][D*bits/8]; scale/zero
+ * float16 [rows][D/G] (zero ignored when symmetric). False (nothing written) on NaN. */
+static int kv_quantize_rows(const float *x, int64_t rows, int64_t D, int64_t G, int bits, int sym, uint8_t *codes,
+                            uint16_t *scale, uint16_t *zero) {
+    const int per = 8 / bits;
+    const float qmax = sym ? (float)((1 << (bits - 1)) - 1) : (float)((1 << bits) - 1);
+    const float offset = (float)(1 << (bits - 1));
+    uint8_t c8[4096];
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        for (int64_t g0 = 0; g0 < D; g0 += G) {
+            float lo = xr[g0], hi = xr[g0];
+            for (int64_t c = g0; c < g0 + G; c++) {
+                float v = xr[c];
+                if (v != v) return 0;
+                if (sym) v = fabsf(v);
+                if (v < lo) lo = v;
+                if (v > hi) hi = v;
+            }
+            float zf = 0.0f, span;
+            if (sym) {
+                span = hi / qmax;
+            } else {
+                uint16_t zh = half_rne(lo);
+                zero[r * (D / G) + g0 / G] = zh;
+                zf = half_to_float(zh);
+                span = (hi - zf) / qmax;
+            }
+            if (!(span >= 1e-6f)) span = 1e-6f;
+            uint16_t sh = half_rne(span);
+            if (half_to_float(sh) < span) sh++; /* a rounded-down scale would clip the group's extreme */
+            scale[r * (D / G) + g0 / G] = sh;
+            float sf = half_to_float(sh);
+            for (int64_t c = g0; c < g0 + G; c++) {
+                float q;
+                if (sym) {
+                    q = __builtin_nearbyintf(xr[c] / sf);
+                    if (q < -qmax) q = -qmax;
+                    if (q > qmax) q = qmax;
+                    q += offset;
+                } else {
+                    q = __builtin_nearbyintf((xr[c] - zf) / sf);
+                    if (q < 0) q = 0;
+                    if (q > qmax) q = qmax;
+                }
+                c8[c] = (uint8_t)q;
+            }
+        }
+        uint8_t *cr = codes + r * (D * bits / 8);
+        for (int64_t j = 0; j < D / per; j++) {
+            uint8_t b = 0;
+            for (int k = 0; k < per; k++) b |= (uint8_t)(c8[j * per + k] << (k * bits));
+            cr[j] = b;
+        }
+    }
+    return 1;
+}
+
+static PyObject *py_kv_quantize(PyObject *self, PyObject *args) {
+    unsigned long long x, codes, scale, zero;
+    long long rows, D, G;
+    int bits, sym;
+    if (!PyArg_ParseTuple(args, "KLLLiiKKK", &x, &rows, &D, &G, &bits, &sym, &codes, &scale, &zero)) return NULL;
+    if (rows < 0 || D < 1 || D > 4096 || G < 1 || D % G || (bits != 2 && bits != 4 && bits != 8) || (D * bits) % 8 ||
+        (!sym && !zero)) {
+        PyErr_SetString(PyExc_ValueError, "kv_quantize: D <= 4096 a multiple of G, bits 2/4/8, a zero buffer when asymmetric");
+        return NULL;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = kv_quantize_rows((const float *)(uintptr_t)x, rows, D, G, bits, sym, (uint8_t *)(uintptr_t)codes,
+                          (uint16_t *)(uintptr_t)scale, (uint16_t *)(uintptr_t)zero);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"layer", py_layer, METH_VARARGS, "Describe a quantized layer (pointers stay owned by the caller)."},
     {"gemv", py_gemv, METH_VARARGS, "Fused dequantize + matrix-vector product for a few activation rows."},
@@ -1635,6 +2096,8 @@ static PyMethodDef methods[] = {
     {"set_spin_us", py_set_spin, METH_VARARGS, "How long idle worker threads spin before sleeping."},
     {"set_openmp", py_set_openmp, METH_VARARGS, "Run parallel work on torch's OpenMP team (GOMP entry points)."},
     {"hadamard", py_hadamard, METH_VARARGS, "Randomized Hadamard transform of float rows (kernels/hadamard.py)."},
+    {"kv_quantize", py_kv_quantize, METH_VARARGS, "Quantize K/V rows per token (quant_core/kv.py's quantize_kv, bit for bit)."},
+    {"kv_attend", py_kv_attend, METH_VARARGS, "Decode attention over a quantized KV cache (packed history, float window)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},
 };

@@ -200,3 +200,78 @@ def test_checkpoint_declaring_kv_scheme_uses_it_in_plain_generate(tiny, batch, t
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float",
                                                  quantization_config=pq.PiecewiseQuantConfig(bits=8, group_size=32))
     assert type(plain.generate(**batch, **GEN, return_dict_in_generate=True).past_key_values) is DynamicCache
+
+
+# ---- decoding from the codes (the fused decode attention) ------------------------------------------
+
+
+def _scored(model, batch, cache):
+    return model.generate(**batch, **GEN, past_key_values=cache, output_scores=True, return_dict_in_generate=True)
+
+
+def _scores_close(xs, ys, rel=1e-4):
+    for x, y in zip(xs, ys):
+        finite = torch.isfinite(y)
+        assert torch.equal(finite, torch.isfinite(x))  # the same suppressed tokens (min_new_tokens)
+        assert (x[finite] - y[finite]).abs().max() <= rel * y[finite].abs().max()
+
+
+@pytest.mark.parametrize("kv", [KIVI, EXACT, KVArgs(bits=8, group_size=8, residual_length=4, symmetric=True, key_rotation=True)],
+                         ids=["kivi2-sinks", "int4-token", "int8-sym-R3"])
+def test_decode_reads_the_codes_and_matches_the_dense_path(tiny, batch, kv, monkeypatch):
+    """GQA, left padding: the decode steps run the kernel (counted) and give the dense path's tokens
+    and scores (the dense path dequantizes the history and runs SDPA)."""
+    from piecewise_quant.integrations.transformers import kv_cache as kvc
+
+    calls = []
+    real = kvc.decode_attention
+    monkeypatch.setattr(kvc, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = _scored(tiny, batch, QuantizedKVCache(kv, tiny.config))
+    assert len(calls) >= 2 * (GEN["max_new_tokens"] - 4)  # both layers, once the history holds codes
+    monkeypatch.setenv("PIECEWISE_QUANT_KV_FUSED", "0")
+    n = len(calls)
+    dense = _scored(tiny, batch, QuantizedKVCache(kv, tiny.config))
+    assert len(calls) == n
+    assert torch.equal(fused.sequences, dense.sequences)
+    _scores_close(fused.scores, dense.scores)
+
+
+def test_lazy_kv_is_dequantized_for_any_other_consumer(tiny, batch, monkeypatch):
+    """Eager attention (no fused path) gets LazyKV tensors and computes exactly what it computes
+    from the dense ones: LazyKV dequantizes on first use."""
+    from piecewise_quant.integrations.transformers import LazyKV
+
+    eager = copy.deepcopy(tiny)
+    eager.set_attn_implementation("eager")
+    a = _scored(eager, batch, QuantizedKVCache(KIVI, tiny.config))
+    monkeypatch.setenv("PIECEWISE_QUANT_KV_FUSED", "0")
+    b = _scored(eager, batch, QuantizedKVCache(KIVI, tiny.config))
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    monkeypatch.delenv("PIECEWISE_QUANT_KV_FUSED")
+    k, v = _states(40)
+    layer = QuantizedKVLayer(KIVI)
+    dense_k, _ = layer.update(k, v)
+    lazy_k, lazy_v = layer.update(k[:, :, :1], v[:, :, :1])
+    assert isinstance(lazy_k, LazyKV) and lazy_k.shape == (3, 1, 41, 16)
+    again = QuantizedKVLayer(KIVI)
+    again.update(k, v)
+    with torch.enable_grad():
+        dense = again.update(k[:, :, :1].requires_grad_(), v[:, :, :1])[0]  # autograd: never lazy
+    assert not isinstance(dense, LazyKV)
+    assert torch.equal(lazy_k * 1, dense.detach()) and torch.equal(lazy_k[:, :, :40], dense_k)
+    assert torch.equal(torch.cat([lazy_v, lazy_v]), torch.cat([lazy_v.dense()] * 2))
+
+
+def test_sdpa_wrapper_leaves_other_calls_unchanged(tiny, batch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    QuantizedKVCache(KIVI, tiny.config).update(*_states(1), 0)  # one update installs the wrapper
+    wrapped = AttentionInterface._global_mapping["sdpa"]
+    assert wrapped is not sdpa_attention_forward and wrapped.__wrapped__ is sdpa_attention_forward
+    attn = tiny.model.layers[0].self_attn
+    q, k, v = torch.randn(2, 2, 5, 32), torch.randn(2, 1, 5, 32), torch.randn(2, 1, 5, 32)
+    got, _ = wrapped(attn, q, k, v, None, scaling=0.2)
+    ref, _ = sdpa_attention_forward(attn, q, k, v, None, scaling=0.2)
+    assert torch.equal(got, ref)
