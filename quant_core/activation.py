@@ -26,6 +26,7 @@ import torch
 
 from .args import ActArgs
 from .kernels.ops import NO_ACT, ActOperand, quantize_input
+from .token_mask import real_tokens
 
 __all__ = ["ActQuantizer", "ActObservation", "TimestepClock"]
 
@@ -131,7 +132,7 @@ class ActQuantizer:
         obs = self._obs
         clock = self.clock
         mag = x.detach().abs().to(torch.float32)
-        flat = mag.reshape(-1)
+        flat = real_tokens(mag).reshape(-1)
         k = self.args.topk
         vals = flat.topk(min(k + 1, flat.numel())).values if k > 0 else flat.amax().reshape(1)
         obs.per_timestep.setdefault(clock.value if clock is not None else None, []).append(vals)

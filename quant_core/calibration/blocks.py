@@ -19,7 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "BlockInputs", "capture_block_inputs", "run_block", "relative_error", "onload_block", "hidden_of"]
+from ..token_mask import token_mask
+
+__all__ = [
+    "find_blocks",
+    "BlockInputs",
+    "capture_block_inputs",
+    "run_block",
+    "relative_error",
+    "onload_block",
+    "hidden_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +83,21 @@ def hidden_of(out: Any) -> torch.Tensor:
 
 @dataclass
 class BlockInputs:
-    """Per batch: the hidden states and the other arguments of a block call."""
+    """Per batch: the hidden states and the other arguments of a block call, and which positions
+    are real tokens (``None``: all of them)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)  # positional arguments after the hidden states
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     hidden_in_kwargs: bool = False
+    token_mask: list[torch.Tensor | None] = field(default_factory=list)
 
     def call(self, block: nn.Module, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = self.hidden[i] if hidden is None else hidden
-        if self.hidden_in_kwargs:
-            return hidden_of(block(*self.args[i], **{**self.kwargs[i], "hidden_states": h}))
-        return hidden_of(block(h, *self.args[i], **self.kwargs[i]))
+        with token_mask(self.token_mask[i] if i < len(self.token_mask) else None):
+            if self.hidden_in_kwargs:
+                return hidden_of(block(*self.args[i], **{**self.kwargs[i], "hidden_states": h}))
+            return hidden_of(block(h, *self.args[i], **self.kwargs[i]))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.hidden)
@@ -124,12 +137,23 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
                 pass
             else:
                 raise ValueError(f"calibration batch {i} ran through the model without reaching its blocks")
+            inputs.token_mask.append(_padding_mask(batch.get("attention_mask"), inputs.hidden[-1]))
     finally:
         handle.remove()
     for i, h in enumerate(inputs.hidden):
         if h.is_floating_point() and not bool(torch.isfinite(h).all()):
             raise ValueError(f"calibration batch {i}: the hidden states entering the first block contain NaN or Inf")
     return inputs
+
+
+def _padding_mask(mask: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+    """A batch's 2-D 0/1 ``attention_mask`` as a boolean mask of real tokens, when it marks
+    padding and lines up with the block's hidden states; otherwise ``None``."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or hidden.dim() < 3:
+        return None
+    if tuple(mask.shape) != tuple(hidden.shape[:2]) or bool((mask != 0).all()):
+        return None
+    return (mask != 0).cpu()
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:

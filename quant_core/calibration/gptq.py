@@ -36,6 +36,7 @@ from .. import outliers
 from ..config import LayerSpec
 from ..formats.base import WeightFormat
 from ..formats.groups import group_view, importance_view
+from ..token_mask import real_tokens
 from .modifier import Modifier, check_bool, check_positive
 from .smoothing import trace_tensors
 
@@ -181,7 +182,7 @@ class HessianAccumulator:
             raise ValueError(
                 f"layer {self.name!r}: inputs have shape {tuple(x.shape)}, expected (..., {self.in_features})"
             )
-        x = x.detach().reshape(-1, self.in_features)
+        x = real_tokens(x.detach())  # rows; padding of a padded calibration batch dropped
         if x.shape[0] == 0:
             return
         if not bool(torch.isfinite(x).all()):

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import LayerSpec
 from ..formats.groups import group_view, importance_view
+from ..token_mask import real_tokens
 
 if TYPE_CHECKING:
     from ..config import CalibrationConfig, PiecewiseQuantConfig
@@ -66,7 +67,7 @@ def collect_stats(block: nn.Module, run: Callable[[list[torch.Tensor]], Any], hi
 
     def hook(rel: str):
         def fn(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = real_tokens(args[0].detach()).float()
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(
                     f"the activations entering layer {names[rel]!r} contain NaN or Inf; check the calibration "
