@@ -78,6 +78,11 @@ def _round_up_half(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     """Quantize ``x`` (``(B, H, T, D)``) along ``axis`` as ``args`` say."""
+    if args.static_scales:
+        raise ValueError(
+            "kv_cache.static_scales=True uses one calibrated scale per layer, not per-group scales; use "
+            "piecewise_quant.kv_static (static_kv_fake_quant, or plain generate() on the calibrated model)"
+        )
     g = args.group_size
     xg, red = _groups(x.float(), axis, g)
     if args.symmetric:
