@@ -39,7 +39,8 @@ SCALE_NAMES = ("k_scale", "v_scale")
 ROUNDINGS = ("nearest", "toward_zero")
 _HANDLES = "_piecewise_quant_static_kv_handles"
 
-KVFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+# (the attention module being run, new keys, new values) -> the keys and values to cache
+KVFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def _check_rounding(rounding: str) -> None:
@@ -106,12 +107,13 @@ class _KVTap:
     """Stands in for the cache an attention module receives: ``fn`` sees (and may replace) the new
     K/V, then they go to the real cache (or straight back, when the model runs without one)."""
 
-    def __init__(self, inner: Any, fn: KVFn) -> None:
+    def __init__(self, inner: Any, fn: KVFn, module: nn.Module) -> None:
         self._inner = inner
         self._fn = fn
+        self._module = module
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        k, v = self._fn(key_states, value_states)
+        k, v = self._fn(self._module, key_states, value_states)
         if self._inner is None:
             return k, v
         return self._inner.update(k, v, *args, **kwargs)
@@ -123,14 +125,15 @@ class _KVTap:
         return getattr(inner, name)
 
 
-def _tap(found: Iterable[tuple[str, nn.Module, str]], make_fn: Callable[[str, nn.Module], KVFn]) -> list[Any]:
-    """Install a tap on each module; returns the hook handles."""
+def _tap(found: Iterable[tuple[str, nn.Module, str]], make_fn: Callable[[str], KVFn]) -> list[Any]:
+    """Install a tap on each module (``make_fn(name)`` gives its function; the module it gets is the
+    one being run, so a deep copy of the model reads its own scales); returns the hook handles."""
     handles = []
     for name, module, kwarg in found:
-        fn = make_fn(name, module)
+        fn = make_fn(name)
 
-        def hook(_m: nn.Module, args: tuple, kwargs: dict, kwarg: str = kwarg, fn: KVFn = fn):
-            kwargs[kwarg] = _KVTap(kwargs.get(kwarg), fn)
+        def hook(m: nn.Module, args: tuple, kwargs: dict, kwarg: str = kwarg, fn: KVFn = fn):
+            kwargs[kwarg] = _KVTap(kwargs.get(kwarg), fn, m)
             return args, kwargs
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -146,8 +149,8 @@ def observe_kv_amax(found: list[tuple[str, nn.Module, str]]) -> Iterator[dict[st
     the cache) in the yielded dict: name -> float32 tensor ``[k_amax, v_amax]``."""
     amax = {name: torch.zeros(2) for name, _, _ in found}
 
-    def make(name: str, _module: nn.Module) -> KVFn:
-        def fn(k: torch.Tensor, v: torch.Tensor):
+    def make(name: str) -> KVFn:
+        def fn(_module: nn.Module, k: torch.Tensor, v: torch.Tensor):
             seen = torch.stack([k.detach().abs().amax().float().cpu(), v.detach().abs().amax().float().cpu()])
             if not bool(torch.isfinite(seen).all()):
                 raise ValueError(f"the keys or values of {name!r} contain NaN or Inf; check the calibration data and model")
@@ -223,9 +226,9 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable) -> dict[str, tuple[
 # ---- reproducing the served cache ----------------------------------------------------------------
 
 
-def _static_fn(rounding: str) -> Callable[[str, nn.Module], KVFn]:
-    def make(name: str, module: nn.Module) -> KVFn:
-        def fn(k: torch.Tensor, v: torch.Tensor):
+def _static_fn(rounding: str) -> Callable[[str], KVFn]:
+    def make(name: str) -> KVFn:
+        def fn(module: nn.Module, k: torch.Tensor, v: torch.Tensor):
             ks, vs = _scales_of(name, module)
             return fake_quantize_fp8_static(k, ks, rounding), fake_quantize_fp8_static(v, vs, rounding)
         return fn

@@ -182,3 +182,25 @@ def test_fake_quant_mode_uses_the_models_scales_and_refuses_a_model_without_them
     assert not torch.equal(near, plain) and not torch.equal(near, down)
     # FP8 with calibrated scales stays close to float on this model
     assert (near - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_plain_forward_of_a_deep_copy_uses_the_copys_own_scales():
+    import copy
+
+    from piecewise_quant.integrations.transformers import enable_kv_cache
+
+    model = tiny_llama()
+    calibrate_kv_scales(model, [ids(4, 32, seed=2)])
+    enable_kv_cache(model, STATIC)
+    twin = copy.deepcopy(model)
+    for _, m in twin.named_modules():
+        if hasattr(m, "k_scale"):  # not a power of two: FP8 is floating point, 2^n scales round alike
+            m.k_scale.mul_(3)
+            m.v_scale.mul_(3)
+    x = ids(1, 16, seed=4)
+    with torch.no_grad():
+        with static_kv_fake_quant(twin, "nearest"):
+            want = twin(x).logits
+        enable_kv_cache(twin, STATIC)  # re-enabling replaces the hooks, never stacks them
+        assert torch.equal(twin(x).logits, want)
+        assert not torch.equal(model(x).logits, want)
