@@ -330,6 +330,8 @@ def kv_fake_quant(
     if args.static_scales:  # the model's calibrated per-layer scales (piecewise_quant.kv_static)
         from piecewise_quant.kv_static import static_kv_fake_quant
 
+        if fake_quantize is not fake_quantize_kv:
+            raise ValueError("static KV scales are applied by piecewise_quant.kv_static; fake_quantize= does not apply to them")
         with static_kv_fake_quant(model):
             yield model
         return
