@@ -65,6 +65,7 @@ def _reference(vh, path, prompts, rounding):
         return vh.hf_reference(model, prompts)
 
 
+@pytest.mark.slow
 def test_static_fp8_kv_serves_like_transformers_fake_quant_with_the_same_scales(vh, kv_ckpts, kv_results):
     results, prompts = kv_results
     got = results["static"]
@@ -81,6 +82,7 @@ def test_static_fp8_kv_serves_like_transformers_fake_quant_with_the_same_scales(
         assert vh.max_logprob_diff(got["prompt_logprobs"], other["prompt_logprobs"]) > 10 * max(diff, 1e-6)
 
 
+@pytest.mark.slow
 def test_weight_only_checkpoint_gets_no_kv_method_and_keeps_vllms_own_kv_dtypes(vh, kv_results):
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
 
@@ -142,6 +144,7 @@ def test_kv_schemes_vllm_cannot_serve_are_refused_by_name():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_static_fp8_kv_on_cuda_matches_round_to_nearest(vh, kv_ckpts, tmp_path):
     """CUDA vLLM rounds to nearest when it writes FP8 codes: the same checkpoint, compared with
     the fake-quant mode's ``rounding="nearest"``."""
