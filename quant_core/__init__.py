@@ -52,6 +52,7 @@ _LAZY = {
     "PiecewiseQuantWarning": ".errors",
     "CheckpointMismatchError": ".errors",
     "KVArgs": ".args",
+    "calibrate_kv_scales": ".kv_static",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from .config import CalibrationConfig, PiecewiseQuantConfig, QuantSpec
     from .errors import CheckpointMismatchError, PiecewiseQuantWarning
     from .formats import TensorLayout, WeightFormat
+    from .kv_static import calibrate_kv_scales
     from .plugins import hookimpl
     from .qlinear import QuantLinear
     from .quantization import calibrate_activation_scales, plan_layers, quantize, quantized_layers

@@ -137,6 +137,22 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"kv_cache.{name} must be an integer >= {minimum}; got {value!r}")
 
 
+def _check_static(kv: "KVArgs") -> None:
+    """``static_scales=True`` is per-tensor FP8 over every token: refuse the fields it cannot honour."""
+    if not isinstance(kv.static_scales, bool):
+        raise ValueError(f"kv_cache.static_scales must be True or False; got {kv.static_scales!r}")
+    if not kv.static_scales:
+        return
+    need = {"format": "fp8", "residual_length": 0, "sink_tokens": 0, "key_rotation": False}
+    wrong = {k: getattr(kv, k) for k, v in need.items() if getattr(kv, k) != v}
+    if wrong:
+        raise ValueError(
+            f"kv_cache.static_scales=True is one FP8 E4M3 scale per layer for every cached token; it needs "
+            f"format='fp8', residual_length=0, sink_tokens=0 and no key rotation, got {wrong}; e.g. "
+            "KVArgs(bits=8, format='fp8', static_scales=True, residual_length=0)"
+        )
+
+
 @dataclass(frozen=True)
 class KVArgs:
     """How the KV cache (attention keys and values) is quantized.
@@ -160,6 +176,11 @@ class KVArgs:
             them and back after (QuaRot/SpinQuant's R3: the same attention scores as rotating
             queries and keys, and key outlier channels spread out). Set by ``rotation`` with
             ``"R3"``; the head size must have a Hadamard matrix (docs/rotation.md).
+        static_scales: ``True``: one FP8 E4M3 scale per attention layer for keys and one for
+            values (``k_scale``/``v_scale``, set by calibration, what vLLM's ``--kv-cache-dtype
+            fp8`` serves; :mod:`piecewise_quant.kv_static`); needs ``format="fp8"``,
+            ``residual_length=0`` and ``sink_tokens=0`` (``group_size`` and the axes are unused).
+            ``False`` (default): scales per group, computed as the cache is written.
     """
 
     bits: int = 4
@@ -172,8 +193,10 @@ class KVArgs:
     symmetric: bool | None = None
     grid: str = "uniform"
     key_rotation: bool = False
+    static_scales: bool = False
 
     def __post_init__(self) -> None:
+        _check_static(self)
         if not isinstance(self.key_rotation, bool):
             raise ValueError(f"kv_cache.key_rotation must be True or False; got {self.key_rotation!r}")
         if self.format not in KV_FORMATS:
@@ -214,7 +237,8 @@ class KVArgs:
         raise ValueError(f"kv_cache must be a KVArgs, a dict of its fields or None; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        # static_scales is written only when set: configs without it serialise (and hash) as before
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "static_scales" or self.static_scales}
 
     @property
     def qmax(self) -> float:
@@ -239,6 +263,8 @@ class KVArgs:
         name = "fp8" if self.format == "fp8" else f"int{self.bits}"
         sym = " sym" if self.symmetric and self.format == "int" else ""
         rot = " R3" if self.key_rotation else ""
+        if self.static_scales:
+            return "fp8 static per-tensor k_scale/v_scale"
         return f"{name}{sym} K/{self.key_axis} V/{self.value_axis} g{self.group_size} r{self.residual_length}{sink}{rot}"
 
 

@@ -106,6 +106,11 @@ def _quantize_tokens_c(x: torch.Tensor, args: KVArgs) -> KVQTensor | None:
 
 def quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     """Quantize ``x`` (``(B, H, T, D)``) along ``axis`` as ``args`` say."""
+    if args.static_scales:
+        raise ValueError(
+            "kv_cache.static_scales=True uses one calibrated scale per layer, not per-group scales; use "
+            "piecewise_quant.kv_static (static_kv_fake_quant, or plain generate() on the calibrated model)"
+        )
     if axis == "token" and not (x.requires_grad and torch.is_grad_enabled()):
         fast = _quantize_tokens_c(x, args)
         if fast is not None:

@@ -375,6 +375,10 @@ def enable_kv_cache(model: nn.Module, kv: KVArgs | Mapping[str, Any] | None = No
         if kv is None:
             raise ValueError("this model's piecewise-quant config declares no kv_cache; pass kv=KVArgs(...)")
     model.piecewise_quant_kv = KVArgs.coerce(dict(kv) if isinstance(kv, Mapping) else kv)
+    if model.piecewise_quant_kv.static_scales:  # one calibrated scale per layer (piecewise_quant.kv_static)
+        from piecewise_quant.kv_static import enable_static_kv
+
+        return enable_static_kv(model)
     # a bound method in the instance dict: deepcopy rebinds it to the copy
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_with_kv, model)
     return model
@@ -384,7 +388,9 @@ def disable_kv_cache(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_kv_cache`: ``generate()`` uses transformers' default cache again."""
     model.__dict__.pop("_prepare_cache_for_generation", None)
     model.__dict__.pop("piecewise_quant_kv", None)
-    return model
+    from piecewise_quant.kv_static import disable_static_kv
+
+    return disable_static_kv(model)
 
 
 # ---- fake-quant evaluation mode ------------------------------------------------------------------
@@ -448,6 +454,14 @@ def kv_fake_quant(
     another grid with the same protocol.
     """
     args = KVArgs.coerce(dict(kv) if isinstance(kv, Mapping) else kv)
+    if args.static_scales:  # the model's calibrated per-layer scales (piecewise_quant.kv_static)
+        from piecewise_quant.kv_static import static_kv_fake_quant
+
+        if fake_quantize is not fake_quantize_kv:
+            raise ValueError("static KV scales are applied by piecewise_quant.kv_static; fake_quantize= does not apply to them")
+        with static_kv_fake_quant(model):
+            yield model
+        return
     found = _attention_modules(model)
     if not found:
         raise ValueError(

@@ -176,6 +176,10 @@ class PiecewiseHfQuantizer(HfQuantizer):
             self._check_checkpoint_headers(model)
             self._capture_loading_info(model)
             swap_in_empty_layers(model, self.plan, pq.QuantLinear, dtype=dtype)
+            if self.core_config.kv_cache is not None and self.core_config.kv_cache.static_scales:
+                from piecewise_quant.kv_static import add_scale_buffers
+
+                add_scale_buffers(model)  # the checkpoint's k_scale/v_scale load into them
         model.piecewise_quant_config = self.core_config
         return model
 

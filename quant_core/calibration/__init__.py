@@ -22,6 +22,7 @@ _LAZY = {
     "GPTQ": ".gptq",
     "RefineBreakpoints": ".refine",
     "StaticActScales": ".static_act",
+    "StaticKVScales": ".kv_scales",
     "MixedPrecision": ".mixed_precision",
     "Algorithm": ".algorithm",
 }
@@ -31,6 +32,7 @@ __all__ = list(_LAZY)
 if TYPE_CHECKING:
     from .algorithm import Algorithm
     from .gptq import GPTQ
+    from .kv_scales import StaticKVScales
     from .let import LET
     from .lwc import LWC
     from .mixed_precision import MixedPrecision

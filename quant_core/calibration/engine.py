@@ -46,6 +46,7 @@ from ..rotation import rotated
 from .algorithm import LayerCalibration
 from .blocks import capture_block_inputs, find_blocks, onload_block, relative_error, run_block
 from .data import prepare_batches
+from .kv_scales import kv_scale_modifiers
 from .report import BlockReport, CalibrationReport, LayerReport
 from .state import BlockState, LayerRecord, RunState, collect_stats
 from .undo import ModelUndo
@@ -119,7 +120,8 @@ def _plan_run(model: nn.Module, config: PiecewiseQuantConfig, cal: CalibrationCo
             "found no nn.Linear layer to quantize (all were skipped by modules_to_not_convert, or the model has none)"
         )
     blocks_path, blocks = find_blocks(model, cal.blocks)
-    run = RunState(model, config, cal, cal.recipe, plan, blocks_path, blocks, CalibrationReport(blocks_path=blocks_path),
+    modifiers = cal.recipe + kv_scale_modifiers(config)  # static FP8 KV scales when config.kv_cache declares them
+    run = RunState(model, config, cal, modifiers, plan, blocks_path, blocks, CalibrationReport(blocks_path=blocks_path),
                    run_block, progress)
     for m in run.modifiers:
         m.setup(run)

@@ -70,9 +70,9 @@ def test_online_configs_that_need_calibration_are_refused(tmp_path):
 def test_a_kv_cache_scheme_is_refused_not_served_in_full_precision():
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
 
-    with pytest.raises(ValueError, match="quantized KV cache .* does not serve yet"):
+    with pytest.raises(ValueError, match="declares a int4 .* KV cache, which vLLM has no kernel for"):
         PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "bits": 4, "kv_bits": 4})
-    with pytest.raises(ValueError, match="quantized KV cache"):
+    with pytest.raises(ValueError, match="int8 .* KV cache, which vLLM has no kernel for"):
         PiecewiseVllmConfig.from_config_dict_json(json.dumps({"kv_cache": {"bits": 8}}))
 
 

@@ -3,7 +3,8 @@
     python vllm_runner.py jobs.json results.json
 
 Each job: ``{"model": dir, "quantization": "piecewise" | null, "dtype": "float32", "prompts":
-[[token ids], ...], "max_tokens": n, "hf_overrides": {...} | null, "tensor_parallel_size": 1}``.
+[[token ids], ...], "max_tokens": n, "hf_overrides": {...} | null, "tensor_parallel_size": 1,
+"kv_cache_dtype": "fp8" | null}``.
 Each result: ``{"tokens": [[ids], ...], "prompt_logprobs": [[float, ...], ...]}`` or
 ``{"error": "<type>: <message>"}`` when building the engine or generating failed.
 """
@@ -29,6 +30,8 @@ def run(job):
     )
     if job.get("hf_overrides") is not None:
         kwargs["hf_overrides"] = job["hf_overrides"]
+    if job.get("kv_cache_dtype") is not None:
+        kwargs["kv_cache_dtype"] = job["kv_cache_dtype"]
     llm = LLM(**kwargs)
     try:
         params = SamplingParams(max_tokens=job.get("max_tokens", 12), temperature=0.0, prompt_logprobs=0, ignore_eos=True)
