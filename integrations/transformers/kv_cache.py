@@ -10,7 +10,7 @@
   layers keep transformers' own (bounded, full-precision) sliding layer.
 * Decoding (one new token) never dequantizes the history: the cache hands attention lazy K/V
   tensors, and transformers' ``"sdpa"`` attention (wrapped once, the first time a quantized cache
-  is made) runs :func:`piecewise_quant.kv.decode_attention` on the codes. Any other consumer of
+  decodes) runs :func:`piecewise_quant.kv.decode_attention` on the codes. Any other consumer of
   those tensors (eager attention, a custom model) gets them dequantized on first use, so results
   never depend on which attention runs.
 * :func:`enable_kv_cache` makes plain ``model.generate()`` use it (the transformers quantizer calls
