@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 import types
 from typing import Any, Callable, Iterator, Mapping
@@ -44,6 +43,7 @@ from piecewise_quant.kv import (
     quantize_kv,
     storage_bytes,
 )
+from piecewise_quant.kv_static import _modules_or_raise, _tap, static_kv_fake_quant
 
 FakeQuantizer = Callable[[torch.Tensor, KVArgs, str], torch.Tensor]
 
@@ -396,52 +396,6 @@ def disable_kv_cache(model: nn.Module) -> nn.Module:
 # ---- fake-quant evaluation mode ------------------------------------------------------------------
 
 
-class _FakeQuantUpdate:
-    """Stands in for the cache an attention module receives: quantizes the new K/V, then hands
-    them to the real cache (or returns them, when the model runs without a cache)."""
-
-    def __init__(self, inner: Any, args: KVArgs, fn: FakeQuantizer) -> None:
-        self._inner = inner
-        self._args = args
-        self._fn = fn
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        a = self._args
-        if a.key_rotation:
-            rot = _key_rotation(key_states)
-            k = rot(self._fn(rot(key_states), a, a.key_axis), inverse=True)
-        else:
-            k = self._fn(key_states, a, a.key_axis)
-        v = self._fn(value_states, a, a.value_axis)
-        if self._inner is None:
-            return k, v
-        return self._inner.update(k, v, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("_inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-
-def _cache_kwarg(module: nn.Module) -> str | None:
-    params = inspect.signature(module.forward).parameters
-    for name in ("past_key_values", "past_key_value"):  # renamed in transformers#39956
-        if name in params:
-            return name
-    return None
-
-
-def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    found = []
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and "attention" in type(module).__name__.lower():
-            name = _cache_kwarg(module)
-            if name is not None:
-                found.append((module, name))
-    return found
-
-
 @contextlib.contextmanager
 def kv_fake_quant(
     model: nn.Module, kv: KVArgs | Mapping[str, Any], fake_quantize: FakeQuantizer = fake_quantize_kv
@@ -455,27 +409,22 @@ def kv_fake_quant(
     """
     args = KVArgs.coerce(dict(kv) if isinstance(kv, Mapping) else kv)
     if args.static_scales:  # the model's calibrated per-layer scales (piecewise_quant.kv_static)
-        from piecewise_quant.kv_static import static_kv_fake_quant
-
         if fake_quantize is not fake_quantize_kv:
             raise ValueError("static KV scales are applied by piecewise_quant.kv_static; fake_quantize= does not apply to them")
         with static_kv_fake_quant(model):
             yield model
         return
-    found = _attention_modules(model)
-    if not found:
-        raise ValueError(
-            "kv_fake_quant found no attention module (a module with layer_idx whose forward takes past_key_values)"
-        )
+    found = _modules_or_raise(model, "kv_fake_quant")
 
-    def hook_for(kwarg: str):
-        def hook(module: nn.Module, args_: tuple, kwargs: dict):
-            kwargs[kwarg] = _FakeQuantUpdate(kwargs.get(kwarg), args, fake_quantize)
-            return args_, kwargs
+    def quantize(_module: nn.Module, key_states: torch.Tensor, value_states: torch.Tensor):
+        if args.key_rotation:
+            rot = _key_rotation(key_states)
+            k = rot(fake_quantize(rot(key_states), args, args.key_axis), inverse=True)
+        else:
+            k = fake_quantize(key_states, args, args.key_axis)
+        return k, fake_quantize(value_states, args, args.value_axis)
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(kwarg), with_kwargs=True) for m, kwarg in found]
+    handles = _tap(found, lambda _name: quantize)
     try:
         yield model
     finally:
