@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .args import KVArgs
+from .kernels import kv_attention
+from .kernels.hadamard import get_rotation
 from .kernels.packing import pack_codes, unpack_codes
 
 __all__ = [
@@ -89,8 +91,6 @@ def _round_up_half(x: torch.Tensor) -> torch.Tensor:
 
 def _quantize_tokens_c(x: torch.Tensor, args: KVArgs) -> KVQTensor | None:
     """The token axis in C (bit for bit what the torch code below computes), or ``None``."""
-    from .kernels import kv_attention
-
     ext = kv_attention._ext()
     b, h, t, d = x.shape
     if ext is None or args.format != "int" or args.bits not in _FAST_BITS or not x.is_cpu or d % args.group_size or d > 4096:
@@ -225,8 +225,6 @@ def storage_bytes(tensors: list[torch.Tensor | None]) -> int:
 
 def key_rotation(head_dim: int):
     """R3: the randomized Hadamard rotation of one head's keys (seed 0)."""
-    from .kernels.hadamard import get_rotation
-
     return get_rotation(head_dim, 0, "R3")
 
 
@@ -262,8 +260,6 @@ class KVParts:
     def fusable(self) -> bool:
         """Whether :func:`decode_attention`'s kernel reads this history (int codes of 2, 4 or 8 bits
         on the CPU; fp8 and 3-bit codes are not)."""
-        from .kernels import kv_attention
-
         h = self.history
         return (
             kv_attention.available()
@@ -273,12 +269,10 @@ class KVParts:
 
 
 def _segment(h: KVQTensor | None):
-    from .kernels.kv_attention import PackedSegment
-
     if h is None:
         return None
     g = h.codes.shape[3] if h.axis == "channel" else h.head_dim // h.scale.shape[3]
-    return PackedSegment(h.codes, h.scale, h.zero, h.tokens, g, h.bits, h.axis)
+    return kv_attention.PackedSegment(h.codes, h.scale, h.zero, h.tokens, g, h.bits, h.axis)
 
 
 def decode_attention(
@@ -291,14 +285,12 @@ def decode_attention(
     or ``None``. Returns ``(B, Hq, D)`` in ``query``'s dtype. Both parts must be
     :meth:`KVParts.fusable`; values must be quantized per token.
     """
-    from .kernels.kv_attention import kv_attend
-
     if not (keys.fusable() and values.fusable()):
         raise ValueError("decode_attention needs int 2/4/8-bit histories on the CPU with the compiled kernels")
     if values.history is not None and values.history.axis != "token":
         raise ValueError("decode_attention: values must be quantized per token")
     q_history = key_rotation(query.shape[-1])(query.float()) if keys.rotated and keys.history is not None else None
-    out = kv_attend(query, (keys.sink, _segment(keys.history), keys.window),
+    out = kv_attention.kv_attend(query, (keys.sink, _segment(keys.history), keys.window),
                     (values.sink, _segment(values.history), values.window), scaling, mask, q_history)
     return out.to(query.dtype)
 
