@@ -46,6 +46,9 @@ SCHEMES = {
     "KIVI-2 G32 R128": KVArgs(bits=2, key_axis="channel", group_size=32, residual_length=128),
     "int4 per-token G64 R0": KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0),
     "int8 per-token G64 R0": KVArgs(bits=8, key_axis="token", group_size=64, residual_length=0),
+    # the piecewise grid: no fused kernel reads it, so it has one (dense) variant
+    "KIVI-4 piecewise G32 R128": KVArgs(bits=4, key_axis="channel", group_size=32, residual_length=128, grid="piecewise"),
+    "int4 piecewise per-token G64 R0": KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0, grid="piecewise"),
 }
 
 
@@ -85,7 +88,8 @@ def measure(model: Any, ctx: int, batch: int, new: int, repeats: int, schemes: l
     prompt = torch.randint(3, model.config.vocab_size, (batch, ctx), generator=g)
     variants: list[tuple[str, KVArgs | None, bool]] = [("float cache", None, False)]
     for name in schemes:
-        variants += [(name, SCHEMES[name], True), (f"{name}, dense", SCHEMES[name], False)]
+        kv = SCHEMES[name]
+        variants += [(name, kv, True)] if kv.grid == "piecewise" else [(name, kv, True), (f"{name}, dense", kv, False)]
     _generate_s(model, prompt[:, :64], None, False, 2)  # warm-up
     times: dict[str, list[float]] = {v[0]: [] for v in variants}
     for _ in range(repeats):

@@ -128,7 +128,7 @@ __all__ += ["KVArgs", "KV_BITS", "KV_AXES"]
 KV_BITS = (2, 3, 4, 8)
 KV_AXES = ("channel", "token")
 KV_FORMATS = ("int", "fp8")
-KV_GRIDS = ("uniform",)
+KV_GRIDS = ("uniform", "piecewise")
 KV_METADATA_BITS = 16  # scale (and zero point) per group, stored as float16
 
 
@@ -169,9 +169,11 @@ class KVArgs:
         sink_tokens: the first tokens kept in full precision ("attention sinks").
         symmetric: ``False`` (default for int): a zero point per group; ``True``: a signed scale
             only. fp8 is always symmetric.
-        grid: ``"uniform"``. (The project's piecewise grid was measured on K/V: lower error
-            and perplexity at 3-4 bits, worse at 2; not offered yet, it would run a breakpoint
-            search at every cache write; see docs/kv-cache.md.)
+        grid: ``"uniform"`` (default) or ``"piecewise"``: the project's weight grid (a dense
+            centre and sparse tails, one signed float16 scale and a breakpoint id per group,
+            chosen by the min-max breakpoint search at every write), int codes only. It has
+            the lower error at 3-4 bits on per-token groups; its writes cost more and decoding
+            from it runs the dense path, not the fused kernel (docs/kv-cache.md).
         key_rotation: rotate each head's keys by a randomized Hadamard matrix before quantizing
             them and back after (QuaRot/SpinQuant's R3: the same attention scores as rotating
             queries and keys, and key outlier channels spread out). Set by ``rotation`` with
@@ -218,9 +220,11 @@ class KVArgs:
         _check_count("residual_length", self.residual_length, 0)
         _check_count("sink_tokens", self.sink_tokens, 0)
         if self.grid not in KV_GRIDS:
+            raise ValueError(f"kv_cache.grid must be one of {KV_GRIDS}; got {self.grid!r}")
+        if self.grid == "piecewise" and (self.format != "int" or self.symmetric):
             raise ValueError(
-                f"kv_cache.grid must be 'uniform'; got {self.grid!r} (the piecewise grid is not offered for the KV "
-                "cache yet, see docs/kv-cache.md)"
+                "kv_cache.grid='piecewise' needs format='int' and symmetric=False/None: the grid stores a signed "
+                "scale and a breakpoint per group (no zero point), so symmetric does not apply to it"
             )
 
     @classmethod
@@ -250,6 +254,8 @@ class KVArgs:
 
     def bits_per_value(self, axis: str) -> float:
         """Stored bits per quantized value along ``axis`` (codes plus float16 scale and zero point)."""
+        if self.grid == "piecewise":  # float16 signed scale + one uint8 breakpoint id per group
+            return self.bits + (KV_METADATA_BITS + 8) / self.group_size
         meta = KV_METADATA_BITS * (1 if self.symmetric else 2)
         return self.bits + meta / self.group_size
 
@@ -260,7 +266,7 @@ class KVArgs:
     def describe(self) -> str:
         """``int4 K/channel V/token g32 r128``..."""
         sink = f" sink{self.sink_tokens}" if self.sink_tokens else ""
-        name = "fp8" if self.format == "fp8" else f"int{self.bits}"
+        name = "fp8" if self.format == "fp8" else f"int{self.bits}" + (" piecewise" if self.grid == "piecewise" else "")
         sym = " sym" if self.symmetric and self.format == "int" else ""
         rot = " R3" if self.key_rotation else ""
         if self.static_scales:

@@ -20,7 +20,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from .args import KVArgs
+from .formats.base import round_scale
+from .formats.groups import round_half_even
+from .formats.piecewise import _encode as encode_piecewise
 from .kernels import kv_attention
+from .kernels.grids import outer_levels, piecewise_levels, piecewise_table
 from .kernels.hadamard import get_rotation
 from .kernels.packing import pack_codes, unpack_codes
 
@@ -47,7 +51,9 @@ class KVQTensor:
 
     ``codes``: uint8, ``(B, H, T, packed)`` (token axis) or ``(B, H, T//G, G, packed)`` (channel axis);
     ``scale``/``zero``: float16, ``(B, H, T, D//G, 1)`` or ``(B, H, T//G, 1, D)`` (``zero`` is
-    ``None`` when symmetric). Dimension 2 is always the token (or token-block) dimension.
+    ``None`` when symmetric and for the piecewise grid). ``breakpoint``: the piecewise grid's
+    breakpoint id per group (uint8, ``scale``'s shape; its ``scale`` is signed), else ``None``.
+    Dimension 2 is always the token (or token-block) dimension.
     """
 
     codes: torch.Tensor
@@ -57,6 +63,7 @@ class KVQTensor:
     bits: int
     format: str
     head_dim: int
+    breakpoint: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -64,11 +71,12 @@ class KVQTensor:
         return n * self.codes.shape[3] if self.axis == "channel" else n
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+        return [t for t in (self.codes, self.scale, self.zero, self.breakpoint) if t is not None]
 
     def map(self, fn) -> "KVQTensor":
         """The same codes with ``fn`` applied to every tensor (batch selection, device moves)."""
-        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=None if self.zero is None else fn(self.zero))
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=None if self.zero is None else fn(self.zero),
+                       breakpoint=None if self.breakpoint is None else fn(self.breakpoint))
 
 
 def _groups(x: torch.Tensor, axis: str, g: int) -> tuple[torch.Tensor, int]:
@@ -93,7 +101,8 @@ def _quantize_tokens_c(x: torch.Tensor, args: KVArgs) -> KVQTensor | None:
     """The token axis in C (bit for bit what the torch code below computes), or ``None``."""
     ext = kv_attention._ext()
     b, h, t, d = x.shape
-    if ext is None or args.format != "int" or args.bits not in _FAST_BITS or not x.is_cpu or d % args.group_size or d > 4096:
+    if (ext is None or args.format != "int" or args.grid != "uniform" or args.bits not in _FAST_BITS or not x.is_cpu
+            or d % args.group_size or d > 4096):
         return None
     xf = x.to(torch.float32).contiguous()
     codes = torch.empty(b, h, t, d * args.bits // 8, dtype=torch.uint8)
@@ -121,6 +130,8 @@ def quantize_kv(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
 def _quantize_torch(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     g = args.group_size
     xg, red = _groups(x.float(), axis, g)
+    if args.grid == "piecewise":
+        return _quantize_piecewise(xg, red, args, axis, x.shape[-1])
     if args.symmetric:
         amax = xg.abs().amax(dim=red, keepdim=True)
         scale = _round_up_half((amax / args.qmax).clamp_min(1e-6))
@@ -139,6 +150,51 @@ def _quantize_torch(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
         codes = torch.round((xg - zero.float()) / scale.float()).clamp(0, args.qmax).to(torch.uint8)
     codes = codes.reshape(*codes.shape[:3], -1) if axis == "token" else codes
     return KVQTensor(_pack(codes, args.bits, args.format), scale, zero, axis, args.bits, args.format, x.shape[-1])
+
+
+def piecewise_search(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The piecewise grid's min-max search, every breakpoint id at once: for each group of
+    ``groups`` ``(n, g)`` (float32), the (signed scale, breakpoint id) whose grid, scaled to cover
+    the group, has the smallest squared error. The same choice as
+    ``PiecewiseFormat.search(groups, bits, "minmax")`` (which loops over the ids), vectorised for
+    the few groups of a cache write. 8 bits looks at every 8th id, as that search does."""
+    table = piecewise_table(bits, groups.device)
+    neg_outer, pos_outer = outer_levels(bits, groups.device)
+    ids = torch.arange(0, table.shape[0], max(1, table.shape[0] // 32), device=groups.device)
+    h, r, no, po = table[ids, 0], table[ids, 1], neg_outer[ids], pos_outer[ids]
+    lo, hi = groups.amin(dim=1).clamp(max=0), groups.amax(dim=1).clamp(min=0)
+    neg_big = (-lo) >= hi  # the larger side goes on the negative codes, which have one more level
+    sign = torch.where(neg_big, 1.0, -1.0)
+    big, small = torch.where(neg_big, -lo, hi), torch.where(neg_big, hi, -lo)
+    cover = torch.maximum(big[:, None] / no, small[:, None] / po)  # (n, ids)
+    safe = torch.where(cover > 0, cover, torch.ones_like(cover))
+    x = (groups * sign[:, None])[:, None, :] / safe[:, :, None]
+    h3, r3 = h[None, :, None], r[None, :, None]
+    a = x.abs()
+    centre = torch.clamp(round_half_even(x), -h3, h3)
+    tail = torch.copysign(h3 + r3 * torch.clamp(round_half_even((a - h3) / r3), min=1.0), x)
+    level = torch.clamp(torch.where(a <= h3 + r3 / 2, centre, tail), -no[None, :, None], po[None, :, None])
+    err = (level - x).square().sum(dim=-1) * safe.square()
+    best = err.argmin(dim=1)
+    return cover.gather(1, best[:, None]).squeeze(1) * sign, ids[best]
+
+
+def _quantize_piecewise(xg: torch.Tensor, red: int, args: KVArgs, axis: str, head_dim: int) -> KVQTensor:
+    """Piecewise codes of the groups of ``xg`` (reduced over dimension ``red``)."""
+    moved = xg.movedim(red, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    s, k = piecewise_search(flat, args.bits)
+    s = round_scale(s, META_DTYPE, "kv_cache").float()
+    table = piecewise_table(args.bits, xg.device)
+    half = float(1 << (args.bits - 1))
+    safe = torch.where(s != 0, s, torch.ones_like(s))[:, None]
+    d = encode_piecewise(flat / safe, table[k, 0][:, None], table[k, 1][:, None], half)
+    codes = (d + half).to(torch.uint8).reshape(moved.shape).movedim(-1, red)
+    meta_shape = (*moved.shape[:-1], 1)
+    scale = s.to(META_DTYPE).reshape(meta_shape).movedim(-1, red)
+    bp = k.to(torch.uint8).reshape(meta_shape).movedim(-1, red)
+    codes = codes.reshape(*codes.shape[:3], -1) if axis == "token" else codes
+    return KVQTensor(_pack(codes, args.bits, "int"), scale, None, axis, args.bits, "int", head_dim, bp)
 
 
 def _pack(codes: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
@@ -171,7 +227,10 @@ def dequantize_kv(q: KVQTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     if q.axis == "token":
         b, h, t, d = vals.shape
         vals = vals.reshape(b, h, t, q.scale.shape[3], -1)
-    if q.zero is None:
+    if q.breakpoint is not None:
+        table = piecewise_table(q.bits, vals.device)[q.breakpoint.long()]
+        out = piecewise_levels(vals - 2 ** (q.bits - 1), table[..., 0], table[..., 1]) * q.scale.float()
+    elif q.zero is None:
         if q.format == "int":
             vals = vals - 2 ** (q.bits - 1)
         out = vals * q.scale.float()
@@ -200,11 +259,13 @@ def cat(parts: list[KVQTensor]) -> KVQTensor:
         return parts[0]
     first = parts[0]
     zero = None if first.zero is None else torch.cat([p.zero for p in parts], dim=2)
+    bp = None if first.breakpoint is None else torch.cat([p.breakpoint for p in parts], dim=2)
     return replace(
         first,
         codes=torch.cat([p.codes for p in parts], dim=2),
         scale=torch.cat([p.scale for p in parts], dim=2),
         zero=zero,
+        breakpoint=bp,
     )
 
 
@@ -258,13 +319,14 @@ class KVParts:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def fusable(self) -> bool:
-        """Whether :func:`decode_attention`'s kernel reads this history (int codes of 2, 4 or 8 bits
-        on the CPU; fp8 and 3-bit codes are not)."""
+        """Whether :func:`decode_attention`'s kernel reads this history (uniform int codes of 2, 4
+        or 8 bits on the CPU; fp8, 3-bit and piecewise codes are not)."""
         h = self.history
         return (
             kv_attention.available()
             and self.window.device.type == "cpu"
-            and (h is None or (h.format == "int" and h.bits in kv_attention.FUSED_BITS and h.codes.device.type == "cpu"))
+            and (h is None or (h.format == "int" and h.breakpoint is None and h.bits in kv_attention.FUSED_BITS
+                               and h.codes.device.type == "cpu"))
         )
 
 

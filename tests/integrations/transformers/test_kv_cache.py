@@ -78,14 +78,38 @@ def test_quantized_logits_close_and_cache_matches_fake_quant_exactly(tiny, batch
         (3, EXACT),
         (1, KVArgs(bits=3, key_axis="token", group_size=16, residual_length=0, symmetric=True)),
         (1, KVArgs(format="fp8", bits=8, key_axis="token", group_size=32, residual_length=0)),
+        (3, KVArgs(bits=4, key_axis="token", group_size=16, residual_length=0, grid="piecewise")),
     ],
-    ids=["int4", "int4-beams", "int3-sym", "fp8"],
+    ids=["int4", "int4-beams", "int3-sym", "fp8", "piecewise4-beams"],
 )
 def test_generate_batch_and_beam_search_match_fake_quant(tiny, batch, beams, kv):
     real = _gen(tiny, batch, num_beams=beams, past_key_values=QuantizedKVCache(kv, tiny.config))
     with kv_fake_quant(tiny, kv):
         fake = _gen(tiny, batch, num_beams=beams)
     assert torch.equal(real, fake)
+
+
+def test_piecewise_kivi_cache_decodes_on_the_dense_path(tiny, batch, monkeypatch):
+    """Piecewise codes are not read by the fused kernel: decoding dequantizes them (the kernel is
+    never called), and the stored keys and values stay within the grid's error of the float ones."""
+    from piecewise_quant.integrations.transformers import kv_cache as kvc
+
+    kv = KVArgs(bits=3, key_axis="channel", group_size=8, residual_length=4, sink_tokens=1, grid="piecewise")
+    calls = []
+    real = kvc.decode_attention
+    monkeypatch.setattr(kvc, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = QuantizedKVCache(kv, tiny.config)
+    out = _gen(tiny, batch, past_key_values=cache)
+    assert not calls and out.shape == (2, 32) and cache.layers[0].qkeys.breakpoint is not None
+    quant, ref = QuantizedKVCache(kv, tiny.config), DynamicCache(config=tiny.config)
+    with torch.no_grad():
+        tiny(out, past_key_values=quant)
+        tiny(out, past_key_values=ref)
+    for layer, float_layer in zip(quant.layers, ref.layers):
+        for which, x in (("key", float_layer.keys), ("value", float_layer.values)):
+            y = layer.parts(which).dense(torch.float32)
+            assert y.shape == x.shape
+            assert float((y - x).square().sum() / x.square().sum()) < 0.05  # 3 bits: a few percent
 
 
 def test_kivi_cache_generates_with_beams_and_counts_tokens(tiny, batch):

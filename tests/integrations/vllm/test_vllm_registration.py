@@ -74,6 +74,8 @@ def test_a_kv_cache_scheme_is_refused_not_served_in_full_precision():
         PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "bits": 4, "kv_bits": 4})
     with pytest.raises(ValueError, match="int8 .* KV cache, which vLLM has no kernel for"):
         PiecewiseVllmConfig.from_config_dict_json(json.dumps({"kv_cache": {"bits": 8}}))
+    with pytest.raises(ValueError, match="int4 piecewise .* KV cache, which vLLM has no kernel for"):
+        PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "kv_cache": {"bits": 4, "grid": "piecewise"}})
 
 
 def test_mode_is_read_from_the_checkpoint(tmp_path):
