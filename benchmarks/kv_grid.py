@@ -1,11 +1,16 @@
 """W x A x KV evaluation grid on the bundled tiny Llama (QLLM-Eval's axes), plus the issue-19 KV targets.
 
+The grid is :mod:`piecewise_quant.integrations.transformers.kv_grid` (the same one
+``piecewise-quant eval --grid`` runs, on any float causal LM); this script runs it on the bundled
+model with the issue's settings and adds the KV targets (KIVI perplexity, measured memory,
+decode speed, piecewise vs uniform K/V grids).
+
 Weights and activations: data-free ``piecewise_quant.quantize`` with the default (piecewise) grid,
 ``lm_head`` in float; no calibration text is used (the held-out split is only evaluated). KV:
 
 * ``KV8`` / ``KV4``: QLLM-Eval's protocol, ``kv_fake_quant``: every post-RoPE K/V quantized as it
   enters the cache, asymmetric, per token in groups of head_dim (64), no residual window;
-* ``KV2 (KIVI)`` (and the KIVI rows of the targets): the real ``QuantizedKVCache`` (keys per
+* ``KIVI2`` (KV part ``KV2 (KIVI)``; and the KIVI rows of the targets): the real ``QuantizedKVCache`` (keys per
   channel, values per token, G32, full-precision residual R); perplexity is computed feeding each
   window in chunks of 32 tokens through the cache (a query never sees an unfinished key block
   quantized, as in generation).
@@ -29,9 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
 import json
-import math
 import platform
 import statistics
 import sys
@@ -42,30 +47,23 @@ from typing import Any, Callable
 
 import torch
 
-import piecewise_quant as pq
 from piecewise_quant.args import KVArgs
 from piecewise_quant.evaluate import default_model_path, heldout_text, perplexity
-from piecewise_quant.kv import storage_bytes
+from piecewise_quant.integrations.transformers import kv_grid
 
 WINDOW = 256
-CHUNK = 32
 KV8 = KVArgs(bits=8, key_axis="token", group_size=64, residual_length=0)
 KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
 KIVI = {b: KVArgs(bits=b, key_axis="channel", group_size=32, residual_length=128) for b in (2, 4)}
-WA = {  # name -> PiecewiseQuantConfig fields (None: float)
-    "float": None,
-    "W8": dict(bits=8),
-    "W4": dict(bits=4),
-    "W3": dict(bits=3),
-    "W8A8": dict(bits=8, act_bits=8),
-    "W4A8": dict(bits=4, act_bits=8),
-}
-KV = {"-": None, "KV8": ("fake", KV8), "KV4": ("fake", KV4), "KV2 (KIVI)": ("cache", KIVI[2])}
-ROWS = [  # (row name, W/A setting, KV setting): the issue's list
-    ("float", "float", "-"), ("W8", "W8", "-"), ("W4", "W4", "-"), ("W3", "W3", "-"),
-    ("W8A8", "W8A8", "-"), ("W4A8", "W4A8", "-"), ("KV8", "float", "KV8"), ("KV4", "float", "KV4"),
-    ("KV2 (KIVI)", "float", "KV2 (KIVI)"), ("W8KV4", "W8", "KV4"), ("W4A8KV4", "W4A8", "KV4"),
-]
+QUICK_SETTINGS = ("float", "KV4", "KIVI2", "W4A8", "W4A8KV4")
+
+_cache_for = kv_grid.new_cache
+ppl_with_cache = kv_grid.perplexity_through_cache
+
+
+def kv_bytes_per_token(model: Any, kv: KVArgs | None, ctx: int, ids: torch.Tensor) -> float:
+    """Measured cache bytes per token after a prefill of the first ``ctx`` tokens of ``ids``."""
+    return kv_grid.kv_bytes_per_token(model, kv, ids[:, :ctx])
 
 
 @dataclass
@@ -77,133 +75,17 @@ class Setup:
     args: argparse.Namespace
 
 
-# ---- measurements ------------------------------------------------------------------------------
-
-
-def _cache_for(model: Any, kv: KVArgs | None) -> Any:
-    from transformers import DynamicCache
-
-    from piecewise_quant.integrations.transformers import QuantizedKVCache
-
-    return DynamicCache(config=model.config) if kv is None else QuantizedKVCache(kv, model.config)
-
-
-@torch.no_grad()
-def ppl_with_cache(model: Any, windows: torch.Tensor, kv: KVArgs, batch_size: int = 16) -> float:
-    """The evaluate module's perplexity protocol, each window fed ``CHUNK`` tokens at a time
-    through a fresh quantized cache."""
-    losses = []
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size]
-        cache = _cache_for(model, kv)
-        logits = torch.cat(
-            [model(batch[:, s : s + CHUNK], past_key_values=cache).logits for s in range(0, batch.shape[1], CHUNK)], dim=1
-        )[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-        losses.append(loss.reshape(batch.shape[0], -1).mean(dim=1))
-    return math.exp(float(torch.cat(losses).mean()))
-
-
-def _in_kv_mode(model: Any, kv_setting: tuple[str, KVArgs] | None, fn: Callable[[Any], Any]) -> Any:
-    """``fn(cache_or_None)`` with the KV setting active: fake-quant hooks, or a real cache."""
-    from piecewise_quant.integrations.transformers import kv_fake_quant
-
-    if kv_setting is None:
-        return fn(None)
-    mode, kv = kv_setting
-    if mode == "fake":
-        with kv_fake_quant(model, kv):
-            return fn(None)
-    return fn(kv)
-
-
-def evaluate_ppl(s: Setup, model: Any, kv_setting: Any) -> float:
-    if kv_setting is not None and kv_setting[0] == "cache":
-        return ppl_with_cache(model, s.windows, kv_setting[1])
-    return _in_kv_mode(model, kv_setting, lambda _: perplexity(model, input_ids=s.windows.reshape(-1), window=WINDOW))
-
-
-def repetition(seqs: list[list[int]], tokenizer: Any) -> tuple[float, float]:
-    """(rep-4, rep-line) averaged over the continuations."""
-    rep4, rep_line = [], []
-    for ids in seqs:
-        grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
-        rep4.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-        lines = [ln.strip() for ln in tokenizer.decode(ids).splitlines() if ln.strip()]
-        rep_line.append(1 - len(set(lines)) / len(lines) if lines else 0.0)
-    return statistics.fmean(rep4), statistics.fmean(rep_line)
-
-
-@torch.no_grad()
-def generate_greedy(s: Setup, model: Any, kv_setting: Any) -> list[list[int]]:
-    def run(kv: KVArgs | None) -> Any:
-        extra = {} if kv is None else {"past_key_values": _cache_for(model, kv)}
-        return model.generate(
-            s.prompts, attention_mask=torch.ones_like(s.prompts), max_new_tokens=s.args.new_tokens,
-            min_new_tokens=s.args.new_tokens, do_sample=False, pad_token_id=2, **extra,
-        )
-
-    out = _in_kv_mode(model, kv_setting, run)
-    return out[:, s.prompts.shape[1] :].tolist()
-
-
-@torch.no_grad()
-def kv_bytes_per_token(model: Any, kv: KVArgs | None, ctx: int, ids: torch.Tensor) -> float:
-    from piecewise_quant.integrations.transformers import cache_bytes
-
-    cache = _cache_for(model, kv)
-    model(ids[:, :ctx], past_key_values=cache)
-    return cache_bytes(cache) / ctx
-
-
-def weight_bytes(model: Any) -> int:
-    return storage_bytes([*model.parameters(), *model.buffers()])
-
-
-# ---- the grid ----------------------------------------------------------------------------------
-
-
-def _wa_model(float_model: Any, setting: str, quick: bool = False) -> Any:
-    fields = WA[setting]
-    if fields is None:
-        return float_model
-    if quick:  # round-to-nearest uniform: seconds instead of the piecewise grid's search
-        fields = dict(fields, grid="uniform", observer="minmax")
-    return pq.quantize(copy.deepcopy(float_model), pq.PiecewiseQuantConfig(**fields), progress=False)
-
-
-def storage_kv(kv_name: str) -> KVArgs | None:
-    """The real-cache storage of a KV setting (fake-quant rows are measured with it)."""
-    setting = KV[kv_name]
-    return None if setting is None else setting[1]
-
-
 def run_grid(s: Setup) -> dict[str, Any]:
-    wa_names = list(WA) if not s.args.quick else ["float", "W4A8"]
-    kv_names = list(KV) if not s.args.quick else ["-", "KV4", "KV2 (KIVI)"]
-    ppl: dict[str, dict[str, float]] = {}
-    rows = []
-    long_ids = s.windows.reshape(1, -1)
-    for wa in wa_names:
-        t0 = time.perf_counter()
-        model = _wa_model(s.model, wa, s.args.quick)
-        ppl[wa] = {kv: evaluate_ppl(s, model, KV[kv]) for kv in kv_names}
-        for name, rw, rk in ROWS:
-            if rw != wa or rk not in kv_names:
-                continue
-            rep4, rep_line = repetition(generate_greedy(s, model, KV[rk]), s.tokenizer)
-            rows.append(dict(
-                setting=name, weights_acts=wa, kv=rk, kv_scheme="float" if KV[rk] is None else KV[rk][1].describe(),
-                kv_protocol="-" if KV[rk] is None else KV[rk][0], ppl=ppl[wa][rk], rep4=rep4, rep_line=rep_line,
-                kv_bytes_per_token=kv_bytes_per_token(model, storage_kv(rk), s.args.ctx, long_ids),
-                weight_bytes=weight_bytes(model),
-            ))
-        print(f"[kv_grid] {wa} ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in ppl[wa].items()),
-              file=sys.stderr)
-    base = ppl["float"]["-"]
-    for r in rows:
-        r["ppl_delta_pct"] = 100 * (r["ppl"] / base - 1)
-    return {"ppl": ppl, "rows": rows, "float_ppl": base}
+    """The issue's settings (``--quick``: a few, on the uniform weight grid) through
+    :func:`piecewise_quant.integrations.transformers.kv_grid.run_grid`."""
+    names = QUICK_SETTINGS if s.args.quick else kv_grid.DEFAULT_SETTINGS
+    settings = kv_grid.parse_settings(list(names), kv_grid.head_dim_of(s.model.config),
+                                      "uniform" if s.args.quick else "piecewise")
+    result = kv_grid.run_grid(s.model, s.tokenizer, s.windows, s.prompts, settings, new_tokens=s.args.new_tokens,
+                              kv_context=s.windows.reshape(1, -1)[:, : s.args.ctx], progress=False)
+    for wa, row in result.ppl.items():
+        print(f"[kv_grid] {wa}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), file=sys.stderr)
+    return result.to_dict()
 
 
 # ---- the issue-19 targets ----------------------------------------------------------------------
@@ -279,8 +161,13 @@ def grid_comparison(s: Setup, n_windows: int) -> list[dict[str, Any]]:
     cache = _cache_for(s.model, None)
     windows = s.windows[:n_windows]
     s.model(windows, past_key_values=cache)
-    grids = {"uniform min-max (cache)": fake_quantize_kv, "uniform mse (project format)": format_fake_quant("uniform"),
-             "piecewise (project format)": format_fake_quant("piecewise")}
+    def piecewise_cache(x: torch.Tensor, kv: KVArgs, axis: str) -> torch.Tensor:
+        return fake_quantize_kv(x, dataclasses.replace(kv, grid="piecewise"), axis)
+
+    piecewise_cache.bits_per_value = lambda kv: dataclasses.replace(kv, grid="piecewise").bits_per_value("token")
+    grids = {"uniform min-max (cache)": fake_quantize_kv, "piecewise min-max (cache, grid='piecewise')": piecewise_cache,
+             "uniform mse (project format)": format_fake_quant("uniform"),
+             "piecewise mse (project format)": format_fake_quant("piecewise")}
     out = [dict(bits=16, grid="float", bits_per_value=16.0, keys_rel_mse=0.0, values_rel_mse=0.0,
                 ppl=perplexity(s.model, input_ids=windows.reshape(-1), window=WINDOW))]
     for bits in (4, 3, 2):
@@ -300,7 +187,10 @@ def grid_comparison(s: Setup, n_windows: int) -> list[dict[str, Any]]:
 
 def run_targets(s: Setup, grid: dict[str, Any]) -> dict[str, Any]:
     base = grid["float_ppl"]
-    kivi = {"KIVI-4 G32 R128": KIVI[4], "KIVI-4 G32 R32": KVArgs(bits=4, group_size=32, residual_length=32)}
+    kivi = {"KIVI-4 G32 R128": KIVI[4], "KIVI-4 G32 R32": KVArgs(bits=4, group_size=32, residual_length=32),
+            "KIVI-4 piecewise G32 R32": KVArgs(bits=4, group_size=32, residual_length=32, grid="piecewise"),
+            "KIVI-3 G32 R32": KVArgs(bits=3, group_size=32, residual_length=32),
+            "KIVI-3 piecewise G32 R32": KVArgs(bits=3, group_size=32, residual_length=32, grid="piecewise")}
     if s.args.quick:
         kivi = {}
     t0 = time.perf_counter()
@@ -325,17 +215,7 @@ def run_targets(s: Setup, grid: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(grid: dict[str, Any], targets: dict[str, Any], meta: dict[str, Any]) -> str:
-    lines = [f"float perplexity {grid['float_ppl']:.3f}; {meta['windows']} windows of {WINDOW} tokens; "
-             f"{meta['prompts']} greedy generations of {meta['new_tokens']} tokens; KV bytes at {meta['ctx']} tokens.", "",
-             "| setting | KV scheme | KV protocol | ppl | Δ ppl | rep-4 | rep-line | KV bytes/token | weight bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in grid["rows"]:
-        lines.append(f"| {r['setting']} | {r['kv_scheme']} | {r['kv_protocol']} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | "
-                     f"{r['rep4']:.3f} | {r['rep_line']:.3f} | {r['kv_bytes_per_token']:.0f} | {r['weight_bytes']:,} |")
-    lines += ["", "Perplexity, W/A (rows) x KV (columns):", "", "| W/A | " + " | ".join(grid["ppl"]["float"]) + " |",
-              "|---" * (1 + len(grid["ppl"]["float"])) + "|"]
-    for wa, row in grid["ppl"].items():
-        lines.append(f"| {wa} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    lines = [kv_grid.grid_markdown(kv_grid.GridResult(**grid)).rstrip("\n")]
     lines += ["", "KIVI (real cache, chunked) perplexity:", ""]
     lines += [f"- {k}: {v['ppl']:.3f} ({v['delta_pct']:+.2f}%)" for k, v in targets["kivi_ppl"].items()]
     lines += ["", "| context | scheme | KV bytes/token | fp16 bytes/token | ratio |", "|---|---|---|---|---|"]
@@ -352,27 +232,7 @@ def markdown(grid: dict[str, Any], targets: dict[str, Any], meta: dict[str, Any]
 
 
 def plot(grid: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    was, kvs = list(grid["ppl"]), list(grid["ppl"]["float"])
-    base = grid["float_ppl"]
-    data = [[100 * (grid["ppl"][w][k] / base - 1) for k in kvs] for w in was]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(kvs), 0.9 + 0.55 * len(was)))
-    im = ax.imshow(data, cmap="Reds", aspect="auto")
-    ax.set_xticks(range(len(kvs)), ["float KV" if k == "-" else k for k in kvs])
-    ax.set_yticks(range(len(was)), was)
-    top = max(max(row) for row in data) or 1.0
-    for i, row in enumerate(data):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=9, color="white" if v > 0.6 * top else "black")
-    ax.set_title(f"held-out perplexity increase over float ({base:.2f})")
-    fig.colorbar(im, ax=ax, label="Δ ppl %")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    kv_grid.plot_grid(kv_grid.GridResult(**grid), path)
 
 
 def setup(args: argparse.Namespace) -> Setup:

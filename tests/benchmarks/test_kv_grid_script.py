@@ -30,7 +30,7 @@ def test_quick_run(tmp_path, capsys):
     assert kv_grid.main(["--quick", "--markdown", str(md), "--json", str(js), "--plot", str(png)]) == 0
     data = json.loads(js.read_text())
     rows = {r["setting"]: r for r in data["grid"]["rows"]}
-    assert {"float", "KV4", "KV2 (KIVI)", "W4A8", "W4A8KV4"} <= set(rows)
+    assert {"float", "KV4", "KIVI2", "W4A8", "W4A8KV4"} <= set(rows)
     assert rows["float"]["ppl_delta_pct"] == 0
     # measured bytes: 4-bit per-token cache well under the float32 one, quantized weights smaller
     assert rows["KV4"]["kv_bytes_per_token"] < 0.2 * rows["float"]["kv_bytes_per_token"]
