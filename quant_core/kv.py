@@ -24,7 +24,7 @@ from .formats.base import round_scale
 from .formats.groups import round_half_even
 from .formats.piecewise import _encode as encode_piecewise
 from .kernels import kv_attention
-from .kernels.grids import outer_levels, piecewise_levels, piecewise_table
+from .kernels.grids import PIECEWISE_TABLES, outer_levels, piecewise_levels, piecewise_table
 from .kernels.hadamard import get_rotation
 from .kernels.packing import pack_codes, unpack_codes
 
@@ -152,31 +152,64 @@ def _quantize_torch(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
     return KVQTensor(_pack(codes, args.bits, args.format), scale, zero, axis, args.bits, args.format, x.shape[-1])
 
 
-def piecewise_search(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The piecewise grid's min-max search, every breakpoint id at once: for each group of
-    ``groups`` ``(n, g)`` (float32), the (signed scale, breakpoint id) whose grid, scaled to cover
-    the group, has the smallest squared error. The same choice as
-    ``PiecewiseFormat.search(groups, bits, "minmax")`` (which loops over the ids), vectorised for
-    the few groups of a cache write. 8 bits looks at every 8th id, as that search does."""
+PIECEWISE_SCALES = {2: 0.3, 3: 0.45}  # the smallest scale factor tried, per bits (else 0.55): the format's MSE range
+_SEARCH_ELEMENTS = 1 << 21  # per chunk of groups: bounds the search's temporary memory on a long prefill
+_ONE_PASS = 1 << 16
+
+
+def piecewise_search(groups: torch.Tensor, bits: int, mse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The piecewise grid's breakpoint search, every breakpoint id at once: for each group of
+    ``groups`` ``(n, g)`` (float32), the (signed scale, breakpoint id) with the smallest squared
+    error. ``mse=False``: each id with the scale that covers the group, the same choice as
+    ``PiecewiseFormat.search(groups, bits, "minmax")``; ``mse=True``: six scales from that one
+    down, every id at the two largest and the three best ids at the others (the format's coarse
+    MSE stages, without its finer one), so its error is never above the min-max choice's. 8 bits looks at every 8th id, as the
+    format does."""
+    n_ids = len(PIECEWISE_TABLES[bits])
+    ids = torch.arange(0, n_ids, max(1, n_ids // 32), device=groups.device)
+    factors = torch.linspace(1.0, PIECEWISE_SCALES.get(bits, 0.55), 6) if mse else torch.ones(1)
+    chunk = max(1, _SEARCH_ELEMENTS // (ids.numel() * factors.numel() * max(1, groups.shape[1])))
+    out = [_search_chunk(c, bits, ids, factors.to(groups.device)) for c in groups.split(chunk)]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def _search_chunk(groups: torch.Tensor, bits: int, ids: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`piecewise_search` on one chunk: every id at the two largest scale factors, then the
+    three best ids at the other factors (the format's stages 1 and 2); for a small chunk, every id
+    at every factor."""
     table = piecewise_table(bits, groups.device)
     neg_outer, pos_outer = outer_levels(bits, groups.device)
-    ids = torch.arange(0, table.shape[0], max(1, table.shape[0] // 32), device=groups.device)
-    h, r, no, po = table[ids, 0], table[ids, 1], neg_outer[ids], pos_outer[ids]
     lo, hi = groups.amin(dim=1).clamp(max=0), groups.amax(dim=1).clamp(min=0)
     neg_big = (-lo) >= hi  # the larger side goes on the negative codes, which have one more level
     sign = torch.where(neg_big, 1.0, -1.0)
     big, small = torch.where(neg_big, -lo, hi), torch.where(neg_big, hi, -lo)
-    cover = torch.maximum(big[:, None] / no, small[:, None] / po)  # (n, ids)
-    safe = torch.where(cover > 0, cover, torch.ones_like(cover))
-    x = (groups * sign[:, None])[:, None, :] / safe[:, :, None]
-    h3, r3 = h[None, :, None], r[None, :, None]
-    a = x.abs()
-    centre = torch.clamp(round_half_even(x), -h3, h3)
-    tail = torch.copysign(h3 + r3 * torch.clamp(round_half_even((a - h3) / r3), min=1.0), x)
-    level = torch.clamp(torch.where(a <= h3 + r3 / 2, centre, tail), -no[None, :, None], po[None, :, None])
-    err = (level - x).square().sum(dim=-1) * safe.square()
+    xo = groups * sign[:, None]
+
+    def errors(k: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error and scale of ids ``k`` ``(n, c)`` at factors ``f`` ``(c,)``."""
+        h, r, no, po = table[k, 0, None], table[k, 1, None], neg_outer[k, None], pos_outer[k, None]
+        scale = torch.maximum(big[:, None] / neg_outer[k], small[:, None] / pos_outer[k]) * f
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        x = xo[:, None, :] / safe[:, :, None]
+        a = x.abs()
+        centre = torch.clamp(round_half_even(x), -h, h)
+        tail = torch.copysign(h + r * torch.clamp(round_half_even((a - h) / r), min=1.0), x)
+        level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -no, po)
+        return (level - x).square().sum(dim=-1) * safe.square(), scale
+
+    n = groups.shape[0]
+    # a few groups (one token's write): every id at every factor in one pass costs fewer op calls
+    first = factors if n * ids.numel() * factors.numel() * groups.shape[1] <= _ONE_PASS else factors[:2]
+    k1 = ids.repeat_interleave(first.numel()).expand(n, -1)
+    err, scale = errors(k1, first.repeat(ids.numel()))
+    kk = k1
+    if first.numel() < factors.numel():
+        top = ids[err.reshape(n, ids.numel(), -1).amin(dim=2).topk(min(3, ids.numel()), dim=1, largest=False).indices]
+        k2 = top.repeat_interleave(factors.numel() - 2, dim=1)
+        e2, s2 = errors(k2, factors[2:].repeat(top.shape[1]))
+        err, scale, kk = torch.cat([err, e2], 1), torch.cat([scale, s2], 1), torch.cat([k1, k2], 1)
     best = err.argmin(dim=1)
-    return cover.gather(1, best[:, None]).squeeze(1) * sign, ids[best]
+    return scale.gather(1, best[:, None]).squeeze(1) * sign, kk.gather(1, best[:, None]).squeeze(1)
 
 
 def _quantize_piecewise(xg: torch.Tensor, red: int, args: KVArgs, axis: str, head_dim: int) -> KVQTensor:
@@ -195,6 +228,19 @@ def _quantize_piecewise(xg: torch.Tensor, red: int, args: KVArgs, axis: str, hea
     bp = k.to(torch.uint8).reshape(meta_shape).movedim(-1, red)
     codes = codes.reshape(*codes.shape[:3], -1) if axis == "token" else codes
     return KVQTensor(_pack(codes, args.bits, "int"), scale, None, axis, args.bits, "int", head_dim, bp)
+
+
+_LEVELS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _level_table(bits: int, device: torch.device) -> torch.Tensor:
+    """Every piecewise level in units of the scale, flat: entry ``id * 2**bits + code``."""
+    key = (bits, device)
+    if key not in _LEVELS:
+        table = piecewise_table(bits, device)
+        d = torch.arange(1 << bits, dtype=torch.float32, device=device) - (1 << (bits - 1))
+        _LEVELS[key] = piecewise_levels(d[None, :], table[:, :1], table[:, 1:]).reshape(-1)
+    return _LEVELS[key]
 
 
 def _pack(codes: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
@@ -227,9 +273,9 @@ def dequantize_kv(q: KVQTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     if q.axis == "token":
         b, h, t, d = vals.shape
         vals = vals.reshape(b, h, t, q.scale.shape[3], -1)
-    if q.breakpoint is not None:
-        table = piecewise_table(q.bits, vals.device)[q.breakpoint.long()]
-        out = piecewise_levels(vals - 2 ** (q.bits - 1), table[..., 0], table[..., 1]) * q.scale.float()
+    if q.breakpoint is not None:  # one look-up of (breakpoint id, code) in the table of grid levels
+        lut = _level_table(q.bits, vals.device)
+        out = lut[q.breakpoint.long() * (1 << q.bits) + vals.long()] * q.scale.float()
     elif q.zero is None:
         if q.format == "int":
             vals = vals - 2 ** (q.bits - 1)

@@ -97,7 +97,8 @@ def test_symmetric_and_fp8_error(fields):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_piecewise_search_is_the_formats_minmax_search(bits):
+def test_piecewise_search_is_the_formats_search(bits):
+    from piecewise_quant.config import LayerSpec, QuantSpec
     from piecewise_quant.formats.piecewise import PiecewiseFormat
     from piecewise_quant.kv import piecewise_search
 
@@ -106,17 +107,30 @@ def test_piecewise_search_is_the_formats_minmax_search(bits):
     groups[:40] = groups[:40].abs() + 0.5  # one-sided groups (keys with an offset)
     groups[40:60, 3] *= 12  # outliers
     groups[60] = 0.0
-    s, k = piecewise_search(groups, bits)
+    s, k = piecewise_search(groups, bits, mse=False)
     ref_s, ref_k = PiecewiseFormat().search(groups, bits, "minmax")
     assert torch.equal(k, ref_k) and torch.equal(s, ref_s)
+    # the MSE search (what the cache runs) tries the min-max choice too, so it is never worse, and
+    # it fits the format's own MSE search (which adds a finer scale stage) within a few percent
+    layer = LayerSpec("kv", QuantSpec(grid="piecewise", bits=bits, group_size=32, observer="minmax"), 32, 300, 32)
+
+    def err(scale, ids):
+        fmt = PiecewiseFormat()
+        y = fmt.fake_quantize(groups, {"scale": scale, "breakpoint": ids}, layer)
+        return (y - groups).square().sum(dim=1)
+
+    mse_s, mse_k = piecewise_search(groups, bits)
+    assert bool((err(mse_s, mse_k) <= err(s, k) * (1 + 1e-6) + 1e-12).all())
+    fmt_s, fmt_k = PiecewiseFormat().search(groups, bits, "mse")
+    assert float(err(mse_s, mse_k).sum()) <= 1.05 * float(err(fmt_s, fmt_k).sum())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", ["token", "channel"])
 def test_piecewise_kv_is_the_weight_formats_grid(bits, axis):
     """Per group, the piecewise K/V codes decode to what the project's piecewise weight format
-    (min-max observer, float16 scales) gives for the same group, stored in fewer bits than the
-    asymmetric uniform grid (no zero point, a uint8 breakpoint id)."""
+    gives for the same group with the (scale, breakpoint) the cache chose, stored in fewer bits than
+    the asymmetric uniform grid (no zero point, a uint8 breakpoint id)."""
     from piecewise_quant.config import LayerSpec, QuantSpec
     from piecewise_quant.registry import get_format
 
@@ -129,8 +143,9 @@ def test_piecewise_kv_is_the_weight_formats_grid(bits, axis):
     got = _reference_groups(dequantize_kv(q), axis, 16).reshape(-1, 16)
     rows = _reference_groups(x, axis, 16).reshape(-1, 16)
     fmt = get_format("piecewise")
-    layer = LayerSpec("kv", QuantSpec(grid="piecewise", bits=bits, group_size=16, observer="minmax"), 16, rows.shape[0], 16)
-    ref = fmt.dequantize(fmt.quantize(rows, layer), layer, torch.float32)
+    layer = LayerSpec("kv", QuantSpec(grid="piecewise", bits=bits, group_size=16), 16, rows.shape[0], 16)
+    scale, ids = q.scale.float().reshape(-1), q.breakpoint.long().reshape(-1)  # in the reference's group order
+    ref = fmt.dequantize(fmt.encode(rows, {"scale": scale, "breakpoint": ids}, layer), layer, torch.float32)
     assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
     assert storage_bytes(q.tensors()) * 8 / x.numel() == pytest.approx(kv.bits_per_value(axis)) == bits + 24 / 16
     assert fake_quantize_kv(x, kv, axis).dtype == x.dtype
