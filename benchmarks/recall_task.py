@@ -408,6 +408,21 @@ def accuracy_table(model: Any, contexts: list[int], n: int) -> dict[int, float]:
 
 
 @torch.no_grad()
+def change_from_init(model: Any) -> dict[str, float]:
+    """How far training moved ``model`` from its constructed start (seed 0, :func:`induction_init`):
+    ||W - W0|| / ||W0|| over all weights, and the largest such ratio of one tensor (whose W0 is
+    not zero)."""
+    start = build_model(0).eval()
+    induction_init(start)
+    trained, ref = dict(model.named_parameters()), dict(start.named_parameters())
+    diff = {k: float((trained[k].float() - ref[k]).norm()) for k in ref}
+    norm = {k: float(ref[k].norm()) for k in ref}
+    worst = max((diff[k] / norm[k], k) for k in ref if norm[k] > 0)
+    return dict(all=round(sum(d * d for d in diff.values()) ** 0.5 / sum(n * n for n in norm.values()) ** 0.5, 4),
+                largest=round(worst[0], 4), largest_tensor=worst[1])
+
+
+@torch.no_grad()
 def previous_token_weight(model: Any, context: int = 256, n: int = 8) -> float:
     """Mean attention weight that layer 0 head 0 puts on the previous token over held-out prompts
     (1.0 for a perfect previous-token head): how well an init's first half of the circuit works."""
@@ -449,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--init", choices=sorted(set(INITS) - {"random"}), default=None,
                    help="evaluate a fresh seed-0 model with this init and no training, instead of --model")
+    e.add_argument("--change-from-init", action="store_true",
+                   help="also report how far the model's weights are from the constructed start (induction_init)")
     e.add_argument("--rope-theta", type=float, default=MODEL_CONFIG["rope_theta"], help="with --init")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -467,8 +484,11 @@ def main(argv: list[str] | None = None) -> int:
             INITS[args.init](model)
         else:
             model = load_model(args.model)
-        acc = accuracy_table(model, args.contexts, args.n)
-        print(json.dumps(dict(n=args.n, accuracy=acc, layer0_head0_previous_token_weight=round(previous_token_weight(model), 3))))
+        report = dict(n=args.n, accuracy=accuracy_table(model, args.contexts, args.n),
+                      layer0_head0_previous_token_weight=round(previous_token_weight(model), 3))
+        if args.change_from_init:
+            report["change_from_init"] = change_from_init(model)
+        print(json.dumps(report))
     return 0
 
 

@@ -96,8 +96,8 @@ def test_rotated_circuit_is_the_same_function_and_recalls():
     prompts, answers, _ = rt.eval_prompts(16, 256)
     with torch.no_grad():
         a, b = axis(prompts).logits[:, -1], dense(prompts).logits[:, -1]
-    # only the RoPE-rotated mix of layer 1's match dims is inexact; the logits agree closely
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    # only the mix of layer 1's match dims is inexact under RoPE, and its attention is saturated
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
     assert torch.equal(a.argmax(-1), answers) and torch.equal(b.argmax(-1), answers)
     emb = dense.model.embed_tokens.weight
     assert (emb.abs() < 1e-6).float().mean() < 0.01  # dense: no axis-aligned zeros left
