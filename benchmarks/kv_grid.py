@@ -36,6 +36,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as _dt
+import importlib.util
 import json
 import platform
 import statistics
@@ -211,6 +212,90 @@ def run_targets(s: Setup, grid: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+# ---- recall on the long-context model -----------------------------------------------------------
+
+RECALL_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama-recall"
+MIN_FLOAT_RECALL = 0.5  # below it the float model does not recall, and a ratio to it means nothing
+RECALL_KV = {"KV8": KV8, "KV4": KV4, "KV4 (KIVI)": KIVI[4], "KV2 (KIVI)": KIVI[2]}
+
+
+def _recall_task() -> Any:
+    """``benchmarks/recall_task.py`` (a sibling script, not a package)."""
+    if "recall_task" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("recall_task", Path(__file__).with_name("recall_task.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["recall_task"]
+
+
+@torch.no_grad()
+def recall_grid(model_dir: Path, contexts: list[int], n: int) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers on ``n`` held-out recall prompts per context: float,
+    float seeing only the last 128 tokens (what a 128-token window alone could answer), and each
+    KV setting both in the fake-quant mode (one forward with ``kv_fake_quant``) and through the
+    real ``QuantizedKVCache`` in ``generate()``. ``early``: accuracy (real cache) on the prompts
+    whose queried pair lies in the first quarter of the context."""
+    from piecewise_quant.integrations.transformers import kv_fake_quant
+
+    rt = _recall_task()
+    model = rt.load_model(model_dir)
+    rows = []
+    for ctx in contexts:
+        prompts, answers, where = rt.eval_prompts(n, ctx)
+        early = where < rt.pairs_for(ctx) // 4
+
+        def acc(pred: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+            hit = (pred == answers).float()
+            return float(hit[mask].mean() if mask is not None else hit.mean())
+
+        gen = rt.predict(model, prompts, generate=True, cache_factory=lambda: _cache_for(model, None))
+        tail = torch.cat([torch.full((n, 1), rt.BOS), prompts[:, -127:]], dim=1)
+        rows.append(dict(ctx=ctx, setting="float", kv_scheme="float", fake=acc(rt.predict(model, prompts)),
+                         cache=acc(gen), early=acc(gen, early)))
+        rows.append(dict(ctx=ctx, setting="float, last 128 tokens only", kv_scheme="float", fake=None,
+                         cache=acc(rt.predict(model, tail)), early=acc(rt.predict(model, tail), early)))
+        for name, kv in RECALL_KV.items():
+            with kv_fake_quant(model, kv):
+                fake = acc(rt.predict(model, prompts))
+            gen = rt.predict(model, prompts, generate=True, cache_factory=lambda kv=kv: _cache_for(model, kv))
+            rows.append(dict(ctx=ctx, setting=name, kv_scheme=kv.describe(), fake=fake, cache=acc(gen), early=acc(gen, early)))
+        print(f"[kv_grid] recall at {ctx}: " + ", ".join(f"{r['setting']} {r['cache']:.3f}" for r in rows if r["ctx"] == ctx),
+              file=sys.stderr)
+    return dict(model=str(model_dir), contexts=contexts, n=n, rows=rows, early_prompts={c: int(
+        (rt.eval_prompts(n, c)[2] < rt.pairs_for(c) // 4).sum()) for c in contexts})
+
+
+def recall_markdown(recall: dict[str, Any]) -> list[str]:
+    lines = ["", f"Recall ({Path(recall['model']).name}, {recall['n']} held-out prompts per context; accuracy of the "
+             "greedy answer; early: prompts whose queried pair is in the first quarter of the context):", "",
+             "| context | setting | KV scheme | fake-quant | real cache, generate() | early (real cache) |",
+             "|---|---|---|---|---|---|"]
+    for r in recall["rows"]:
+        fake = "-" if r["fake"] is None else f"{r['fake']:.3f}"
+        lines.append(f"| {r['ctx']} | {r['setting']} | {r['kv_scheme']} | {fake} | {r['cache']:.3f} | {r['early']:.3f} |")
+    lines += ["", f"KV4 recall / float recall (target >= 0.95; judged only where float recall >= {MIN_FLOAT_RECALL}):", ""]
+    for t in recall_targets(recall):
+        verdict = ("not measurable: float recall is too low" if t["float"] < MIN_FLOAT_RECALL
+                   else "met" if t["ratio"] >= 0.95 else "missed")
+        lines.append(f"- {t['ctx']} tokens, {t['setting']} ({t['mode']}): {t['ratio']:.3f} (float {t['float']:.3f}; {verdict})")
+    return lines
+
+
+def recall_targets(recall: dict[str, Any]) -> list[dict[str, Any]]:
+    """KV4 accuracy over float accuracy at each context: the fake-quant KV4 (QLLM-Eval) and the
+    real KIVI-4 G32 R128 cache."""
+    out = []
+    for ctx in recall["contexts"]:
+        rows = {r["setting"]: r for r in recall["rows"] if r["ctx"] == ctx}
+        base = rows["float"]["cache"]
+        for setting, mode in (("KV4", "fake"), ("KV4", "cache"), ("KV4 (KIVI)", "cache")):
+            if setting in rows:
+                out.append(dict(ctx=ctx, setting=setting, mode=mode, float=base,
+                                ratio=rows[setting][mode] / base if base else 0.0))
+    return out
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 
@@ -228,6 +313,8 @@ def markdown(grid: dict[str, Any], targets: dict[str, Any], meta: dict[str, Any]
               "| bits | grid | bits/value | keys rel. MSE | values rel. MSE | ppl |", "|---|---|---|---|---|---|"]
     lines += [f"| {g['bits']} | {g['grid']} | {g['bits_per_value']:.2f} | {g['keys_rel_mse']:.5f} | "
               f"{g['values_rel_mse']:.5f} | {g['ppl']:.3f} |" for g in targets["grids"]]
+    if targets.get("recall"):
+        lines += recall_markdown(targets["recall"])
     return "\n".join(lines) + "\n"
 
 
@@ -265,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: tiny ops gain nothing from more, and a shared machine makes more threads spin)")
     p.add_argument("--grid-windows", type=int, default=8, help="windows for the piecewise-vs-uniform K/V comparison")
+    p.add_argument("--recall-model", type=Path, default=RECALL_MODEL,
+                   help="recall model folder (default: the bundled tiny-llama-recall)")
+    p.add_argument("--recall-prompts", type=int, default=256, help="held-out recall prompts per context")
+    p.add_argument("--recall-contexts", type=int, nargs="+", default=[512, 1024],
+                   help="recall contexts in tokens (>= 512, so that KIVI's 128-token window does not cover them)")
+    p.add_argument("--recall-only", action="store_true", help="only the recall table (no perplexity grid, no targets)")
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
@@ -273,10 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         args.windows = args.windows or 4
         args.prompts, args.new_tokens, args.ctx = min(args.prompts, 2), min(args.new_tokens, 16), min(args.ctx, 256)
         args.speed_tokens, args.speed_repeats = min(args.speed_tokens, 4), 1
+        args.recall_prompts, args.recall_contexts = min(args.recall_prompts, 8), args.recall_contexts[:1]
     t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    recall = recall_grid(args.recall_model, args.recall_contexts, args.recall_prompts)
+    if args.recall_only:
+        text = "\n".join(recall_markdown(recall)[1:]) + "\n"
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(f"<!-- python benchmarks/kv_grid.py {' '.join(argv or sys.argv[1:])} -->\n" + text)
+        if args.json:
+            args.json.write_text(json.dumps(dict(recall=recall, recall_targets=recall_targets(recall)), indent=1))
+        return 0
     s = setup(args)
     grid = run_grid(s)
     targets = run_targets(s, grid)
+    targets["recall"] = recall
+    targets["recall_targets"] = recall_targets(recall)
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
                 processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
                 windows=int(s.windows.shape[0]), prompts=int(s.prompts.shape[0]), new_tokens=args.new_tokens, ctx=args.ctx,

@@ -36,7 +36,14 @@ def test_quick_run(tmp_path, capsys):
     assert rows["KV4"]["kv_bytes_per_token"] < 0.2 * rows["float"]["kv_bytes_per_token"]
     assert rows["W4A8"]["weight_bytes"] < 0.5 * rows["float"]["weight_bytes"]
     assert all(0 <= r["rep4"] <= 1 and r["ppl"] > 1 for r in rows.values())
+    recall = {(r["ctx"], r["setting"]): r for r in data["targets"]["recall"]["rows"]}
+    assert {(512, "float"), (512, "KV4"), (512, "KV2 (KIVI)")} <= set(recall)
+    assert all(0 <= r["cache"] <= 1 for r in recall.values())
+    assert recall[(512, "float")]["fake"] == recall[(512, "float")]["cache"]  # forward and generate() agree
+    # the shipped recall model recalls, and not from the last 128 tokens alone
+    assert recall[(512, "float")]["cache"] >= 0.9
+    assert recall[(512, "float, last 128 tokens only")]["cache"] <= 0.5
     text = md.read_text()
-    assert "| setting | KV scheme |" in text and "kv_grid.py --quick" in text
+    assert "| setting | KV scheme |" in text and "kv_grid.py --quick" in text and "KV4 recall / float recall" in text
     assert png.stat().st_size > 1000
     assert "| W4A8KV4 |" in capsys.readouterr().out
