@@ -166,7 +166,7 @@ def grid_comparison(s: Setup, n_windows: int) -> list[dict[str, Any]]:
         return fake_quantize_kv(x, dataclasses.replace(kv, grid="piecewise"), axis)
 
     piecewise_cache.bits_per_value = lambda kv: dataclasses.replace(kv, grid="piecewise").bits_per_value("token")
-    grids = {"uniform min-max (cache)": fake_quantize_kv, "piecewise min-max (cache, grid='piecewise')": piecewise_cache,
+    grids = {"uniform min-max (cache)": fake_quantize_kv, "piecewise mse (cache, grid='piecewise')": piecewise_cache,
              "uniform mse (project format)": format_fake_quant("uniform"),
              "piecewise mse (project format)": format_fake_quant("piecewise")}
     out = [dict(bits=16, grid="float", bits_per_value=16.0, keys_rel_mse=0.0, values_rel_mse=0.0,
