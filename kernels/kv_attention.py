@@ -1,8 +1,9 @@
 """Decode attention over a quantized KV cache, in C (``_pq_cpu.kv_attend``).
 
 One query token per head attends to a cache stored as three parts in token order: full-precision
-sink tokens, a packed history (codes with float16 scale and zero point, see
-``piecewise_quant.kv.KVQTensor``) and a full-precision window of recent tokens. The kernel reads
+sink tokens, a packed history (codes with float16 scale and zero point, or piecewise codes with a
+scale and breakpoint id, see ``piecewise_quant.kv.KVQTensor``) and a full-precision window of
+recent tokens. The kernel reads
 the codes directly: keys quantized per channel are folded into the query
 (``q . (s * c + z) = (q * s) . c + q . z`` per block), values per token into the weights, so no
 dequantized copy of the history is ever made. Scores, softmax and sums are float32.
@@ -29,7 +30,9 @@ class PackedSegment(NamedTuple):
     ``codes``: uint8 ``(B, H, n, D*bits/8)`` (token axis) or ``(B, H, n/G, G, D*bits/8)`` (channel axis);
     ``scale``/``zero``: float16, one value per token and ``G`` channels (token axis) or per channel
     and block of ``G`` tokens (channel axis); ``zero`` is ``None`` for symmetric codes, which are
-    offset by ``2**(bits-1)``.
+    offset by ``2**(bits-1)``. The piecewise grid adds ``breakpoint`` (uint8, ``scale``'s layout)
+    and ``levels`` (float32 ``(256, 2**bits)``: the level of each breakpoint id and code, in units
+    of the scale); its ``zero`` is ``None`` and its codes are looked up, not offset.
     """
 
     codes: torch.Tensor
@@ -39,6 +42,8 @@ class PackedSegment(NamedTuple):
     group_size: int
     bits: int
     axis: str
+    breakpoint: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +66,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 def _segment_args(seg: PackedSegment | None, keep: list[torch.Tensor], b: int, h: int, d: int) -> tuple:
     if seg is None or seg.tokens == 0:
-        return (0, 0, 0, 0, 1, 4, 0)
+        return (0, 0, 0, 0, 1, 4, 0, 0, 0)
     codes, scale = seg.codes.contiguous(), seg.scale.contiguous()
     if seg.bits not in FUSED_BITS or seg.axis not in _AXES:
         raise ValueError(f"kv_attend: bits must be one of {FUSED_BITS} and axis 'token' or 'channel'")
@@ -77,8 +82,25 @@ def _segment_args(seg: PackedSegment | None, keep: list[torch.Tensor], b: int, h
     if codes.dtype != torch.uint8 or scale.dtype != torch.float16 or (zero is not None and zero.dtype != torch.float16):
         raise ValueError("kv_attend: codes must be uint8 and scale/zero float16")
     keep += [codes, scale] + ([zero] if zero is not None else [])
+    bp, lut = _piecewise_args(seg, scale)
+    keep += [t for t in (bp, lut) if t is not None]
     return (codes.data_ptr(), scale.data_ptr(), 0 if zero is None else zero.data_ptr(), seg.tokens, seg.group_size,
-            seg.bits, _AXES[seg.axis])
+            seg.bits, _AXES[seg.axis], 0 if bp is None else bp.data_ptr(), 0 if lut is None else lut.data_ptr())
+
+
+def _piecewise_args(seg: PackedSegment, scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The piecewise segment's breakpoint ids and level table, checked (every uint8 id indexes the
+    256-row table, so no id can read outside it)."""
+    if seg.breakpoint is None and seg.levels is None:
+        return None, None
+    if seg.breakpoint is None or seg.levels is None or seg.zero is not None:
+        raise ValueError("kv_attend: a piecewise segment needs breakpoint ids and a level table, and no zero point")
+    bp, lut = seg.breakpoint.contiguous(), seg.levels.contiguous()
+    if bp.dtype != torch.uint8 or bp.numel() != scale.numel():
+        raise ValueError(f"kv_attend: breakpoint ids must be uint8 with one per scale ({scale.numel()})")
+    if lut.dtype != torch.float32 or tuple(lut.shape) != (256, 1 << seg.bits):
+        raise ValueError(f"kv_attend: the level table must be float32 of shape (256, {1 << seg.bits})")
+    return bp, lut
 
 
 def kv_attend(

@@ -171,9 +171,9 @@ class KVArgs:
             only. fp8 is always symmetric.
         grid: ``"uniform"`` (default) or ``"piecewise"``: the project's weight grid (a dense
             centre and sparse tails, one signed float16 scale and a breakpoint id per group,
-            chosen by the min-max breakpoint search at every write), int codes only. It has
-            the lower error at 3-4 bits on per-token groups; its writes cost more and decoding
-            from it runs the dense path, not the fused kernel (docs/kv-cache.md).
+            chosen by an MSE breakpoint search at every write), int codes only. Lower error
+            than uniform at every width and fewer stored bits; slower writes, so slower decode
+            at short contexts (docs/kv-cache.md).
         key_rotation: rotate each head's keys by a randomized Hadamard matrix before quantizing
             them and back after (QuaRot/SpinQuant's R3: the same attention scores as rotating
             queries and keys, and key outlier channels spread out). Set by ``rotation`` with

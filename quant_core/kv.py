@@ -15,6 +15,7 @@ which is all a cache needs: history is never re-quantized.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,7 +25,7 @@ from .formats.base import round_scale
 from .formats.groups import round_half_even
 from .formats.piecewise import _encode as encode_piecewise
 from .kernels import kv_attention
-from .kernels.grids import PIECEWISE_TABLES, outer_levels, piecewise_levels, piecewise_table
+from .kernels.grids import outer_levels, piecewise_levels, piecewise_table
 from .kernels.hadamard import get_rotation
 from .kernels.packing import pack_codes, unpack_codes
 
@@ -154,78 +155,98 @@ def _quantize_torch(x: torch.Tensor, args: KVArgs, axis: str) -> KVQTensor:
 
 PIECEWISE_SCALES = {2: 0.3, 3: 0.45}  # the smallest scale factor tried, per bits (else 0.55): the format's MSE range
 _SEARCH_ELEMENTS = 1 << 21  # per chunk of groups: bounds the search's temporary memory on a long prefill
-_ONE_PASS = 1 << 16
 
 
 def piecewise_search(groups: torch.Tensor, bits: int, mse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The piecewise grid's breakpoint search, every breakpoint id at once: for each group of
     ``groups`` ``(n, g)`` (float32), the (signed scale, breakpoint id) with the smallest squared
     error. ``mse=False``: each id with the scale that covers the group, the same choice as
-    ``PiecewiseFormat.search(groups, bits, "minmax")``; ``mse=True``: six scales from that one
-    down, every id at the two largest and the three best ids at the others (the format's coarse
-    MSE stages, without its finer one), so its error is never above the min-max choice's. 8 bits looks at every 8th id, as the
-    format does."""
-    n_ids = len(PIECEWISE_TABLES[bits])
-    ids = torch.arange(0, n_ids, max(1, n_ids // 32), device=groups.device)
-    factors = torch.linspace(1.0, PIECEWISE_SCALES.get(bits, 0.55), 6) if mse else torch.ones(1)
+    ``PiecewiseFormat.search(groups, bits, "minmax")``; ``mse=True``: every id at six scales from
+    that one down (the format's coarse MSE scales, without its finer stage), so its error is never
+    above the min-max choice's. 8 bits looks at every 8th id, as the format does. (The C kernel
+    ``kv_piecewise`` runs the same search on the CPU.)"""
+    ids = _candidates(bits, groups.device)[0]
+    factors = _factors(bits, mse).to(groups.device)
     chunk = max(1, _SEARCH_ELEMENTS // (ids.numel() * factors.numel() * max(1, groups.shape[1])))
-    out = [_search_chunk(c, bits, ids, factors.to(groups.device)) for c in groups.split(chunk)]
+    out = [_search_chunk(c, bits, ids, factors) for c in groups.split(chunk)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
+@functools.lru_cache(maxsize=16)
+def _factors(bits: int, mse: bool) -> torch.Tensor:
+    return torch.linspace(1.0, PIECEWISE_SCALES.get(bits, 0.55), 6) if mse else torch.ones(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _candidates(bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The breakpoint ids the search tries (every 8th at 8 bits) and their ``h, r`` and outer levels."""
+    table = piecewise_table(bits, device)
+    neg_outer, pos_outer = outer_levels(bits, device)
+    ids = torch.arange(0, table.shape[0], max(1, table.shape[0] // 32), device=device)
+    return ids, table[ids, 0].contiguous(), table[ids, 1].contiguous(), neg_outer[ids].contiguous(), pos_outer[ids].contiguous()
+
+
 def _search_chunk(groups: torch.Tensor, bits: int, ids: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`piecewise_search` on one chunk: every id at the two largest scale factors, then the
-    three best ids at the other factors (the format's stages 1 and 2); for a small chunk, every id
-    at every factor."""
-    table = piecewise_table(bits, groups.device)
-    neg_outer, pos_outer = outer_levels(bits, groups.device)
+    """:func:`piecewise_search` on one chunk of groups: every id at every scale factor."""
+    _, h, r, no, po = _candidates(bits, groups.device)
     lo, hi = groups.amin(dim=1).clamp(max=0), groups.amax(dim=1).clamp(min=0)
     neg_big = (-lo) >= hi  # the larger side goes on the negative codes, which have one more level
     sign = torch.where(neg_big, 1.0, -1.0)
     big, small = torch.where(neg_big, -lo, hi), torch.where(neg_big, hi, -lo)
-    xo = groups * sign[:, None]
-
-    def errors(k: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared error and scale of ids ``k`` ``(n, c)`` at factors ``f`` ``(c,)``."""
-        h, r, no, po = table[k, 0, None], table[k, 1, None], neg_outer[k, None], pos_outer[k, None]
-        scale = torch.maximum(big[:, None] / neg_outer[k], small[:, None] / pos_outer[k]) * f
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        x = xo[:, None, :] / safe[:, :, None]
-        a = x.abs()
-        centre = torch.clamp(round_half_even(x), -h, h)
-        tail = torch.copysign(h + r * torch.clamp(round_half_even((a - h) / r), min=1.0), x)
-        level = torch.clamp(torch.where(a <= h + r / 2, centre, tail), -no, po)
-        return (level - x).square().sum(dim=-1) * safe.square(), scale
-
-    n = groups.shape[0]
-    # a few groups (one token's write): every id at every factor in one pass costs fewer op calls
-    first = factors if n * ids.numel() * factors.numel() * groups.shape[1] <= _ONE_PASS else factors[:2]
-    k1 = ids.repeat_interleave(first.numel()).expand(n, -1)
-    err, scale = errors(k1, first.repeat(ids.numel()))
-    kk = k1
-    if first.numel() < factors.numel():
-        top = ids[err.reshape(n, ids.numel(), -1).amin(dim=2).topk(min(3, ids.numel()), dim=1, largest=False).indices]
-        k2 = top.repeat_interleave(factors.numel() - 2, dim=1)
-        e2, s2 = errors(k2, factors[2:].repeat(top.shape[1]))
-        err, scale, kk = torch.cat([err, e2], 1), torch.cat([scale, s2], 1), torch.cat([k1, k2], 1)
+    f = factors.numel()
+    cover = torch.maximum(big[:, None] / no, small[:, None] / po)  # (n, ids)
+    scale = (cover[:, :, None] * factors).flatten(1)  # (n, ids * factors), id-major
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x = (groups * sign[:, None])[:, None, :] / safe[:, :, None]
+    h3, r3 = h.repeat_interleave(f)[None, :, None], r.repeat_interleave(f)[None, :, None]
+    no3, po3 = no.repeat_interleave(f)[None, :, None], po.repeat_interleave(f)[None, :, None]
+    a = x.abs()
+    centre = torch.clamp(round_half_even(x), -h3, h3)
+    tail = torch.copysign(h3 + r3 * torch.clamp(round_half_even((a - h3) / r3), min=1.0), x)
+    level = torch.clamp(torch.where(a <= h3 + r3 / 2, centre, tail), -no3, po3)
+    err = (level - x).square().sum(dim=-1) * safe.square()
     best = err.argmin(dim=1)
-    return scale.gather(1, best[:, None]).squeeze(1) * sign, kk.gather(1, best[:, None]).squeeze(1)
+    return scale.gather(1, best[:, None]).squeeze(1) * sign, ids[best // f]
+
+
+def _piecewise_c(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...] | None:
+    """:func:`piecewise_search` and the encoding in C (``kv_piecewise``): ``(codes, scale, ids)``, or
+    ``None`` where the kernel is not built, the tensor is not on the CPU, or it holds NaN."""
+    ext = kv_attention._ext()
+    if ext is None or not hasattr(ext, "kv_piecewise") or not flat.is_cpu:
+        return None
+    x = flat.contiguous()
+    ids, h, r, no, po = _candidates(bits, x.device)
+    fac = _factors(bits, True)
+    n, g = x.shape
+    codes = torch.empty(n, g, dtype=torch.uint8)
+    scale = torch.empty(n, dtype=META_DTYPE)
+    bp = torch.empty(n, dtype=torch.uint8)
+    ok = ext.kv_piecewise(x.data_ptr(), n, g, bits, ids.numel(), h.data_ptr(), r.data_ptr(), no.data_ptr(), po.data_ptr(),
+                          ids.data_ptr(), fac.numel(), fac.data_ptr(), codes.data_ptr(), scale.data_ptr(), bp.data_ptr())
+    return (codes, scale, bp) if ok else None
+
+
+def _piecewise_torch(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    s, k = piecewise_search(flat, bits)
+    s = round_scale(s, META_DTYPE, "kv_cache").float()
+    table = piecewise_table(bits, flat.device)
+    half = float(1 << (bits - 1))
+    safe = torch.where(s != 0, s, torch.ones_like(s))[:, None]
+    d = encode_piecewise(flat / safe, table[k, 0][:, None], table[k, 1][:, None], half)
+    return (d + half).to(torch.uint8), s.to(META_DTYPE), k.to(torch.uint8)
 
 
 def _quantize_piecewise(xg: torch.Tensor, red: int, args: KVArgs, axis: str, head_dim: int) -> KVQTensor:
     """Piecewise codes of the groups of ``xg`` (reduced over dimension ``red``)."""
     moved = xg.movedim(red, -1)
     flat = moved.reshape(-1, moved.shape[-1])
-    s, k = piecewise_search(flat, args.bits)
-    s = round_scale(s, META_DTYPE, "kv_cache").float()
-    table = piecewise_table(args.bits, xg.device)
-    half = float(1 << (args.bits - 1))
-    safe = torch.where(s != 0, s, torch.ones_like(s))[:, None]
-    d = encode_piecewise(flat / safe, table[k, 0][:, None], table[k, 1][:, None], half)
-    codes = (d + half).to(torch.uint8).reshape(moved.shape).movedim(-1, red)
+    out = _piecewise_c(flat, args.bits) if not (flat.requires_grad and torch.is_grad_enabled()) else None
+    codes, s, k = out if out is not None else _piecewise_torch(flat, args.bits)
+    codes = codes.reshape(moved.shape).movedim(-1, red)
     meta_shape = (*moved.shape[:-1], 1)
-    scale = s.to(META_DTYPE).reshape(meta_shape).movedim(-1, red)
-    bp = k.to(torch.uint8).reshape(meta_shape).movedim(-1, red)
+    scale = s.reshape(meta_shape).movedim(-1, red)
+    bp = k.reshape(meta_shape).movedim(-1, red)
     codes = codes.reshape(*codes.shape[:3], -1) if axis == "token" else codes
     return KVQTensor(_pack(codes, args.bits, "int"), scale, None, axis, args.bits, "int", head_dim, bp)
 
@@ -233,13 +254,16 @@ def _quantize_piecewise(xg: torch.Tensor, red: int, args: KVArgs, axis: str, hea
 _LEVELS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _level_table(bits: int, device: torch.device) -> torch.Tensor:
-    """Every piecewise level in units of the scale, flat: entry ``id * 2**bits + code``."""
-    key = (bits, device)
+def level_table(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every piecewise level in units of the scale, ``(256, 2**bits)`` float32: row ``id``, column
+    ``code``; rows past the grid's ``2**bits`` ids are zero, so any uint8 id stays inside it."""
+    key = (bits, torch.device(device))
     if key not in _LEVELS:
         table = piecewise_table(bits, device)
         d = torch.arange(1 << bits, dtype=torch.float32, device=device) - (1 << (bits - 1))
-        _LEVELS[key] = piecewise_levels(d[None, :], table[:, :1], table[:, 1:]).reshape(-1)
+        lut = torch.zeros(256, 1 << bits, dtype=torch.float32, device=device)
+        lut[: table.shape[0]] = piecewise_levels(d[None, :], table[:, :1], table[:, 1:])
+        _LEVELS[key] = lut
     return _LEVELS[key]
 
 
@@ -274,7 +298,7 @@ def dequantize_kv(q: KVQTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
         b, h, t, d = vals.shape
         vals = vals.reshape(b, h, t, q.scale.shape[3], -1)
     if q.breakpoint is not None:  # one look-up of (breakpoint id, code) in the table of grid levels
-        lut = _level_table(q.bits, vals.device)
+        lut = level_table(q.bits, vals.device).reshape(-1)
         out = lut[q.breakpoint.long() * (1 << q.bits) + vals.long()] * q.scale.float()
     elif q.zero is None:
         if q.format == "int":
@@ -365,14 +389,13 @@ class KVParts:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def fusable(self) -> bool:
-        """Whether :func:`decode_attention`'s kernel reads this history (uniform int codes of 2, 4
-        or 8 bits on the CPU; fp8, 3-bit and piecewise codes are not)."""
+        """Whether :func:`decode_attention`'s kernel reads this history (int codes of 2, 4 or 8
+        bits, uniform or piecewise, on the CPU; fp8 and 3-bit codes are not)."""
         h = self.history
         return (
             kv_attention.available()
             and self.window.device.type == "cpu"
-            and (h is None or (h.format == "int" and h.breakpoint is None and h.bits in kv_attention.FUSED_BITS
-                               and h.codes.device.type == "cpu"))
+            and (h is None or (h.format == "int" and h.bits in kv_attention.FUSED_BITS and h.codes.device.type == "cpu"))
         )
 
 
@@ -380,7 +403,8 @@ def _segment(h: KVQTensor | None):
     if h is None:
         return None
     g = h.codes.shape[3] if h.axis == "channel" else h.head_dim // h.scale.shape[3]
-    return kv_attention.PackedSegment(h.codes, h.scale, h.zero, h.tokens, g, h.bits, h.axis)
+    levels = None if h.breakpoint is None else level_table(h.bits)
+    return kv_attention.PackedSegment(h.codes, h.scale, h.zero, h.tokens, g, h.bits, h.axis, h.breakpoint, levels)
 
 
 def decode_attention(
@@ -394,7 +418,8 @@ def decode_attention(
     :meth:`KVParts.fusable`; values must be quantized per token.
     """
     if not (keys.fusable() and values.fusable()):
-        raise ValueError("decode_attention needs int 2/4/8-bit histories on the CPU with the compiled kernels")
+        raise ValueError("decode_attention needs int 2/4/8-bit histories (uniform or piecewise) on the CPU with the "
+                         "compiled kernels")
     if values.history is not None and values.history.axis != "token":
         raise ValueError("decode_attention: values must be quantized per token")
     q_history = key_rotation(query.shape[-1])(query.float()) if keys.rotated and keys.history is not None else None

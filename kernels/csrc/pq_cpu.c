@@ -1632,13 +1632,40 @@ static PyObject *py_hadamard(PyObject *self, PyObject *args) {
 
 /* One packed K or V history segment (quant_core/kv.py's KVQTensor): codes packed along head_dim,
  * low bits first (bits 2, 4 or 8); float16 scale and zero point (zero NULL: symmetric, codes offset
- * by 2^(bits-1)). axis 0 (token): scale [B][H][n][D/G]; axis 1 (channel): scale [B][H][n/G][D]. */
+ * by 2^(bits-1)). axis 0 (token): scale [B][H][n][D/G]; axis 1 (channel): scale [B][H][n/G][D].
+ * Piecewise grid: bp (uint8 breakpoint id, scale's layout) and lut (float32 [256][2^bits], the
+ * level of each id and code in units of the scale); zero is NULL and codes are not offset. */
 typedef struct {
-    const uint8_t *codes;
+    const uint8_t *codes, *bp;
     const uint16_t *scale, *zero;
+    const float *lut;
     int64_t n, G;
     int bits, axis;
 } kvq_t;
+
+/* piecewise codes -> levels: buf holds D unpacked codes; bp one id per group of g channels (g = D:
+ * one id for the row) or, with g = 1, one per channel */
+INLINE void kv_levels(float *buf, const uint8_t *bp, int64_t D, int64_t g, const float *lut, int bits) {
+    for (int64_t c = 0; c < D; c++) buf[c] = lut[((int64_t)bp[c / g] << bits) + (int64_t)buf[c]];
+}
+
+/* kv_levels with one gather per 16 values (per-channel ids, or groups that are multiples of 16) */
+AVX512 static inline void kv_levels512(float *buf, const uint8_t *bp, int64_t D, int64_t g, const float *lut, int bits) {
+    if (D % 16 || (g != 1 && g % 16)) {
+        kv_levels(buf, bp, D, g, lut, bits);
+        return;
+    }
+    const __m128i sh = _mm_cvtsi32_si128(bits);
+    for (int64_t c = 0; c < D; c += 16) {
+        __m512i id = g == 1 ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp + c)))
+                            : _mm512_set1_epi32(bp[c / g]);
+        __m512i idx = _mm512_add_epi32(_mm512_sll_epi32(id, sh), _mm512_cvttps_epi32(_mm512_loadu_ps(buf + c)));
+        _mm512_storeu_ps(buf + c, _mm512_i32gather_ps(idx, lut, 4));
+    }
+}
+
+#define KV_LEVELS(buf, bp, D, g, lut, bits) \
+    (V512 ? kv_levels512(buf, bp, D, g, lut, bits) : kv_levels(buf, bp, D, g, lut, bits))
 
 typedef struct {
     const float *q, *qh, *mask;
@@ -1806,7 +1833,7 @@ INLINE void kv_scores(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, floa
     if (K->n) {
         int64_t rowb = D * K->bits / 8, bh = b * J->Hkv + h;
         const uint8_t *codes = K->codes + bh * K->n * rowb;
-        float off = K->zero ? 0.0f : (float)(1 << (K->bits - 1));
+        float off = (K->zero || K->bp) ? 0.0f : (float)(1 << (K->bits - 1));
         if (K->axis == 1) {
             int64_t nb = K->n / K->G;
             const uint16_t *s16 = K->scale + bh * nb * D, *z16 = K->zero ? K->zero + bh * nb * D : NULL;
@@ -1835,6 +1862,7 @@ INLINE void kv_scores(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, floa
                 }
                 for (int64_t i = 0; i < K->G; i++, t++) {
                     KV_UNPACK(codes + (k * K->G + i) * rowb, K->bits, D, buf);
+                    if (K->bp) KV_LEVELS(buf, K->bp + (bh * nb + k) * D, D, 1, K->lut, K->bits);
                     for (int64_t r = 0; r < nrep; r++) sc[r * T + t] = KV_DOT(buf, qs + r * D, D) + bias[r];
                 }
             }
@@ -1850,6 +1878,7 @@ INLINE void kv_scores(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, floa
                 }
             for (int64_t i = 0; i < K->n; i++, t++) {
                 KV_UNPACK(codes + i * rowb, K->bits, D, buf);
+                if (K->bp) KV_LEVELS(buf, K->bp + (bh * K->n + i) * ng, D, K->G, K->lut, K->bits);
                 for (int64_t r = 0; r < nrep; r++) {
                     const float *qr = qh0 + r * D;
                     float acc = 0;
@@ -1888,9 +1917,10 @@ INLINE void kv_values(const kvjob_t *J, int64_t b, int64_t h, int64_t nrep, cons
         int64_t rowb = D * V->bits / 8, bh = b * J->Hkv + h, ng = D / V->G;
         const uint8_t *codes = V->codes + bh * V->n * rowb;
         const uint16_t *s16 = V->scale + bh * V->n * ng, *z16 = V->zero ? V->zero + bh * V->n * ng : NULL;
-        float off = V->zero ? 0.0f : (float)(1 << (V->bits - 1));
+        float off = (V->zero || V->bp) ? 0.0f : (float)(1 << (V->bits - 1));
         for (int64_t i = 0; i < V->n; i++, t++) {
             KV_UNPACK(codes + i * rowb, V->bits, D, buf);
+            if (V->bp) KV_LEVELS(buf, V->bp + (bh * V->n + i) * ng, D, V->G, V->lut, V->bits);
             for (int64_t g = 0; g < ng; g++) {
                 float s_ = half_to_float(s16[i * ng + g]);
                 float z_ = z16 ? half_to_float(z16[i * ng + g]) : -off * s_;
@@ -1950,16 +1980,18 @@ AVX2 static void kv_task256(void *ctx, int part, int nparts) { KV_TASK_BODY(1) }
 static void kv_task_base(void *ctx, int part, int nparts) { KV_TASK_BODY(0) }
 
 static int kv_parse_q(PyObject *t, kvq_t *K, int64_t B, int64_t H, int64_t D) {
-    unsigned long long c, s, z;
+    unsigned long long c, s, z, bp, lut;
     long long n, G;
     int bits, axis;
-    if (!PyArg_ParseTuple(t, "KKKLLii", &c, &s, &z, &n, &G, &bits, &axis)) return 0;
+    if (!PyArg_ParseTuple(t, "KKKLLiiKK", &c, &s, &z, &n, &G, &bits, &axis, &bp, &lut)) return 0;
     if (n < 0 || (n && (!c || !s || G < 1 || (bits != 2 && bits != 4 && bits != 8) || (axis != 0 && axis != 1) ||
-                        (axis == 0 && D % G) || (axis == 1 && n % G) || (D * bits) % 8))) {
-        PyErr_SetString(PyExc_ValueError, "kv_attend: bad quantized segment (bits 2/4/8, axis 0/1, G must divide)");
+                        (axis == 0 && D % G) || (axis == 1 && n % G) || (D * bits) % 8 || (!bp != !lut) || (bp && z)))) {
+        PyErr_SetString(PyExc_ValueError, "kv_attend: bad quantized segment (bits 2/4/8, axis 0/1, G must divide; "
+                                          "piecewise: breakpoint ids and level table together, no zero point)");
         return 0;
     }
-    *K = (kvq_t){(const uint8_t *)(uintptr_t)c, (const uint16_t *)(uintptr_t)s, (const uint16_t *)(uintptr_t)z, n, G, bits, axis};
+    *K = (kvq_t){(const uint8_t *)(uintptr_t)c, (const uint8_t *)(uintptr_t)bp, (const uint16_t *)(uintptr_t)s,
+                 (const uint16_t *)(uintptr_t)z, (const float *)(uintptr_t)lut, n, G, bits, axis};
     return 1;
 }
 
@@ -1967,7 +1999,7 @@ static int kv_parse_q(PyObject *t, kvq_t *K, int64_t B, int64_t H, int64_t D) {
  * decode attention of one query token per head. q/qh/out float32 [B][Hq][D] (qh: the query for the
  * quantized key history, q rotated when the history holds rotated keys); mask float32 [B][T] or 0;
  * ks/vs sinks and kr/vr residual windows float32 [B][Hkv][n][D]; kq/vq: (codes, scale, zero, n, G,
- * bits, axis). T = S + kq.n + Rk = S + vq.n + Rv. */
+ * bits, axis, breakpoint ids, level table), the last two 0 for the uniform grid. T = S + kq.n + Rk = S + vq.n + Rv. */
 static PyObject *py_kv_attend(PyObject *self, PyObject *args) {
     unsigned long long q, qh, mask, out, ks, kr, vs, vr;
     long long B, Hq, Hkv, D, S, Rk, Rv;
@@ -2070,6 +2102,126 @@ static int kv_quantize_rows(const float *x, int64_t rows, int64_t D, int64_t G, 
     return 1;
 }
 
+/* kv_piecewise(x, n, g, bits, nk, h, r, no, po, ids, nf, factors, codes, scale, bp) -> bool:
+ * quant_core/kv.py's piecewise_search + encode for n contiguous groups of g float32 values: for
+ * each group, every candidate breakpoint (h, r, outer levels no/po, id) at every scale factor of
+ * the covering scale, the one with the smallest squared error; its scale rounded to float16
+ * (nearest, never to zero); the codes d + 2^(bits-1) unpacked in codes [n][g]. False on NaN or a
+ * scale float16 cannot hold (the torch code then runs and reports it). */
+/* squared error (in units of the scale) of one group on the (h, r) grid at scale `safe` */
+INLINE float kv_pw_err(const float *xg, int64_t g, float sign, float safe, float hj, float rj, float noj, float poj) {
+    float err = 0.0f, edge = hj + rj / 2;
+    for (int64_t c = 0; c < g; c++) {
+        float xv = (xg[c] * sign) / safe, a = fabsf(xv), lev;
+        if (a <= edge) {
+            lev = __builtin_nearbyintf(xv);
+            lev = lev < -hj ? -hj : lev > hj ? hj : lev;
+        } else {
+            float k = __builtin_nearbyintf((a - hj) / rj);
+            lev = copysignf(hj + rj * (k < 1.0f ? 1.0f : k), xv);
+        }
+        lev = lev < -noj ? -noj : lev > poj ? poj : lev;
+        err += (lev - xv) * (lev - xv);
+    }
+    return err;
+}
+
+AVX512 static float kv_pw_err512(const float *xg, int64_t g, float sign, float safe, float hj, float rj, float noj,
+                                 float poj) {
+    const __m512 vs = _mm512_set1_ps(sign), vsafe = _mm512_set1_ps(safe), vh = _mm512_set1_ps(hj), vr = _mm512_set1_ps(rj);
+    const __m512 vnh = _mm512_set1_ps(-hj), vedge = _mm512_set1_ps(hj + rj / 2), vone = _mm512_set1_ps(1.0f);
+    const __m512 vno = _mm512_set1_ps(-noj), vpo = _mm512_set1_ps(poj), sgn = _mm512_set1_ps(-0.0f);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < g; c += 16) {
+        __m512 x = _mm512_div_ps(_mm512_mul_ps(_mm512_loadu_ps(xg + c), vs), vsafe);
+        __m512 a = _mm512_andnot_ps(sgn, x);
+        __m512 lc = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        lc = _mm512_min_ps(_mm512_max_ps(lc, vnh), vh);
+        __m512 k = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(a, vh), vr), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        k = _mm512_max_ps(k, vone);
+        __m512 lt = _mm512_or_ps(_mm512_and_ps(x, sgn), _mm512_add_ps(vh, _mm512_mul_ps(vr, k)));
+        __m512 lev = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, vedge, _CMP_LE_OQ), lt, lc);
+        lev = _mm512_min_ps(_mm512_max_ps(lev, vno), vpo);
+        __m512 d = _mm512_sub_ps(lev, x);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static int kv_piecewise_rows(const float *x, int64_t n, int64_t g, int bits, int64_t nk, const float *h, const float *r,
+                             const float *no, const float *po, const int64_t *ids, int64_t nf, const float *fac,
+                             uint8_t *codes, uint16_t *scale, uint8_t *bp) {
+    const float half = (float)(1 << (bits - 1));
+    const int v512 = tier_limit() >= 2;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xg = x + i * g;
+        float lo = 0.0f, hi = 0.0f;
+        for (int64_t c = 0; c < g; c++) {
+            float v = xg[c];
+            if (v != v) return 0;
+            if (v < lo) lo = v;
+            if (v > hi) hi = v;
+        }
+        int neg_big = -lo >= hi;
+        float sign = neg_big ? 1.0f : -1.0f, big = neg_big ? -lo : hi, small = neg_big ? hi : -lo;
+        float best = INFINITY, best_s = 0.0f;
+        int64_t best_j = 0;
+        for (int64_t j = 0; j < nk; j++) {
+            float a1 = big / no[j], a2 = small / po[j], cover = a1 > a2 ? a1 : a2;
+            float hj = h[j], rj = r[j];
+            for (int64_t f = 0; f < nf; f++) {
+                float sc = cover * fac[f], safe = sc > 0 ? sc : 1.0f, err;
+                if (v512 && g % 16 == 0) err = kv_pw_err512(xg, g, sign, safe, hj, rj, no[j], po[j]);
+                else err = kv_pw_err(xg, g, sign, safe, hj, rj, no[j], po[j]);
+                err *= safe * safe;
+                if (err < best) best = err, best_s = sc, best_j = j;
+            }
+        }
+        float mag = best_s;
+        if (!(mag <= 65504.0f)) return 0;
+        uint16_t sh = half_rne(mag);
+        if (mag > 0 && sh == 0) sh = 1;
+        float sf = half_to_float(sh) * sign;
+        scale[i] = (uint16_t)(sh | (sign < 0 ? 0x8000 : 0));
+        bp[i] = (uint8_t)ids[best_j];
+        float hj = h[best_j], rj = r[best_j], safe = sf != 0 ? sf : 1.0f;
+        for (int64_t c = 0; c < g; c++) {
+            float xv = xg[c] / safe, a = fabsf(xv), d;
+            if (a <= hj + rj / 2) {
+                d = __builtin_nearbyintf(xv);
+                d = d < -hj ? -hj : d > hj ? hj : d;
+            } else {
+                float k = __builtin_nearbyintf((a - hj) / rj);
+                d = (xv > 0 ? 1.0f : -1.0f) * (hj + (k < 1.0f ? 1.0f : k));
+            }
+            d = d < -half ? -half : d > half - 1 ? half - 1 : d;
+            codes[i * g + c] = (uint8_t)(d + half);
+        }
+    }
+    return 1;
+}
+
+static PyObject *py_kv_piecewise(PyObject *self, PyObject *args) {
+    unsigned long long x, h, r, no, po, ids, fac, codes, scale, bp;
+    long long n, g, nk, nf;
+    int bits;
+    if (!PyArg_ParseTuple(args, "KLLiLKKKKKLKKKK", &x, &n, &g, &bits, &nk, &h, &r, &no, &po, &ids, &nf, &fac, &codes,
+                          &scale, &bp))
+        return NULL;
+    if (n < 0 || g < 1 || nk < 1 || nf < 1 || (bits != 2 && bits != 3 && bits != 4 && bits != 8)) {
+        PyErr_SetString(PyExc_ValueError, "kv_piecewise: n >= 0, g >= 1, bits 2/3/4/8, candidates and factors");
+        return NULL;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = kv_piecewise_rows((const float *)(uintptr_t)x, n, g, bits, nk, (const float *)(uintptr_t)h,
+                           (const float *)(uintptr_t)r, (const float *)(uintptr_t)no, (const float *)(uintptr_t)po,
+                           (const int64_t *)(uintptr_t)ids, nf, (const float *)(uintptr_t)fac, (uint8_t *)(uintptr_t)codes,
+                           (uint16_t *)(uintptr_t)scale, (uint8_t *)(uintptr_t)bp);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *py_kv_quantize(PyObject *self, PyObject *args) {
     unsigned long long x, codes, scale, zero;
     long long rows, D, G;
@@ -2097,6 +2249,7 @@ static PyMethodDef methods[] = {
     {"set_openmp", py_set_openmp, METH_VARARGS, "Run parallel work on torch's OpenMP team (GOMP entry points)."},
     {"hadamard", py_hadamard, METH_VARARGS, "Randomized Hadamard transform of float rows (kernels/hadamard.py)."},
     {"kv_quantize", py_kv_quantize, METH_VARARGS, "Quantize K/V rows per token (quant_core/kv.py's quantize_kv, bit for bit)."},
+    {"kv_piecewise", py_kv_piecewise, METH_VARARGS, "Piecewise K/V quantization of contiguous groups (breakpoint search)."},
     {"kv_attend", py_kv_attend, METH_VARARGS, "Decode attention over a quantized KV cache (packed history, float window)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},

@@ -24,7 +24,10 @@ def tier(request, monkeypatch):
 
 def _parts(bits, key_axis, symmetric, rotated, hkv, sink, window, d=64, g=32, b=2, n=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    args = KVArgs(bits=bits, key_axis=key_axis, group_size=g, symmetric=symmetric)
+    if symmetric == "piecewise":
+        args = KVArgs(bits=bits, key_axis=key_axis, group_size=g, grid="piecewise")
+    else:
+        args = KVArgs(bits=bits, key_axis=key_axis, group_size=g, symmetric=symmetric)
     keys = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
     if rotated:
         keys = key_rotation(d)(keys)
@@ -36,10 +39,11 @@ def _parts(bits, key_axis, symmetric, rotated, hkv, sink, window, d=64, g=32, b=
     return kp, vp
 
 
-CASES = list(itertools.product((2, 4, 8), ("channel", "token"), (False, True)))
+CASES = list(itertools.product((2, 4, 8), ("channel", "token"), (False, True, "piecewise")))
+_MODE = {False: "asym", True: "sym", "piecewise": "piecewise"}
 
 
-@pytest.mark.parametrize("bits, key_axis, symmetric", CASES, ids=[f"int{b}-{a}-{'sym' if s else 'asym'}" for b, a, s in CASES])
+@pytest.mark.parametrize("bits, key_axis, symmetric", CASES, ids=[f"int{b}-{a}-{_MODE[s]}" for b, a, s in CASES])
 def test_matches_float64_reference(tier, bits, key_axis, symmetric):
     for rotated, (hq, hkv), sink, window in [(False, (4, 4), 0, 0), (True, (8, 2), 3, 5)]:
         kp, vp = _parts(bits, key_axis, symmetric, rotated, hkv, sink, window)
@@ -57,8 +61,8 @@ def test_matches_float64_reference(tier, bits, key_axis, symmetric):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_other_head_dims(tier, d, g, bits):
     """Head sizes the vector paths cover only in part (the rest runs the generic loops)."""
-    for key_axis in ("channel", "token"):
-        kp, vp = _parts(bits, key_axis, False, False, 1, 2, 3, d=d, g=g)
+    for key_axis, mode in itertools.product(("channel", "token"), (False, "piecewise")):
+        kp, vp = _parts(bits, key_axis, mode, False, 1, 2, 3, d=d, g=g)
         q = torch.randn(2, 2, d, generator=torch.Generator().manual_seed(2))
         ref = decode_attention_reference(q.double(), kp, vp, 0.1)
         got = decode_attention(q, kp, vp, 0.1)
@@ -106,6 +110,15 @@ def test_inconsistent_inputs_are_refused():
     assert not fp8.fusable()
     with pytest.raises(ValueError, match="int 2/4/8-bit"):
         decode_attention(q, kp, fp8, 0.1)
+    from piecewise_quant.kv import _segment
+
+    pk, pv = _parts(4, "token", "piecewise", False, 2, 0, 4)
+    keys, base = (pk.sink, _segment(pk.history), pk.window), _segment(pv.history)
+    for bad, match in [(dict(levels=None), "breakpoint ids and a level table"),
+                       (dict(breakpoint=base.breakpoint.reshape(-1)[:-1]), "one per scale"),
+                       (dict(levels=base.levels[:16]), "level table must be float32 of shape")]:
+        with pytest.raises(ValueError, match=match):
+            kv_attention.kv_attend(q, keys, (pv.sink, base._replace(**bad), pv.window), 0.1)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

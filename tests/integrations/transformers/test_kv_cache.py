@@ -89,9 +89,10 @@ def test_generate_batch_and_beam_search_match_fake_quant(tiny, batch, beams, kv)
     assert torch.equal(real, fake)
 
 
-def test_piecewise_kivi_cache_decodes_on_the_dense_path(tiny, batch, monkeypatch):
-    """Piecewise codes are not read by the fused kernel: decoding dequantizes them (the kernel is
-    never called), and the stored keys and values stay within the grid's error of the float ones."""
+def test_piecewise_kivi_cache_at_3_bits_decodes_on_the_dense_path(tiny, batch, monkeypatch):
+    """3-bit piecewise codes are not read by the fused kernel: decoding dequantizes them (the
+    kernel is never called), and the stored keys and values stay within the grid's error of the
+    float ones."""
     from piecewise_quant.integrations.transformers import kv_cache as kvc
 
     kv = KVArgs(bits=3, key_axis="channel", group_size=8, residual_length=4, sink_tokens=1, grid="piecewise")
@@ -240,8 +241,9 @@ def _scores_close(xs, ys, rel=1e-4):
         assert (x[finite] - y[finite]).abs().max() <= rel * y[finite].abs().max()
 
 
-@pytest.mark.parametrize("kv", [KIVI, EXACT, KVArgs(bits=8, group_size=8, residual_length=4, symmetric=True, key_rotation=True)],
-                         ids=["kivi2-sinks", "int4-token", "int8-sym-R3"])
+@pytest.mark.parametrize("kv", [KIVI, EXACT, KVArgs(bits=8, group_size=8, residual_length=4, symmetric=True, key_rotation=True),
+                                KVArgs(bits=4, group_size=8, residual_length=4, sink_tokens=1, grid="piecewise")],
+                         ids=["kivi2-sinks", "int4-token", "int8-sym-R3", "kivi4-piecewise"])
 def test_decode_reads_the_codes_and_matches_the_dense_path(tiny, batch, kv, monkeypatch):
     """GQA, left padding: the decode steps run the kernel (counted) and give the dense path's tokens
     and scores (the dense path dequantizes the history and runs SDPA)."""
