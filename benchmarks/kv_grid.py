@@ -266,6 +266,39 @@ def recall_grid(model_dir: Path, contexts: list[int], n: int) -> dict[str, Any]:
         (rt.eval_prompts(n, c)[2] < rt.pairs_for(c) // 4).sum()) for c in contexts})
 
 
+@torch.no_grad()
+def recall_by_setting(model_dir: Path, names: tuple[str, ...], context: int, n: int, weight_grid: str) -> dict[str, Any]:
+    """The grid's recall column: exact-match accuracy of the recall model's greedy answers on ``n``
+    held-out prompts of ``context`` tokens under each grid setting (its W/A part applied to the
+    recall model with :func:`kv_grid.quantize_wa`; its KV part in fake-quant, or through the real
+    cache in ``generate()`` for ``KIVI<b>``)."""
+    rt = _recall_task()
+    model = rt.load_model(model_dir)
+    prompts, answers, _ = rt.eval_prompts(n, context)
+    settings = kv_grid.parse_settings(list(names), kv_grid.head_dim_of(model.config), weight_grid)
+    quantized: dict[str, Any] = {}
+    rows = []
+    for st in settings:
+        q = quantized.setdefault(st.wa, kv_grid.quantize_wa(model, st.weights))
+        if st.kv_protocol == "cache":
+            pred = rt.predict(q, prompts, generate=True, cache_factory=lambda kv=st.kv, q=q: _cache_for(q, kv))
+        else:
+            pred = kv_grid.with_kv(q, st, lambda _, q=q: rt.predict(q, prompts))
+        rows.append(dict(setting=st.name, accuracy=float((pred == answers).float().mean())))
+    base = next(r["accuracy"] for r in rows if r["setting"] == "float")
+    for r in rows:
+        r["ratio"] = r["accuracy"] / base if base else 0.0
+    print("[kv_grid] recall by setting: " + ", ".join(f"{r['setting']} {r['accuracy']:.3f}" for r in rows), file=sys.stderr)
+    return dict(model=str(model_dir), context=context, n=n, weight_grid=weight_grid, rows=rows)
+
+
+def recall_column_markdown(col: dict[str, Any]) -> list[str]:
+    lines = ["", f"Recall column ({Path(col['model']).name}, {col['context']} tokens, {col['n']} held-out prompts; "
+             f"W/A parts data-free on the {col['weight_grid']} grid, as above):", "",
+             "| setting | recall | x float |", "|---|---|---|"]
+    return lines + [f"| {r['setting']} | {r['accuracy']:.3f} | {r['ratio']:.3f} |" for r in col["rows"]]
+
+
 def recall_markdown(recall: dict[str, Any]) -> list[str]:
     lines = ["", f"Recall ({Path(recall['model']).name}, {recall['n']} held-out prompts per context; accuracy of the "
              "greedy answer; early: prompts whose queried pair is in the first quarter of the context):", "",
@@ -313,6 +346,8 @@ def markdown(grid: dict[str, Any], targets: dict[str, Any], meta: dict[str, Any]
               "| bits | grid | bits/value | keys rel. MSE | values rel. MSE | ppl |", "|---|---|---|---|---|---|"]
     lines += [f"| {g['bits']} | {g['grid']} | {g['bits_per_value']:.2f} | {g['keys_rel_mse']:.5f} | "
               f"{g['values_rel_mse']:.5f} | {g['ppl']:.3f} |" for g in targets["grids"]]
+    if targets.get("recall_by_setting"):
+        lines += recall_column_markdown(targets["recall_by_setting"])
     if targets.get("recall"):
         lines += recall_markdown(targets["recall"])
     return "\n".join(lines) + "\n"
@@ -383,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = run_targets(s, grid)
     targets["recall"] = recall
     targets["recall_targets"] = recall_targets(recall)
+    targets["recall_by_setting"] = recall_by_setting(
+        args.recall_model, QUICK_SETTINGS if args.quick else kv_grid.DEFAULT_SETTINGS, args.recall_contexts[-1],
+        args.recall_prompts, "uniform" if args.quick else "piecewise")
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
                 processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
                 windows=int(s.windows.shape[0]), prompts=int(s.prompts.shape[0]), new_tokens=args.new_tokens, ctx=args.ctx,

@@ -43,7 +43,12 @@ def test_quick_run(tmp_path, capsys):
     # the shipped recall model recalls, and not from the last 128 tokens alone
     assert recall[(512, "float")]["cache"] >= 0.9
     assert recall[(512, "float, last 128 tokens only")]["cache"] <= 0.5
+    # the grid's recall column: every quick setting, float recalling
+    column = {r["setting"]: r for r in data["targets"]["recall_by_setting"]["rows"]}
+    assert set(column) == {"float", "KV4", "KIVI2", "W4A8", "W4A8KV4"} and column["float"]["accuracy"] >= 0.9
+    assert all(0 <= r["accuracy"] <= 1 for r in column.values())
     text = md.read_text()
-    assert "| setting | KV scheme |" in text and "kv_grid.py --quick" in text and "KV4 recall / float recall" in text
+    assert "| setting | KV scheme |" in text and "kv_grid.py --quick" in text
+    assert "KV4 recall / float recall" in text and "Recall column" in text
     assert png.stat().st_size > 1000
     assert "| W4A8KV4 |" in capsys.readouterr().out
