@@ -22,8 +22,8 @@ import torch
 
 from .args import KVArgs
 from .formats.base import round_scale
-from .formats.groups import round_half_even
 from .formats.piecewise import _encode as encode_piecewise
+from .formats.piecewise import _sq_error as sq_error
 from .kernels import kv_attention
 from .kernels.grids import outer_levels, piecewise_levels, piecewise_table
 from .kernels.hadamard import get_rotation
@@ -196,15 +196,8 @@ def _search_chunk(groups: torch.Tensor, bits: int, ids: torch.Tensor, factors: t
     f = factors.numel()
     cover = torch.maximum(big[:, None] / no, small[:, None] / po)  # (n, ids)
     scale = (cover[:, :, None] * factors).flatten(1)  # (n, ids * factors), id-major
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    x = (groups * sign[:, None])[:, None, :] / safe[:, :, None]
-    h3, r3 = h.repeat_interleave(f)[None, :, None], r.repeat_interleave(f)[None, :, None]
-    no3, po3 = no.repeat_interleave(f)[None, :, None], po.repeat_interleave(f)[None, :, None]
-    a = x.abs()
-    centre = torch.clamp(round_half_even(x), -h3, h3)
-    tail = torch.copysign(h3 + r3 * torch.clamp(round_half_even((a - h3) / r3), min=1.0), x)
-    level = torch.clamp(torch.where(a <= h3 + r3 / 2, centre, tail), -no3, po3)
-    err = (level - x).square().sum(dim=-1) * safe.square()
+    per = [t.repeat_interleave(f)[None, :] for t in (h, r, no, po)]  # each candidate's grid, broadcast over groups
+    err = sq_error(groups * sign[:, None], scale, *per)
     best = err.argmin(dim=1)
     return scale.gather(1, best[:, None]).squeeze(1) * sign, ids[best // f]
 
