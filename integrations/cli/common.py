@@ -185,6 +185,17 @@ def tokenizer(path: Path, option: str | None = None):
         raise UserError(f"{path} has no usable tokenizer ({str(exc).strip()}){fix}") from None
 
 
+def text_token_ids(args: argparse.Namespace, model_path: Path):
+    """``eval``'s text as token ids: ``--text`` (else the bundled held-out text) through the
+    tokenizer of ``--tokenizer`` (else of ``model_path``). Returns ``(tokenizer, ids)``."""
+    from piecewise_quant.evaluate import heldout_text
+
+    text = read_text(args.text, "--text") if args.text else heldout_text()
+    tok_path = model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
+    tok = tokenizer(tok_path, "--tokenizer" if args.tokenizer else None)
+    return tok, token_ids(tok, text)
+
+
 def token_ids(tok, text: str):
     import torch
 

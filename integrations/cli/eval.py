@@ -20,9 +20,7 @@ from .common import (
     model_dir,
     perplexity,
     positive_int,
-    read_text,
-    token_ids,
-    tokenizer,
+    text_token_ids,
 )
 
 EPILOG = """examples:
@@ -69,7 +67,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """``piecewise-quant eval``."""
     import piecewise_quant as pq
-    from piecewise_quant.evaluate import heldout_text
 
     model_path = model_dir(args.model)
     check_task(model_path, CAUSAL_LM)
@@ -80,10 +77,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         warn_positions(model_path, args.seq_len)
         return grid.run(args, model_path)
-    text = read_text(args.text, "--text") if args.text else heldout_text()
-    tok_path = model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
-    tok = tokenizer(tok_path, "--tokenizer" if args.tokenizer else None)
-    ids = token_ids(tok, text)
+    _, ids = text_token_ids(args, model_path)
     warn_positions(model_path, args.seq_len)
     model = load(model_path, dtype=args.dtype)
     layers = pq.quantized_layers(model)

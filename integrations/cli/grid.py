@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .common import UserError, load, model_dir, read_text, token_ids, tokenizer
+from .common import UserError, load, text_token_ids
 
 DEFAULT = "float,W8,W4,W3,W8A8,W4A8,KV8,KV4,KIVI2,W8KV4,W4A8KV4"
 PROMPT_TOKENS = 32
@@ -40,12 +40,7 @@ def _config(path: Path) -> dict:
 
 def _windows(args: argparse.Namespace, model_path: Path, positions: int | None):
     """Held-out windows (``(n, --seq-len)``), greedy prompts and the KV-bytes prefill, from the text."""
-    from piecewise_quant.evaluate import heldout_text
-
-    text = read_text(args.text, "--text") if args.text else heldout_text()
-    tok_path = model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
-    tok = tokenizer(tok_path, "--tokenizer" if args.tokenizer else None)
-    ids = token_ids(tok, text)
+    tok, ids = text_token_ids(args, model_path)
     n = ids.numel() // args.seq_len
     if n == 0:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of --seq-len {args.seq_len}")
