@@ -279,7 +279,9 @@ def recall_by_setting(model_dir: Path, names: tuple[str, ...], context: int, n: 
     quantized: dict[str, Any] = {}
     rows = []
     for st in settings:
-        q = quantized.setdefault(st.wa, kv_grid.quantize_wa(model, st.weights))
+        if st.wa not in quantized:  # one quantized copy per W/A part, shared by its KV settings
+            quantized[st.wa] = kv_grid.quantize_wa(model, st.weights)
+        q = quantized[st.wa]
         if st.kv_protocol == "cache":
             pred = rt.predict(q, prompts, generate=True, cache_factory=lambda kv=st.kv, q=q: _cache_for(q, kv))
         else:
