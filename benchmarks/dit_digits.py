@@ -253,11 +253,31 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         ("mixed: 4-bit piecewise attn/MLP + 8-bit uniform embeddings/adaLN, A8",
          diffusion_recipe(bits=4, group_size=g, act_bits=8), {}),
         (f"W4A16 piecewise g{g} + GPTQ (calibrated through the pipeline)", w("piecewise", 4, calibration="gptq"), {}),
+        # ViDiT-Q's channel balance (smoothing scale over all timesteps + Hadamard, dynamic per-token acts)
+        (f"W4A8 piecewise g{g} + GPTQ", w("piecewise", 4, act_bits=8, calibration="gptq"), {}),
+        (f"W4A8 piecewise g{g} + balance", w("piecewise", 4, act_bits=8, rotation=BALANCE), {}),
+        (f"W4A8 piecewise g{g} + balance + GPTQ", w("piecewise", 4, act_bits=8, rotation=BALANCE, calibration="gptq"), {}),
+        (f"W4A4 piecewise g{g}, per-token acts (no balance)", w("piecewise", 4, act_bits=4), {}),
+        (f"W4A4 piecewise g{g} + balance", w("piecewise", 4, act_bits=4, rotation=BALANCE), {}),
+        (f"W4A4 piecewise g{g} + balance + GPTQ", w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration="gptq"), {}),
     ]
     return rows
 
 
-def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quick: bool, progress: bool = True) -> dict[str, Any]:
+BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
+
+
+def select(rows: list, pattern: str | None) -> list:
+    """The float row plus the rows whose name matches the regular expression ``pattern``."""
+    if not pattern:
+        return rows
+    import re
+
+    return [r for r in rows if r[1] is None or re.search(pattern, r[0])]
+
+
+def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quick: bool, progress: bool = True,
+             only: str | None = None) -> dict[str, Any]:
     from piecewise_quant.integrations.diffusers import register_with_diffusers
 
     register_with_diffusers()
@@ -275,7 +295,7 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
     }
     ref_images = None
     samples: dict[str, np.ndarray] = {}
-    for name, config, kwargs in recipes(quick):
+    for name, config, kwargs in select(recipes(quick), only):
         t0 = time.perf_counter()
         if config is None:
             report = None
@@ -365,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps when generating")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default=None, help="regular expression: evaluate only the matching rows (and float)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -383,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=2))
     if args.command in ("evaluate", "all"):
         t0 = time.perf_counter()
-        results = evaluate(args.model, args.per_class, args.sample_steps, args.guidance, quick=False)
+        results = evaluate(args.model, args.per_class, args.sample_steps, args.guidance, quick=False, only=args.only)
         results["settings"]["wall_s"] = round(time.perf_counter() - t0, 1)
         results["settings"]["threads"] = torch.get_num_threads()
         print(table(results))
+        if args.only and args.out is None:  # a partial table never replaces the full one in docs/
+            return 0
         save_outputs(results, args.out or DOCS)
     return 0
 

@@ -26,7 +26,7 @@ import math
 import torch
 
 __all__ = ["supported_size", "hadamard_matrix", "rotation_matrix", "random_signs", "rotate", "Rotation",
-           "SALTS"]
+           "ScaledRotation", "SALTS"]
 
 # every random sign vector is drawn from (seed, size, salt): the salt keeps R1, R2, R4, the input and
 # the output rotations of one size independent
@@ -235,6 +235,76 @@ class Rotation:
                              (self._hk32_t if inverse else self._hk32).data_ptr(), self.k, self.p, int(inverse))
             return y
         return rotate(x, self.signs, inverse)
+
+
+class ScaledRotation:
+    """A per-channel smoothing scale ``s`` followed by a :class:`Rotation` ``R`` (ViDiT-Q's channel
+    balance): ``rot(x)`` is ``(x / s) @ R`` and ``rot(y, inverse=True)`` is ``(y @ R.T) / s``.
+
+    Both are the rotation transform with ``signs / s`` in place of the signs (the transform
+    multiplies by that vector before ``H`` going forward and after ``H.T`` going back), so the
+    compiled CPU transform and the fused rotate-and-multiply kernel run it unchanged. The weight
+    side is ``W diag(s) R``: ``rot(x) @ (W diag(s) R).T == x @ W.T``.
+
+    ``scale`` is a tensor or a zero-argument callable returning the current one (a layer's
+    ``balance_scale`` buffer, which a checkpoint load may replace); the combined vector is
+    rebuilt whenever that tensor changes."""
+
+    def __init__(self, n: int, seed: int, salt: str, scale) -> None:
+        self.base = get_rotation(n, seed, salt)
+        self.n, self.k, self.p = self.base.n, self.base.k, self.base.p
+        self._scale = scale
+        self._key = None
+        self._vector = None
+
+    def __repr__(self) -> str:
+        return f"ScaledRotation(n={self.n}, seed={self.base.seed}, salt={self.base.salt!r})"
+
+    def scale(self) -> torch.Tensor:
+        return self._scale() if callable(self._scale) else self._scale
+
+    def vector(self, device: torch.device | None = None) -> torch.Tensor:
+        """``signs / s`` in float32 (cached per scale tensor, version and device)."""
+        s = self.scale()
+        if s.shape != (self.n,):
+            raise ValueError(f"balance scale has shape {tuple(s.shape)}, expected ({self.n},)")
+        device = device or s.device
+        key = (s.data_ptr(), s._version, str(device))
+        if key != self._key:
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise ValueError("balance scale must be finite and positive (a corrupt balance_scale tensor?)")
+            v = self.base.signs.to(device=s.device, dtype=torch.float64) / s.double()
+            self._vector = v.to(device=device, dtype=torch.float32).contiguous()
+            self._key = key
+        return self._vector
+
+    def kernel_args(self) -> tuple[int, int, int, int]:
+        """As :meth:`Rotation.kernel_args`, with ``signs / s`` as the sign vector."""
+        return self.vector(torch.device("cpu")).data_ptr(), self.base._hk32.data_ptr(), self.k, self.p
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``diag(1 / s) R`` (what ``rot(x)`` multiplies ``x`` by)."""
+        return (self.base.matrix(torch.float64) / self.scale().double().cpu().unsqueeze(1)).to(dtype)
+
+    def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        n = self.n
+        if x.shape[-1] != n:
+            raise ValueError(f"rotation of size {n} applied to a tensor whose last dimension is {x.shape[-1]}")
+        v = self.vector(x.device)
+        ext = _ext()
+        dt = _CPU_DTYPES.get(x.dtype)
+        if (ext is not None and dt is not None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()):
+            if not x.is_contiguous():
+                x = x.contiguous()
+            y = torch.empty_like(x)
+            rows = x.numel() // n
+            if rows:
+                hk = self.base._hk32_t if inverse else self.base._hk32
+                ext.hadamard(x.data_ptr(), dt, rows, n, y.data_ptr(), v.data_ptr(), hk.data_ptr(), self.k, self.p,
+                             int(inverse))
+            return y
+        return rotate(x, v, inverse)
 
 
 @functools.lru_cache(maxsize=256)

@@ -274,7 +274,7 @@ class KVArgs:
         return f"{name}{sym} K/{self.key_axis} V/{self.value_axis} g{self.group_size} r{self.residual_length}{sink}{rot}"
 
 
-ROTATIONS = ("R1", "R2", "R3", "R4", "input", "output")
+ROTATIONS = ("R1", "R2", "R3", "R4", "input", "output", "balance")
 ROTATION_DEFAULT_ONLINE_TARGETS = ("*down_proj", "*o_proj")
 ROTATION_PRESETS: dict[str, dict[str, Any]] = {
     # QuaRot-style (random Hadamard, not learned): residual stream and per-head rotations fused into
@@ -295,9 +295,15 @@ class OnlineRotation:
     input: bool = False
     output: bool = False
     seed: int = 0
+    balance: bool = False  # the input rotation is preceded by a per-channel smoothing scale (ViDiT-Q)
+
+    def __post_init__(self) -> None:
+        if self.balance and not self.input:
+            raise ValueError("OnlineRotation(balance=True) smooths the rotated input: it needs input=True")
 
     def describe(self) -> str:
-        return "+".join(n for n, on in (("in", self.input), ("out", self.output)) if on) + f"/seed{self.seed}"
+        names = (("balance" if self.balance else "in", self.input), ("out", self.output))
+        return "+".join(n for n, on in names if on) + f"/seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -321,9 +327,21 @@ class RotationArgs:
             ``"R4"``: online on the input of the layers matching ``online_targets`` (default
             ``down_proj`` and ``o_proj``, QuaRot's choice), the inverse fused into their weight;
             ``"input"`` / ``"output"``: online on every quantized layer's input / output (QuIP#
-            incoherence for 2-3 bit weights).
+            incoherence for 2-3 bit weights);
+            ``"balance"``: ViDiT-Q's static-dynamic channel balance on every layer that quantizes its
+            activations: a per-input-channel smoothing scale ``s`` (SmoothQuant's
+            ``max|X|^alpha / max|W|^(1 - alpha)``, from the calibration data: for diffusion models
+            over every timestep and guidance branch), then a random Hadamard rotation, online:
+            ``x -> (x / s) R``, ``W -> W diag(s) R``. ``s`` is stored per layer
+            (``balance_scale``, float16); it needs calibration data (``calibrate()`` or a pipeline's
+            ``enable_quant``), so ``quantize()`` refuses it.
         seed: seed of the random signs (each rotation draws from ``(seed, size, which)``).
         online_targets: layer name patterns that ``"R4"`` rotates online.
+        balance_alpha: the smoothing exponent of ``"balance"`` (0: no smoothing, only the rotation;
+            1: all of the activation range moved into the weights), or ``"auto"`` (default): per
+            layer, the one of 0, 0.25, 0.5 and 0.75 whose quantized layer (weights rounded to
+            nearest, activations quantized) best reproduces the float layer's output on the
+            calibration inputs.
 
     Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache) and ``"quip"``
     (input, output); pass the name as
@@ -333,6 +351,7 @@ class RotationArgs:
     rotations: tuple[str, ...] = ("R1", "R2", "R4")
     seed: int = 0
     online_targets: tuple[str, ...] = ROTATION_DEFAULT_ONLINE_TARGETS
+    balance_alpha: float | str = "auto"
 
     def __post_init__(self) -> None:
         rots = self.rotations
@@ -350,6 +369,16 @@ class RotationArgs:
         if isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"rotation.online_targets must be a list of layer name patterns; got {targets!r}")
         object.__setattr__(self, "online_targets", tuple(targets))
+        a = self.balance_alpha
+        if a != "auto":
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+                raise ValueError(f"rotation.balance_alpha must be 'auto' or a number in [0, 1] (e.g. 0.5); got {a!r}")
+            object.__setattr__(self, "balance_alpha", float(a))
+        if "balance" in self.rotations and "input" in self.rotations:
+            raise ValueError(
+                "rotation: 'balance' already rotates the input of every layer that quantizes activations; with 'input' "
+                "as well the two would overlap. Use one of them ('balance' for activation quantization)"
+            )
 
     @classmethod
     def coerce(cls, value: Any) -> "RotationArgs | None":
@@ -375,18 +404,25 @@ class RotationArgs:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rotations": list(self.rotations), "seed": self.seed, "online_targets": list(self.online_targets)}
+        d: dict[str, Any] = {"rotations": list(self.rotations), "seed": self.seed,
+                             "online_targets": list(self.online_targets)}
+        if "balance" in self.rotations:  # only then: configs without it keep their bytes (and plan hash)
+            d["balance_alpha"] = self.balance_alpha
+        return d
 
     @property
     def fused(self) -> tuple[str, ...]:
         """The rotations folded into the model's weights (``R1``, ``R2``)."""
         return tuple(r for r in self.rotations if r in ("R1", "R2"))
 
-    def online_for(self, name: str, matches: Any) -> OnlineRotation | None:
-        """The online rotations of layer ``name`` (``matches(pattern, name)`` tests a pattern)."""
-        inp = "input" in self.rotations or ("R4" in self.rotations and any(matches(p, name) for p in self.online_targets))
+    def online_for(self, name: str, matches: Any, act_quantized: bool = False) -> OnlineRotation | None:
+        """The online rotations of layer ``name`` (``matches(pattern, name)`` tests a pattern;
+        ``act_quantized``: whether the layer quantizes its activations, which ``"balance"`` needs)."""
+        balance = "balance" in self.rotations and act_quantized
+        inp = balance or "input" in self.rotations or (
+            "R4" in self.rotations and any(matches(p, name) for p in self.online_targets))
         out = "output" in self.rotations
-        return OnlineRotation(inp, out, self.seed) if (inp or out) else None
+        return OnlineRotation(inp, out, self.seed, balance) if (inp or out) else None
 
     def describe(self) -> str:
         return "+".join(self.rotations) + f" seed{self.seed}"

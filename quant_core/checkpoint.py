@@ -167,6 +167,8 @@ def expected_tensors(name: str, layer: Any, fmt: Any, has_bias: bool) -> dict[st
     spec = layer.spec
     if spec.act_bits is not None and spec.act_mode == "static_per_tensor":
         out[f"{name}.act_scale"] = ((), torch.float32)
+    if getattr(layer.rotation, "balance", False):
+        out[f"{name}.balance_scale"] = ((layer.in_features,), torch.float16)
     return out
 
 

@@ -650,9 +650,15 @@ class PiecewiseQuantConfig(QuantSpec):
         is loaded."""
         return dict(zip(self.overrides, self._override_specs))
 
-    def online_rotation_for(self, name: str) -> "OnlineRotation | None":
-        """The online rotations of layer ``name`` under :attr:`rotation` (``None``: none)."""
-        return None if self.rotation is None else self.rotation.online_for(name, _pattern_matches)
+    def online_rotation_for(self, name: str, spec: "QuantSpec | None" = None) -> "OnlineRotation | None":
+        """The online rotations of layer ``name`` under :attr:`rotation` (``None``: none); ``spec``:
+        the layer's scheme (looked up when not given; ``"balance"`` applies where it quantizes
+        activations)."""
+        if self.rotation is None:
+            return None
+        spec = spec if spec is not None else self.spec_for(name)
+        act = spec is not None and spec.act_bits is not None
+        return self.rotation.online_for(name, _pattern_matches, act)
 
     def is_skipped(self, name: str) -> bool:
         return self._skip_set.matches(name)

@@ -39,16 +39,33 @@ def ensure_runtime() -> None:
             _runtime_ready = True
 
 
-def _online_rotations(layer: LayerSpec) -> tuple:
+BALANCE = "balance_scale"
+
+
+def _online_rotations(layer: LayerSpec, buffers: dict) -> tuple:
     """The layer's online input and output :class:`~piecewise_quant.kernels.hadamard.Rotation`
-    (``None`` where it has none)."""
+    (``None`` where it has none); a balanced input rotation reads its scale from ``buffers``."""
     rot = layer.rotation
     if rot is None:
         return None, None
-    from .kernels.hadamard import get_rotation
+    from .kernels.hadamard import ScaledRotation, get_rotation
 
-    return (get_rotation(layer.in_features, rot.seed, "input") if rot.input else None,
-            get_rotation(layer.out_features, rot.seed, "output") if rot.output else None)
+    if getattr(rot, "balance", False):
+        r_in = ScaledRotation(layer.in_features, rot.seed, "input", _BufferRef(buffers, BALANCE))
+    else:
+        r_in = get_rotation(layer.in_features, rot.seed, "input") if rot.input else None
+    return r_in, get_rotation(layer.out_features, rot.seed, "output") if rot.output else None
+
+
+class _BufferRef:
+    """``ref()`` is the module's current buffer ``name`` (loads and ``.to()`` replace the tensor;
+    a deep copy of the module copies the dict and this reference together)."""
+
+    def __init__(self, buffers: dict, name: str) -> None:
+        self.buffers, self.name = buffers, name
+
+    def __call__(self) -> torch.Tensor:
+        return self.buffers[self.name]
 
 
 class QuantLinear(nn.Module):
@@ -85,7 +102,9 @@ class QuantLinear(nn.Module):
         else:
             self.act_scale = None
         self.act_quantizer = ActQuantizer(act, layer.name, self._buffers) if act is not None else None
-        self._rot_in, self._rot_out = _online_rotations(layer)
+        if self.has_balance:
+            self.register_buffer(BALANCE, torch.ones(layer.in_features, dtype=torch.float16, device=device))
+        self._rot_in, self._rot_out = _online_rotations(layer, self._buffers)
         self._prepared = None  # the CPU kernels' prepared call (see _fast_cpu), False: none applies
         self._prepared_key = None
 
@@ -104,7 +123,31 @@ class QuantLinear(nn.Module):
         q.load_quantized(tensors)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
+        q.take_balance_from(linear)
         return q
+
+    @property
+    def has_balance(self) -> bool:
+        """Whether the input rotation is preceded by a stored per-channel scale (``balance_scale``)."""
+        return getattr(self.layer_spec.rotation, "balance", False)
+
+    @torch.no_grad()
+    def take_balance_from(self, source: nn.Module) -> None:
+        """Copy the balance scale from ``source``: the float layer that :func:`~piecewise_quant.
+        rotation.rotate_model` balanced (attribute ``_pq_balance_scale``) or another
+        ``QuantLinear`` (its ``balance_scale``). A balanced layer without one is an error: its
+        weight would be applied without the scale it was multiplied by."""
+        if not self.has_balance:
+            return
+        scale = getattr(source, "_pq_balance_scale", None)
+        if scale is None and isinstance(source, QuantLinear) and source.has_balance:
+            scale = source._buffers[BALANCE]
+        if scale is None:
+            raise ValueError(
+                f"layer {self.layer_spec.name!r} uses the 'balance' rotation but its source layer carries no balance "
+                "scale; balanced layers are built by calibrate() (or a pipeline's enable_quant), which measures it"
+            )
+        self._buffers[BALANCE].copy_(scale.detach().to(torch.float16))
 
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a format's tensors in, checking names, shapes and dtypes against the layout."""
@@ -130,7 +173,8 @@ class QuantLinear(nn.Module):
         """``.to()``, ``.half()``, ``.cuda()``... move the stored tensors but never change their
         dtypes (an fp16 scale cast to bf16, or an FP8 weight cast to bf16, would corrupt them);
         the layer's compute dtype follows the cast."""
-        stored = {name: self._buffers[name] for name in self._tensor_names if self._buffers.get(name) is not None}
+        stored = {name: self._buffers[name] for name in self._tensor_names + (BALANCE,)
+                  if self._buffers.get(name) is not None}
         for name in stored:
             self._buffers[name] = None
         try:
@@ -186,7 +230,9 @@ class QuantLinear(nn.Module):
         return linear
 
     def bits_per_weight(self) -> float:
-        return self.fmt.bits_per_weight(self.layer_spec)
+        """Stored bits per weight: the format's, plus a balanced layer's float16 scale per input channel."""
+        extra = 16.0 / self.out_features if self.has_balance else 0.0
+        return self.fmt.bits_per_weight(self.layer_spec) + extra
 
     def _fast_cpu(self, x: torch.Tensor, rotation=None) -> torch.Tensor | None:
         """Inference on CPU through a prepared call into the CPU kernels, skipping the op dispatch

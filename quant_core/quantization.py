@@ -136,7 +136,7 @@ def plan_layers(model: nn.Module, config: PiecewiseQuantConfig, exempt_patterns:
             kept_tied.append(name)
             continue
         plan[name] = layer_spec_for(name, spec, module.in_features, module.out_features,
-                                    config.online_rotation_for(name))
+                                    config.online_rotation_for(name, spec))
     if kept_tied:
         warnings.warn(
             "piecewise-quant keeps these layers in float because their weight is tied to another module "

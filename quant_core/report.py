@@ -59,7 +59,10 @@ def model_size_report(model: nn.Module) -> SizeReport:
         if isinstance(module, QuantLinear):
             n = module.in_features * module.out_features
             qweights += n
-            for t in module.quantized_tensors().values():
+            stored = list(module.quantized_tensors().values())
+            if module.has_balance:  # the per-channel scale is part of what the weight costs
+                stored.append(module.balance_scale)
+            for t in stored:
                 counted.add(id(t))
                 qbits += t.numel() * t.element_size() * 8
         elif isinstance(module, nn.Embedding):

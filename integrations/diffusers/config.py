@@ -34,9 +34,12 @@ from piecewise_quant.config import PiecewiseQuantConfig, check_known_fields
 
 from .._hostconfig import CoreConfigFace, PiecewiseMethod
 
-__all__ = ["PiecewiseDiffusersConfig", "DiffusionOptions", "PiecewiseMethod", "as_core_config", "split_config"]
+__all__ = ["PiecewiseDiffusersConfig", "DiffusionOptions", "PiecewiseMethod", "as_core_config", "split_config",
+           "check_rotation"]
 
 ACT_SCALE_MODES = ("shared", "per_timestep")
+# rotations a denoiser can take: applied inside each quantized layer (no fused residual-stream rotation)
+ONLINE_ROTATIONS = ("balance", "input", "output", "R4")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,20 @@ class DiffusionOptions:
         raise ValueError(f"diffusion must be a DiffusionOptions or a dict of its fields; got {value!r}")
 
 
+def check_rotation(core: PiecewiseQuantConfig) -> None:
+    """Refuse the rotations a denoiser cannot take (the fused residual-stream and KV-cache ones)."""
+    if core.rotation is None:
+        return
+    kinds = [r for r in core.rotation.rotations if r not in ONLINE_ROTATIONS]
+    if kinds:
+        raise ValueError(
+            f"piecewise-quant: rotation {kinds} is not supported for diffusers models (R1/R2 are fused into a "
+            "Llama-family decoder's residual stream, R3 rotates an LLM's KV cache); a DiT takes the online "
+            f"rotations {list(ONLINE_ROTATIONS)}, e.g. diffusion_recipe(..., balance=True) for ViDiT-Q's channel "
+            "balance"
+        )
+
+
 def split_config(config: Any) -> tuple[PiecewiseQuantConfig, DiffusionOptions]:
     """``(core config, diffusion options)`` behind ``config``: a :class:`PiecewiseQuantConfig`, a
     :class:`PiecewiseDiffusersConfig`, the transformers ``PiecewiseHfConfig`` or a
@@ -143,12 +160,7 @@ class PiecewiseDiffusersConfig(CoreConfigFace, QuantizationConfigMixin):
                 diffusion = inner
         else:
             core = PiecewiseQuantConfig.from_dict(kwargs)
-        if core.rotation is not None:
-            raise ValueError(
-                "piecewise-quant: rotation= is not supported for diffusers models yet (the fused rotations need a "
-                "Llama-family decoder, and online rotations of DiT layers are not wired into the diffusion layers); "
-                "remove rotation from the config"
-            )
+        check_rotation(core)
         self._init_face(core)
         object.__setattr__(self, "_diffusion", diffusion)
 

@@ -198,6 +198,7 @@ class DiffusionQuantLinear(QuantLinear):
         q.load_quantized(fmt.quantize(weight, layer))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
+        q.take_balance_from(linear)
         return q
 
     @classmethod
@@ -213,6 +214,7 @@ class DiffusionQuantLinear(QuantLinear):
         q.load_quantized({k: v.clone() for k, v in t.items()})
         if src.bias is not None:
             q.bias.data.copy_(src.bias.detach())
+        q.take_balance_from(src)
         return q
 
     def finish_observing(self, timesteps: tuple[float, ...] = ()) -> ActObservation:

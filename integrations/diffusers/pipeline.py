@@ -22,7 +22,7 @@ from torch import nn
 from piecewise_quant.config import PiecewiseQuantConfig
 
 from .calibration import LayerActivationStats, check_calibration_prompts, resolve_calibration_inputs
-from .config import DiffusionOptions, PiecewiseDiffusersConfig, split_config
+from .config import DiffusionOptions, PiecewiseDiffusersConfig, check_rotation, split_config
 
 __all__ = ["enable_quant", "disable_quant", "DiffusionQuantReport", "ComponentReport", "DENOISER_PREFIXES", "denoiser_names"]
 
@@ -198,7 +198,8 @@ def _swap_engine_layers(model: nn.Module, core: PiecewiseQuantConfig, diffusion:
     )
     for name, q in list(model.named_modules()):
         if isinstance(q, QuantLinear) and not isinstance(q, DiffusionQuantLinear):
-            layer = layer_spec_for(name, final.spec_for(name), q.in_features, q.out_features)
+            spec = final.spec_for(name)
+            layer = layer_spec_for(name, spec, q.in_features, q.out_features, final.online_rotation_for(name, spec))
             model.set_submodule(name, DiffusionQuantLinear.from_quant_linear(q, layer, **layer_kwargs(layer, diffusion)))
     return final
 
@@ -280,7 +281,7 @@ def enable_quant(
     models: dict[str, nn.Module] = {n: pipe.components[n] for n in _resolve_components(pipe, components)}
     check_calibration_prompts(calibration_prompts)
     job = _QuantJob(pipe, models, _plan_components(models, core, diffusion), core, diffusion, keep_float_weights, progress)
-    if job.static or job.engine:
+    if job.static or job.engine or job.balance:
         job.run = resolve_calibration_inputs(
             pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
@@ -298,6 +299,7 @@ def _diffusion_config(
     """The core config and diffusion options ``enable_quant`` works with: the config's, with the
     keyword overrides applied and no calibrated timesteps yet."""
     core, diffusion = split_config(config)
+    check_rotation(core)
     changes: dict[str, Any] = {}
     if act_scales is not None:
         changes["act_scales"] = act_scales
@@ -352,6 +354,11 @@ class _QuantJob:
     def engine(self) -> bool:
         return self.core.calibration is not None
 
+    @property
+    def balance(self) -> bool:
+        """ViDiT-Q's channel balance: its scales are measured on pipeline runs."""
+        return self.core.rotation is not None and "balance" in self.core.rotation.rotations
+
     def quantize(self) -> DiffusionQuantReport:
         float_bytes = {n: _float_weight_bytes(m, self.plans[n]) for n, m in self.models.items()}
         try:
@@ -394,11 +401,26 @@ class _QuantJob:
         return finals
 
     def _quantize_data_free(self, float_bytes: dict[str, int]) -> dict[str, PiecewiseQuantConfig]:
+        """Round-to-nearest weights; with online rotations the float weights are rotated first, and
+        the ``"balance"`` rotation measures its scales on the denoiser inputs of pipeline runs."""
+        from piecewise_quant.rotation import rotated
+
         from .planning import quantize_layers
 
+        rotation = self.core.rotation
+        records = None
+        if rotation is not None and "balance" in rotation.rotations:
+            from .calibration import capture_denoiser_inputs
+
+            records = capture_denoiser_inputs(self.pipe, self.models, self.run, progress=self.progress)
+            self.report.n_pipeline_calls += len(self.run.batches())
         for name, model in self.models.items():
-            keep = self._keep(name, model, state=False).float_layers
-            quantize_layers(model, self.plans[name], self.diffusion, keep=keep, progress=self.progress, desc=f"quantizing {name}")
+            # a rotation changes the float weights in place: keep the whole float state to give back
+            keep = self._keep(name, model, state=rotation is not None).float_layers
+            data = records.pop(name) if records is not None else None
+            with rotated(model, rotation, self.plans[name], data=data):
+                quantize_layers(model, self.plans[name], self.diffusion, keep=keep, progress=self.progress,
+                                desc=f"quantizing {name}")
             self.report.components[name] = _component_report(name, model, float_bytes[name])
         return {n: self.core for n in self.models}
 

@@ -55,6 +55,8 @@ def _layer_tensors(layer: LayerSpec, module: nn.Module) -> dict[str, tuple[tuple
         out["act_scale"] = ((), torch.float32)
     if getattr(module, "act_scales_t", None) is not None:
         out["act_scales_t"] = (tuple(module.act_scales_t.shape), torch.float32)
+    if getattr(layer.rotation, "balance", False):
+        out["balance_scale"] = ((layer.in_features,), torch.float16)
     return out
 
 
@@ -100,6 +102,12 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
             raise ValueError(
                 "a calibration recipe (PiecewiseQuantConfig(calibration=...)) needs the whole pipeline to produce "
                 "calibration data; load the float pipeline and call pipe.enable_quant(config, calibration_prompts=[...])"
+            )
+        if self.core_config.rotation is not None:
+            raise ValueError(
+                "a rotation (PiecewiseQuantConfig(rotation=...)) changes each float weight before it is quantized, and "
+                "'balance' measures its scales on pipeline runs; load the float pipeline and call "
+                "pipe.enable_quant(config, calibration_prompts=[...]), then save_pretrained (that checkpoint loads directly)"
             )
 
     @property

@@ -47,6 +47,8 @@ def diffusion_recipe(
     conditioning_bits: int = 8,
     conditioning_grid: str = "uniform",
     conditioning_act_bits: int | None = None,
+    balance: bool = False,
+    balance_alpha: float | str = "auto",
     **kwargs: Any,
 ) -> PiecewiseQuantConfig:
     """A :class:`~piecewise_quant.PiecewiseQuantConfig` for a DiT: ``grid``/``bits`` (default 4-bit
@@ -55,7 +57,15 @@ def diffusion_recipe(
 
     ``act_bits``/``act_mode`` set activation quantization of the attention/MLP projections; other
     keyword arguments go to ``PiecewiseQuantConfig`` (e.g. ``calibration``, ``act_clip_ratio``,
-    ``modules_to_not_convert``, more ``overrides``, which take precedence over the recipe's)."""
+    ``modules_to_not_convert``, more ``overrides``, which take precedence over the recipe's).
+
+    ``balance=True``: ViDiT-Q's static-dynamic channel balance on every layer that quantizes its
+    activations: a per-channel smoothing scale from the activation maxima over every calibrated
+    timestep and guidance branch (exponent ``balance_alpha``; ``"auto"`` picks it per layer from
+    0, 0.25, 0.5, 0.75 by the quantized layer's output error on calibration inputs), then a random Hadamard rotation,
+    both applied online (``rotation=RotationArgs(["balance"])``); pair it with dynamic
+    activations (``act_mode="dynamic_per_token"``, optionally ``act_group_size``). It composes
+    with ``calibration="gptq"`` (GPTQ runs on the balanced weights)."""
     conditioning: dict[str, Any] = {"grid": conditioning_grid, "bits": conditioning_bits, "act_bits": conditioning_act_bits}
     if conditioning_grid == "uniform":
         conditioning["group_size"] = "channel"
@@ -63,6 +73,13 @@ def diffusion_recipe(
     for pattern in CONDITIONING_PATTERNS:
         overrides.setdefault(pattern, dict(conditioning))
     kwargs.setdefault("modules_to_not_convert", [])
+    if balance:
+        if act_bits is None and conditioning_act_bits is None:
+            raise ValueError("balance=True balances the inputs of layers that quantize activations, and this recipe "
+                             "quantizes none: set act_bits (e.g. act_bits=8 or 4)")
+        if kwargs.get("rotation") is not None:
+            raise ValueError("pass either balance=True or rotation=..., not both (balance sets the rotation)")
+        kwargs["rotation"] = {"rotations": ["balance"], "balance_alpha": balance_alpha}
     return PiecewiseQuantConfig(
         bits=bits, grid=grid, group_size=group_size, act_bits=act_bits, act_mode=act_mode, overrides=overrides, **kwargs
     )

@@ -95,6 +95,7 @@ def merged_base_layer(
         q.bias.data.copy_(bias)
     if base.act_scale is not None:
         q.act_scale.copy_(base.act_scale)
+    q.take_balance_from(base)
     q.train(base.training)
     return q
 

@@ -336,12 +336,15 @@ class PiecewiseHfQuantizer(HfQuantizer):
         act_scale = getattr(module, "act_scale", None)
         if act_scale is not None:  # only its presence is checked (its dtype follows the host's load)
             expected["act_scale"] = (tuple(act_scale.shape), act_scale.dtype)
+        balance = module._buffers.get("balance_scale")
+        if balance is not None:
+            expected["balance_scale"] = ((module.in_features,), torch.float16)
         # with checked headers the file stores the planned dtype; a float transformers upcast on load
         # (e.g. a keep-in-fp32 rule) casts back exactly
         problems = tensor_problems(name, module, expected, missing, cast_float=self.pre_quantized and self._headers_checked())
         if problems:
             return problems
-        finite = {**module.quantized_tensors(), "act_scale": act_scale, "bias": module.bias}
+        finite = {**module.quantized_tensors(), "act_scale": act_scale, "balance_scale": balance, "bias": module.bias}
         try:
             check_finite_tensors(name, {k: v for k, v in finite.items() if v is not None})
         except ValueError as exc:

@@ -226,7 +226,7 @@ class PiecewiseLinearMethod(LinearMethodBase):
             rows = (rank * local, (rank + 1) * local) if column_parallel else (0, local)
             shard = _Shard(index=i, name=name, spec=spec, full_out=full_out, rows=rows, cols=cols, full_cols=input_size)
             if spec is not None and self.config.prequantized:
-                rotation = self.config.core.online_rotation_for(name)
+                rotation = self.config.core.online_rotation_for(name, spec)
                 _check_rotation_tp(name, rotation, row_parallel, tp_size)
                 shard.full = layer_spec_for(name, spec, input_size, full_out, rotation)
             shards.append(shard)
@@ -375,6 +375,12 @@ class PiecewiseLinearMethod(LinearMethodBase):
 def _check_rotation_tp(name: str, rotation: Any, row_parallel: bool, tp_size: int) -> None:
     """An online rotation mixes every channel of the side it rotates, so that side cannot be split
     across tensor-parallel ranks (vLLM's compressed-tensors transforms have the same limit)."""
+    if rotation is not None and getattr(rotation, "balance", False):
+        raise NotImplementedError(
+            f"piecewise-quant: {name!r} uses the 'balance' rotation (a per-channel smoothing scale before an online "
+            "Hadamard rotation, ViDiT-Q), which the vLLM linear method does not apply; run this checkpoint with "
+            "transformers or diffusers, or re-quantize it with rotation='quip' / 'quarot'"
+        )
     if rotation is None or tp_size == 1:
         return
     cut = "input" if row_parallel else "output"

@@ -101,7 +101,7 @@ def calibrate(
         parent = name.rpartition(".")[0]
         undo.record_children(model.get_submodule(parent) if parent else model)
     try:
-        with rotated(model, config.rotation, run.plan, undo):
+        with rotated(model, config.rotation, run.plan, undo, data=batches):
             _run(run, batches)
     except BaseException:
         undo.restore()
@@ -235,6 +235,7 @@ def _quant_linear(state: BlockState, rec: LayerRecord) -> QuantLinear:
         raise ValueError(f"{rec.tensors_from} returned tensors that do not fit: {exc}") from None
     if linear.bias is not None:
         ql.bias.data.copy_(linear.bias.detach())
+    ql.take_balance_from(linear)
     return ql
 
 
