@@ -260,11 +260,17 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         (f"W4A4 piecewise g{g}, per-token acts (no balance)", w("piecewise", 4, act_bits=4), {}),
         (f"W4A4 piecewise g{g} + balance", w("piecewise", 4, act_bits=4, rotation=BALANCE), {}),
         (f"W4A4 piecewise g{g} + balance + GPTQ", w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration="gptq"), {}),
+        # mixed precision: 4- or 8-bit piecewise per layer by measured sensitivity, average <= 5 bits/weight
+        (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
+        (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
+         w("piecewise", 4, act_bits=8, rotation=BALANCE, calibration=MIXED5), {}),
     ]
     return rows
 
 
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
+MIXED5 = {"gptq": True, "mixed_precision_budget": 5.0, "mixed_precision_bits": [4, 8],
+          "mixed_precision_grids": ["piecewise"]}
 
 
 def select(rows: list, pattern: str | None) -> list:
