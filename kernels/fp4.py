@@ -31,8 +31,9 @@ FP4_ACT_BLOCK = {"mxfp4": MX_BLOCK, "nvfp4": NV_BLOCK}
 _MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # rounding boundaries between consecutive magnitudes, and whether a tie goes up (to the even code)
 _BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-# the smallest E8M0 value, 2**-127, is a float32 subnormal: built from its bits, not by exp2
-_E8M0_ZERO = torch.tensor([1 << 22], dtype=torch.int32).view(torch.float32).item()
+# the smallest E8M0 value, 2**-127 (a float32 subnormal, exact); no tensor at import (hosts may
+# import this module under a meta-device context)
+_E8M0_ZERO = 2.0 ** -127
 
 
 def e2m1_levels(device: torch.device | str | None = None) -> torch.Tensor:
