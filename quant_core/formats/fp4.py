@@ -16,9 +16,9 @@ size the format fixes:
   observer tries the rounded E4M3 block scale and its two E4M3 neighbours per block.
 
 ``bits`` must be 4 and ``group_size`` the format's block (``"auto"``, the default, means it).
-``mxfp4`` implements ``fit``/``fake_quantize``/``encode``, so GPTQ, LWC-free recipes and
-activation-aware ranges calibrate it; ``nvfp4``'s per-tensor scale does not fit the per-group
-calibration interface, so it is data-free only.
+``mxfp4`` implements ``fit``/``fake_quantize``/``encode``, so GPTQ and activation-aware ranges
+calibrate it; ``nvfp4``'s per-tensor scale does not fit the per-group calibration interface, so it
+is data-free only (``calibrate`` quantizes its layers data-free and reports them).
 """
 
 from __future__ import annotations
