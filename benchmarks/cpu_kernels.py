@@ -16,7 +16,8 @@ Rows:
     asymmetric) and piecewise; W3 g128 uniform and piecewise; W2 g128 uniform; W8 per-channel uniform
     (W8A16); W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations, quantization in the
     timed call); W4A8 (W4 g128 uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128;
-    MXFP4 and NVFP4 (E2M1 codes with block scales, run by the piecewise kernels with one level table).
+    W4 g32 uniform symmetric; MXFP4 and NVFP4 (E2M1 codes with block scales, run by the piecewise
+    kernels with one level table).
 
 Columns: median ms; speed-up over fp32 ``F.linear`` and over bf16 ``F.linear`` on the same layer and
 M; effective GB/s (stored weight bytes + x + y over the time); and that as a fraction of the read
@@ -69,6 +70,7 @@ CASES = (
     Case("W4A8 g128 uniform", "uniform", 4, 128, False, act_bits=8),
     Case("FP8 weights channel", "fp8", 8, "channel"),
     Case("W8 g128 piecewise", "piecewise", 8, 128),
+    Case("W4 g32 uniform sym", "uniform", 4, 32, True),  # FP4's block size with integer codes
     Case("MXFP4 (E2M1 g32, E8M0 scales)", "mxfp4", 4, 32),
     Case("NVFP4 (E2M1 g16, E4M3 scales)", "nvfp4", 4, 16),
 )

@@ -15,10 +15,12 @@ from CPUID when the extension loads:
 Many activation rows (prefill, training) are multiplied by torch's own GEMM on blocks of rows that
 the kernels dequantize exactly as :func:`reference.dequantize` does, into a reused buffer.
 
-FP4 weights (``mxfp4``, ``nvfp4``) run the piecewise kernels: E2M1 codes times a block scale is a
-16-entry level table times a group scale, so the backend hands the kernels the stored codes as they
-are, one E2M1 level table for every group and the block scales decoded to float32 (kept per layer:
-:func:`_fp4_operands`).
+FP4 weights (``mxfp4``, ``nvfp4``) run the float kernels' level-table path: E2M1 codes times a block
+scale is a 16-entry level table times a group scale, so the backend hands the kernels the stored
+codes as they are, the E2M1 table as the one table of a symmetric layer (whose float kernels look
+levels up in table 0 without reading a per-group field) and the block scales decoded to float32
+(kept per layer: :func:`_fp4_operands`). Blocks of 16/32 never reach the integer kernel (it needs
+128-wide blocks), the one path that computes symmetric levels arithmetically.
 
 Calls the kernels cannot serve (another device, an unsupported group size, NaN in the activations on
 the integer path) run :func:`reference.linear`. If the extension is missing or the CPU lacks AVX2,
@@ -39,12 +41,11 @@ from . import reference
 from .backends import KernelBackend
 from .fp4 import e2m1_levels
 from .grids import PIECEWISE_TABLES
-from .packing import packed_length
 
 __all__ = ["cpu_backend", "status", "explain", "GEMV_MAX_ROWS"]
 
 KINDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2, "fp8_e4m3": 3}
-# FP4 weights run as piecewise layers (kind 2) with one E2M1 level table (see _fp4_operands)
+# FP4 weights run as symmetric layers (kind 0) whose one level table is E2M1's (see _fp4_operands)
 FP4_FORMATS = ("mxfp4", "nvfp4")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACT_QMAX = {"int8": 127.0, "int4": 7.0}
@@ -181,17 +182,16 @@ def _tables(kind: int, bits: int) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 @functools.lru_cache(maxsize=1)
-def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The E2M1 level table (code -> value) in the three forms the piecewise kernels read: bf16 bits
-    ``[1, 32]``, fp32 ``[1, 16]`` and the integer kernel's ``4 * level + 64`` bytes ``[1, 16]``."""
+def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor, None]:
+    """The E2M1 level table (code -> value) in the two forms the float kernels read: bf16 bits
+    ``[1, 32]`` and fp32 ``[1, 16]`` (exact in both)."""
     levels = e2m1_levels().reshape(1, 16)
     lut16 = torch.zeros(1, 32, dtype=torch.int16)
     lut16[:, :16] = levels.to(torch.bfloat16).view(torch.int16)
-    lut8 = (levels * 4 + 64).to(torch.uint8)
-    return lut16.contiguous(), levels.contiguous(), lut8.contiguous()
+    return lut16.contiguous(), levels.contiguous(), None
 
 
-# scales tensor -> (its version, aux's version, float32 block scales, all-zero table ids)
+# scales tensor -> (its version and aux's, float32 block scales)
 _fp4_cache = WeakIdKeyDictionary()
 _fp4_lock = threading.Lock()
 
@@ -200,22 +200,19 @@ def _fp4_key(scales: torch.Tensor, aux: torch.Tensor | None) -> tuple:
     return (scales._version, aux._version if aux is not None else -1, aux.data_ptr() if aux is not None else 0)
 
 
-def _fp4_operands(scales: torch.Tensor, aux: torch.Tensor | None, weight_format: str,
-                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An FP4 layer's operands for the piecewise kernels: its block scales as float32 ``(n, G)``
-    (E8M0 ``2**(e-127)``, or E4M3 times the per-tensor scale, exactly as :func:`reference.dequantize`
-    multiplies) and table ids ``(G, packed_length(n, 4))``, all 0. Worked out once per scales
+def _fp4_operands(scales: torch.Tensor, aux: torch.Tensor | None, weight_format: str) -> torch.Tensor:
+    """An FP4 layer's block scales as float32 ``(n, G)`` (E8M0 ``2**(e-127)``, or E4M3 times the
+    per-tensor scale, exactly as :func:`reference.dequantize` multiplies). Worked out once per scales
     tensor (recomputed after an in-place change)."""
     key = _fp4_key(scales, aux)
     with _fp4_lock:
         hit = _fp4_cache.get(scales)
     if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+        return hit[1]
     s = reference.fp4_scales(weight_format, scales, aux).contiguous()
-    ids = torch.zeros((scales.shape[1], packed_length(n, 4)), dtype=torch.uint8)
     with _fp4_lock:
-        _fp4_cache[scales] = (key, s, ids)
-    return s, ids
+        _fp4_cache[scales] = (key, s)
+    return s
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -230,8 +227,8 @@ def _describe(ext, qweight, scales, aux, weight_format: str, bits: int, group_si
     fp4 = weight_format in FP4_FORMATS
     if fp4 and scales.dim() == 2 and bits == 4 and qweight.dtype == torch.uint8:
         # the caller keeps the scales tensor alive, and the cache keeps its translation with it
-        scales, aux = _fp4_operands(scales, aux, weight_format, n)
-        kind = KINDS["piecewise"]
+        scales, aux = _fp4_operands(scales, aux, weight_format), None
+        kind = KINDS["uniform_sym"]
     if kind is None or n == 0 or in_features == 0:
         return None
     per_tensor = group_size == -1
@@ -471,7 +468,7 @@ def prepare(qweight, scales, aux, weight_format: str, bits: int, group_size: int
         return None
     keep = None
     if weight_format in FP4_FORMATS and scales.dim() == 2:
-        keep = (_fp4_key(scales, aux), *_fp4_operands(scales, aux, weight_format, qweight.shape[0]))
+        keep = (_fp4_key(scales, aux), _fp4_operands(scales, aux, weight_format))
     desc = _describe(ext, qweight, scales, aux, weight_format, bits, group_size, in_features)
     if desc is None:
         return None
