@@ -16,8 +16,8 @@ Rows:
     asymmetric) and piecewise; W3 g128 uniform and piecewise; W2 g128 uniform; W8 per-channel uniform
     (W8A16); W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations, quantization in the
     timed call); W4A8 (W4 g128 uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128;
-    W4 g32 uniform symmetric; MXFP4 and NVFP4 (E2M1 codes with block scales, run by the piecewise
-    kernels with one level table).
+    W4 g32 uniform symmetric; MXFP4 and NVFP4 (E2M1 codes with block scales, run by the
+    C kernels as symmetric layers whose one level table is E2M1).
 
 Columns: median ms; speed-up over fp32 ``F.linear`` and over bf16 ``F.linear`` on the same layer and
 M; effective GB/s (stored weight bytes + x + y over the time); and that as a fraction of the read
