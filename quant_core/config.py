@@ -70,7 +70,7 @@ class QuantSpec:
         grid: weight format: ``"piecewise"`` (dense centre + sparse tails), ``"uniform"`` or
             ``"fp8"`` (E4M3, per-channel scales), ``"mxfp4"`` / ``"nvfp4"`` (E2M1 with block scales
             of 32 / 16 weights, docs/formats.md), or the name of a format added by a plugin.
-        bits: bits per stored weight code: 2, 3, 4 or 8 (fp8: 8).
+        bits: bits per stored weight code: 2, 3, 4 or 8 (fp8: 8; mxfp4/nvfp4: 4).
         group_size: weights sharing one scale along the input dimension: a positive integer
             (32/64/128/256 are typical), ``"channel"`` (or ``None``: one scale per output row) or
             ``"tensor"`` (one scale for the whole matrix).
@@ -80,7 +80,7 @@ class QuantSpec:
         observer: how weight ranges are chosen: ``"mse"`` (search the clipping range that
             minimises squared error, default), ``"minmax"`` or a plugin observer's name.
         scale_dtype: dtype of stored scales, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
-        act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4) to quantize the layer's
+        act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4, mxfp4, nvfp4) to quantize the layer's
             input activations.
         act_format: ``"int"`` (symmetric integer, ``act_bits`` wide), ``"fp8"`` (E4M3, 8 bits) or
             ``"mxfp4"`` / ``"nvfp4"`` (E2M1 with block scales along the channels, 4 bits, dynamic only).
