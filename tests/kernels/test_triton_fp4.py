@@ -54,6 +54,18 @@ def test_bad_arguments_are_refused(report):
     assert res["ok"], res["msg"]
 
 
+def test_cuda_backend_routes_fp4_weights_to_the_kernel():
+    """Weight-only FP4 calls go to the dequantize-GEMM; FP4 activations (simulated) to the reference."""
+    pytest.importorskip("triton")
+    torch = pytest.importorskip("torch")
+    from piecewise_quant.kernels import triton_backend
+
+    for fmt, block in BLOCK.items():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            assert triton_backend._supports(fmt, 4, block, dtype, "none")
+        assert not triton_backend._supports(fmt, 4, block, torch.float16, fmt)
+
+
 @pytest.mark.gpu
 def test_matches_reference_on_gpu_at_realistic_shapes(kernel_worker):
     pytest.importorskip("triton")
