@@ -15,7 +15,9 @@ Rows:
   * piecewise-quant formats, each with fp32 and with bf16 activations: W4 g128 uniform (symmetric and
     asymmetric) and piecewise; W3 g128 uniform and piecewise; W2 g128 uniform; W8 per-channel uniform
     (W8A16); W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations, quantization in the
-    timed call); W4A8 (W4 g128 uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128.
+    timed call); W4A8 (W4 g128 uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128;
+    W4 g32 uniform symmetric; MXFP4 and NVFP4 (E2M1 codes with block scales, run by the
+    C kernels as symmetric layers whose one level table is E2M1).
 
 Columns: median ms; speed-up over fp32 ``F.linear`` and over bf16 ``F.linear`` on the same layer and
 M; effective GB/s (stored weight bytes + x + y over the time); and that as a fraction of the read
@@ -68,6 +70,9 @@ CASES = (
     Case("W4A8 g128 uniform", "uniform", 4, 128, False, act_bits=8),
     Case("FP8 weights channel", "fp8", 8, "channel"),
     Case("W8 g128 piecewise", "piecewise", 8, 128),
+    Case("W4 g32 uniform sym", "uniform", 4, 32, True),  # FP4's block size with integer codes
+    Case("MXFP4 (E2M1 g32, E8M0 scales)", "mxfp4", 4, 32),
+    Case("NVFP4 (E2M1 g16, E4M3 scales)", "nvfp4", 4, 16),
 )
 ANCHORS = ("fp32 F.linear", "bf16 F.linear", "aten int4 g128 (bf16)", "aten int8pack (bf16)", "torch._int_mm (int8)")
 
@@ -148,10 +153,14 @@ def random_layer(case: Case, n: int, k: int):
     fmt = get_format(spec.grid)
     tensors = {}
     for name, lay in fmt.layout(layer).items():
-        if lay.dtype == torch.uint8:
+        if lay.dtype == torch.uint8 and name == "scales":  # MXFP4's E8M0 exponents: near 2**0 (255 is NaN)
+            tensors[name] = torch.randint(118, 128, lay.shape, dtype=torch.uint8)
+        elif lay.dtype == torch.uint8:
             tensors[name] = torch.randint(0, 256, lay.shape, dtype=torch.uint8)  # any b-bit field is valid
         elif lay.dtype == torch.float8_e4m3fn:
             tensors[name] = (torch.randn(lay.shape) * 50).to(torch.float8_e4m3fn)
+        elif name == "global_scale":
+            tensors[name] = torch.full(lay.shape, 1e-4, dtype=lay.dtype)
         else:
             tensors[name] = (torch.rand(lay.shape) * 0.01 + 0.001).to(lay.dtype)
     q = QuantLinear.empty(layer, fmt, bias=False)

@@ -21,6 +21,7 @@ Usage (from the repository root)::
     python benchmarks/quality.py --quick                  # 4 configs per model (used by the tests)
     python benchmarks/quality.py --models minilm --bits 3,4 --group-sizes 128
     python benchmarks/quality.py --methods textbook-rtn,textbook-mse --no-fp8   # reference baselines
+    python benchmarks/quality.py --models llama --bits 4 --group-sizes 32 --methods uniform-mse,piecewise --no-fp8 --fp4
     python benchmarks/quality.py --json out.json --plot docs/quality_bpw.png
     python benchmarks/quality.py --from-json out.json,ref.json                  # re-print, merged
 
@@ -56,7 +57,7 @@ import piecewise_quant as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_BITS = (2, 3, 4, 8)
-ALL_GROUPS = ("64", "128", "channel")
+ALL_GROUPS = ("32", "64", "128", "channel")
 # (key, grid, observer, label): the label is what the tables show
 METHODS = (
     ("uniform-minmax", "uniform", "minmax", "uniform RTN (min/max)"),
@@ -72,7 +73,11 @@ REFERENCE_METHODS = (
     ("textbook-rtn", "textbook", "minmax", "textbook RTN (reference)"),
     ("textbook-mse", "textbook", "mse", "textbook MSE clip (reference)"),
 )
-METHOD_LABEL = {k: lab for k, _, _, lab in METHODS + REFERENCE_METHODS} | {"fp8": "fp8 e4m3 (per-channel)", "float": "float32"}
+# --fp4: the FP4 (E2M1) formats at 4 bits, each with the block its format fixes (mse observer)
+FP4_SETTINGS = (("mxfp4", "32", "mxfp4 (E2M1, E8M0 scale per 32)"),
+                ("nvfp4", "16", "nvfp4 (E2M1, E4M3 per 16 + fp32 per tensor)"))
+METHOD_LABEL = ({k: lab for k, _, _, lab in METHODS + REFERENCE_METHODS} | {"fp8": "fp8 e4m3 (per-channel)", "float": "float32"}
+                | {k: lab for k, _, lab in FP4_SETTINGS})
 TEXTBOOK_SHRINK = torch.linspace(1.0, 0.4, 31)
 MODELS = ("llama", "minilm")
 
@@ -104,8 +109,8 @@ class Setting:
         return f"{self.method} {self.bits}-bit g{self.group}"
 
 
-def settings_for(bits: list[int], groups: list[str], methods: list[str], fp8: bool) -> list[Setting]:
-    out = []
+def settings_for(bits: list[int], groups: list[str], methods: list[str], fp8: bool, fp4: bool = False) -> list[Setting]:
+    out = [Setting(key, key, "mse", 4, block) for key, block, _ in FP4_SETTINGS] if fp4 else []
     for b in bits:
         for g in groups:
             for key, grid, obs, _ in METHODS + REFERENCE_METHODS:
@@ -529,6 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated: " + ", ".join(k for k, *_ in METHODS + REFERENCE_METHODS)
                    + " (the textbook-* reference baselines are fake-quantized by this script, off by default)")
     p.add_argument("--no-fp8", action="store_true", help="leave out the fp8 row")
+    p.add_argument("--fp4", action="store_true", help="add the mxfp4 and nvfp4 rows (4 bits, their fixed blocks)")
     p.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 512; --quick: 128)")
     p.add_argument("--ppl-windows", type=int, default=None,
                    help="use only the first N 256-token windows of the held-out text (default: all 80; --quick: 16)")
@@ -615,7 +621,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict[str, Any
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = list(QUICK) if args.quick else settings_for(args.bits, args.group_sizes, args.methods, not args.no_fp8)
+    settings = list(QUICK) if args.quick else settings_for(args.bits, args.group_sizes, args.methods, not args.no_fp8, args.fp4)
     start = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
     commit = _git_commit()  # the code this run imports (taken now, not after a long run)

@@ -1,6 +1,7 @@
 """Relative squared weight error of each grid on real weights, at equal bits per weight.
 
     python benchmarks/weight_error.py            # tiny-llama-pydoc and all-MiniLM-L6-v2, 2/3/4 bits, g128
+    python benchmarks/weight_error.py --fp4      # 4 bits: mxfp4 / nvfp4 (every scale rule) vs uniform and piecewise g32
 
 Prints a markdown table (recorded in docs/formats.md). Data-free: no calibration data is used.
 """
@@ -49,12 +50,59 @@ def relative_error(weights: dict[str, torch.Tensor], grid: str, bits: int, obser
     return err / total, bits_total / numel
 
 
+# (label, grid, observer, MX scale rule or None): --fp4 rows; the MX rules are kernels.fp4.mx_scale_exponents
+FP4_ROWS = [
+    ("mxfp4, OCP rule floor(log2 amax) - 2 (observer='minmax')", "mxfp4", "minmax", "spec"),
+    ("mxfp4, rounded up: ceil(log2(amax / 6))", "mxfp4", None, "ceil"),
+    ("mxfp4, per-block MSE of the two (observer='mse', default)", "mxfp4", "mse", "mse"),
+    ("nvfp4, E4M3 of amax / 6 (observer='minmax')", "nvfp4", "minmax", None),
+    ("nvfp4, best of 3 E4M3 neighbours (observer='mse', default)", "nvfp4", "mse", None),
+    ("uniform g32, MSE clip (asymmetric, fp16 scale + 4-bit zero)", "uniform", "mse", None),
+    ("piecewise g32", "piecewise", "mse", None),
+]
+
+
+def mx_rule_error(weights: dict[str, torch.Tensor], rule: str) -> tuple[float, float]:
+    """MXFP4 with the scale exponent chosen by ``rule`` (what the format stores, without its observer)."""
+    from piecewise_quant.kernels.fp4 import e2m1_decode, e2m1_encode, e8m0_to_float, mx_scale_exponents
+
+    err = total = 0.0
+    for w in weights.values():
+        blocks = w.float().reshape(-1, 32)
+        s = e8m0_to_float(mx_scale_exponents(blocks, rule)).unsqueeze(1)
+        err += float((e2m1_decode(e2m1_encode(blocks / s)) * s - blocks).pow(2).sum())
+        total += float(blocks.pow(2).sum())
+    return err / total, 4.25
+
+
+def fp4_table(sources: list[str]) -> None:
+    print("| weights | format | bits/weight | relative squared error |")
+    print("|---|---|---:|---:|")
+    for source in sources:
+        weights = load_weights(source)
+        results = []
+        for label, grid, observer, rule in FP4_ROWS:
+            if rule is not None:
+                e, bpw = mx_rule_error(weights, rule)
+            else:
+                e, bpw = relative_error(weights, grid, 4, observer, {"nvfp4": 16}.get(grid, 32))
+            results.append((label, bpw, e))
+        best = min(e for _, _, e in results)
+        for label, bpw, e in results:
+            cell = f"**{e:.4g}**" if e == best else f"{e:.4g}"
+            print(f"| {source} | {label} | {bpw:.3f} | {cell} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny-llama-pydoc,all-MiniLM-L6-v2")
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--fp4", action="store_true", help="the 4-bit FP4 table instead (mxfp4 scale rules, nvfp4, g32 grids)")
     args = parser.parse_args()
+    if args.fp4:
+        fp4_table(args.models.split(","))
+        return
     header = "| weights | bits | bits/weight | " + " | ".join(v[0] for v in VARIANTS) + " |"
     print(header)
     print("|---|---|---:|" + "---:|" * len(VARIANTS))

@@ -15,6 +15,13 @@ from CPUID when the extension loads:
 Many activation rows (prefill, training) are multiplied by torch's own GEMM on blocks of rows that
 the kernels dequantize exactly as :func:`reference.dequantize` does, into a reused buffer.
 
+FP4 weights (``mxfp4``, ``nvfp4``) run the float kernels' level-table path: E2M1 codes times a block
+scale is a 16-entry level table times a group scale, so the backend hands the kernels the stored
+codes as they are, the E2M1 table as the one table of a symmetric layer (whose float kernels look
+levels up in table 0 without reading a per-group field) and the block scales decoded to float32
+(kept per layer: :func:`_fp4_operands`). Blocks of 16/32 never reach the integer kernel (it needs
+128-wide blocks), the one path that computes symmetric levels arithmetically.
+
 Calls the kernels cannot serve (another device, an unsupported group size, NaN in the activations on
 the integer path) run :func:`reference.linear`. If the extension is missing or the CPU lacks AVX2,
 the backend is unavailable and one warning names the reason; ``PIECEWISE_QUANT_KERNEL_BACKEND=reference``
@@ -28,19 +35,26 @@ import threading
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 from .backends import KernelBackend
+from .fp4 import e2m1_levels
 from .grids import PIECEWISE_TABLES
 
 __all__ = ["cpu_backend", "status", "explain", "GEMV_MAX_ROWS"]
 
 KINDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2, "fp8_e4m3": 3}
+# FP4 weights run as symmetric layers (kind 0) whose one level table is E2M1's (see _fp4_operands)
+FP4_FORMATS = ("mxfp4", "nvfp4")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACT_QMAX = {"int8": 127.0, "int4": 7.0}
 # activation rows up to which the fused kernels run; above, dequantized blocks + torch's GEMM
 # (measured crossover on a 2-core Sapphire Rapids; see docs/performance.md)
 GEMV_MAX_ROWS = 16
+# FP4's blocks of 16/32 run the fused kernels' small-group (bf16 dot product) path, which loses to
+# dequantized blocks + torch's GEMM from about 8 rows (benchmarks/cpu_kernels.py, docs/formats.md)
+FP4_GEMV_MAX_ROWS = 8
 # W8A8 (symmetric 8-bit weights per channel, integer activations) from this many rows: torch's int8 GEMM
 # (up to 16 rows the fused integer kernel was faster: 0.47 against 1.57 ms at 4 rows, 4096x4096)
 INT8_GEMM_MIN_ROWS = GEMV_MAX_ROWS + 1
@@ -167,6 +181,40 @@ def _tables(kind: int, bits: int) -> tuple[torch.Tensor | None, torch.Tensor | N
     return lut16.contiguous(), lut32.contiguous(), lut8.contiguous() if lut8 is not None else None
 
 
+@functools.lru_cache(maxsize=1)
+def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor, None]:
+    """The E2M1 level table (code -> value) in the two forms the float kernels read: bf16 bits
+    ``[1, 32]`` and fp32 ``[1, 16]`` (exact in both)."""
+    levels = e2m1_levels().reshape(1, 16)
+    lut16 = torch.zeros(1, 32, dtype=torch.int16)
+    lut16[:, :16] = levels.to(torch.bfloat16).view(torch.int16)
+    return lut16.contiguous(), levels.contiguous(), None
+
+
+# scales tensor -> (its version and aux's, float32 block scales)
+_fp4_cache = WeakIdKeyDictionary()
+_fp4_lock = threading.Lock()
+
+
+def _fp4_key(scales: torch.Tensor, aux: torch.Tensor | None) -> tuple:
+    return (scales._version, aux._version if aux is not None else -1, aux.data_ptr() if aux is not None else 0)
+
+
+def _fp4_operands(scales: torch.Tensor, aux: torch.Tensor | None, weight_format: str) -> torch.Tensor:
+    """An FP4 layer's block scales as float32 ``(n, G)`` (E8M0 ``2**(e-127)``, or E4M3 times the
+    per-tensor scale, exactly as :func:`reference.dequantize` multiplies). Worked out once per scales
+    tensor (recomputed after an in-place change)."""
+    key = _fp4_key(scales, aux)
+    with _fp4_lock:
+        hit = _fp4_cache.get(scales)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    s = reference.fp4_scales(weight_format, scales, aux).contiguous()
+    with _fp4_lock:
+        _fp4_cache[scales] = (key, s)
+    return s
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -176,6 +224,11 @@ def _describe(ext, qweight, scales, aux, weight_format: str, bits: int, group_si
     or None when the kernels cannot take this layout."""
     kind = KINDS.get(weight_format)
     n = qweight.shape[0]
+    fp4 = weight_format in FP4_FORMATS
+    if fp4 and scales.dim() == 2 and bits == 4 and qweight.dtype == torch.uint8:
+        # the caller keeps the scales tensor alive, and the cache keeps its translation with it
+        scales, aux = _fp4_operands(scales, aux, weight_format), None
+        kind = KINDS["uniform_sym"]
     if kind is None or n == 0 or in_features == 0:
         return None
     per_tensor = group_size == -1
@@ -189,7 +242,7 @@ def _describe(ext, qweight, scales, aux, weight_format: str, bits: int, group_si
         return None
     if scales.dtype not in _DTYPES or qweight.dtype not in (torch.uint8, torch.float8_e4m3fn):
         return None
-    lut16, lut32, lut8 = _tables(kind, bits)
+    lut16, lut32, lut8 = _fp4_tables() if fp4 else _tables(kind, bits)
     return ext.layer(
         n, in_features, bits, gs, n_groups, kind, int(per_tensor), _DTYPES[scales.dtype],
         qweight.data_ptr(), qweight.stride(0), _ptr(aux), aux.stride(0) if aux is not None else 0,
@@ -199,7 +252,8 @@ def _describe(ext, qweight, scales, aux, weight_format: str, bits: int, group_si
 
 
 def _supports(weight_format: str, bits: int, group_size: int, dtype: torch.dtype, act_format: str) -> bool:
-    if weight_format not in KINDS or dtype not in _DTYPES or bits not in (2, 3, 4, 8):
+    if (weight_format not in KINDS and weight_format not in FP4_FORMATS) or dtype not in _DTYPES \
+            or bits not in (2, 3, 4, 8):
         return False
     ext, reason = _extension()
     if ext is None:
@@ -320,7 +374,7 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
         if b is not None:
             y += b
         return y.reshape(*lead, n)
-    if 0 < m <= GEMV_MAX_ROWS:
+    if 0 < m <= (FP4_GEMV_MAX_ROWS if weight_format in FP4_FORMATS else GEMV_MAX_ROWS):
         y = torch.empty(m, n, dtype=x.dtype)
         if int_act:
             if act_mode == "dynamic_per_token" and act_topk == 0:
@@ -360,11 +414,14 @@ class Prepared:
     layer's. ``__call__`` returns ``None`` when the call is not a few float activation rows on CPU
     (the caller then takes the general path)."""
 
-    __slots__ = ("tensors", "desc", "n", "k", "ext", "backends_version", "forced", "dtype_code")
+    __slots__ = ("tensors", "desc", "n", "k", "ext", "backends_version", "forced", "dtype_code", "keep")
 
-    def __init__(self, ext, desc, tensors: tuple, n: int, k: int, backends_version: int, forced: str) -> None:
+    def __init__(self, ext, desc, tensors: tuple, n: int, k: int, backends_version: int, forced: str,
+                 keep: tuple | None = None) -> None:
         self.ext, self.desc, self.tensors, self.n, self.k = ext, desc, tensors, n, k
         self.backends_version, self.forced = backends_version, forced
+        # FP4: (the scales' versions, the translated tensors the descriptor points into)
+        self.keep = keep
 
     def __deepcopy__(self, memo) -> None:
         return None  # a copied layer has new tensors: it prepares its own on its first call
@@ -379,6 +436,7 @@ class Prepared:
             and all(a is b for a, b in zip(mine, tensors))
             and backends_version == self.backends_version
             and forced == self.forced
+            and (self.keep is None or self.keep[0] == _fp4_key(tensors[1], tensors[2]))
         )
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None):
@@ -389,7 +447,7 @@ class Prepared:
             return None
         x2 = x.reshape(-1, self.k)
         m = x2.shape[0]
-        if not 0 < m <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
+        if not 0 < m <= (GEMV_MAX_ROWS if self.keep is None else FP4_GEMV_MAX_ROWS) or x2.stride(-1) != 1:
             return None
         y = torch.empty(m, self.n, dtype=x.dtype)
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
@@ -408,10 +466,13 @@ def prepare(qweight, scales, aux, weight_format: str, bits: int, group_size: int
     ext, _ = _extension()
     if ext is None or qweight.device.type != "cpu":
         return None
+    keep = None
+    if weight_format in FP4_FORMATS and scales.dim() == 2:
+        keep = (_fp4_key(scales, aux), _fp4_operands(scales, aux, weight_format))
     desc = _describe(ext, qweight, scales, aux, weight_format, bits, group_size, in_features)
     if desc is None:
         return None
-    return Prepared(ext, desc, (qweight, scales, aux), qweight.shape[0], in_features, backends_version, forced)
+    return Prepared(ext, desc, (qweight, scales, aux), qweight.shape[0], in_features, backends_version, forced, keep)
 
 
 def explain(weight_format: str, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
@@ -421,7 +482,8 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     st = status()
     if not st["available"]:
         return f"reference ({st['reason']})"
-    if weight_format not in KINDS or dtype not in _DTYPES or bits not in (2, 3, 4, 8):
+    if (weight_format not in KINDS and weight_format not in FP4_FORMATS) or dtype not in _DTYPES \
+            or bits not in (2, 3, 4, 8):
         return f"reference (no CPU kernel for {weight_format} {bits}-bit with {dtype})"
     gs = in_features if group_size == -1 else group_size
     if in_features % gs or (in_features // gs > 1 and gs % 8):
@@ -429,7 +491,7 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     if (rows >= INT8_GEMM_MIN_ROWS and act_format in _ACT_QMAX and weight_format == "uniform_sym" and bits == 8
             and group_size in (-1, in_features)):
         return "cpu int8 GEMM (torch._int_mm)"
-    if rows > GEMV_MAX_ROWS:
+    if rows > (FP4_GEMV_MAX_ROWS if weight_format in FP4_FORMATS else GEMV_MAX_ROWS):
         return f"cpu dequantized blocks + torch {str(dtype).removeprefix('torch.')} GEMM"
     isa = st["isa"]
     integer = (

@@ -6,12 +6,16 @@ They are the CPU path and the oracle the Triton kernels are tested against. Shap
 b-bit per-group field (zero points for ``uniform_asym``, breakpoint ids for ``piecewise``), stored
 transposed and packed along the output dimension, shape ``(n_groups, packed_length(out, bits))``
 (GPTQ's ``qzeros`` layout: a column-parallel shard of whole bytes is a shard of output rows).
+FP4 (``mxfp4`` / ``nvfp4``, :mod:`.fp4`): 4-bit E2M1 codes packed the same way, ``scales`` the
+``uint8`` E8M0 exponents or ``float8_e4m3fn`` block scales ``(out, n_groups)``; ``nvfp4``'s ``aux``
+is its float32 per-tensor scale ``(1,)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fp4 import FP4_ACT_BLOCK, e2m1_decode, fp4_fake_quantize, fp4_scales
 from .grids import piecewise_levels, piecewise_table
 from .packing import pack_codes, unpack_codes
 
@@ -28,10 +32,12 @@ __all__ = [
     "linear",
 ]
 
-WEIGHT_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "fp8_e4m3")
-ACT_FORMATS = ("none", "int8", "int4", "fp8_e4m3")
+WEIGHT_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "fp8_e4m3", "mxfp4", "nvfp4")
+ACT_FORMATS = ("none", "int8", "int4", "fp8_e4m3", "mxfp4", "nvfp4")
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
-ACT_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
+# mxfp4 / nvfp4 activations are dynamic only, with block scales (kernels/fp4.py): 6 is E2M1's largest value
+ACT_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "mxfp4": 6.0, "nvfp4": 6.0}
+FP4_FORMATS = ("mxfp4", "nvfp4")
 
 
 def _grouped(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
@@ -83,6 +89,11 @@ def dequantize(
     """Float weight ``(out, in_features)`` from packed tensors; math in float32, result in ``dtype``."""
     if weight_format == "fp8_e4m3":
         return (qweight.to(torch.float32) * scales.to(torch.float32)).to(dtype)
+    if weight_format in FP4_FORMATS:  # E2M1 codes times a float32 block scale (kernels/fp4.py)
+        codes = unpack_codes(qweight, 4, in_features)
+        g, _ = _grouped(codes, scales, group_size)
+        s = fp4_scales(weight_format, scales, aux).unsqueeze(-1)
+        return (e2m1_decode(g) * s).reshape(codes.shape).to(dtype)
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight_format {weight_format!r}; allowed: {WEIGHT_FORMATS}")
     codes = unpack_codes(qweight, bits, in_features)
@@ -126,6 +137,12 @@ def quantize_activation(
         return x
     if act_format not in ACT_QMAX:
         raise ValueError(f"unknown act_format {act_format!r}; allowed: {ACT_FORMATS}")
+    if act_format in FP4_ACT_BLOCK:
+        if act_mode != "dynamic_per_token" or clip_ratio != 1.0 or topk != 0:
+            raise ValueError(f"{act_format} activations are dynamic with block scales only (act_mode="
+                             f"'dynamic_per_token', act_clip_ratio=1.0, act_topk=0); got {act_mode!r}, "
+                             f"{clip_ratio}, {topk}")
+        return fp4_fake_quantize(x, act_format)
     qmax = ACT_QMAX[act_format]
     xf = x.to(torch.float32)
     if act_mode == "static_per_tensor":

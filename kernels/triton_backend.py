@@ -4,8 +4,8 @@ the built-in plugin through the ``piecewise_quant_register_kernel_backends`` hoo
 Routing (a call that none of these fits runs the reference):
 
 * ``act_format == "none"``, uniform or piecewise weights of 2/4/8 bits, group size a multiple of
-  16: the dequantize-GEMM (:mod:`.triton_dequant_matmul`; split-K skinny kernel for M <= 16, ``tl.dot``
-  tiles above);
+  16, or FP4 (``mxfp4`` / ``nvfp4``) weights: the dequantize-GEMM (:mod:`.triton_dequant_matmul`;
+  split-K skinny kernel for M <= 16, ``tl.dot`` tiles above);
 * ``uniform_sym`` 8-bit weights with ``act_format == "int8"``, and ``fp8_e4m3`` weights with
   ``act_format == "fp8_e4m3"`` on a GPU of compute capability 8.9+: the W8A8 GEMM
   (:mod:`.triton_w8a8`), when the weight scales are per channel or per tensor and ``act_topk == 0``;
@@ -24,7 +24,7 @@ import torch
 from . import reference
 from .backends import KernelBackend
 
-TRITON_FORMATS = ("uniform_sym", "uniform_asym", "piecewise")
+TRITON_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "mxfp4", "nvfp4")
 # the kernels also handle 3-bit codes (checked under the interpreter); routing 3-bit to them waits
 # for the GPU test (tests/kernels/test_triton_dequant_matmul.py -m gpu) to pass on a real device
 TRITON_BITS = (2, 4, 8)

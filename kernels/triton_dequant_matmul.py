@@ -14,7 +14,10 @@ Layout assumptions (the same as :mod:`.reference`, see :mod:`.packing` and :mod:
   ``BLOCK_K`` (a power of two dividing ``group_size``) lies inside one group and never needs a mask.
 
 Formats, with ``A = 2**(bits-1)``: ``uniform_sym`` ``w = (q - A) s``; ``uniform_asym`` ``w = (q - z) s``;
-``piecewise`` ``d = q - A``, ``(h, r) = table[k]``, ``w = s * (d if |d| <= h else sign(d)(h + r(|d| - h)))``.
+``piecewise`` ``d = q - A``, ``(h, r) = table[k]``, ``w = s * (d if |d| <= h else sign(d)(h + r(|d| - h)))``;
+``mxfp4`` / ``nvfp4`` (4-bit E2M1 codes, :mod:`.fp4`) ``w = e2m1(q) * s`` where ``s`` is decoded in the
+kernel from the stored ``uint8`` E8M0 exponent (``2**(e-127)``) or E4M3 bits times the float32
+per-tensor scale passed as ``aux`` (``(1,)``), exactly as :func:`.reference.dequantize` computes it.
 The weight is dequantized in float32 and rounded to ``x``'s dtype (as the reference does); products
 accumulate in float32. Supported: bits 2, 3, 4, 8; x float16/bfloat16/float32.
 
@@ -47,7 +50,8 @@ from .triton_common import INTERPRET, bucket_m, on_device, prune_by_m_bucket
 
 __all__ = ["triton_linear", "choose_path", "FORMAT_IDS", "SUPPORTED_BITS", "SKINNY_MAX_M"]
 
-FORMAT_IDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2}
+FORMAT_IDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2, "mxfp4": 3, "nvfp4": 4}
+FP4_IDS = (3, 4)
 SUPPORTED_BITS = (2, 3, 4, 8)
 SKINNY_MAX_M = 16
 # the broadcast-multiply of the skinny kernel materialises BLOCK_M x BLOCK_N x (codes per phase)
@@ -81,6 +85,30 @@ def _extract(base_ptr, idx, BITS: tl.constexpr, mask):
     return (word >> shift) & ((1 << BITS) - 1)
 
 
+@triton.jit
+def _fp4_scale(raw, glob, FMT: tl.constexpr):
+    """float32 block scales from their stored bits: E8M0 (``FMT == 3``) or E4M3 times ``glob``."""
+    b = raw.to(tl.int32)
+    if FMT == 3:  # 2**(b - 127), built from the bits (b == 0: the subnormal 2**-127)
+        s = tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
+    else:  # E4M3: sign, 4 exponent bits (bias 7), 3 mantissa bits; subnormals are m * 2**-9
+        e = (b >> 3) & 15
+        m = b & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+        s = tl.where((b & 128) != 0, -mag, mag) * glob
+    return s
+
+
+@triton.jit
+def _e2m1(q):
+    """The E2M1 value of 4-bit codes ``q`` (int32): sign bit 3, exponent bits 2-1, mantissa bit 0."""
+    e = (q >> 1) & 3
+    m = (q & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * tl.where(e == 1, 0.5, tl.where(e == 2, 1.0, 2.0)))
+    return tl.where(q >= 8, -mag, mag)
+
+
 @triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "K", "BLOCK_K", "BITS", "FMT"],
@@ -109,11 +137,21 @@ def _dequant_matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None], other=0.0)
         # codes of the (BLOCK_K, BLOCK_N) tile of W^T
-        q = _extract(qw_ptr + offs_n[None, :] * stride_qn, offs_k[:, None], BITS, mask_n[None, :]).to(tl.float32)
+        qi = _extract(qw_ptr + offs_n[None, :] * stride_qn, offs_k[:, None], BITS, mask_n[None, :])
+        q = qi.to(tl.float32)
         # one group per K tile: a scale (and an aux field) per output column
         g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-        if FMT == 0:  # uniform_sym
+        if FMT == 3 or FMT == 4:
+            raw = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
+            if FMT == 4:
+                s = _fp4_scale(raw, tl.load(aux_ptr), FMT)
+            else:
+                s = _fp4_scale(raw, 1.0, FMT)
+        else:
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        if FMT == 3 or FMT == 4:
+            lev = _e2m1(qi)
+        elif FMT == 0:  # uniform_sym
             lev = q - half
         elif FMT == 1:  # uniform_asym: aux is the zero point
             z = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n).to(tl.float32)
@@ -214,7 +252,14 @@ def _skinny_kernel(
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if FMT == 3 or FMT == 4:
+            raw = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
+            if FMT == 4:
+                s = _fp4_scale(raw, tl.load(aux_ptr), FMT)[:, None]
+            else:
+                s = _fp4_scale(raw, 1.0, FMT)[:, None]
+        else:
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         if FMT == 1:
             z = _extract(aux_ptr + g * stride_ag, offs_n, BITS, mask_n).to(tl.float32)[:, None]
         elif FMT == 2:
@@ -228,8 +273,11 @@ def _skinny_kernel(
             word |= tl.load(unit_ptrs + 1, mask=mask_n[:, None], other=0).to(tl.int32) << 8
             word |= tl.load(unit_ptrs + 2, mask=mask_n[:, None], other=0).to(tl.int32) << 16
         for p in tl.static_range(CODES):
-            q = ((word >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            if FMT == 0:
+            qi = (word >> (p * BITS)) & ((1 << BITS) - 1)
+            q = qi.to(tl.float32)
+            if FMT == 3 or FMT == 4:
+                lev = _e2m1(qi)
+            elif FMT == 0:
                 lev = q - half
             elif FMT == 1:
                 lev = q - z
@@ -307,7 +355,18 @@ def triton_linear(
     if tuple(scales.shape) != (N, n_groups):
         raise ValueError(f"scales must have shape {(N, n_groups)}, got {tuple(scales.shape)}")
     fmt = FORMAT_IDS[weight_format]
-    if fmt != 0:
+    if fmt in FP4_IDS:
+        if bits != 4:
+            raise ValueError(f"{weight_format} has 4-bit codes, not {bits}")
+        want = torch.uint8 if fmt == 3 else torch.float8_e4m3fn
+        if scales.dtype != want:
+            raise ValueError(f"{weight_format} scales must be {want}, got {scales.dtype}")
+        scales = scales.contiguous().view(torch.uint8)  # the kernel decodes the bits itself
+        if fmt == 4:
+            if aux is None or aux.numel() != 1 or aux.dtype != torch.float32:
+                raise ValueError("nvfp4 needs its float32 per-tensor scale (one element) as aux")
+            aux = aux.reshape(1).contiguous()
+    elif fmt != 0:
         if aux is None or aux.dtype != torch.uint8 or tuple(aux.shape) != (n_groups, packed_length(N, bits)):
             got = None if aux is None else (aux.dtype, tuple(aux.shape))
             raise ValueError(f"{weight_format} needs uint8 aux of shape {(n_groups, packed_length(N, bits))}, got {got}")
@@ -321,7 +380,7 @@ def triton_linear(
         return y.reshape(*lead, N)
     qweight = qweight.contiguous()
     table = piecewise_table(bits, x.device) if fmt == 2 else qweight  # dummy pointers are never read
-    aux_arg = aux if fmt != 0 else qweight
+    aux_arg = aux if fmt not in (0, 3) else qweight
     bias_arg = bias.to(x.dtype).contiguous() if bias is not None else y
     # float32 follows torch's matmul setting (TF32 off by default); the knob is moot for 16-bit inputs
     exact = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32

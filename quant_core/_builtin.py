@@ -9,11 +9,13 @@ from .plugins import hookimpl
 
 @hookimpl
 def piecewise_quant_register_formats(register):
-    from .formats import FP8Format, PiecewiseFormat, UniformFormat
+    from .formats import FP8Format, MXFP4Format, NVFP4Format, PiecewiseFormat, UniformFormat
 
     register(PiecewiseFormat())
     register(UniformFormat())
     register(FP8Format())
+    register(MXFP4Format())
+    register(NVFP4Format())
 
 
 @hookimpl

@@ -49,8 +49,9 @@ class ActArgs:
     """How a layer's input activations are quantized.
 
     Attributes:
-        format: ``"int"`` (symmetric integer) or ``"fp8"`` (E4M3).
-        bits: 8 or 4 (fp8: 8).
+        format: ``"int"`` (symmetric integer), ``"fp8"`` (E4M3) or ``"mxfp4"`` / ``"nvfp4"`` (E2M1
+            with block scales along the channels; dynamic only).
+        bits: 8 or 4 (fp8: 8; mxfp4/nvfp4: 4).
         strategy: ``"token"`` (a scale per token), ``"tensor"`` (one scale), ``"group"`` (a scale per
             token and per ``group_size`` channels) or ``"timestep"`` (one static scale per calibrated
             diffusion timestep).
@@ -69,10 +70,14 @@ class ActArgs:
     topk: int = 0
 
     def __post_init__(self) -> None:
-        if self.format not in ("int", "fp8"):
-            raise ValueError(f"activation format must be 'int' or 'fp8'; got {self.format!r}")
-        if self.bits not in ((8,) if self.format == "fp8" else (4, 8)):
-            raise ValueError(f"{self.format} activations cannot be {self.bits} bits wide; use 8 (or 4 for int)")
+        if self.format not in ("int", "fp8", "mxfp4", "nvfp4"):
+            raise ValueError(f"activation format must be 'int', 'fp8', 'mxfp4' or 'nvfp4'; got {self.format!r}")
+        fp4 = self.format in ("mxfp4", "nvfp4")
+        if self.bits not in ((8,) if self.format == "fp8" else (4,) if fp4 else (4, 8)):
+            raise ValueError(f"{self.format} activations cannot be {self.bits} bits wide; use 8 (or 4 for int; "
+                             "mxfp4/nvfp4: 4)")
+        if fp4 and not self.dynamic:
+            raise ValueError(f"{self.format} activations are dynamic only (block scales computed at run time)")
         if self.strategy not in ACT_STRATEGIES:
             raise ValueError(f"activation strategy must be one of {', '.join(ACT_STRATEGIES)}; got {self.strategy!r}")
         if (self.strategy == "group") != (self.group_size is not None):
@@ -97,7 +102,10 @@ class ActArgs:
 
     @property
     def kernel_format(self) -> str:
-        """The kernels' activation format name: ``"int8"``, ``"int4"`` or ``"fp8_e4m3"``."""
+        """The kernels' activation format name: ``"int8"``, ``"int4"``, ``"fp8_e4m3"``, ``"mxfp4"``
+        or ``"nvfp4"``."""
+        if self.format in ("mxfp4", "nvfp4"):
+            return self.format
         return "fp8_e4m3" if self.format == "fp8" else f"int{self.bits}"
 
     @property

@@ -147,6 +147,11 @@ def check_finite_tensors(layer_name: str, tensors: Mapping[str, torch.Tensor]) -
     """Refuse NaN or Inf in a quantized layer's floating tensors (scales, activation scales,
     bias): every output of the layer would be NaN, or silently wrong."""
     for name, t in tensors.items():
+        if t is not None and not t.is_meta and name == "scales" and t.dtype == torch.uint8 and bool((t == 255).any()):
+            raise CheckpointMismatchError(  # MXFP4's E8M0 scales: 255 encodes NaN
+                f"piecewise-quant: tensor {layer_name + '.' + name!r} holds {int((t == 255).sum())} E8M0 scale(s) of 255 "
+                "(NaN); the checkpoint is corrupt or was tampered with: quantize the float model again"
+            )
         if t is None or t.is_meta or not t.is_floating_point():
             continue
         if not bool(torch.isfinite(t.float()).all()):

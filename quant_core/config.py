@@ -28,8 +28,10 @@ __all__ = ["PiecewiseQuantConfig", "QuantSpec", "LayerSpec", "CalibrationConfig"
 # pattern matches first). Version 1 configs (a mapping) still load.
 SCHEMA_VERSION = 2
 QUANT_METHOD = "piecewise"
-BUILTIN_GRIDS = ("piecewise", "uniform", "fp8")
-ACT_FORMATS = ("int", "fp8")
+BUILTIN_GRIDS = ("piecewise", "uniform", "fp8", "mxfp4", "nvfp4")
+ACT_FORMATS = ("int", "fp8", "mxfp4", "nvfp4")
+FP4_ACT_FORMATS = ("mxfp4", "nvfp4")  # E2M1 with block scales: 4 bits, dynamic, no clipping
+FP4_GRID_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # their group size is the format's block
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 GROUP_WORDS = ("channel", "tensor")
@@ -66,8 +68,9 @@ class QuantSpec:
 
     Attributes:
         grid: weight format: ``"piecewise"`` (dense centre + sparse tails), ``"uniform"`` or
-            ``"fp8"`` (E4M3, per-channel scales), or the name of a format added by a plugin.
-        bits: bits per stored weight code: 2, 3, 4 or 8 (fp8: 8).
+            ``"fp8"`` (E4M3, per-channel scales), ``"mxfp4"`` / ``"nvfp4"`` (E2M1 with block scales
+            of 32 / 16 weights, docs/formats.md), or the name of a format added by a plugin.
+        bits: bits per stored weight code: 2, 3, 4 or 8 (fp8: 8; mxfp4/nvfp4: 4).
         group_size: weights sharing one scale along the input dimension: a positive integer
             (32/64/128/256 are typical), ``"channel"`` (or ``None``: one scale per output row) or
             ``"tensor"`` (one scale for the whole matrix).
@@ -77,9 +80,10 @@ class QuantSpec:
         observer: how weight ranges are chosen: ``"mse"`` (search the clipping range that
             minimises squared error, default), ``"minmax"`` or a plugin observer's name.
         scale_dtype: dtype of stored scales, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
-        act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4) to quantize the layer's
+        act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4, mxfp4, nvfp4) to quantize the layer's
             input activations.
-        act_format: ``"int"`` (symmetric integer, ``act_bits`` wide) or ``"fp8"`` (E4M3, 8 bits).
+        act_format: ``"int"`` (symmetric integer, ``act_bits`` wide), ``"fp8"`` (E4M3, 8 bits) or
+            ``"mxfp4"`` / ``"nvfp4"`` (E2M1 with block scales along the channels, 4 bits, dynamic only).
         act_mode: ``"dynamic_per_token"`` (a scale per token, computed at run time) or
             ``"static_per_tensor"`` (one scale from calibration statistics).
         act_clip_ratio: the activation range is multiplied by this coefficient, in (0, 1].
@@ -121,6 +125,12 @@ class QuantSpec:
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", symmetric)
         self._validate_common()
+        if grid in FP4_GRID_BLOCKS and (self.bits != 4 or self.group_size != FP4_GRID_BLOCKS[grid]):
+            raise ValueError(
+                f"grid {grid!r} stores 4-bit E2M1 codes in blocks of {FP4_GRID_BLOCKS[grid]} weights; use bits=4 and "
+                f"group_size={FP4_GRID_BLOCKS[grid]} (or leave both at their defaults), not bits={self.bits!r}, "
+                f"group_size={self.group_size!r}"
+            )
 
     def _validate_common(self) -> None:
         bits = self.bits
@@ -151,12 +161,25 @@ class QuantSpec:
                 raise ValueError(
                     f"act_format='fp8' must be 8 bits wide; set act_bits=8 (got {self.act_bits}) or act_format='int'"
                 )
+            if self.act_format in FP4_ACT_FORMATS:
+                self._validate_fp4_act()
         ratio = self.act_clip_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
             raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")
         if isinstance(self.act_topk, bool) or not isinstance(self.act_topk, int) or self.act_topk < 0:
             raise ValueError(f"act_topk must be an integer >= 0 (how many largest magnitudes to clip); got {self.act_topk!r}")
         self._validate_outliers()
+
+    def _validate_fp4_act(self) -> None:
+        fmt = self.act_format
+        if self.act_bits != 4:
+            raise ValueError(f"act_format={fmt!r} is 4 bits wide (E2M1); set act_bits=4 (got {self.act_bits})")
+        if self.act_mode != "dynamic_per_token":
+            raise ValueError(f"act_format={fmt!r} computes its block scales at run time; set "
+                             f"act_mode='dynamic_per_token' (got {self.act_mode!r})")
+        if self.act_clip_ratio != 1.0 or self.act_topk != 0:
+            raise ValueError(f"act_format={fmt!r} takes its block scales from each block's maximum; "
+                             "act_clip_ratio and act_topk must stay 1.0 and 0")
 
     def _validate_outliers(self) -> None:
         o = self.outliers

@@ -344,7 +344,7 @@ class QuantLinear(nn.Module):
         if spec.grid == "uniform":
             parts.append(f"symmetric={spec.symmetric}")
         if self.act_quantizer is not None:
-            parts.append(f"act={spec.act_format}{spec.act_bits}/{spec.act_mode}")
+            parts.append(f"act={spec.act_format}{'' if 'fp4' in spec.act_format else spec.act_bits}/{spec.act_mode}")
         if spec.outliers is not None:
             parts.append(f"outliers={spec.outliers} ({spec.outlier_method})")
         if self.layer_spec.rotation is not None:

@@ -64,14 +64,15 @@ def positive_int_list(value: str) -> list[int]:
 
 def add_scheme_options(p: argparse.ArgumentParser) -> None:
     """``--grid``, ``--bits`` and ``--group-size`` (``quantize`` and ``bench``)."""
-    p.add_argument("--grid", default="piecewise", help="weight grid: piecewise (default), uniform or fp8")
+    p.add_argument("--grid", default="piecewise", help="weight grid: piecewise (default), uniform, fp8, mxfp4 or nvfp4")
     p.add_argument("--bits", type=int, default=None, help="bits per weight code: 2, 3, 4 (default) or 8 (fp8: 8)")
-    p.add_argument("--group-size", default="128",
-                   help="weights per scale: a divisor of the layers' in_features (default 128), 'channel' or 'tensor'")
+    p.add_argument("--group-size", default="auto",
+                   help="weights per scale: a divisor of the layers' in_features, 'channel' or 'tensor' (default: the "
+                        "grid's own, 128; fp8 'channel'; mxfp4 32, nvfp4 16)")
 
 
 def parse_group_size(value: str) -> int | str:
-    if value in ("channel", "tensor"):
+    if value in ("channel", "tensor", "auto"):
         return value
     try:
         return int(value)

@@ -44,6 +44,27 @@ def _core_from_dict(data: Any, where: str) -> PiecewiseQuantConfig:
         raise ValueError(f"piecewise-quant: {where} is invalid: {exc}") from None
 
 
+FP4_NAMES = ("mxfp4", "nvfp4")
+
+
+def _refuse_fp4(core: PiecewiseQuantConfig) -> None:
+    """FP4 (``mxfp4`` / ``nvfp4``) weights or activations are not served by this method: nvfp4's
+    per-tensor scale cannot be split or fused as vLLM's sharded and fused layers need, and neither
+    format has been validated in a vLLM engine. Refuse at config time, naming the format."""
+    specs = [("the default scheme", core.default_spec)]
+    specs += [(f"overrides[{p!r}]", s) for p, s in core.override_schemes.items() if s is not None]
+    for where, s in specs:
+        fmt = s.grid if s.grid in FP4_NAMES else (s.act_format if s.act_bits is not None and s.act_format in FP4_NAMES
+                                                   else None)
+        if fmt is not None:
+            what = "weights" if s.grid == fmt else "activations"
+            raise ValueError(
+                f"piecewise-quant: {where} uses {fmt} {what} (FP4 E2M1 with block scales), which the vLLM method does not "
+                f"serve; run this checkpoint in transformers (from_pretrained) or diffusers, or quantize for vLLM with "
+                f"grid='uniform' or 'piecewise' (and act_format='int' or 'fp8')"
+            )
+
+
 @register_quantization_config(QUANT_METHOD)
 class PiecewiseVllmConfig(QuantizationConfig):
     """vLLM face of a :class:`~piecewise_quant.PiecewiseQuantConfig`.
@@ -61,6 +82,7 @@ class PiecewiseVllmConfig(QuantizationConfig):
             check_servable(self.core.kv_cache)  # only static per-tensor FP8 (integrations/vllm/kv_cache.py)
         # read by vLLM's Attention: with a scheme, --kv-cache-dtype auto becomes fp8
         self.kv_cache_scheme = kv_cache_scheme(self.core.kv_cache)
+        _refuse_fp4(self.core)
         self.mode = mode
         self.headers: dict[str, tuple[tuple[int, ...], str, str]] | None = None
         self._mapper: Any = None

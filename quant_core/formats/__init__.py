@@ -4,7 +4,7 @@ Names load on first use (PEP 562), so a config can read :mod:`.defaults` without
 
 from .._lazy import lazy_exports
 
-__all__ = ["TensorLayout", "WeightFormat", "UniformFormat", "PiecewiseFormat", "FP8Format"]
+__all__ = ["TensorLayout", "WeightFormat", "UniformFormat", "PiecewiseFormat", "FP8Format", "MXFP4Format", "NVFP4Format"]
 
 _LAZY = {
     "TensorLayout": ".base",
@@ -12,6 +12,8 @@ _LAZY = {
     "UniformFormat": ".uniform",
     "PiecewiseFormat": ".piecewise",
     "FP8Format": ".fp8",
+    "MXFP4Format": ".fp4",
+    "NVFP4Format": ".fp4",
 }
 
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)

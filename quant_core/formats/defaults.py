@@ -14,6 +14,8 @@ BUILTIN_DEFAULTS: dict[str, tuple[int, int | str, bool | None]] = {
     "piecewise": (4, 128, None),
     "uniform": (4, 128, False),
     "fp8": (8, "channel", None),  # E4M3 with per-channel scales
+    "mxfp4": (4, 32, None),  # E2M1, one E8M0 scale per 32 weights (the block is fixed)
+    "nvfp4": (4, 16, None),  # E2M1, one E4M3 scale per 16 weights and a float32 one per tensor
 }
 #: a plugin format's, unless its class says otherwise (a spec never loads plugins to find out)
 GENERIC_DEFAULTS: tuple[int, int | str, bool | None] = (4, 128, None)

@@ -66,6 +66,16 @@ def test_quantize_summary_and_options(tmp_path, tiny_llama_path, capsys):
     assert (qc["grid"], qc["bits"], qc["group_size"]) == ("uniform", 3, 64)
 
 
+def test_quantize_fp4_takes_the_formats_block_by_default(tmp_path, tiny_llama_path, capsys):
+    import json
+
+    out = tmp_path / "mx"
+    assert cli.main(["quantize", "--model", str(tiny_llama_path), "--output", str(out), "--grid", "mxfp4"]) == 0
+    assert "bits/weight          4.250" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["grid"], qc["bits"], qc["group_size"]) == ("mxfp4", 4, 32)
+
+
 def test_quantize_calibrated_on_a_text_file(tmp_path, tiny_llama_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -103,7 +103,7 @@ def test_newer_schema_version_and_foreign_method_are_refused():
 
 
 def test_unknown_grid_lists_allowed_ones():
-    with pytest.raises(ValueError, match="unknown grid 'nf5'; allowed: 'fp8', 'piecewise', 'uniform'"):
+    with pytest.raises(ValueError, match="unknown grid 'nf5'; allowed: 'fp8', 'mxfp4', 'nvfp4', 'piecewise', 'uniform'"):
         pq.quantize(nn.Sequential(nn.Linear(64, 4)), pq.PiecewiseQuantConfig(grid="nf5"), progress=False)
 
 

@@ -117,3 +117,17 @@ def test_fused_act_scales_are_unified_to_their_maximum():
     _unify_act_scales("l.qkv_proj", sets)
     assert float(sets[0]["act_scale"]) == float(sets[1]["act_scale"]) == pytest.approx(0.8)
     assert "act_scale" not in sets[2]
+
+
+def test_fp4_formats_are_refused_naming_the_format():
+    """The vLLM method does not serve FP4 (mxfp4 / nvfp4) weights or activations: the config says
+    so, naming the format, before any layer is built (pre-quantized and online alike)."""
+    from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
+
+    with pytest.raises(ValueError, match="the default scheme uses nvfp4 weights .*vLLM method does not serve"):
+        PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "grid": "nvfp4"})
+    with pytest.raises(ValueError, match=r"overrides\['\*\.down_proj'\] uses mxfp4 weights"):
+        PiecewiseVllmConfig.from_config_dict_json(json.dumps({"overrides": [["*.down_proj", {"grid": "mxfp4"}]]}))
+    with pytest.raises(ValueError, match="uses mxfp4 activations"):
+        PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "act_bits": 4, "act_format": "mxfp4"})
+    assert PiecewiseVllmConfig.from_config({"quant_method": "piecewise", "grid": "uniform"}).core.grid == "uniform"
