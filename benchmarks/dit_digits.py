@@ -264,8 +264,30 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
          w("piecewise", 4, act_bits=8, rotation=BALANCE, calibration=MIXED5), {}),
+        # MixDQ: metric-decoupled sensitivities (content layers by image error, the rest by denoiser SQNR)
+        (f"MixDQ W5 (4/8-bit codes, avg 5) piecewise g{g} A8 + GPTQ",
+         mixdq(w("piecewise", 4, act_bits=8), 5.0, "codes", calibration="gptq"), {}),
+        (f"MixDQ <= 5.0 bits/weight piecewise g{g} A8 + GPTQ",
+         mixdq(w("piecewise", 4, act_bits=8), 5.0, "bits_per_weight", calibration="gptq"), {}),
+        (f"MixDQ W5 (4/8-bit codes, avg 5) piecewise g{g} A8 + balance + GPTQ",
+         mixdq(w("piecewise", 4, act_bits=8), 5.0, "codes", calibration="gptq", rotation=BALANCE), {}),
     ]
     return rows
+
+
+def mixdq(base: Any, budget: float, unit: str, **extra: Any):
+    """A row whose config is planned on the pipeline by ``mixdq_plan`` (with the calibration runs'
+    prompts and seed), then given ``extra`` fields (calibration recipe, rotation)."""
+    import dataclasses
+
+    from piecewise_quant.integrations.diffusers import mixdq_plan
+
+    def plan(pipe, calib: dict[str, Any]):
+        keep = {k: calib[k] for k in ("calibration_prompts", "num_inference_steps", "guidance_scale", "seed",
+                                      "calibration_batch_size")}
+        p = mixdq_plan(pipe, base, weight_budget=budget, budget_unit=unit, progress=False, **keep)
+        return dataclasses.replace(p.config, **extra)
+    return plan
 
 
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
@@ -307,6 +329,8 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
             report = None
             bpw, total = 32.0, float_total
         else:
+            if callable(config):  # planned on the pipeline first (MixDQ)
+                config = config(pipe, calib)
             report = pipe.enable_quant(config, **calib, **kwargs)
             comp = report.components["transformer"]
             bpw, total = comp.bits_per_weight, comp.total_bytes

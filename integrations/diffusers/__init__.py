@@ -53,6 +53,8 @@ __all__ = [
     "FastAttentionPlan",
     "FastAttentionReport",
     "diffusion_recipe",
+    "mixdq_plan",
+    "MixDQPlan",
     "denoiser_names",
     "PiecewiseDiffusersConfig",
     "PiecewiseDiffusersQuantizer",
@@ -73,6 +75,8 @@ _LAZY = {
     "FastAttentionPlan": ".fast_attention",
     "FastAttentionReport": ".fast_attention",
     "diffusion_recipe": ".recipes",
+    "mixdq_plan": ".mixdq",
+    "MixDQPlan": ".mixdq",
     "PiecewiseDiffusersConfig": ".config",
     "DiffusionOptions": ".config",
     "PiecewiseDiffusersQuantizer": ".quantizer",
@@ -84,6 +88,7 @@ if TYPE_CHECKING:
     from .config import DiffusionOptions, PiecewiseDiffusersConfig
     from .fast_attention import FastAttentionPlan, FastAttentionReport, disable_fast_attention, enable_fast_attention
     from .layers import DiffusionQuantLinear
+    from .mixdq import MixDQPlan, mixdq_plan
     from .pipeline import DiffusionQuantReport, denoiser_names, disable_quant, enable_quant
     from .quantizer import CheckpointMismatchError, PiecewiseDiffusersQuantizer
     from .recipes import diffusion_recipe
