@@ -1,0 +1,164 @@
+"""Low-rank branch (``QuantSpec(low_rank=...)``, SVDQuant): quality and CPU cost in one run.
+
+* ``quality``: the bundled ``assets/tiny-llama-pydoc`` (held-out perplexity, the model card's
+  protocol) at W4A4 (int4 dynamic per-token activations, clip 0.9) and W4A8 (int8 dynamic
+  per-token), weights uniform W4 g128 with GPTQ (32 windows of 256 tokens of the calibration split
+  of ``pydoc_data.topics``), with the low-rank branch at rank 0 (none), 8, 16 and 32, without a
+  rotation and with ``rotation="quip"``; bits per weight of the quantized layers (codes, scales,
+  zero points and the float16 factors) from ``model_size_report``.
+* ``cost``: one ``QuantLinear`` of 4096 x 4096 (uniform W4 g128, weight-only) on CPU at M = 1
+  (decoding) and M = 64 tokens, with a low-rank branch of rank 16, 32 and 64 against the same
+  layer without it (the same residual codes), median of repeated calls, same process. The factors
+  are random float16 tensors of the right shapes (the add costs the same whatever their values,
+  and a float64 SVD of a 4096 x 4096 weight would dominate the run).
+
+Usage (from the repository root)::
+
+    python benchmarks/lowrank.py                       # both parts (~10 min on one thread)
+    python benchmarks/lowrank.py --part cost --threads 1
+    python benchmarks/lowrank.py --part quality --json out.json
+    python benchmarks/lowrank.py --part quality --equal-bits   # rank 0 at g32: the bits spent on groups
+
+Results are in ``docs/low-rank.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import piecewise_quant as pq  # noqa: E402
+
+ACTS = {
+    "W4A4": {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9},
+    "W4A8": {"act_bits": 8, "act_mode": "dynamic_per_token"},
+}
+RANKS = (None, 8, 16, 32)
+ROTATIONS = (None, "quip")
+
+
+def run_quality(out: list[dict], ranks=RANKS, rotations=ROTATIONS, settings=tuple(ACTS), group_size: int = 128) -> None:
+    from quality import LlamaBench
+
+    from piecewise_quant.evaluate import calibration_text, perplexity
+
+    bench = LlamaBench(None)
+    f_ppl = perplexity(bench.model, input_ids=bench.input_ids)
+    out.append({"setting": "float", "rotation": None, "rank": None, "ppl": f_ppl, "bpw": 32.0})
+    print(f"float: held-out {f_ppl:.3f}", file=sys.stderr, flush=True)
+    text = calibration_text()
+    for setting in settings:
+        for rotation in rotations:
+            for r in ranks:
+                model = copy.deepcopy(bench.model)
+                cfg = pq.PiecewiseQuantConfig(
+                    grid="uniform", bits=4, group_size=group_size, low_rank=r, rotation=rotation, **ACTS[setting],
+                    calibration=pq.CalibrationConfig.preset("gptq", n_samples=32, seq_len=256),
+                )
+                t0 = time.perf_counter()
+                pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+                qs = time.perf_counter() - t0
+                ppl = perplexity(model, input_ids=bench.input_ids)
+                bpw = pq.model_size_report(model).bits_per_weight
+                out.append({"setting": setting, "group_size": group_size, "rotation": rotation, "rank": r or 0, "ppl": ppl,
+                            "delta": ppl - f_ppl, "bpw": bpw, "quant_s": qs})
+                print(f"{setting} g{group_size} rotation={rotation} rank={r or 0}: {ppl:.3f} ({ppl - f_ppl:+.3f}), "
+                      f"{bpw:.3f} bits/weight, {qs:.0f} s", file=sys.stderr, flush=True)
+
+
+def _median_ms(fn, x: torch.Tensor, repeat: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_cost(out: list[dict], size: int = 4096, repeat: int = 20, ranks=(16, 32, 64)) -> None:
+    from piecewise_quant import lowrank
+    from piecewise_quant.quantization import layer_spec_for
+
+    torch.manual_seed(0)
+    w = torch.randn(size, size) * 0.02
+    fmt = pq.get_format("uniform")
+    base = pq.QuantSpec(grid="uniform", bits=4, group_size=128, observer="minmax")
+    plain_layer = layer_spec_for("bench", base, size, size)
+    tensors = fmt.quantize(w, plain_layer)
+    dense = pq.QuantLinear.empty(plain_layer, fmt, bias=False)
+    dense.load_quantized(tensors)
+    g = torch.Generator().manual_seed(1)
+    for r in ranks:
+        layer = layer_spec_for("bench", base.with_changes({"low_rank": r}), size, size)
+        q = pq.QuantLinear.empty(layer, fmt, bias=False)
+        q.load_quantized({**tensors, "lowrank_a": (torch.randn(size, r, generator=g) * 0.05).half(),
+                          "lowrank_b": (torch.randn(r, size, generator=g) * 0.05).half()})
+        assert lowrank.rank(layer) == r
+        for m in (1, 64):
+            x = torch.randn(m, size)
+            d = _median_ms(dense, x, repeat)
+            s = _median_ms(q, x, repeat)
+            row = {"rank": r, "m": m, "dense_ms": d, "with_low_rank_ms": s, "overhead": s / d - 1,
+                   "bpw_dense": fmt.bits_per_weight(plain_layer), "bpw": fmt.bits_per_weight(layer)}
+            out.append(row)
+            print(f"cost rank {r} M={m}: {d:.3f} ms dense, {s:.3f} ms with the branch ({row['overhead']:+.0%})",
+                  file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("quality", "cost", "all"), default="all")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--equal-bits", action="store_true",
+                    help="quality: rank 0 with groups of 32 instead of the rank sweep at groups of 128 (the bits a "
+                         "branch costs spent on smaller groups)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    quality: list[dict] = []
+    cost: list[dict] = []
+    if args.part in ("quality", "all"):
+        if args.equal_bits:  # the same settings without a branch, spending bits on smaller groups instead
+            run_quality(quality, ranks=(None,), group_size=32)
+        else:
+            run_quality(quality)
+        print("| setting | rotation | group | rank | held-out ppl | vs float | bits/weight |")
+        print("|---|---|---|---|---|---|---|")
+        for r in quality:
+            if r["setting"] == "float":
+                print(f"| float | | | | {r['ppl']:.3f} | | 32 |")
+                continue
+            print(f"| {r['setting']} | {r['rotation'] or 'none'} | {r['group_size']} | {r['rank']} | {r['ppl']:.3f} | "
+                  f"{r['delta']:+.3f} | {r['bpw']:.3f} |")
+    if args.part in ("cost", "all"):
+        run_cost(cost, repeat=args.repeat)
+        print(f"\n4096 x 4096 uniform W4 g128, {args.threads} thread(s), median ms per call\n")
+        print("| rank | M | dense (ms) | + low-rank (ms) | overhead | bits/weight |")
+        print("|---|---|---|---|---|---|")
+        for r in cost:
+            print(f"| {r['rank']} | {r['m']} | {r['dense_ms']:.3f} | {r['with_low_rank_ms']:.3f} | {r['overhead']:+.0%} | "
+                  f"{r['bpw_dense']:.3f} -> {r['bpw']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"quality": quality, "cost": cost}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
