@@ -8,7 +8,8 @@
   zero points and the float16 factors) from ``model_size_report``.
 * ``cost``: one ``QuantLinear`` of 4096 x 4096 (uniform W4 g128, weight-only) on CPU at M = 1
   (decoding) and M = 64 tokens, with a low-rank branch of rank 16, 32 and 64 against the same
-  layer without it (the same residual codes), median of repeated calls, same process. The factors
+  layer without it (the same residual codes), and the branch ``(x B^T) A^T`` alone; medians of
+  repeated calls, the three interleaved in every repetition (the machine is shared). The factors
   are random float16 tensors of the right shapes (the add costs the same whatever their values,
   and a float64 SVD of a 4096 x 4096 weight would dominate the run).
 
@@ -79,19 +80,23 @@ def run_quality(out: list[dict], ranks=RANKS, rotations=ROTATIONS, settings=tupl
                       f"{bpw:.3f} bits/weight, {qs:.0f} s", file=sys.stderr, flush=True)
 
 
-def _median_ms(fn, x: torch.Tensor, repeat: int) -> float:
+def _interleaved_ms(fns: list, x: torch.Tensor, repeat: int) -> list[float]:
+    """Median milliseconds per call of each of ``fns``, called in turn within every repetition
+    (the machine is shared: a slow period then hits all of them, not one)."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        times = []
+        for fn in fns:
+            for _ in range(3):
+                fn(x)
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn(x)
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
-def run_cost(out: list[dict], size: int = 4096, repeat: int = 20, ranks=(16, 32, 64)) -> None:
+def run_cost(out: list[dict], size: int = 4096, repeat: int = 50, ranks=(16, 32, 64)) -> None:
     from piecewise_quant import lowrank
     from piecewise_quant.quantization import layer_spec_for
 
@@ -110,22 +115,22 @@ def run_cost(out: list[dict], size: int = 4096, repeat: int = 20, ranks=(16, 32,
         q.load_quantized({**tensors, "lowrank_a": (torch.randn(size, r, generator=g) * 0.05).half(),
                           "lowrank_b": (torch.randn(r, size, generator=g) * 0.05).half()})
         assert lowrank.rank(layer) == r
+        a32, b32 = q.lowrank_a.float(), q.lowrank_b.float()
         for m in (1, 64):
             x = torch.randn(m, size)
-            d = _median_ms(dense, x, repeat)
-            s = _median_ms(q, x, repeat)
-            row = {"rank": r, "m": m, "dense_ms": d, "with_low_rank_ms": s, "overhead": s / d - 1,
-                   "bpw_dense": fmt.bits_per_weight(plain_layer), "bpw": fmt.bits_per_weight(layer)}
+            d, s, br = _interleaved_ms([dense, q, lambda v: lowrank.branch(v, a32, b32)], x, repeat)
+            row = {"rank": r, "m": m, "dense_ms": d, "with_low_rank_ms": s, "branch_ms": br, "overhead": s / d - 1,
+                   "branch_share": br / d, "bpw_dense": fmt.bits_per_weight(plain_layer), "bpw": fmt.bits_per_weight(layer)}
             out.append(row)
-            print(f"cost rank {r} M={m}: {d:.3f} ms dense, {s:.3f} ms with the branch ({row['overhead']:+.0%})",
-                  file=sys.stderr, flush=True)
+            print(f"cost rank {r} M={m}: {d:.3f} ms dense, {s:.3f} ms with the branch ({row['overhead']:+.0%}), "
+                  f"branch alone {br:.3f} ms ({br / d:.0%} of dense)", file=sys.stderr, flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("quality", "cost", "all"), default="all")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--equal-bits", action="store_true",
                     help="quality: rank 0 with groups of 32 instead of the rank sweep at groups of 128 (the bits a "
                          "branch costs spent on smaller groups)")
@@ -150,11 +155,11 @@ def main() -> int:
     if args.part in ("cost", "all"):
         run_cost(cost, repeat=args.repeat)
         print(f"\n4096 x 4096 uniform W4 g128, {args.threads} thread(s), median ms per call\n")
-        print("| rank | M | dense (ms) | + low-rank (ms) | overhead | bits/weight |")
-        print("|---|---|---|---|---|---|")
+        print("| rank | M | dense (ms) | + low-rank (ms) | overhead | branch alone (ms, share of dense) | bits/weight |")
+        print("|---|---|---|---|---|---|---|")
         for r in cost:
             print(f"| {r['rank']} | {r['m']} | {r['dense_ms']:.3f} | {r['with_low_rank_ms']:.3f} | {r['overhead']:+.0%} | "
-                  f"{r['bpw_dense']:.3f} -> {r['bpw']:.3f} |")
+                  f"{r['branch_ms']:.3f} ({r['branch_share']:.0%}) | {r['bpw_dense']:.3f} -> {r['bpw']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"quality": quality, "cost": cost}, indent=2))
     return 0
