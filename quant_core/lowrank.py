@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TENSORS", "STORE_DTYPE", "has_low_rank", "rank", "check_rank", "dense_layer", "split_tensors", "factors", "residual",
-    "product", "with_factors", "low_rank_layout", "add_to_weight", "branch", "factors_as",
+    "product", "with_factors", "low_rank_layout", "add_to_weight", "branch", "factors_as", "choose_ranks",
 ]
 
 A, B = "lowrank_a", "lowrank_b"
@@ -159,6 +159,40 @@ def factors_as(buffers: Any, dtype: torch.dtype, cached: tuple | None = None) ->
     if cached is not None and cached[0] == key:
         return cached
     return key, a.to(dtype), b.to(dtype)
+
+
+def choose_ranks(model: torch.nn.Module, config: Any, energy: float) -> Any:
+    """A copy of ``config`` whose ``overrides`` give every planned low-rank layer of ``model`` the
+    smallest rank whose singular values hold at least ``energy`` (a share in (0, 1)) of the
+    weight's squared Frobenius norm, capped by the rank the config gives it (an int, or what its
+    budget buys), at least 1.
+
+    The chosen ranks are written as per-layer overrides (integers), so the saved config still
+    gives every host the stored shapes. Computed on the float ``model``'s weights as they are now:
+    a rotation is orthogonal and keeps the singular values; SmoothQuant's scales are not seen.
+    Layers without ``low_rank`` in ``config`` are left as they are."""
+    from .config import SPEC_FIELDS, PiecewiseQuantConfig
+    from .quantization import plan_layers
+
+    if not isinstance(config, PiecewiseQuantConfig):
+        raise TypeError(f"config must be a PiecewiseQuantConfig, got {type(config).__name__}")
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy < 1:
+        raise ValueError(f"energy must be a share of the weight's energy in (0, 1), e.g. 0.2; got {energy!r}")
+    default = config.default_spec
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, layer in plan_layers(model, config).items():
+        if not has_low_rank(layer):
+            continue
+        w = model.get_submodule(name).weight.detach().to(torch.float64)
+        s2 = torch.linalg.svdvals(w).square()
+        total = float(s2.sum())
+        r = int((s2.cumsum(0) < energy * total).sum()) + 1 if total > 0 else 1
+        spec = layer.spec
+        changes = {f: getattr(spec, f) for f in SPEC_FIELDS if getattr(spec, f) != getattr(default, f)}
+        if "grid" in changes:  # a grid change re-derives these unless given
+            changes.update({f: getattr(spec, f) for f in ("bits", "group_size", "symmetric")})
+        overrides[name] = {**changes, "low_rank": max(1, min(r, rank(layer)))}
+    return config.with_overrides(overrides)
 
 
 # ---- the routing of a format's methods (see formats/base.py) ---------------------------------------

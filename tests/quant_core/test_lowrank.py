@@ -357,3 +357,33 @@ def test_from_pretrained_round_trip_is_bit_exact_and_strict(tmp_path):
     save_file(extra, st, metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError, match=r"model\.layers\.0\.self_attn\.q_proj\.lowrank_a"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_choose_ranks_writes_per_layer_ranks_by_energy_capped_by_the_config():
+    model = _tiny_llama()
+    with torch.no_grad():  # one layer is (nearly) rank 2: a small share of energy needs rank <= 2 there
+        up = model.model.layers[0].mlp.up_proj
+        up.weight.copy_(torch.randn(128, 2) @ torch.randn(2, 64) + 1e-4 * torch.randn(128, 64))
+    cfg = pq.PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, low_rank=16,
+                                  overrides={"*.down_proj": {"bits": 8, "grid": "piecewise"}, "*.o_proj": {"low_rank": None}})
+    with pytest.raises(ValueError, match="energy must be a share"):
+        lowrank.choose_ranks(model, cfg, 1.0)
+    chosen = {e: lowrank.choose_ranks(model, cfg, e) for e in (0.2, 0.6, 0.99)}
+    names = list(pq.quantization.plan_layers(model, cfg))
+    for name in names:
+        before = cfg.spec_for(name)
+        ranks = [c.spec_for(name).low_rank for c in chosen.values()]
+        if before.low_rank is None:
+            assert ranks == [None] * 3, name
+            continue
+        assert ranks == sorted(ranks) and all(1 <= r <= 16 for r in ranks), (name, ranks)
+        # everything else about the layer is unchanged
+        assert chosen[0.6].spec_for(name) == before.with_changes({"low_rank": ranks[1]}), name
+    assert chosen[0.99].spec_for("model.layers.0.mlp.up_proj").low_rank == 2
+    assert chosen[0.2].spec_for("model.layers.0.mlp.down_proj").grid == "piecewise"
+    # the ranks are stored in config.json as integers, and quantize with them
+    back = pq.PiecewiseQuantConfig.from_json_string(chosen[0.6].to_json_string())
+    assert back == chosen[0.6]
+    pq.quantize(model, back, progress=False)
+    q = pq.quantized_layers(model)["model.layers.0.mlp.up_proj"]
+    assert q.lowrank_a.shape[1] == back.spec_for("model.layers.0.mlp.up_proj").low_rank
