@@ -19,6 +19,7 @@ Usage (from the repository root)::
     python benchmarks/lowrank.py --part cost --threads 1
     python benchmarks/lowrank.py --part quality --json out.json
     python benchmarks/lowrank.py --part quality --equal-bits   # rank 0 at g32: the bits spent on groups
+    python benchmarks/lowrank.py --part quality --energy 0.5   # W4A4, per-layer ranks by energy (<= 32)
 
 Results are in ``docs/low-rank.md``.
 """
@@ -51,7 +52,11 @@ RANKS = (None, 8, 16, 32)
 ROTATIONS = (None, "quip")
 
 
-def run_quality(out: list[dict], ranks=RANKS, rotations=ROTATIONS, settings=tuple(ACTS), group_size: int = 128) -> None:
+def run_quality(out: list[dict], ranks=RANKS, rotations=ROTATIONS, settings=tuple(ACTS), group_size: int = 128,
+                energy: float | None = None) -> None:
+    """Calibrate and evaluate every (setting, rotation, rank); with ``energy``, each layer's rank
+    is ``lowrank.choose_ranks``'s (the smallest holding that share of the weight's energy, capped
+    by the rank given)."""
     from quality import LlamaBench
 
     from piecewise_quant.evaluate import calibration_text, perplexity
@@ -69,14 +74,19 @@ def run_quality(out: list[dict], ranks=RANKS, rotations=ROTATIONS, settings=tupl
                     grid="uniform", bits=4, group_size=group_size, low_rank=r, rotation=rotation, **ACTS[setting],
                     calibration=pq.CalibrationConfig.preset("gptq", n_samples=32, seq_len=256),
                 )
+                if energy is not None:
+                    from piecewise_quant.lowrank import choose_ranks
+
+                    cfg = choose_ranks(model, cfg, energy)
                 t0 = time.perf_counter()
                 pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
                 qs = time.perf_counter() - t0
                 ppl = perplexity(model, input_ids=bench.input_ids)
                 bpw = pq.model_size_report(model).bits_per_weight
-                out.append({"setting": setting, "group_size": group_size, "rotation": rotation, "rank": r or 0, "ppl": ppl,
+                label = f"<= {r}, energy {energy:g}" if energy is not None and r else (r or 0)
+                out.append({"setting": setting, "group_size": group_size, "rotation": rotation, "rank": label, "ppl": ppl,
                             "delta": ppl - f_ppl, "bpw": bpw, "quant_s": qs})
-                print(f"{setting} g{group_size} rotation={rotation} rank={r or 0}: {ppl:.3f} ({ppl - f_ppl:+.3f}), "
+                print(f"{setting} g{group_size} rotation={rotation} rank={label}: {ppl:.3f} ({ppl - f_ppl:+.3f}), "
                       f"{bpw:.3f} bits/weight, {qs:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -134,6 +144,9 @@ def main() -> int:
     ap.add_argument("--equal-bits", action="store_true",
                     help="quality: rank 0 with groups of 32 instead of the rank sweep at groups of 128 (the bits a "
                          "branch costs spent on smaller groups)")
+    ap.add_argument("--energy", type=float, default=None,
+                    help="quality: W4A4 with each layer's rank chosen by lowrank.choose_ranks (this share of the "
+                         "weight's energy, at most 32) instead of the rank sweep")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +155,8 @@ def main() -> int:
     if args.part in ("quality", "all"):
         if args.equal_bits:  # the same settings without a branch, spending bits on smaller groups instead
             run_quality(quality, ranks=(None,), group_size=32)
+        elif args.energy is not None:  # W4A4, ranks by energy (capped at 32)
+            run_quality(quality, ranks=(32,), settings=("W4A4",), energy=args.energy)
         else:
             run_quality(quality)
         print("| setting | rotation | group | rank | held-out ppl | vs float | bits/weight |")
