@@ -124,3 +124,33 @@ def test_online_quantization_keeps_the_branch(vh):
     x = torch.randn(2, 64)
     with torch.no_grad():
         assert torch.allclose(method.apply(layer, x).double(), x.double() @ part.dequantize(torch.float64).t(), atol=2e-5)
+
+
+# ---- served by the engine (the shared vLLM run of conftest) ----------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_low_rank_checkpoint_is_served_like_transformers(vh, vllm_results, checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    got = vllm_results["gqa_lowrank"]
+    assert "error" not in got, got.get("traceback", got.get("error"))
+    vh.register_transformers()
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["gqa_lowrank"], dtype=torch.float32).eval()
+    assert model.model.layers[0].mlp.down_proj.lowrank_a.shape == (128, 2)  # 0.5 bits: floor(128*256*0.5/(16*384))
+    ref = vh.hf_reference(model, vh.prompt_ids())
+    vh.assert_same_generation(got["tokens"], ref)
+    assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < 1e-4
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_ranks_add_up_the_low_rank_partial_sums(vllm_tp2_results, vllm_results):
+    """Row-parallel o_proj/down_proj: each rank's ``(x_j B_j^T) A^T`` is a partial sum; weight-only,
+    so two ranks answer like one."""
+    tp2, tp1 = vllm_tp2_results["gqa_lowrank"], vllm_results["gqa_lowrank"]
+    assert "error" not in tp2, tp2.get("traceback", tp2.get("error"))
+    assert tp2["tokens"] == tp1["tokens"]
+    diff = max(abs(x - y) for p, q in zip(tp2["prompt_logprobs"], tp1["prompt_logprobs"]) for x, y in zip(p, q))
+    assert diff < 1e-4
