@@ -20,6 +20,7 @@ Usage (from the repository root)::
     python benchmarks/lowrank.py --part quality --json out.json
     python benchmarks/lowrank.py --part quality --equal-bits   # rank 0 at g32: the bits spent on groups
     python benchmarks/lowrank.py --part quality --energy 0.5   # W4A4, per-layer ranks by energy (<= 32)
+    python benchmarks/lowrank.py --part svd                    # full against randomized SVD, 4096 x 4096
 
 Results are in ``docs/low-rank.md``.
 """
@@ -136,9 +137,31 @@ def run_cost(out: list[dict], size: int = 4096, repeat: int = 50, ranks=(16, 32,
                   f"branch alone {br:.3f} ms ({br / d:.0%} of dense)", file=sys.stderr, flush=True)
 
 
+def run_svd(out: list[dict], size: int = 4096, ranks=(16, 32, 64)) -> None:
+    """Seconds for the factors of a ``size`` x ``size`` weight: a full float64 SVD against
+    ``lowrank.top_singular``'s randomized one, and how much farther from ``W`` the randomized
+    rank-``r`` approximation is than the optimal one (a Gaussian weight: a flat spectrum, the
+    hardest case for a randomized range finder)."""
+    from piecewise_quant import lowrank
+
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.02
+    t0 = time.perf_counter()
+    _, s, _ = torch.linalg.svd(w, full_matrices=False)
+    full_s = time.perf_counter() - t0
+    for r in ranks:
+        t0 = time.perf_counter()
+        u, sr, vh = lowrank.top_singular(w, r)
+        rand_s = time.perf_counter() - t0
+        optimal = float(s[r:].square().sum().sqrt())
+        err = float((w - (u * sr) @ vh).norm())
+        out.append({"rank": r, "full_svd_s": full_s, "randomized_s": rand_s, "error_vs_optimal": err / optimal - 1})
+        print(f"svd rank {r}: full {full_s:.1f} s, randomized {rand_s:.1f} s, error +{err / optimal - 1:.2e} of optimal",
+              file=sys.stderr, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("quality", "cost", "all"), default="all")
+    ap.add_argument("--part", choices=("quality", "cost", "svd", "all"), default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--equal-bits", action="store_true",
@@ -175,8 +198,16 @@ def main() -> int:
         for r in cost:
             print(f"| {r['rank']} | {r['m']} | {r['dense_ms']:.3f} | {r['with_low_rank_ms']:.3f} | {r['overhead']:+.0%} | "
                   f"{r['branch_ms']:.3f} ({r['branch_share']:.0%}) | {r['bpw_dense']:.3f} -> {r['bpw']:.3f} |")
+    svd: list[dict] = []
+    if args.part == "svd":  # not in "all": the full SVD alone takes over a minute
+        run_svd(svd)
+        print(f"\n4096 x 4096 float64, {args.threads} thread(s)\n")
+        print("| rank | full SVD (s) | randomized (s) | rank-r error vs optimal |")
+        print("|---|---|---|---|")
+        for r in svd:
+            print(f"| {r['rank']} | {r['full_svd_s']:.1f} | {r['randomized_s']:.1f} | +{r['error_vs_optimal']:.2e} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"quality": quality, "cost": cost}, indent=2))
+        Path(args.json).write_text(json.dumps({"quality": quality, "cost": cost, "svd": svd}, indent=2))
     return 0
 
 

@@ -144,6 +144,25 @@ def test_factors_are_the_top_singular_directions():
     assert torch.allclose(a.double().norm(dim=0), b.double().norm(dim=1), rtol=2e-3)
 
 
+def test_the_randomized_svd_of_large_weights_is_deterministic_and_near_optimal(monkeypatch):
+    monkeypatch.setattr(lowrank, "EXACT_SVD_MAX", 64)  # 96 x 160 takes the randomized path
+    g = torch.Generator().manual_seed(7)
+    u = torch.linalg.qr(torch.randn(96, 40, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(160, 40, generator=g, dtype=torch.float64)).Q
+    w = (u * torch.logspace(0, -2, 40, dtype=torch.float64)) @ v.T + 1e-3 * torch.randn(96, 160, generator=g, dtype=torch.float64)
+    uu, s, vh = lowrank.top_singular(w, 8)
+    again = lowrank.top_singular(w, 8)
+    assert all(torch.equal(x, y) for x, y in zip((uu, s, vh), again))
+    exact = torch.linalg.svdvals(w)
+    assert torch.allclose(s, exact[:8], rtol=1e-9)
+    optimal = float(exact[8:].square().sum().sqrt())
+    assert float((w - (uu * s) @ vh).norm()) <= optimal * (1 + 1e-6)
+    # the stored factors follow the same path
+    layer = _layer(low_rank=8, out=96, inn=160)
+    a, b = lowrank.factors(w.float(), layer)
+    assert float((w - lowrank.product(a, b)).norm()) <= optimal * (1 + 1e-2)
+
+
 # ---- the layer: every path adds the branch -----------------------------------------------------------
 
 
