@@ -406,3 +406,13 @@ def test_choose_ranks_writes_per_layer_ranks_by_energy_capped_by_the_config():
     pq.quantize(model, back, progress=False)
     q = pq.quantized_layers(model)["model.layers.0.mlp.up_proj"]
     assert q.lowrank_a.shape[1] == back.spec_for("model.layers.0.mlp.up_proj").low_rank
+
+
+@pytest.mark.slow
+def test_a_low_rank_layer_compiles_with_torch_compile():
+    q = pq.QuantLinear.from_linear(_linear(_weight()), _layer(low_rank=4, act_bits=8), get_format("uniform"))
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager)
