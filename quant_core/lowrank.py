@@ -16,8 +16,10 @@ the model's dtype (so the stored shapes and dtypes follow from the config alone,
 
 The rank of a layer (:func:`rank`) is ``low_rank`` itself when it is an integer, or, when it is a
 float ``b``, the largest rank whose two factors cost at most ``b`` extra bits per weight:
-``r = floor(b * out * in / (16 * (out + in)))`` (at least 1), so a budget buys proportionally the
-same share of every layer and the rank needs no data (every host knows the stored shapes).
+``r = floor(b * out * in / (16 * (out + in)))`` (at least 1): every layer pays at most the same
+extra bits per weight, and the rank needs no data (every host knows the stored shapes).
+:func:`choose_ranks` instead picks each layer's rank from its weight's energy and writes the
+ranks into the config as per-layer integer overrides.
 
 Every format gets this through :class:`~piecewise_quant.formats.base.WeightFormat`, which routes
 ``layout``, ``quantize``, ``fit``, ``encode`` and ``dequantize`` here when a layer has a low-rank
