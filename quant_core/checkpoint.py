@@ -180,7 +180,8 @@ def expected_tensors(name: str, layer: Any, fmt: Any, has_bias: bool) -> dict[st
 def _describe(layer: Any) -> str:
     spec = layer.spec
     gs = {-1: "tensor"}.get(layer.group_size, layer.group_size)
-    return f"grid={spec.grid!r}, bits={spec.bits}, group_size={gs}"
+    lr = getattr(spec, "low_rank", None)
+    return f"grid={spec.grid!r}, bits={spec.bits}, group_size={gs}" + (f", low_rank={lr!r}" if lr is not None else "")
 
 
 def check_checkpoint(

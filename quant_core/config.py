@@ -52,9 +52,12 @@ SPEC_FIELDS = (
     "act_topk",
     "outliers",
     "outlier_method",
+    "low_rank",
 )
 # written to config.json only when set, so configs without outliers keep their bytes and plan hash
-OPTIONAL_SPEC_FIELDS = {"outliers": None, "outlier_method": "hessian"}
+OPTIONAL_SPEC_FIELDS = {"outliers": None, "outlier_method": "hessian", "low_rank": None}
+# a float low_rank is a budget of extra bits per weight in (0, LOW_RANK_MAX_BUDGET]
+LOW_RANK_MAX_BUDGET = 4.0
 OUTLIER_METHODS = ("hessian", "magnitude")
 
 
@@ -95,6 +98,12 @@ class QuantSpec:
         outlier_method: how outliers are chosen: ``"hessian"`` (the largest output-error
             saliency: GPTQ's ``(w - q(w))^2 / [H^-1]_qq``, else the activation-weighted error) or
             ``"magnitude"`` (the largest distance from the group median).
+        low_rank: a 16-bit low-rank branch beside the quantized residual (SVDQuant,
+            docs/low-rank.md): ``None`` (default, none), an integer ``r >= 1`` (the rank, smaller
+            than ``min(out_features, in_features)`` of every layer it applies to) or a float ``b``
+            in (0, 4] (a budget of extra bits per weight: each layer gets the largest rank whose
+            float16 factors cost at most ``b`` bits per weight, at least 1). Does not combine
+            with ``outliers``.
     """
 
     grid: str = "piecewise"
@@ -110,6 +119,7 @@ class QuantSpec:
     act_topk: int = 0
     outliers: float | int | None = None
     outlier_method: str = "hessian"
+    low_rank: int | float | None = None
 
     def __post_init__(self) -> None:
         grid = self.grid
@@ -169,6 +179,29 @@ class QuantSpec:
         if isinstance(self.act_topk, bool) or not isinstance(self.act_topk, int) or self.act_topk < 0:
             raise ValueError(f"act_topk must be an integer >= 0 (how many largest magnitudes to clip); got {self.act_topk!r}")
         self._validate_outliers()
+        self._validate_low_rank()
+
+    def _validate_low_rank(self) -> None:
+        lr = self.low_rank
+        if lr is None:
+            return
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise ValueError(
+                f"low_rank must be None, an integer rank >= 1 or a float budget of extra bits per weight in "
+                f"(0, {LOW_RANK_MAX_BUDGET:g}]; got {lr!r}"
+            )
+        if isinstance(lr, int) and lr < 1:
+            raise ValueError(f"low_rank (the rank of the 16-bit branch) must be >= 1 or None; got {lr}")
+        if isinstance(lr, float) and not (math.isfinite(lr) and 0 < lr <= LOW_RANK_MAX_BUDGET):
+            raise ValueError(
+                f"low_rank={lr!r}: a float is a budget of extra bits per weight in (0, {LOW_RANK_MAX_BUDGET:g}]; "
+                "for a rank pass an integer (e.g. low_rank=32)"
+            )
+        if self.outliers is not None:
+            raise ValueError(
+                "low_rank and outliers do not combine (the low-rank branch already absorbs the weight's outliers); "
+                "set one of them to None"
+            )
 
     def _validate_fp4_act(self) -> None:
         fmt = self.act_format

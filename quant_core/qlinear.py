@@ -275,7 +275,8 @@ class QuantLinear(nn.Module):
             return self._forward(x)
         y = None
         if self._rot_in is not None:
-            if self.act_quantizer is None and x.device.type == "cpu" and "outlier_vals" not in self._buffers:
+            if self.act_quantizer is None and x.device.type == "cpu" and "outlier_vals" not in self._buffers \
+                    and "lowrank_a" not in self._buffers:  # those need the rotated input themselves
                 ensure_runtime()
                 y = self._fast_cpu(x, self._rot_in)  # the kernel rotates the rows itself
             if y is None:
@@ -288,18 +289,41 @@ class QuantLinear(nn.Module):
         from .kernels.ops import NO_ACT, quantized_linear
 
         aq = self.act_quantizer
+        x_in = x  # the low-rank branch reads the input before activation quantization
         x, act = aq.prepare(x) if aq is not None else (x, NO_ACT)
         ensure_runtime()
         if aq is None and x.device.type == "cpu":
             y = self._fast_cpu(x)
             if y is not None:
-                return self._add_outliers(x, y)
+                return self._add_low_rank(x_in, self._add_outliers(x, y))
         tensors = self.quantized_tensors()
         w = self.fmt.weight_operand(tensors, self.layer_spec)
-        if w is None:  # its linear() dequantizes, outliers included
-            return self.fmt.linear(x, tensors, self.layer_spec, self.bias, act)
+        if w is None:  # its linear() dequantizes, outliers included (the low-rank branch is added below)
+            tensors, layer = self._without_low_rank(tensors)
+            return self._add_low_rank(x_in, self.fmt.linear(x, tensors, layer, self.bias, act))
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return self._add_outliers(x, quantized_linear(x, w, bias, act))
+        return self._add_low_rank(x_in, self._add_outliers(x, quantized_linear(x, w, bias, act)))
+
+    def _without_low_rank(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LayerSpec]:
+        """The stored tensors and layer spec of the quantized part alone (the residual of a
+        low-rank layer; everything for another layer)."""
+        if "lowrank_a" not in self._buffers:
+            return tensors, self.layer_spec
+        from . import lowrank
+
+        return lowrank.split_tensors(tensors), lowrank.dense_layer(self.layer_spec)
+
+    def _add_low_rank(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The quantized result plus the 16-bit low-rank branch ``(x B^T) A^T`` (SVDQuant layers),
+        ``x`` being the layer's unquantized (online-rotated) input."""
+        if "lowrank_a" not in self._buffers:
+            return y
+        from .lowrank import branch, factors_as
+
+        if torch.compiler.is_compiling():  # no cache while tracing
+            return y + branch(x, self._buffers["lowrank_a"], self._buffers["lowrank_b"]).to(y.dtype)
+        self._lowrank = factors_as(self._buffers, x.dtype, getattr(self, "_lowrank", None))
+        return y + branch(x, *self._lowrank[1:]).to(y.dtype)
 
     def _add_outliers(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The dense result plus the kept outliers' share ``x S^T`` (dense-and-sparse layers)."""
@@ -347,6 +371,8 @@ class QuantLinear(nn.Module):
             parts.append(f"act={spec.act_format}{'' if 'fp4' in spec.act_format else spec.act_bits}/{spec.act_mode}")
         if spec.outliers is not None:
             parts.append(f"outliers={spec.outliers} ({spec.outlier_method})")
+        if getattr(spec, "low_rank", None) is not None:
+            parts.append(f"low_rank={self._buffers['lowrank_a'].shape[1]}")
         if self.layer_spec.rotation is not None:
             parts.append(f"rotation={self.layer_spec.rotation.describe()}")
         parts.append(f"bpw={self.bits_per_weight():.4f}")

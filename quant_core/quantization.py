@@ -63,8 +63,13 @@ def layer_spec_for(name: str, spec: QuantSpec, in_features: int, out_features: i
                     "Paley order up to 256, e.g. 768 = 12 * 64); keep it in float (modules_to_not_convert) or drop "
                     f"the {side} rotation"
                 )
-    return LayerSpec(name=name, spec=spec, in_features=in_features, out_features=out_features, group_size=group,
-                     rotation=rotation)
+    layer = LayerSpec(name=name, spec=spec, in_features=in_features, out_features=out_features, group_size=group,
+                      rotation=rotation)
+    if getattr(spec, "low_rank", None) is not None:
+        from .lowrank import check_rank
+
+        check_rank(layer)
+    return layer
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:

@@ -21,11 +21,14 @@ _REQUANTIZE = ("re-quantize the float model with a grid other engines have, e.g.
 
 
 def dense_only_refusal(spec: Any) -> str | None:
-    """Why a scheme with full-precision outliers cannot be written for another engine (they have
-    no dense-and-sparse layers), or ``None``."""
+    """Why a scheme with full-precision outliers or a low-rank branch cannot be written for another
+    engine (they have no dense-and-sparse or low-rank layers), or ``None``."""
     if getattr(spec, "outliers", None) is not None:
         return (f"dense-and-sparse outliers (outliers={spec.outliers}): other engines have no sparse add, so the "
                 "outliers would be silently dropped; re-quantize without outliers=")
+    if getattr(spec, "low_rank", None) is not None:
+        return (f"a 16-bit low-rank branch (low_rank={spec.low_rank!r}): other engines would run only the quantized "
+                "residual and silently drop the branch; re-quantize without low_rank=")
     return None
 
 

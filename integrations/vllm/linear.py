@@ -41,7 +41,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
 
-from piecewise_quant import outliers
+from piecewise_quant import lowrank, outliers
 from piecewise_quant.checkpoint import check_checkpoint, check_finite_tensors, expected_tensors
 from piecewise_quant.config import LayerSpec, QuantSpec
 from piecewise_quant.qlinear import QuantLinear
@@ -351,6 +351,7 @@ class PiecewiseLinearMethod(LinearMethodBase):
             spec, tensors = by_shard[id(shard)]
             if run and not (
                 can_concat_rows([run[0][0], spec])
+                and not (lowrank.has_low_rank(run[0][0]) or lowrank.has_low_rank(spec))  # own factors: one part each
                 and get_format(spec.spec.grid).kernel_format(spec.spec) is not None
                 and _same_act(run[0][1], tensors)
             ):
@@ -396,6 +397,8 @@ def _slice(fmt: Any, full: LayerSpec, tensors: dict[str, torch.Tensor], rows: tu
            cols: tuple[int, int] | None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
     """:func:`slice_quantized`, also for dense-and-sparse layers: their outlier tensors
     (``(out, n_groups * K)``, positions inside each group) are cut by rows and by whole groups."""
+    if lowrank.has_low_rank(full):
+        return _slice_low_rank(fmt, full, tensors, rows, cols)
     if not outliers.has_outliers(full):
         return slice_quantized(fmt, full, tensors, rows=rows, cols=cols)
     if cols is not None and full.group_size == full.in_features:
@@ -412,6 +415,20 @@ def _slice(fmt: Any, full: LayerSpec, tensors: dict[str, torch.Tensor], rows: tu
     for name in outliers.TENSORS:
         cut[name] = tensors[name][r0:r1, c0 // g * k : c1 // g * k].contiguous()
     return dataclasses.replace(sub, spec=full.spec), cut
+
+
+def _slice_low_rank(fmt: Any, full: LayerSpec, tensors: dict[str, torch.Tensor], rows: tuple[int, int] | None,
+                    cols: tuple[int, int] | None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+    """:func:`slice_quantized` of a low-rank layer: the residual's tensors as any layer's, ``A``
+    by rows, ``B`` by input columns (a row-parallel rank's ``(x_j B_j^T) A^T`` are partial sums,
+    which vLLM's all-reduce adds up like the dense part). The slice keeps the whole layer's rank."""
+    sub, cut = slice_quantized(fmt, lowrank.dense_layer(full), lowrank.split_tensors(tensors), rows=rows, cols=cols)
+    r0, r1 = rows if rows is not None else (0, full.out_features)
+    c0, c1 = cols if cols is not None else (0, full.in_features)
+    a, b = lowrank.TENSORS
+    cut[a] = tensors[a][r0:r1].contiguous()
+    cut[b] = tensors[b][:, c0:c1].contiguous()
+    return dataclasses.replace(sub, spec=dataclasses.replace(full.spec, low_rank=lowrank.rank(full))), cut
 
 
 def _concat(fmt: Any, parts: list[tuple[LayerSpec, dict[str, torch.Tensor]]],

@@ -121,11 +121,31 @@ def _plan_run(model: nn.Module, config: PiecewiseQuantConfig, cal: CalibrationCo
         )
     blocks_path, blocks = find_blocks(model, cal.blocks)
     modifiers = cal.recipe + kv_scale_modifiers(config)  # static FP8 KV scales when config.kv_cache declares them
+    _check_low_rank(plan, modifiers)
     run = RunState(model, config, cal, modifiers, plan, blocks_path, blocks, CalibrationReport(blocks_path=blocks_path),
                    run_block, progress)
     for m in run.modifiers:
         m.setup(run)
     return run
+
+
+# modifiers that fit, clip or re-allocate a layer's weight groups on the whole weight (not on the
+# residual a low-rank layer quantizes): refused for such layers rather than silently wrong
+_NO_LOW_RANK = {"LWC": "lwc", "LET": "let", "RefineBreakpoints": "refine_breakpoints",
+                "MixedPrecision": "mixed_precision_budget", "Algorithm": "algorithm"}
+
+
+def _check_low_rank(plan: dict[str, Any], modifiers: list[Any]) -> None:
+    """Refuse calibration steps that do not support ``low_rank`` layers (GPTQ, SmoothQuant, the
+    activation-aware fit and static activation scales do)."""
+    lr = [name for name, layer in plan.items() if getattr(layer.spec, "low_rank", None) is not None]
+    bad = [_NO_LOW_RANK[type(m).__name__] for m in modifiers if type(m).__name__ in _NO_LOW_RANK]
+    if lr and bad:
+        raise ValueError(
+            f"calibration {bad} does not support low_rank layers ({len(lr)} planned, e.g. {lr[0]!r}): it works on the "
+            "whole weight, not on the residual that a low-rank layer quantizes; calibrate them with gptq (or the "
+            "default activation-aware fit), or set low_rank=None"
+        )
 
 
 def _batches(model: nn.Module, cal: CalibrationConfig, data: Any, tokenizer: Any) -> list[dict[str, Any]]:

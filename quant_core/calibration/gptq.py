@@ -18,12 +18,17 @@ chosen by SpQR's saliency ``(w - q(w))^2 / U_qq^2`` before the group is quantize
 ``act_order``, else when the sweep reaches the group), the group is fitted without them, and they
 are kept exact (to their float16 correction), so they spread no error (:mod:`piecewise_quant.outliers`).
 
+For a layer with a low-rank branch (``QuantSpec.low_rank``) GPTQ quantizes the residual
+``W - A B``; the branch is exact, so the error feedback spreads only the residual's rounding
+(:mod:`piecewise_quant.lowrank`).
+
 As a calibration modifier (:class:`GPTQ`) it quantizes each block's calibrated layers after their
 group parameters are chosen; parameters fixed before (learned by LWC) are kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import outliers
+from .. import lowrank, outliers
 from ..config import LayerSpec
 from ..formats.base import WeightFormat
 from ..formats.groups import group_view, importance_view
@@ -304,6 +309,9 @@ def gptq_quantize(
     Raises ``ValueError`` for a grid without the calibration interface, mismatched shapes,
     NaN/Inf in the weight or Hessian, or a Hessian that stays non positive definite.
     """
+    if lowrank.has_low_rank(layer):
+        return _gptq_low_rank(weight, hessian, layer, fmt, params=params, act_order=act_order, damp=damp,
+                              block_size=block_size, activation_aware=activation_aware)
     _check_arguments(weight, hessian, layer, fmt, block_size, damp)
     W, H = _float_copies(weight, hessian, layer)
     H0 = H.clone()  # undamped, for the reported objective
@@ -331,6 +339,17 @@ def gptq_quantize(
         params = {k: torch.stack(v, dim=1).reshape(-1) for k, v in sweep.fitted.items()}  # (out, ng) row-major
     assert params is not None
     return _result(weight, Q, params, layer, fmt, H0, used_damp, n_dead, mask)
+
+
+def _gptq_low_rank(weight: torch.Tensor, hessian: torch.Tensor, layer: LayerSpec, fmt: WeightFormat,
+                   **kwargs: Any) -> GPTQResult:
+    """GPTQ for a layer with a low-rank branch: the branch ``A B`` (float16 factors of the weight's
+    SVD) is exact, so GPTQ quantizes the residual ``W - A B`` and its error feedback sees only the
+    residual's rounding; the result's weight is ``Q + A B``."""
+    a, b = lowrank.factors(weight, layer)
+    res = gptq_quantize(lowrank.residual(weight, a, b), hessian, lowrank.dense_layer(layer), fmt, **kwargs)
+    ab = lowrank.product(a, b).to(device=res.weight.device, dtype=torch.float32)
+    return dataclasses.replace(res, tensors=lowrank.with_factors(res.tensors, a, b), weight=res.weight + ab)
 
 
 def _upfront_outliers(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor | None, layer: LayerSpec,

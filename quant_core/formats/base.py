@@ -69,10 +69,15 @@ class WeightFormat(abc.ABC):
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Route ``layout``/``fit``/``encode``/``dequantize`` through :mod:`piecewise_quant.outliers`
-        for layers with ``outliers`` set, so every format stores dense-and-sparse weights."""
+        for layers with ``outliers`` set, so every format stores dense-and-sparse weights, and
+        (innermost) ``layout``/``quantize``/``fit``/``encode``/``dequantize`` through
+        :mod:`piecewise_quant.lowrank` for layers with ``low_rank`` set."""
         super().__init_subclass__(**kwargs)
-        from .. import outliers
+        from .. import lowrank, outliers
 
+        for name in lowrank.WRAPPED:
+            if name in cls.__dict__:
+                setattr(cls, name, lowrank.wrap(name, cls.__dict__[name]))
         for name in outliers.WRAPPED:
             if name in cls.__dict__:
                 setattr(cls, name, outliers.wrap(name, cls.__dict__[name]))

@@ -254,6 +254,7 @@ def refused_checkpoints(tmp_path_factory):
         "pw_mixed": quantized_checkpoint(float_path, root / "pwm", grid="uniform", bits=4, group_size=32,
                                          overrides={"*.down_proj": {"grid": "piecewise"}}),
         "outliers": quantized_checkpoint(float_path, root / "out", grid="uniform", bits=4, group_size=32, outliers=1),
+        "lowrank": quantized_checkpoint(float_path, root / "lr", grid="uniform", bits=4, group_size=32, low_rank=4),
         "rotated": quantized_checkpoint(float_path, root / "rot", grid="uniform", bits=4, group_size=32, rotation="quarot"),
     }
 
@@ -265,6 +266,7 @@ def refused_checkpoints(tmp_path_factory):
     ("float", ["not a piecewise-quant checkpoint", "quantize it first"]),
     ("pw_mixed", ["2 of 14 quantized layers", "down_proj", "piecewise"]),
     ("outliers", ["dense-and-sparse outliers", "without outliers="]),
+    ("lowrank", ["low-rank branch (low_rank=4)", "without low_rank="]),
     ("rotated", ["online rotations", "['R4']", "'R1', 'R2'"]),
 ])
 def test_unexportable_checkpoints_are_refused_with_the_reason(name, words, refused_checkpoints, tmp_path, capsys):

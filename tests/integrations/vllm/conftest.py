@@ -175,6 +175,9 @@ W4 = PiecewiseQuantConfig(grid="piecewise", bits=4, group_size=64)
 # QuIP: online input and output rotations of every layer (fused q/k/v are served unjoined)
 QUAROT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation="quarot")
 QUIP = PiecewiseQuantConfig(grid="piecewise", bits=3, group_size=64, rotation="quip")
+# low-rank (SVDQuant) branches: separate parts in the fused layers (v_proj without one), a budget on down_proj
+LOWRANK = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, low_rank=8,
+                               overrides={"*.v_proj": {"low_rank": None}, "*.down_proj": {"low_rank": 0.5}})
 ONLINE_OVERRIDE = {"quant_method": "piecewise", "grid": "uniform", "bits": 3, "group_size": 64}
 
 
@@ -208,6 +211,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     ck["gqa_mixed"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_mixed", MIXED, calibrate=True)
     ck["gqa_quarot"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot", QUAROT)
     ck["bundled_quip"] = quantize_checkpoint(BUNDLED, root / "bundled_quip", QUIP)
+    ck["gqa_lowrank"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_lowrank", LOWRANK)
     w4 = ck["bundled_w4"]
     ck["bad_missing"] = root / "bad_missing"
     _edit_safetensors(w4, ck["bad_missing"], lambda s: s.pop("model.layers.0.self_attn.k_proj.scales"))
@@ -234,6 +238,7 @@ def _jobs(ck: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
         "gqa_mixed": {**base, "model": str(ck["gqa_mixed"])},
         "gqa_quarot": {**base, "model": str(ck["gqa_quarot"])},
         "bundled_quip": {**base, "model": str(ck["bundled_quip"])},
+        "gqa_lowrank": {**base, "model": str(ck["gqa_lowrank"])},
         "online_default": {**base, "model": str(BUNDLED), "quantization": "piecewise"},
         "online_override": {**base, "model": str(BUNDLED), "quantization": "piecewise",
                             "hf_overrides": {"quantization_config_dict_json": json.dumps(ONLINE_OVERRIDE)}},
@@ -256,12 +261,13 @@ def vllm_results(checkpoints, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def vllm_tp2_results(checkpoints, tmp_path_factory) -> dict[str, dict]:
-    """The bundled W4 model and the mixed-scheme GQA model served with --tensor-parallel-size 2."""
+    """The bundled W4 model, the mixed-scheme GQA model and the low-rank GQA model served with
+    --tensor-parallel-size 2."""
     prompts = prompt_ids()
     jobs = {
         name: {"model": str(checkpoints[name]), "prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": "float32",
                "tensor_parallel_size": 2}
-        for name in ("bundled_w4", "gqa_mixed")
+        for name in ("bundled_w4", "gqa_mixed", "gqa_lowrank")
     }
     results = run_vllm(list(jobs.values()), tmp_path_factory.mktemp("vllm_tp2"), tensor_parallel=2)
     return dict(zip(jobs, results))

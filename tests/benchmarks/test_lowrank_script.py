@@ -1,0 +1,27 @@
+"""``benchmarks/lowrank.py``: the cost part on a small layer (the quality part calibrates the
+bundled model 20 times; its pieces are the tested ``calibrate`` and ``perplexity``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lowrank.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("lowrank_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cost_rows_time_the_layer_with_and_without_the_branch():
+    rows: list[dict] = []
+    _module().run_cost(rows, size=256, repeat=2, ranks=(4, 8))
+    assert [(r["rank"], r["m"]) for r in rows] == [(4, 1), (4, 64), (8, 1), (8, 64)]
+    for r in rows:
+        for key in ("dense_ms", "with_low_rank_ms", "branch_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["bpw"] == r["bpw_dense"] + 16 * r["rank"] * 512 / 256**2
