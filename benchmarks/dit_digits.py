@@ -219,6 +219,16 @@ def generate(pipe, per_class: int, steps: int, guidance: float, seed: int, batch
     return np.concatenate(out), labels
 
 
+def to_judge(images: np.ndarray) -> np.ndarray:
+    """Images at the judge's 8x8 (a model generating 16x16 digits, ``assets/dit-digits16``, is
+    averaged over 2x2 pixels, as ``fast_attention_quality.py`` does)."""
+    k = images.shape[-1] // 8
+    if k <= 1:
+        return images
+    n, h, w = images.shape
+    return images.reshape(n, h // k, k, w // k, k).mean(axis=(2, 4))
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -260,6 +270,18 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         (f"W4A4 piecewise g{g}, per-token acts (no balance)", w("piecewise", 4, act_bits=4), {}),
         (f"W4A4 piecewise g{g} + balance", w("piecewise", 4, act_bits=4, rotation=BALANCE), {}),
         (f"W4A4 piecewise g{g} + balance + GPTQ", w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration="gptq"), {}),
+        # SVDQuant: a 16-bit low-rank branch (rank from a budget of +1 bit per weight) beside the 4-bit residual
+        (f"W4A4 piecewise g{g} + low-rank (+1 bit/weight) + GPTQ", w("piecewise", 4, act_bits=4, low_rank=1.0,
+                                                                     calibration="gptq"), {}),
+        (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ",
+         w("piecewise", 4, act_bits=4, low_rank=1.0, rotation=BALANCE, calibration="gptq"), {}),
+        (f"W4A8 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ",
+         w("piecewise", 4, act_bits=8, low_rank=1.0, rotation=BALANCE, calibration="gptq"), {}),
+        # FP4 (HQ-DiT): E2M1 weights and activations with MX (block 32) or NV (block 16) scales
+        ("W4A8 mxfp4 weights", fp4("mxfp4", act_bits=8), {}),
+        ("W4A4 mxfp4 weights and activations", fp4("mxfp4", act_bits=4, act_format="mxfp4"), {}),
+        ("W4A4 nvfp4 weights and activations", fp4("nvfp4", act_bits=4, act_format="nvfp4"), {}),
+        ("W4A4 mxfp4 + balance", fp4("mxfp4", act_bits=4, act_format="mxfp4", rotation=BALANCE), {}),
         # mixed precision: 4- or 8-bit piecewise per layer by measured sensitivity, average <= 5 bits/weight
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
@@ -273,6 +295,12 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          mixdq(w("piecewise", 4, act_bits=8), 5.0, "codes", calibration="gptq", rotation=BALANCE), {}),
     ]
     return rows
+
+
+def fp4(grid: str, **kw: Any):
+    import piecewise_quant as pq
+
+    return pq.PiecewiseQuantConfig(grid=grid, bits=4, modules_to_not_convert=[], **kw)
 
 
 def mixdq(base: Any, budget: float, unit: str, **extra: Any):
@@ -336,6 +364,7 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
             bpw, total = comp.bits_per_weight, comp.total_bytes
         q_s = time.perf_counter() - t0
         images, labels = generate(pipe, per_class, steps, guidance, seed=0)
+        images = to_judge(images)
         row = {
             "name": name, "bits_per_weight": round(bpw, 3), "weight_bytes": int(total),
             "accuracy": judge.accuracy(images, labels), "fd": judge.fd(images),
@@ -345,6 +374,7 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
             ref_images = images
             row["psnr_vs_float"] = float("inf")
             other, olabels = generate(pipe, per_class, steps, guidance, seed=100000)
+            other = to_judge(other)
             results["float_other_seed"] = {"accuracy": judge.accuracy(other, olabels), "fd": judge.fd(other)}
         else:
             row["psnr_vs_float"] = psnr(images, ref_images)
