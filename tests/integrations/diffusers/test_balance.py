@@ -99,3 +99,18 @@ def test_balance_refusals(dfh, tmp_path):
     with pytest.raises(ValueError, match="enable_quant"):
         diffusers.DiTTransformer2DModel.from_pretrained(
             tmp_path / "float", quantization_config=_w8a4(act_bits=8, rotation={"rotations": ["balance"]}))
+
+
+def test_balance_with_a_low_rank_branch_reloads_identically(dfh, tmp_path):
+    pipe = dfh.dit_pipeline()
+    x = dfh.denoiser_inputs(pipe.transformer, timestep=500)
+    ref = dfh.denoise(pipe.transformer, x)
+    cfg = diffusion_recipe(bits=4, group_size=16, act_bits=8, balance=True, low_rank=2, calibration="gptq")
+    pipe.enable_quant(cfg, **CAL)
+    layer = pipe.transformer.transformer_blocks[0].ff.net[2]
+    assert layer.has_balance and "lowrank_a" in layer._buffers
+    out = dfh.denoise(pipe.transformer, x)
+    assert dfh.rel_err(out, ref) < 0.1
+    pipe.save_pretrained(tmp_path)
+    reloaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    assert torch.equal(dfh.denoise(reloaded.transformer, x), out)
