@@ -282,6 +282,12 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         ("W4A4 mxfp4 weights and activations", fp4("mxfp4", act_bits=4, act_format="mxfp4"), {}),
         ("W4A4 nvfp4 weights and activations", fp4("nvfp4", act_bits=4, act_format="nvfp4"), {}),
         ("W4A4 mxfp4 + balance", fp4("mxfp4", act_bits=4, act_format="mxfp4", rotation=BALANCE), {}),
+        ("W4A4 nvfp4 + balance", fp4("nvfp4", act_bits=4, act_format="nvfp4", rotation=BALANCE), {}),
+        # the recipe: embeddings and adaLN layers on 8-bit weights with float activations
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, calibration="gptq"), {}),
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + low-rank (+1 bit/weight) + GPTQ",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, low_rank=1.0, calibration="gptq"), {}),
         # mixed precision: 4- or 8-bit piecewise per layer by measured sensitivity, average <= 5 bits/weight
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
