@@ -193,8 +193,9 @@ def make_pipeline(transformer, tokenizer, text_encoder):
     return pipe
 
 
-def load_pipeline(path: Path = ASSET):
+def load_pipeline(path: Path | str = ASSET):
     """The trained pipeline from ``path`` (``transformer/``, ``text_encoder/``, ``tokenizer/``), in float32."""
+    path = Path(path)
     from diffusers import PixArtTransformer2DModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
@@ -435,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny training run and evaluation (seconds); outputs to --out")
     ap.add_argument("--model", type=Path, default=ASSET, help="checkpoint directory (default: assets/text-digits)")
     ap.add_argument("--out", type=Path, default=None, help="where JSON/PNG go (default: docs/, or a temp dir with --quick)")
-    ap.add_argument("--steps", type=int, default=2000, help="training steps")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6000, help="training steps")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--per-class", type=int, default=30, help="generated images per digit")
+    ap.add_argument("--per-class", type=int, default=50, help="generated images per digit")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps when generating")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)

@@ -99,6 +99,9 @@ class BosReport:
             text += "; left out: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
         return text
 
+    def __str__(self) -> str:
+        return self.summary()
+
 
 def text_embeddings(record: dict[str, Any]) -> torch.Tensor | None:
     """The ``(batch, tokens, channels)`` text embeddings of one recorded denoiser call, if any."""

@@ -38,12 +38,12 @@ def embed(prompts: list[str], bos: torch.Tensor | None) -> torch.Tensor:
     return torch.stack(out)
 
 
-def make_pipeline(dfh, bos: torch.Tensor | None):
-    from diffusers import DDIMScheduler, DiffusionPipeline
+def make_pipeline(dfh, bos: torch.Tensor | None, kind: str = "pixart"):
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     class BosTextPipeline(DiffusionPipeline):
-        """PixArt text-to-image on hashed embeddings; the unconditional branch is the empty prompt
-        (token 0 = BOS, the rest zero), as a causal encoder would give."""
+        """PixArt (or SD3) text-to-image on hashed embeddings; the unconditional branch is the empty
+        prompt (token 0 = BOS, the rest zero), as a causal encoder would give."""
 
         def __init__(self, transformer, scheduler):
             super().__init__()
@@ -61,15 +61,19 @@ def make_pipeline(dfh, bos: torch.Tensor | None):
             self.scheduler.set_timesteps(num_inference_steps)
             for t in self.scheduler.timesteps:
                 x = torch.cat([latents, latents])
+                extra = ({"pooled_projections": torch.ones(x.shape[0], dfh.POOLED_DIM)} if self.kind == "sd3" else
+                         {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
                 out = self.transformer(x, encoder_hidden_states=torch.cat([uncond, cond]), timestep=t.expand(x.shape[0]),
-                                       added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                       return_dict=False)[0][:, :4]
+                                       return_dict=False, **extra)[0][:, :4]
                 u, c = out.chunk(2)
                 latents = self.scheduler.step(u + guidance_scale * (c - u), t, latents).prev_sample
             return (latents,)
 
-    pipe = BosTextPipeline(dfh.tiny_pixart(), DDIMScheduler())
-    pipe.bos = bos
+    if kind == "sd3":
+        pipe = BosTextPipeline(dfh.tiny_sd3(), FlowMatchEulerDiscreteScheduler())
+    else:
+        pipe = BosTextPipeline(dfh.tiny_pixart(), DDIMScheduler())
+    pipe.bos, pipe.kind = bos, kind
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -104,6 +108,20 @@ def test_bos_layers_are_found_by_what_they_read(dfh):
     k = pipe.transformer.transformer_blocks[0].attn2.to_k
     assert "bos_aware" in repr(k) and k.bos_output.dtype == torch.float32
     torch.testing.assert_close(k.bos_input, rep_input(pipe, bos), rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_keeps_the_bos_row_where_the_text_is_read_unmodulated(dfh):
+    """SD3's context_embedder reads the text embeddings as they are; the dual-stream blocks' add_k/add_v
+    read them after a timestep-modulated norm (row 0 moves across calls) or after joint attention
+    (every token mixed in), so they are left out, with the reason."""
+    pipe = make_pipeline(dfh, bos_vector(), kind="sd3")
+    report = pipe.enable_quant(pq.PiecewiseQuantConfig(bits=8, group_size="channel", act_bits=8, modules_to_not_convert=[]),
+                               calibration_prompts=PROMPTS[:2], num_inference_steps=2, bos_aware=True, progress=False)
+    rep = report.components["transformer"].bos
+    assert list(rep.layers) == ["context_embedder"]
+    assert "transformer_blocks.0.attn.add_k_proj" in rep.skipped and "timestep" in rep.skipped[
+        "transformer_blocks.0.attn.add_k_proj"]
+    assert not any(n.startswith("transformer_blocks.1.") for n in rep.skipped)  # behind joint attention: not text-side
 
 
 def rep_input(pipe, bos: torch.Tensor) -> torch.Tensor:
