@@ -10,7 +10,10 @@ diffusion needs, :class:`DiffusionOptions`:
 * ``act_group_size=G``: dynamic activation quantization with one scale per token and per group of
   ``G`` channels (ViDiT-Q style), instead of one scale per token;
 * ``timesteps``: the calibrated timesteps (written by calibration; the checkpoint needs them to
-  rebuild the per-timestep scale tables).
+  rebuild the per-timestep scale tables);
+* ``bos_aware`` / ``bos_layers``: MixDQ's BOS-aware quantization (token 0 of a causal text
+  encoder's embeddings kept in float by the layers that read it, see :mod:`.bos`) and the layers
+  that got a BOS row (written by ``enable_quant``; the checkpoint needs them to load the rows).
 
 ``to_dict()`` is ``core.to_dict()`` plus a ``"diffusion"`` entry when any option differs from the
 default, so a config without diffusion options is byte-for-byte the transformers one.
@@ -55,11 +58,16 @@ class DiffusionOptions:
             scale computed at run time (ViDiT-Q's fine-grained dynamic quantization). Every such
             layer's ``in_features`` must be a multiple of it.
         timesteps: the timesteps the per-timestep scales were calibrated at (set by calibration).
+        bos_aware: keep token 0 (BOS) of the text embeddings out of quantization in the layers that
+            read it (MixDQ); needs calibration through the pipeline (``enable_quant``).
+        bos_layers: the layers that store a BOS row (set by ``enable_quant``).
     """
 
     act_scales: str = "shared"
     act_group_size: int | None = None
     timesteps: tuple[float, ...] = ()
+    bos_aware: bool = False
+    bos_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.act_scales not in ACT_SCALE_MODES:
@@ -80,13 +88,25 @@ class DiffusionOptions:
         if len(set(clean)) != len(clean):
             raise ValueError(f"diffusion.timesteps must not repeat a timestep; got {clean}")
         object.__setattr__(self, "timesteps", tuple(clean))
+        if not isinstance(self.bos_aware, bool):
+            raise ValueError(f"diffusion.bos_aware must be True or False; got {self.bos_aware!r}")
+        layers = self.bos_layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not all(
+                isinstance(n, str) and n for n in layers):
+            raise ValueError(f"diffusion.bos_layers must be a list of layer names; got {layers!r}")
+        if layers and not self.bos_aware:
+            raise ValueError("diffusion.bos_layers is set but bos_aware is False; the config is inconsistent")
+        object.__setattr__(self, "bos_layers", tuple(layers))
 
     @property
     def is_default(self) -> bool:
         return self == DiffusionOptions()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"act_group_size": self.act_group_size, "act_scales": self.act_scales, "timesteps": list(self.timesteps)}
+        d = {"act_group_size": self.act_group_size, "act_scales": self.act_scales, "timesteps": list(self.timesteps)}
+        if self.bos_aware:  # absent otherwise, so configs without it are unchanged
+            d.update(bos_aware=True, bos_layers=list(self.bos_layers))
+        return d
 
     @classmethod
     def coerce(cls, value: Any) -> "DiffusionOptions":

@@ -170,6 +170,25 @@ class DiffusionQuantLinear(QuantLinear):
             self.register_buffer("act_scales_t", torch.zeros(n_timesteps, dtype=torch.float32, device=device))
         else:
             self.act_scales_t = None
+        # MixDQ's BOS-aware path (see .bos): token 0's float input and output, set by enable_quant(bos_aware=True)
+        self.register_buffer("bos_input", None)
+        self.register_buffer("bos_output", None)
+
+    def set_bos_row(self, bos_input: torch.Tensor, bos_output: torch.Tensor) -> None:
+        """Keep token 0 out of quantization whenever the input's row 0 is ``bos_input``: its output
+        is then ``bos_output`` (the float layer's, computed before quantization); see :mod:`.bos`."""
+        if tuple(bos_input.shape) != (self.in_features,) or tuple(bos_output.shape) != (self.out_features,):
+            raise ValueError(f"layer {self.layer_spec.name!r}: BOS rows must have shapes ({self.in_features},) and "
+                             f"({self.out_features},); got {list(bos_input.shape)} and {list(bos_output.shape)}")
+        self._buffers["bos_input"] = bos_input.detach().to(torch.float32).clone()
+        self._buffers["bos_output"] = bos_output.detach().to(torch.float32).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_input is None:
+            return super().forward(x)
+        from .bos import bos_forward
+
+        return bos_forward(self, x, super().forward)
 
     @property
     def act_group_size(self) -> int | None:
@@ -231,6 +250,8 @@ class DiffusionQuantLinear(QuantLinear):
             text += f", act_group_size={self.act_group_size}"
         if self.act_scales_t is not None:
             text += f", act_scales=per_timestep({self.act_scales_t.numel()})"
+        if self.bos_input is not None:
+            text += ", bos_aware"
         return text
 
 

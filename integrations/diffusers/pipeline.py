@@ -43,6 +43,7 @@ class ComponentReport:
     timesteps: tuple[float, ...] = ()
     activations: dict[str, LayerActivationStats] = field(default_factory=dict)
     engine: Any = None  # piecewise_quant.CalibrationReport when a calibration recipe ran
+    bos: Any = None  # .bos.BosReport with bos_aware=True
 
 
 @dataclass
@@ -78,6 +79,8 @@ class DiffusionQuantReport:
                     if ratios:
                         lines.append(f"  cond/uncond input range ratio: median {ratios[len(ratios) // 2]:.2f} "
                                      f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f})")
+            if c.bos is not None:
+                lines.append("  " + c.bos.summary())
             if c.engine is not None:
                 lines.append("  " + c.engine.summary().replace("\n", "\n  "))
         if self.n_pipeline_calls:
@@ -241,6 +244,7 @@ def enable_quant(
     components: Sequence[str] | str | None = None,
     act_scales: str | None = None,
     act_group_size: int | None = None,
+    bos_aware: bool | None = None,
     calibration_batch_size: int = 4,
     calibration_kwargs: dict[str, Any] | None = None,
     keep_float_weights: bool = True,
@@ -268,6 +272,10 @@ def enable_quant(
             diffusion option).
         act_group_size: dynamic activation quantization in groups of this many channels (ViDiT-Q),
             for layers with ``act_mode="dynamic_per_token"``.
+        bos_aware: MixDQ's BOS-aware quantization (overrides the config's diffusion option): the
+            layers that read token 0 of the text embeddings (a causal encoder's BOS token, the same
+            for every prompt) keep its row in float, precomputed once (see :mod:`.bos`). Runs the
+            pipeline on the calibration prompts; refused when token 0 differs across prompts (T5).
         calibration_batch_size: prompts per calibration pipeline call.
         calibration_kwargs: more arguments for the calibration pipeline calls (``height``, ``width``...).
         keep_float_weights: keep the replaced float layers (moved to the CPU) so :func:`disable_quant`
@@ -277,11 +285,11 @@ def enable_quant(
     """
     t0 = time.perf_counter()
     _check_pipeline(pipe)
-    core, diffusion = _diffusion_config(config, act_scales, act_group_size)
+    core, diffusion = _diffusion_config(config, act_scales, act_group_size, bos_aware)
     models: dict[str, nn.Module] = {n: pipe.components[n] for n in _resolve_components(pipe, components)}
     check_calibration_prompts(calibration_prompts)
     job = _QuantJob(pipe, models, _plan_components(models, core, diffusion), core, diffusion, keep_float_weights, progress)
-    if job.static or job.engine or job.balance:
+    if job.static or job.engine or job.balance or job.bos:
         job.run = resolve_calibration_inputs(
             pipe, calibration_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             batch_size=calibration_batch_size, seed=seed, extra=calibration_kwargs,
@@ -294,7 +302,7 @@ def enable_quant(
 
 
 def _diffusion_config(
-    config: Any, act_scales: str | None, act_group_size: int | None
+    config: Any, act_scales: str | None, act_group_size: int | None, bos_aware: bool | None = None
 ) -> tuple[PiecewiseQuantConfig, DiffusionOptions]:
     """The core config and diffusion options ``enable_quant`` works with: the config's, with the
     keyword overrides applied and no calibrated timesteps yet."""
@@ -305,8 +313,10 @@ def _diffusion_config(
         changes["act_scales"] = act_scales
     if act_group_size is not None:
         changes["act_group_size"] = act_group_size
-    if changes:
-        diffusion = dataclasses.replace(diffusion, **changes)
+    if bos_aware is not None:
+        changes["bos_aware"] = bos_aware
+    changes["bos_layers"] = ()  # found later when needed
+    diffusion = dataclasses.replace(diffusion, **changes)
     return core, dataclasses.replace(diffusion, timesteps=())  # calibrated later when needed
 
 
@@ -343,6 +353,7 @@ class _QuantJob:
     run: Any = None  # the calibration inputs, when calibration is needed
     report: DiffusionQuantReport = field(default_factory=DiffusionQuantReport)
     restores: dict[str, _Restore] = field(default_factory=dict)
+    records: dict[str, list[dict[str, Any]]] | None = None  # recorded denoiser calls, shared by the passes that need them
 
     @property
     def static(self) -> bool:
@@ -359,18 +370,52 @@ class _QuantJob:
         """ViDiT-Q's channel balance: its scales are measured on pipeline runs."""
         return self.core.rotation is not None and "balance" in self.core.rotation.rotations
 
+    @property
+    def bos(self) -> bool:
+        return self.diffusion.bos_aware
+
+    def _denoiser_records(self) -> dict[str, list[dict[str, Any]]]:
+        """The denoiser calls of the calibration runs: recorded once, handed to the first pass that consumes them."""
+        from .calibration import capture_denoiser_inputs
+
+        if self.records is None:
+            self.records = capture_denoiser_inputs(self.pipe, self.models, self.run, progress=self.progress)
+            self.report.n_pipeline_calls += len(self.run.batches())
+        return self.records
+
     def quantize(self) -> DiffusionQuantReport:
         float_bytes = {n: _float_weight_bytes(m, self.plans[n]) for n, m in self.models.items()}
         try:
+            bos_rows = self._find_bos_rows() if self.bos else {}
             finals = self._quantize_with_engine(float_bytes) if self.engine else self._quantize_data_free(float_bytes)
+            self.records = None
+            if self.bos:
+                from .bos import install_bos_rows
+
+                for name, model in self.models.items():
+                    install_bos_rows(model, bos_rows[name][0])
+                    comp = _component_report(name, model, float_bytes[name])  # the BOS rows count in the bytes
+                    comp.engine, comp.bos = self.report.components[name].engine, bos_rows[name][1]
+                    self.report.components[name] = comp
             final_diffusion = self._calibrate_static_scales() if self.static else {n: self.diffusion for n in self.models}
             for name, model in self.models.items():
+                if self.bos:  # the layers that got a BOS row, so the checkpoint reloads them
+                    final_diffusion[name] = dataclasses.replace(final_diffusion[name], bos_layers=tuple(bos_rows[name][0]))
                 _record_quantized(model, finals[name], final_diffusion[name], self.plans[name])
                 model._piecewise_quant_restore = self.restores[name]
         except BaseException:
             self._roll_back()
             raise
         return self.report
+
+    def _find_bos_rows(self) -> dict[str, tuple[dict[str, Any], Any]]:
+        """Before quantizing, on the float denoisers: each component's BOS rows and report (see :mod:`.bos`)."""
+        from .bos import find_bos_rows
+
+        records = self._denoiser_records()
+        n_prompts = len({str(p) for p in self.run.items})
+        return {name: find_bos_rows(model, records[name], self.plans[name], name, n_prompts)
+                for name, model in self.models.items()}
 
     def _keep(self, name: str, model: nn.Module, state: bool) -> _Restore:
         """Remember what ``disable_quant`` (or a failure) needs to give ``model`` back in float."""
@@ -384,10 +429,7 @@ class _QuantJob:
         """The calibration recipe: the block engine on the denoiser inputs the pipeline produces."""
         import piecewise_quant
 
-        from .calibration import capture_denoiser_inputs
-
-        records = capture_denoiser_inputs(self.pipe, self.models, self.run, progress=self.progress)
-        self.report.n_pipeline_calls += len(self.run.batches())
+        records = self._denoiser_records()
         engine_core = _engine_config(self.core)
         for name, model in self.models.items():
             _check_blocks(model, name, self.core, records[name][0])
@@ -410,10 +452,7 @@ class _QuantJob:
         rotation = self.core.rotation
         records = None
         if rotation is not None and "balance" in rotation.rotations:
-            from .calibration import capture_denoiser_inputs
-
-            records = capture_denoiser_inputs(self.pipe, self.models, self.run, progress=self.progress)
-            self.report.n_pipeline_calls += len(self.run.batches())
+            records = self._denoiser_records()
         for name, model in self.models.items():
             # a rotation changes the float weights in place: keep the whole float state to give back
             keep = self._keep(name, model, state=rotation is not None).float_layers

@@ -57,6 +57,9 @@ def _layer_tensors(layer: LayerSpec, module: nn.Module) -> dict[str, tuple[tuple
         out["act_scales_t"] = (tuple(module.act_scales_t.shape), torch.float32)
     if getattr(layer.rotation, "balance", False):
         out["balance_scale"] = ((layer.in_features,), torch.float16)
+    if getattr(module, "bos_input", None) is not None:  # BOS-aware layers (see .bos)
+        out["bos_input"] = ((layer.in_features,), torch.float32)
+        out["bos_output"] = ((layer.out_features,), torch.float32)
     return out
 
 
@@ -103,6 +106,12 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
                 "a calibration recipe (PiecewiseQuantConfig(calibration=...)) needs the whole pipeline to produce "
                 "calibration data; load the float pipeline and call pipe.enable_quant(config, calibration_prompts=[...])"
             )
+        if self.diffusion.bos_aware:
+            raise ValueError(
+                "diffusion.bos_aware=True keeps token 0 of the text embeddings in float, which needs the text encoder's "
+                "output from pipeline runs; load the float pipeline and call pipe.enable_quant(config, bos_aware=True, "
+                "calibration_prompts=[...]), then save_pretrained (that checkpoint loads directly)"
+            )
         if self.core_config.rotation is not None:
             raise ValueError(
                 "a rotation (PiecewiseQuantConfig(rotation=...)) changes each float weight before it is quantized, and "
@@ -142,6 +151,10 @@ class PiecewiseDiffusersQuantizer(DiffusersQuantizer):
             swap_in_empty_layers(
                 model, self.plan, DiffusionQuantLinear, layer_kwargs=lambda layer: layer_kwargs(layer, self.diffusion)
             )
+            if self.diffusion.bos_layers:
+                from .bos import add_empty_bos_buffers
+
+                add_empty_bos_buffers(model, self.plan, self.diffusion.bos_layers)
         model.register_to_config(quantization_config=self.quantization_config)
         model.piecewise_quant_config = core
         return model
