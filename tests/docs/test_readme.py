@@ -87,4 +87,7 @@ def test_readme_calibration_claim_reproduces():
     report = pq.calibrate(model, config, tokenizer=tok, progress=False)
     assert {r.method for r in report.layers.values() if r.method != "data-free"} == {"gptq"}
     delta = perplexity(model.eval(), input_ids=ids) - base
-    assert delta == pytest.approx(claim, abs=0.01)
+    # GPTQ's rounding decisions depend on the float summation order (CPU, BLAS, thread count): measured
+    # +0.094 (Intel, 2 threads; within 0.01 of it on AMD, 1 thread) and +0.111 (AMD EPYC, 2 threads); RTN has no spread
+    assert delta == pytest.approx(claim, abs=0.025)
+    assert delta < 0.5 * rtn_claim
