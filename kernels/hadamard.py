@@ -219,6 +219,10 @@ class Rotation:
         return rotation_matrix(self.n, self.seed, self.salt).to(dtype)
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return self._apply(x, self._signs32, self.signs, inverse)
+
+    def _apply(self, x: torch.Tensor, vec32: torch.Tensor, vec: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The transform with ``vec`` (``vec32``: its float32 copy for the compiled path) as the sign vector."""
         n = self.n
         if x.shape[-1] != n:
             raise ValueError(f"rotation of size {n} applied to a tensor whose last dimension is {x.shape[-1]}")
@@ -231,10 +235,10 @@ class Rotation:
             y = torch.empty_like(x)
             rows = x.numel() // n
             if rows:
-                ext.hadamard(x.data_ptr(), dt, rows, n, y.data_ptr(), self._signs32.data_ptr(),
+                ext.hadamard(x.data_ptr(), dt, rows, n, y.data_ptr(), vec32.data_ptr(),
                              (self._hk32_t if inverse else self._hk32).data_ptr(), self.k, self.p, int(inverse))
             return y
-        return rotate(x, self.signs, inverse)
+        return rotate(x, vec, inverse)
 
 
 class ScaledRotation:
@@ -287,24 +291,8 @@ class ScaledRotation:
         return (self.base.matrix(torch.float64) / self.scale().double().cpu().unsqueeze(1)).to(dtype)
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        n = self.n
-        if x.shape[-1] != n:
-            raise ValueError(f"rotation of size {n} applied to a tensor whose last dimension is {x.shape[-1]}")
         v = self.vector(x.device)
-        ext = _ext()
-        dt = _CPU_DTYPES.get(x.dtype)
-        if (ext is not None and dt is not None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling()):
-            if not x.is_contiguous():
-                x = x.contiguous()
-            y = torch.empty_like(x)
-            rows = x.numel() // n
-            if rows:
-                hk = self.base._hk32_t if inverse else self.base._hk32
-                ext.hadamard(x.data_ptr(), dt, rows, n, y.data_ptr(), v.data_ptr(), hk.data_ptr(), self.k, self.p,
-                             int(inverse))
-            return y
-        return rotate(x, v, inverse)
+        return self.base._apply(x, v, v, inverse)
 
 
 @functools.lru_cache(maxsize=256)
