@@ -168,6 +168,21 @@ def _quiet(pipe: Any) -> Iterator[None]:
             del pipe._progress_bar_config
 
 
+def call_kwargs(run: CalibrationRun, params: dict[str, inspect.Parameter], i: int, batch: list[Any]) -> dict[str, Any]:
+    """The pipeline arguments of calibration batch ``i`` (its seed, schedule, guidance and output type)."""
+    kwargs: dict[str, Any] = {run.mode: list(batch)}
+    if "num_inference_steps" in params:
+        kwargs["num_inference_steps"] = run.num_inference_steps
+    if run.guidance_scale is not None:
+        kwargs["guidance_scale"] = run.guidance_scale
+    if "generator" in params:
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(run.seed + i)
+    if "output_type" in params:
+        kwargs["output_type"] = "latent" if run.mode == "prompt" else "pt"
+    kwargs.update(run.extra)
+    return kwargs
+
+
 @torch.no_grad()
 def run_pipeline(pipe: Any, run: CalibrationRun, states: Sequence[TimestepState] = (), progress: bool = True,
                  desc: str = "calibrating") -> int:
@@ -176,16 +191,7 @@ def run_pipeline(pipe: Any, run: CalibrationRun, states: Sequence[TimestepState]
     n_calls = 0
     with _quiet(pipe):
         for i, batch in enumerate(tqdm(run.batches(), desc=desc, unit="batch", disable=not progress)):
-            kwargs: dict[str, Any] = {run.mode: list(batch)}
-            if "num_inference_steps" in params:
-                kwargs["num_inference_steps"] = run.num_inference_steps
-            if run.guidance_scale is not None:
-                kwargs["guidance_scale"] = run.guidance_scale
-            if "generator" in params:
-                kwargs["generator"] = torch.Generator("cpu").manual_seed(run.seed + i)
-            if "output_type" in params:
-                kwargs["output_type"] = "latent" if run.mode == "prompt" else "pt"
-            kwargs.update(run.extra)
+            kwargs = call_kwargs(run, params, i, batch)
             n = len(batch) * int(kwargs.get("num_images_per_prompt", 1) or 1)
             for st in states:
                 st.n_prompts = n

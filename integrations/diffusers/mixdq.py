@@ -143,23 +143,13 @@ def _pipeline_images(pipe: Any, run: Any) -> torch.Tensor:
     text pipelines, ``pt`` images for class-conditional ones)."""
     import inspect
 
-    from .calibration import _quiet
+    from .calibration import _quiet, call_kwargs
 
     params = dict(inspect.signature(pipe.__call__).parameters)
     outs = []
     with _quiet(pipe):
         for i, batch in enumerate(run.batches()):
-            kwargs: dict[str, Any] = {run.mode: list(batch)}
-            if "num_inference_steps" in params:
-                kwargs["num_inference_steps"] = run.num_inference_steps
-            if run.guidance_scale is not None:
-                kwargs["guidance_scale"] = run.guidance_scale
-            if "generator" in params:
-                kwargs["generator"] = torch.Generator("cpu").manual_seed(run.seed + i)
-            if "output_type" in params:
-                kwargs["output_type"] = "latent" if run.mode == "prompt" else "pt"
-            kwargs.update(run.extra)
-            outs.append(_images(pipe(**kwargs)))
+            outs.append(_images(pipe(**call_kwargs(run, params, i, batch))))
     return torch.cat([o.reshape(o.shape[0], -1) for o in outs])
 
 
