@@ -9,18 +9,20 @@ from CPUID when the extension loads:
   Zen 4 and later): for a few activation rows, an integer kernel multiplies the stored codes (or a
   piecewise group's 16-entry level table) with the activations split into int8 pieces (three for
   fp32 inputs, two for bf16/fp16; one, with the reference's own scale, for int8/int4 activations).
-  Group sizes that are not multiples of 128 use a bf16 dot-product kernel instead.
+  Groups of 16, 32 and 64 (3/4/8-bit, FP4) run the same kernel with the group scales applied lane by
+  lane; other group sizes that are not multiples of 128 (and 2-bit groups under 128) use a bf16
+  dot-product kernel instead.
 * ``avx2`` (AVX2 + FMA + F16C): fp32 levels and fp32 FMAs.
 
 Many activation rows (prefill, training) are multiplied by torch's own GEMM on blocks of rows that
 the kernels dequantize exactly as :func:`reference.dequantize` does, into a reused buffer.
 
-FP4 weights (``mxfp4``, ``nvfp4``) run the float kernels' level-table path: E2M1 codes times a block
-scale is a 16-entry level table times a group scale, so the backend hands the kernels the stored
-codes as they are, the E2M1 table as the one table of a symmetric layer (whose float kernels look
-levels up in table 0 without reading a per-group field) and the block scales decoded to float32
-(kept per layer: :func:`_fp4_operands`). Blocks of 16/32 never reach the integer kernel (it needs
-128-wide blocks), the one path that computes symmetric levels arithmetically.
+FP4 weights (``mxfp4``, ``nvfp4``) run as level tables: E2M1 codes times a block scale is a 16-entry
+level table times a group scale, so the backend hands the kernels the stored codes as they are, the
+E2M1 table as the one table of a symmetric layer (the float kernels look levels up in table 0
+without reading a per-group field; the integer kernel reads its ``4 * level + 64`` bytes, as for
+piecewise) and the block scales decoded once per layer (:func:`_fp4_operands`: bfloat16 for MXFP4's
+powers of two, float32 for NVFP4's E4M3 times the tensor scale).
 
 Calls the kernels cannot serve (another device, an unsupported group size, NaN in the activations on
 the integer path) run :func:`reference.linear`. If the extension is missing or the CPU lacks AVX2,
@@ -52,8 +54,8 @@ _ACT_QMAX = {"int8": 127.0, "int4": 7.0}
 # activation rows up to which the fused kernels run; above, dequantized blocks + torch's GEMM
 # (measured crossover on a 2-core Sapphire Rapids; see docs/performance.md)
 GEMV_MAX_ROWS = 16
-# FP4's blocks of 16/32 run the fused kernels' small-group (bf16 dot product) path, which loses to
-# dequantized blocks + torch's GEMM from about 8 rows (benchmarks/cpu_kernels.py, docs/formats.md)
+# FP4's blocks of 16/32 apply a scale per 16/32 weights in the fused kernels, which lose to dequantized
+# blocks + torch's GEMM from about 8 rows (benchmarks/cpu_kernels.py, docs/formats.md)
 FP4_GEMV_MAX_ROWS = 8
 # W8A8 (symmetric 8-bit weights per channel, integer activations) from this many rows: torch's int8 GEMM
 # (up to 16 rows the fused integer kernel was faster: 0.47 against 1.57 ms at 4 rows, 4096x4096)
@@ -182,13 +184,17 @@ def _tables(kind: int, bits: int) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 @functools.lru_cache(maxsize=1)
-def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor, None]:
-    """The E2M1 level table (code -> value) in the two forms the float kernels read: bf16 bits
-    ``[1, 32]`` and fp32 ``[1, 16]`` (exact in both)."""
+def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The E2M1 level table (code -> value) in the three forms the kernels read: bf16 bits
+    ``[1, 32]`` and fp32 ``[1, 16]`` for the float kernels, and the integer kernel's ``4 * level + 64``
+    bytes ``[1, 16]`` (E2M1 levels are multiples of 0.5 up to 6: 40..88, exact)."""
     levels = e2m1_levels().reshape(1, 16)
     lut16 = torch.zeros(1, 32, dtype=torch.int16)
     lut16[:, :16] = levels.to(torch.bfloat16).view(torch.int16)
-    return lut16.contiguous(), levels.contiguous(), None
+    biased = levels * 4 + 64
+    if not (torch.equal(biased, biased.round()) and bool((biased >= 0).all()) and bool((biased <= 127).all())):
+        raise AssertionError("E2M1 levels do not fit the integer kernel's table")
+    return lut16.contiguous(), levels.contiguous(), biased.to(torch.uint8).contiguous()
 
 
 # scales tensor -> (its version and aux's, float32 block scales)
@@ -201,15 +207,19 @@ def _fp4_key(scales: torch.Tensor, aux: torch.Tensor | None) -> tuple:
 
 
 def _fp4_operands(scales: torch.Tensor, aux: torch.Tensor | None, weight_format: str) -> torch.Tensor:
-    """An FP4 layer's block scales as float32 ``(n, G)`` (E8M0 ``2**(e-127)``, or E4M3 times the
-    per-tensor scale, exactly as :func:`reference.dequantize` multiplies). Worked out once per scales
-    tensor (recomputed after an in-place change)."""
+    """An FP4 layer's block scales as ``(n, G)`` floats (E8M0 ``2**(e-127)``, or E4M3 times the
+    per-tensor scale, exactly as :func:`reference.dequantize` multiplies): bfloat16 where every scale
+    is exact in it (MXFP4's powers of two), else float32. Worked out once per scales tensor
+    (recomputed after an in-place change)."""
     key = _fp4_key(scales, aux)
     with _fp4_lock:
         hit = _fp4_cache.get(scales)
     if hit is not None and hit[0] == key:
         return hit[1]
     s = reference.fp4_scales(weight_format, scales, aux).contiguous()
+    half = s.to(torch.bfloat16)
+    if torch.equal(half.to(torch.float32), s):
+        s = half  # MXFP4's powers of two are exact in bfloat16: half the bytes the kernels read per block
     with _fp4_lock:
         _fp4_cache[scales] = (key, s)
     return s
@@ -475,6 +485,15 @@ def prepare(qweight, scales, aux, weight_format: str, bits: int, group_size: int
     return Prepared(ext, desc, (qweight, scales, aux), qweight.shape[0], in_features, backends_version, forced, keep)
 
 
+def _small_groups(weight_format: str, bits: int, gs: int) -> bool:
+    """Whether the integer kernel's small-group path (``i8_sg_ok`` in ``pq_cpu.c``) takes groups of
+    ``gs`` < 128 weights: 16, 32 or 64 at 3, 4 or 8 bits (FP4 as 4-bit); piecewise 4-bit from 32 (its
+    level tables go per 128-bit lane of 32 weights)."""
+    if gs not in (16, 32, 64) or bits not in (3, 4, 8):
+        return False
+    return not (weight_format == "piecewise" and bits == 4 and gs < 32)
+
+
 def explain(weight_format: str, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
             act_format: str = "none", rows: int = 1) -> str:
     """Which CPU kernel a layer with this scheme runs for ``rows`` activation rows (1: decoding), e.g.
@@ -496,7 +515,7 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     isa = st["isa"]
     integer = (
         isa == "avx512-vnni" and weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)
-        and in_features % 128 == 0 and (gs == in_features or gs % 128 == 0)
+        and in_features % 128 == 0 and (gs == in_features or gs % 128 == 0 or _small_groups(weight_format, bits, gs))
     )
     if act_format in _ACT_QMAX and not integer:
         return f"cpu {isa} (float kernels on simulated {act_format} activations)"

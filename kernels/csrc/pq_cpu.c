@@ -498,6 +498,7 @@ typedef struct {
                              blocks per quantization group */
     float *yacc;       /* [M][N] */
     const uint8_t *codes_end; /* one past the last code byte (prefetches stay inside) */
+    int sg;            /* groups smaller than a block (16, 32 or 64 weights): i8_rows_sg */
 } i8_job_t;
 
 #define PF_ROWS 8
@@ -510,9 +511,13 @@ static inline int i8_src(int bits, int j) {
     return j;
 }
 
+/* whether the weights go through an integer level table (lut8: 4 * level + 64): piecewise, whose
+ * groups pick a table, and FP4 (a symmetric layer given the E2M1 table) */
+INLINE int i8_table(const layer_t *L) { return L->kind == KIND_PW || (L->kind == KIND_SYM && L->lut8); }
+
 /* the largest unsigned weight byte the decoder produces */
 static int i8_maxw(const layer_t *L) {
-    if (L->kind == KIND_PW) return 127;
+    if (i8_table(L)) return 127;
     return (1 << L->bits) - 1;
 }
 
@@ -573,6 +578,21 @@ AVX512 INLINE void row_groups(const layer_t *L, int64_t n, float mult, int pw, f
         for (; g + 16 <= G; g += 16)
             _mm512_storeu_ps(sg + g, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sp + g))), mv));
         for (; g < G; g++) sg[g] = _cvtsh_ss(sp[g]) * mult;
+    } else if (!L->per_tensor && L->scale_dtype == DT_BF16) {
+        const uint16_t *sp = (const uint16_t *)L->scales + n * L->scale_stride;
+        int64_t g = 0;
+        __m512 mv = _mm512_set1_ps(mult);
+        for (; g + 16 <= G; g += 16) {
+            __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sp + g))), 16);
+            _mm512_storeu_ps(sg + g, _mm512_mul_ps(_mm512_castsi512_ps(w), mv));
+        }
+        for (; g < G; g++) sg[g] = load_scale(L, n, g) * mult;
+    } else if (!L->per_tensor && L->scale_dtype == DT_F32) {
+        const float *sp = (const float *)L->scales + n * L->scale_stride;
+        int64_t g = 0;
+        __m512 mv = _mm512_set1_ps(mult);
+        for (; g + 16 <= G; g += 16) _mm512_storeu_ps(sg + g, _mm512_mul_ps(_mm512_loadu_ps(sp + g), mv));
+        for (; g < G; g++) sg[g] = sp[g] * mult;
     } else {
         for (int64_t g = 0; g < G; g++) sg[g] = load_scale(L, n, g) * mult;
     }
@@ -679,34 +699,192 @@ AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const in
         }
 }
 
+/* Groups smaller than a block (gs = 16, 32 or 64; gpb = 128 / gs groups per block). Each int32 lane
+ * of a VPDPBUSD sum adds 4 consecutive kernel-order bytes, and those belong to one group: 4-bit
+ * kernel order puts element 2j at position j < 64 and 2(j-64)+1 at j >= 64, so lane i of either half
+ * covers elements 8i..8i+7; 3- and 8-bit keep natural order, lane i of the first half covers 4i..4i+3
+ * and of the second 64+4i..64+4i+3. A block's sums are therefore scaled lane by lane, with the
+ * block's group scales permuted into place (sel_a for the first half, sel_b for the second), and the
+ * two halves accumulate apart. Piecewise groups pick their level table per 128-bit lane of the
+ * decoded bytes (one group per lane: 4-bit needs gs >= 32, 3-bit gs >= 16). */
+typedef struct {
+    __m512i sel_a, sel_b;  /* lane -> group within the block, for the two halves */
+    int lane_a[4], lane_b[4]; /* 128-bit lane -> group within the block */
+    int gpb;
+} i8sg_t;
+
+static i8sg_t make_i8sg(const layer_t *L) {
+    i8sg_t S;
+    int32_t a[16], b[16];
+    const int gs = (int)L->gs;
+    for (int i = 0; i < 16; i++) {
+        a[i] = L->bits == 4 ? 8 * i / gs : 4 * i / gs;
+        b[i] = L->bits == 4 ? 8 * i / gs : (64 + 4 * i) / gs;
+    }
+    for (int l = 0; l < 4; l++) {
+        S.lane_a[l] = L->bits == 4 ? 32 * l / gs : 16 * l / gs;
+        S.lane_b[l] = L->bits == 4 ? 32 * l / gs : (64 + 16 * l) / gs;
+    }
+    memcpy(&S.sel_a, a, 64);
+    memcpy(&S.sel_b, b, 64);
+    S.gpb = (int)(I8_BLK / gs);
+    return S;
+}
+
+/* whether the small-group kernel can run this layer */
+static int i8_sg_ok(const layer_t *L) {
+    if (L->G == 1 || L->per_tensor || !(L->gs == 16 || L->gs == 32 || L->gs == 64)) return 0;
+    if (!(L->bits == 3 || L->bits == 4 || L->bits == 8)) return 0;
+    if (L->kind == KIND_PW && L->bits == 4 && L->gs < 32) return 0;
+    return 1;
+}
+
+AVX512 INLINE __m512i i8_lane_luts(const layer_t *L, int64_t n, int64_t g0, const int *lane) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(L->lut8 + 16 * load_field(L, n, g0 + lane[0]))));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(L->lut8 + 16 * load_field(L, n, g0 + lane[1]))), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(L->lut8 + 16 * load_field(L, n, g0 + lane[2]))), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(L->lut8 + 16 * load_field(L, n, g0 + lane[3]))), 3);
+}
+
+AVX512 INLINE void i8_rows_sg(const i8_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const i8dec_t *dec,
+                              const i8sg_t *S, const int BITS, const int P, const int PW) {
+    const layer_t *L = J->L;
+    const int64_t K = L->K, G = L->G, gpb = S->gpb;
+    const int C = P == 3 ? 2 : 1;
+    const int lanes = PW && L->kind == KIND_PW; /* per-group tables; FP4 has one */
+    float *sg = scratch(5, (size_t)(NB * G) * 4);
+    float *bsg = scratch(6, (size_t)(NB * G) * 4);
+    for (int r = 0; r < NB; r++) row_groups(L, n0 + r, PW ? 0.25f : 1.0f, PW, sg + r * G, bsg + r * G);
+    __m512 tot[2][4][2];
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++)
+            for (int c = 0; c < C; c++) tot[r][m][c] = _mm512_setzero_ps();
+    const uint8_t *rows[2];
+    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+    __m512i luta[2], lutb[2];
+    for (int r = 0; r < NB; r++)
+        luta[r] = lutb[r] = PW ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)L->lut8)) : _mm512_setzero_si512();
+    const __mmask16 gm = (__mmask16)((1u << gpb) - 1);
+    for (int64_t blk = 0, g0 = 0; blk < K / I8_BLK; blk++, g0 += gpb) {
+        const int64_t k = blk * I8_BLK;
+        __m512 sva[2], svb[2];
+        for (int r = 0; r < NB; r++) {
+            __m512 s16 = _mm512_maskz_loadu_ps(gm, sg + r * G + g0);
+            sva[r] = _mm512_permutexvar_ps(S->sel_a, s16);
+            svb[r] = BITS == 4 ? sva[r] : _mm512_permutexvar_ps(S->sel_b, s16);
+            if (lanes) {
+                luta[r] = i8_lane_luts(L, n0 + r, g0, S->lane_a);
+                lutb[r] = BITS == 4 ? luta[r] : i8_lane_luts(L, n0 + r, g0, S->lane_b);
+            }
+        }
+        __m512i acc[2][4][3], acc2[2][4][3];
+        for (int r = 0; r < NB; r++)
+            for (int m = 0; m < MO; m++)
+                for (int p = 0; p < P; p++) acc[r][m][p] = acc2[r][m][p] = _mm512_setzero_si512();
+        __m512i wa[2], wb[2];
+        for (int r = 0; r < NB; r++) {
+            const uint8_t *ahead = rows[r] + PF_ROWS * L->code_stride + PF_LINES * ((k * BITS) >> 3);
+            for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
+                if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
+            i8_decode(rows[r], k, BITS, 0, luta[r], dec, &wa[r], &wb[r]);
+            if (PW) {
+                wa[r] = _mm512_shuffle_epi8(luta[r], wa[r]);
+                wb[r] = _mm512_shuffle_epi8(lutb[r], wb[r]);
+            }
+        }
+        for (int m = 0; m < MO; m++)
+            for (int p = 0; p < P; p++) {
+                const int8_t *xp = J->xq + ((m0 + m) * P + p) * K + k;
+                __m512i xa = _mm512_loadu_si512(xp), xb = _mm512_loadu_si512(xp + 64);
+                for (int r = 0; r < NB; r++) {
+                    acc[r][m][p] = _mm512_dpbusd_epi32(acc[r][m][p], wa[r], xa);
+                    acc2[r][m][p] = _mm512_dpbusd_epi32(acc2[r][m][p], wb[r], xb);
+                }
+            }
+        if (BITS == 4) /* both halves share a lane's group: one scaled sum */
+            for (int r = 0; r < NB; r++)
+                for (int m = 0; m < MO; m++)
+                    for (int p = 0; p < P; p++) {
+                        acc[r][m][p] = _mm512_add_epi32(acc[r][m][p], acc2[r][m][p]);
+                        acc2[r][m][p] = _mm512_setzero_si512();
+                    }
+        for (int r = 0; r < NB; r++)
+            for (int m = 0; m < MO; m++) {
+                if (BITS == 4) {
+                    if (P == 1) tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
+                    else if (P == 2) {
+                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][0], 8), acc[r][m][1]);
+                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][0]);
+                    } else {
+                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
+                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
+                        tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][1]);
+                    }
+                } else if (P == 1) {
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[r][m][0]), svb[r], tot[r][m][0]);
+                } else if (P == 2) {
+                    __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][0], 8), acc[r][m][1]);
+                    __m512i b = _mm512_add_epi32(_mm512_slli_epi32(acc2[r][m][0], 8), acc2[r][m][1]);
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][0]);
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), svb[r], tot[r][m][0]);
+                } else {
+                    __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
+                    __m512i b = _mm512_add_epi32(_mm512_slli_epi32(acc2[r][m][1], 8), acc2[r][m][2]);
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
+                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[r][m][0]), svb[r], tot[r][m][0]);
+                    tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][1]);
+                    tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), svb[r], tot[r][m][1]);
+                }
+            }
+    }
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++) {
+            float v = 0.0f;
+            for (int c = 0; c < C; c++) {
+                float corr = dot_f32(bsg + r * G, J->xg + ((m0 + m) * C + c) * G, G);
+                v += (_mm512_reduce_add_ps(tot[r][m][c]) - corr) * J->sc[(m0 + m) * C + c];
+            }
+            J->yacc[(m0 + m) * L->N + n0 + r] = v;
+        }
+}
+
 AVX512 INLINE void i8_task_vb(const i8_job_t *J, int part, int nparts, const int BITS, const int P, const int PW,
                               const int VB) {
     const layer_t *L = J->L;
     i8dec_t dec = make_i8dec();
+    i8sg_t S;
+    if (VB < 0) S = make_i8sg(L);
     int64_t nblk = (L->N + 1) / 2;
     int64_t b0 = nblk * part / nparts, b1 = nblk * (part + 1) / nparts;
     int64_t n0 = b0 * 2, n1 = b1 * 2 < L->N ? b1 * 2 : L->N;
+#define I8_ROWS(NB, MO) \
+    (VB < 0 ? i8_rows_sg(J, n, NB, MO, m, &dec, &S, BITS, P, PW) : i8_rows(J, n, NB, MO, m, &dec, BITS, P, PW, VB))
     for (int64_t m = 0; m < J->M;) {
         int64_t left = J->M - m;
         int mo = left >= 4 && P < 3 ? 4 : (left >= 2 ? 2 : 1);
         int64_t n = n0;
         if (mo * P > 3) {
-            if (mo == 4) for (; n < n1; n++) i8_rows(J, n, 1, 4, m, &dec, BITS, P, PW, VB);
-            else for (; n < n1; n++) i8_rows(J, n, 1, 2, m, &dec, BITS, P, PW, VB);
+            if (mo == 4) for (; n < n1; n++) I8_ROWS(1, 4);
+            else for (; n < n1; n++) I8_ROWS(1, 2);
         } else if (mo == 2) {
-            for (; n + 2 <= n1; n += 2) i8_rows(J, n, 2, 2, m, &dec, BITS, P, PW, VB);
-            for (; n < n1; n++) i8_rows(J, n, 1, 2, m, &dec, BITS, P, PW, VB);
+            for (; n + 2 <= n1; n += 2) I8_ROWS(2, 2);
+            for (; n < n1; n++) I8_ROWS(1, 2);
         } else {
-            for (; n + 2 <= n1; n += 2) i8_rows(J, n, 2, 1, m, &dec, BITS, P, PW, VB);
-            for (; n < n1; n++) i8_rows(J, n, 1, 1, m, &dec, BITS, P, PW, VB);
+            for (; n + 2 <= n1; n += 2) I8_ROWS(2, 1);
+            for (; n < n1; n++) I8_ROWS(1, 1);
         }
         m += mo;
     }
+#undef I8_ROWS
 }
 
-/* groups of one block and of two blocks (group sizes 128 and 256) get loops without a block loop */
+/* groups of one block and of two blocks (group sizes 128 and 256) get loops without a block loop;
+ * groups smaller than a block their own (VB -1) */
 AVX512 INLINE void i8_task_t(const i8_job_t *J, int part, int nparts, const int BITS, const int P, const int PW) {
-    if (J->bpg == 1) i8_task_vb(J, part, nparts, BITS, P, PW, 1);
+    if (J->sg) {
+        if (BITS != 2) i8_task_vb(J, part, nparts, BITS, P, PW, -1); /* i8_sg_ok excludes 2-bit */
+    } else if (J->bpg == 1) i8_task_vb(J, part, nparts, BITS, P, PW, 1);
     else if (J->bpg == 2 && J->vb == 2) i8_task_vb(J, part, nparts, BITS, P, PW, 2);
     else i8_task_vb(J, part, nparts, BITS, P, PW, 0);
 }
@@ -732,7 +910,7 @@ static task_fn i8_task_for(int bits, int P, int pw) {
 static int i8_supported(const layer_t *L) {
     if (!g_vnni || L->kind == KIND_FP8 || (L->kind == KIND_PW && L->bits == 8)) return 0;
     if (L->K % I8_BLK) return 0;
-    return L->G == 1 || L->gs % I8_BLK == 0;
+    return L->G == 1 || L->gs % I8_BLK == 0 || i8_sg_ok(L);
 }
 
 /* blocks per virtual group: the largest divisor of a group's block count whose int32 sums cannot
@@ -1405,8 +1583,10 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
             ok = 0;
         else {
             int64_t vb = i8_vb(&L, P), bpg = (L.G == 1 ? L.K : L.gs) / I8_BLK;
-            i8_job_t J = {&L, xq, xg, sc, M, P, C, vb, L.K / I8_BLK / vb, bpg, yacc, L.codes + L.N * L.code_stride};
-            pool_run(i8_task_for((int)L.bits, P, L.kind == KIND_PW), &J, nt);
+            int sg = L.G > 1 && L.gs < I8_BLK;
+            i8_job_t J = {&L, xq, xg, sc, M, P, C, sg ? 1 : vb, sg ? L.K / I8_BLK : L.K / I8_BLK / vb, sg ? 1 : bpg,
+                          yacc, L.codes + L.N * L.code_stride, sg};
+            pool_run(i8_task_for((int)L.bits, P, i8_table(&L)), &J, nt);
         }
     } else if (tier >= 2 && (L.bits <= 4 || (L.bits == 8 && (L.kind == KIND_SYM || L.kind == KIND_ASYM)))) {
         int split = xdt == DT_BF16 ? 1 : (xdt == DT_F16 ? 2 : 3);

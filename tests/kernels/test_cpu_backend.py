@@ -250,6 +250,35 @@ def test_quantized_layer_holds_no_float_copy_of_its_weight():
     assert resident <= 1.1 * stored
 
 
+SMALL_GROUPS = [("uniform", 4, True, 16), ("uniform", 4, False, 32), ("uniform", 3, False, 64), ("uniform", 8, True, 16),
+                ("piecewise", 4, None, 32), ("piecewise", 3, None, 16), ("mxfp4", 4, None, 32), ("nvfp4", 4, None, 16)]
+
+
+@pytest.mark.skipif(cpu_backend.status()["isa"] != "avx512-vnni", reason="the integer kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("grid,bits,sym,group", SMALL_GROUPS, ids=lambda v: str(v))
+def test_groups_under_a_block_run_the_integer_kernel_at_its_accuracy(grid, bits, sym, group):
+    """Groups of 16/32/64 (FP4's blocks included) take the integer kernel, scales applied lane by lane,
+    and keep its accuracy for float and integer activations."""
+    q = _quantized(grid, bits, group, sym, k=384, n=33, bias=True)
+    w = q.fmt.weight_operand(q.quantized_tensors(), q.layer_spec)
+    ext, _ = cpu_backend._extension()
+    desc = cpu_backend._describe(ext, w.qweight, w.scales, w.aux, w.format, w.bits, w.group_size, w.in_features)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (1, 2, 5):
+            x = torch.randn(m, 384).to(dtype)
+            y = torch.empty(m, 33, dtype=dtype)
+            assert ext.gemv(desc, x.data_ptr(), cpu_backend._DTYPES[dtype], m, 384, y.data_ptr(), cpu_backend._DTYPES[dtype],
+                            33, 0, 0, 1, -1, 0, 127.0, 1.0, 0, 0, 1)  # path 1: the integer kernel, or False
+            assert _relerr(y, _expected(q, x) - q.bias.double()) < TOL[dtype], (dtype, m)
+            assert _relerr(q(x), _expected(q, x)) < TOL[dtype]
+    assert cpu_backend.explain(w.format, bits, group, 384) == "cpu avx512-vnni (integer)"
+    act = _quantized(grid, bits, group, sym, k=384, n=33, act_bits=8)
+    for m in (1, 3):
+        x = torch.randn(m, 384)
+        xq = reference.quantize_activation(x, "int8", "dynamic_per_token")
+        assert _relerr(act(x), xq.double() @ act.dequantize(torch.float64).t()) < 2e-6
+
+
 def test_explain_names_the_kernel_or_the_reason():
     isa = cpu_backend.status()["isa"]
     assert cpu_backend.explain("piecewise", 4, 128, 4096).startswith(f"cpu {isa}")
