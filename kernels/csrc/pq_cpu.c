@@ -614,24 +614,74 @@ AVX512 INLINE float dot_f32(const float *a, const float *b, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
+/* the integer kernels' shared steps (always inlined: NB, MO, P, BITS are compile-time constants there) */
+
+/* a run of NB weight rows: their group scales (sg) and bias terms (bsg), zeroed float sums, row pointers */
+AVX512 INLINE void i8_begin(const i8_job_t *J, int64_t n0, const int NB, const int MO, const int C, const int PW,
+                            float **sg, float **bsg, __m512 tot[2][4][2], const uint8_t **rows) {
+    const layer_t *L = J->L;
+    const int64_t G = L->G;
+    *sg = scratch(5, (size_t)(NB * G) * 4);
+    *bsg = scratch(6, (size_t)(NB * G) * 4);
+    for (int r = 0; r < NB; r++) row_groups(L, n0 + r, PW ? 0.25f : 1.0f, PW, *sg + r * G, *bsg + r * G);
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++)
+            for (int c = 0; c < C; c++) tot[r][m][c] = _mm512_setzero_ps();
+    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+}
+
+/* rows are short streams (1-3 KB): the hardware prefetcher barely starts on one, so fetch the rows
+ * PF_ROWS ahead ourselves, PF_LINES lines per block */
+AVX512 INLINE void i8_prefetch(const i8_job_t *J, const uint8_t **rows, const int NB, int64_t k, const int BITS) {
+    for (int r = 0; r < NB; r++) {
+        const uint8_t *ahead = rows[r] + PF_ROWS * J->L->code_stride + PF_LINES * ((k * BITS) >> 3);
+        for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
+            if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
+    }
+}
+
+/* P int32 piece sums (s) times a scale vector into the float sums: pieces combine as hi * 256 + lo */
+AVX512 INLINE void i8_fold(__m512 *tot, const __m512i *s, __m512 sv, const int P) {
+    if (P == 1) {
+        tot[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), sv, tot[0]);
+    } else if (P == 2) {
+        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[0], 8), s[1]);
+        tot[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, tot[0]);
+    } else {
+        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[1], 8), s[2]);
+        tot[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), sv, tot[0]);
+        tot[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, tot[1]);
+    }
+}
+
+/* the float sums minus each group's bias term, times the activation scales, into yacc */
+AVX512 INLINE void i8_end(const i8_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const int C,
+                          const float *bsg, __m512 tot[2][4][2]) {
+    const layer_t *L = J->L;
+    const int64_t G = L->G;
+    for (int r = 0; r < NB; r++)
+        for (int m = 0; m < MO; m++) {
+            float v = 0.0f;
+            for (int c = 0; c < C; c++) {
+                float corr = dot_f32(bsg + r * G, J->xg + ((m0 + m) * C + c) * G, G);
+                v += (_mm512_reduce_add_ps(tot[r][m][c]) - corr) * J->sc[(m0 + m) * C + c];
+            }
+            J->yacc[(m0 + m) * L->N + n0 + r] = v;
+        }
+}
+
 /* NB rows x MO activation rows; P pieces summed into C float accumulators */
 AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const i8dec_t *dec,
                            const int BITS, const int P, const int PW, const int VB) {
     const layer_t *L = J->L;
-    const int64_t K = L->K, G = L->G, vb = VB ? VB : J->vb, nvg = J->nvg, bpg = VB ? VB : J->bpg;
-    const int C = P == 1 ? 1 : (P == 2 ? 1 : 2);
-    float *sg = scratch(5, (size_t)(NB * G) * 4);
-    float *bsg = scratch(6, (size_t)(NB * G) * 4);
-    for (int r = 0; r < NB; r++) row_groups(L, n0 + r, PW ? 0.25f : 1.0f, PW, sg + r * G, bsg + r * G);
+    const int64_t K = L->K, G = L->G, vb = VB ? VB : J->vb, bpg = VB ? VB : J->bpg;
+    const int C = P == 3 ? 2 : 1;
+    float *sg, *bsg;
     __m512 tot[2][4][2];
-    for (int r = 0; r < NB; r++)
-        for (int m = 0; m < MO; m++)
-            for (int c = 0; c < C; c++) tot[r][m][c] = _mm512_setzero_ps();
     const uint8_t *rows[2];
-    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+    i8_begin(J, n0, NB, MO, C, PW, &sg, &bsg, tot, rows);
     __m512i lut[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const int64_t vpg = VB ? 1 : bpg / vb;
-    (void)nvg;
     int64_t blk0 = 0;
     for (int64_t g = 0; g < G; g++) {
         if (PW)
@@ -649,13 +699,7 @@ AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const in
             for (int64_t j = 0; j < vb; j++) {
                 const int64_t k = (blk0 + j) * I8_BLK;
                 __m512i wa[2], wb[2];
-                /* rows are short streams (1-3 KB): the hardware prefetcher barely starts on one, so
-                 * fetch the rows PF_ROWS ahead ourselves, PF_LINES lines per block */
-                for (int r = 0; r < NB; r++) {
-                    const uint8_t *ahead = rows[r] + PF_ROWS * L->code_stride + PF_LINES * ((k * BITS) >> 3);
-                    for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
-                        if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
-                }
+                i8_prefetch(J, rows, NB, k, BITS);
                 for (int r = 0; r < NB; r++) i8_decode(rows[r], k, BITS, PW, lut[r], dec, &wa[r], &wb[r]);
                 for (int m = 0; m < MO; m++)
                     for (int p = 0; p < P; p++) {
@@ -670,33 +714,13 @@ AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const in
             }
             for (int r = 0; r < NB; r++)
                 for (int m = 0; m < MO; m++) {
-#define SUMAB(i) (VB == 1 ? acc[r][m][i] : _mm512_add_epi32(acc[r][m][i], acc2[r][m][i]))
-                    __m512i s0 = SUMAB(0);
-                    if (P == 1) {
-                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sv[r], tot[r][m][0]);
-                    } else if (P == 2) {
-                        __m512i s1 = SUMAB(1);
-                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s0, 8), s1);
-                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv[r], tot[r][m][0]);
-                    } else {
-                        __m512i s1 = SUMAB(1);
-                        __m512i s2 = SUMAB(2);
-                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2);
-                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sv[r], tot[r][m][0]);
-                        tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv[r], tot[r][m][1]);
-                    }
+                    if (VB != 1)
+                        for (int p = 0; p < P; p++) acc[r][m][p] = _mm512_add_epi32(acc[r][m][p], acc2[r][m][p]);
+                    i8_fold(tot[r][m], acc[r][m], sv[r], P);
                 }
         }
     }
-    for (int r = 0; r < NB; r++)
-        for (int m = 0; m < MO; m++) {
-            float v = 0.0f;
-            for (int c = 0; c < C; c++) {
-                float corr = dot_f32(bsg + r * G, J->xg + ((m0 + m) * C + c) * G, G);
-                v += (_mm512_reduce_add_ps(tot[r][m][c]) - corr) * J->sc[(m0 + m) * C + c];
-            }
-            J->yacc[(m0 + m) * L->N + n0 + r] = v;
-        }
+    i8_end(J, n0, NB, MO, m0, C, bsg, tot);
 }
 
 /* Groups smaller than a block (gs = 16, 32 or 64; gpb = 128 / gs groups per block). Each int32 lane
@@ -752,15 +776,10 @@ AVX512 INLINE void i8_rows_sg(const i8_job_t *J, int64_t n0, const int NB, const
     const int64_t K = L->K, G = L->G, gpb = S->gpb;
     const int C = P == 3 ? 2 : 1;
     const int lanes = PW && L->kind == KIND_PW; /* per-group tables; FP4 has one */
-    float *sg = scratch(5, (size_t)(NB * G) * 4);
-    float *bsg = scratch(6, (size_t)(NB * G) * 4);
-    for (int r = 0; r < NB; r++) row_groups(L, n0 + r, PW ? 0.25f : 1.0f, PW, sg + r * G, bsg + r * G);
+    float *sg, *bsg;
     __m512 tot[2][4][2];
-    for (int r = 0; r < NB; r++)
-        for (int m = 0; m < MO; m++)
-            for (int c = 0; c < C; c++) tot[r][m][c] = _mm512_setzero_ps();
     const uint8_t *rows[2];
-    for (int r = 0; r < NB; r++) rows[r] = L->codes + (n0 + r) * L->code_stride;
+    i8_begin(J, n0, NB, MO, C, PW, &sg, &bsg, tot, rows);
     __m512i luta[2], lutb[2];
     for (int r = 0; r < NB; r++)
         luta[r] = lutb[r] = PW ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)L->lut8)) : _mm512_setzero_si512();
@@ -782,10 +801,8 @@ AVX512 INLINE void i8_rows_sg(const i8_job_t *J, int64_t n0, const int NB, const
             for (int m = 0; m < MO; m++)
                 for (int p = 0; p < P; p++) acc[r][m][p] = acc2[r][m][p] = _mm512_setzero_si512();
         __m512i wa[2], wb[2];
+        i8_prefetch(J, rows, NB, k, BITS);
         for (int r = 0; r < NB; r++) {
-            const uint8_t *ahead = rows[r] + PF_ROWS * L->code_stride + PF_LINES * ((k * BITS) >> 3);
-            for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
-                if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
             i8_decode(rows[r], k, BITS, 0, luta[r], dec, &wa[r], &wb[r]);
             if (PW) {
                 wa[r] = _mm512_shuffle_epi8(luta[r], wa[r]);
@@ -801,52 +818,18 @@ AVX512 INLINE void i8_rows_sg(const i8_job_t *J, int64_t n0, const int NB, const
                     acc2[r][m][p] = _mm512_dpbusd_epi32(acc2[r][m][p], wb[r], xb);
                 }
             }
-        if (BITS == 4) /* both halves share a lane's group: one scaled sum */
-            for (int r = 0; r < NB; r++)
-                for (int m = 0; m < MO; m++)
-                    for (int p = 0; p < P; p++) {
-                        acc[r][m][p] = _mm512_add_epi32(acc[r][m][p], acc2[r][m][p]);
-                        acc2[r][m][p] = _mm512_setzero_si512();
-                    }
         for (int r = 0; r < NB; r++)
             for (int m = 0; m < MO; m++) {
-                if (BITS == 4) {
-                    if (P == 1) tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
-                    else if (P == 2) {
-                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][0], 8), acc[r][m][1]);
-                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][0]);
-                    } else {
-                        __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
-                        tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
-                        tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][1]);
-                    }
-                } else if (P == 1) {
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[r][m][0]), svb[r], tot[r][m][0]);
-                } else if (P == 2) {
-                    __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][0], 8), acc[r][m][1]);
-                    __m512i b = _mm512_add_epi32(_mm512_slli_epi32(acc2[r][m][0], 8), acc2[r][m][1]);
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][0]);
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), svb[r], tot[r][m][0]);
+                if (BITS == 4) { /* both halves share a lane's group: one scaled sum */
+                    for (int p = 0; p < P; p++) acc[r][m][p] = _mm512_add_epi32(acc[r][m][p], acc2[r][m][p]);
+                    i8_fold(tot[r][m], acc[r][m], sva[r], P);
                 } else {
-                    __m512i a = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
-                    __m512i b = _mm512_add_epi32(_mm512_slli_epi32(acc2[r][m][1], 8), acc2[r][m][2]);
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), sva[r], tot[r][m][0]);
-                    tot[r][m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2[r][m][0]), svb[r], tot[r][m][0]);
-                    tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sva[r], tot[r][m][1]);
-                    tot[r][m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), svb[r], tot[r][m][1]);
+                    i8_fold(tot[r][m], acc[r][m], sva[r], P);
+                    i8_fold(tot[r][m], acc2[r][m], svb[r], P);
                 }
             }
     }
-    for (int r = 0; r < NB; r++)
-        for (int m = 0; m < MO; m++) {
-            float v = 0.0f;
-            for (int c = 0; c < C; c++) {
-                float corr = dot_f32(bsg + r * G, J->xg + ((m0 + m) * C + c) * G, G);
-                v += (_mm512_reduce_add_ps(tot[r][m][c]) - corr) * J->sc[(m0 + m) * C + c];
-            }
-            J->yacc[(m0 + m) * L->N + n0 + r] = v;
-        }
+    i8_end(J, n0, NB, MO, m0, C, bsg, tot);
 }
 
 AVX512 INLINE void i8_task_vb(const i8_job_t *J, int part, int nparts, const int BITS, const int P, const int PW,
