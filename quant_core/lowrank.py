@@ -29,13 +29,12 @@ branch (the format's own methods see the residual and the layer without it, :fun
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ._routing import route
 from .config import LayerSpec
 
 if TYPE_CHECKING:
@@ -277,44 +276,22 @@ def dequantize(fmt: "WeightFormat", tensors: dict[str, torch.Tensor], layer: Lay
     return add_to_weight(fmt.dequantize(split_tensors(tensors), dense_layer(layer), work), tensors).to(dtype)
 
 
-def _resolves_to(cls: type, name: str, wrapper: Callable[..., Any]) -> bool:
-    """Whether ``cls.name`` is ``wrapper`` or wraps it (another routing, e.g. the outliers', may
-    sit outside this one)."""
-    f = getattr(cls, name, None)
-    while f is not None:
-        if f is wrapper:
-            return True
-        f = getattr(f, "__wrapped__", None)
-    return False
+def _handle(fmt: "WeightFormat", name: str, a: list, layer: LayerSpec) -> Any:
+    if name == "layout":
+        return layout(fmt, layer)
+    if name == "quantize":
+        return quantize(fmt, a[0], layer)
+    if name == "fit":
+        return fit(fmt, a[0], layer, a[2] if len(a) > 2 else None)
+    if name == "encode":
+        return encode(fmt, a[0], a[1], layer)
+    return dequantize(fmt, a[0], layer, a[2])
 
 
 def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` (one of :data:`WRAPPED`) of a format class, routed through this module when the
-    layer has a low-rank branch. Only the override that the object's class resolves to is routed
-    (a subclass calling ``super()`` gets the plain method, so the branch is added once). Arguments
-    are taken by position, as the interface orders them."""
-    sig = inspect.signature(method)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        bound = sig.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        a = list(bound.arguments.values())[1:]
-        layer = a[_LAYER_POS[name]]
-        if not has_low_rank(layer) or not _resolves_to(type(self), name, wrapper):
-            return method(self, *args, **kwargs)
-        if name == "layout":
-            return layout(self, layer)
-        if name == "quantize":
-            return quantize(self, a[0], layer)
-        if name == "fit":
-            return fit(self, a[0], layer, a[2] if len(a) > 2 else None)
-        if name == "encode":
-            return encode(self, a[0], a[1], layer)
-        return dequantize(self, a[0], layer, a[2])
-
-    return wrapper
+    layer has a low-rank branch (:func:`piecewise_quant._routing.route`)."""
+    return route(name, method, has_low_rank, _handle)
 
 
 WRAPPED = ("layout", "quantize", "fit", "encode", "dequantize")
-_LAYER_POS = {"layout": 0, "quantize": 1, "fit": 1, "encode": 2, "dequantize": 1}

@@ -22,13 +22,12 @@ result (:mod:`piecewise_quant.kernels.sparse_add`).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ._routing import route
 from .config import LayerSpec
 
 if TYPE_CHECKING:
@@ -235,31 +234,20 @@ def layout(fmt: "WeightFormat", layer: LayerSpec) -> dict[str, "TensorLayout"]:
     return {**fmt.layout(dense_layer(layer)), **outlier_layout(layer)}
 
 
+def _handle(fmt: "WeightFormat", name: str, a: list, layer: LayerSpec) -> Any:
+    if name == "layout":
+        return layout(fmt, layer)
+    if name == "fit":
+        return fit(fmt, a[0], layer, a[2] if len(a) > 2 else None)
+    if name == "encode":
+        return encode(fmt, a[0], a[1], layer)
+    return dequantize(fmt, a[0], layer, a[2])
+
+
 def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` (``layout``, ``fit``, ``encode`` or ``dequantize``) of a format class, routed
-    through this module when the layer has outliers. Only the override that the object's class
-    resolves to is routed: a subclass calling ``super()`` gets the plain method, so outliers are
-    added once. Arguments are taken by position, as the interface orders them."""
-    sig = inspect.signature(method)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        bound = sig.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        a = list(bound.arguments.values())[1:]
-        layer = a[_LAYER_POS[name]]
-        if not has_outliers(layer) or getattr(type(self), name) is not wrapper:
-            return method(self, *args, **kwargs)
-        if name == "layout":
-            return layout(self, layer)
-        if name == "fit":
-            return fit(self, a[0], layer, a[2] if len(a) > 2 else None)
-        if name == "encode":
-            return encode(self, a[0], a[1], layer)
-        return dequantize(self, a[0], layer, a[2])
-
-    return wrapper
+    through this module when the layer has outliers (:func:`piecewise_quant._routing.route`)."""
+    return route(name, method, has_outliers, _handle)
 
 
 WRAPPED = ("layout", "fit", "encode", "dequantize")
-_LAYER_POS = {"layout": 0, "fit": 1, "encode": 2, "dequantize": 1}
