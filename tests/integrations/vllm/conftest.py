@@ -277,3 +277,13 @@ def vllm_tp2_results(checkpoints, tmp_path_factory) -> dict[str, dict]:
 def vh():
     """These helpers, for the test modules (``--import-mode=importlib`` cannot import conftest)."""
     return sys.modules[__name__]
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    """vLLM parameters read the tensor-parallel rank from an initialised process group; tests that
+    build layers by hand (the ranks given to fake layers instead) use this to run without one."""
+    import vllm.model_executor.parameter as vparam
+
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)

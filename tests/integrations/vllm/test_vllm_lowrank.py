@@ -15,15 +15,7 @@ CFG = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, low_rank=4,
                            overrides={"l.v_proj": {"low_rank": None}, "l.o_proj": {"low_rank": 1.0}})
 
 
-@pytest.fixture(autouse=True)
-def _no_process_group(monkeypatch):
-    """vLLM parameters read the tensor-parallel rank from an initialised process group; these
-    tests build layers by hand (ranks are given to the fake layers instead)."""
-    pytest.importorskip("vllm")
-    import vllm.model_executor.parameter as vparam
-
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
+pytestmark = pytest.mark.usefixtures("no_process_group")
 
 
 def _quantized(name: str, out: int, inn: int, seed: int):

@@ -13,15 +13,7 @@ from piecewise_quant.registry import get_format
 CFG = PiecewiseQuantConfig(bits=3, group_size=32, outliers=1, overrides={"l.v_proj": {"grid": "uniform", "outliers": 2}})
 
 
-@pytest.fixture(autouse=True)
-def _no_process_group(monkeypatch):
-    """vLLM parameters read the tensor-parallel rank from an initialised process group; these
-    tests build layers by hand (ranks are given to the fake layers instead)."""
-    pytest.importorskip("vllm")
-    import vllm.model_executor.parameter as vparam
-
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
+pytestmark = pytest.mark.usefixtures("no_process_group")
 
 
 def _quantized(name: str, out: int, inn: int, seed: int):
