@@ -413,7 +413,8 @@ def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerS
     if data is None:
         raise ValueError(
             "rotation.learn=True optimises the rotations on calibration data, and this call has none: use "
-            "piecewise_quant.calibrate(model, config, data), not quantize() / quantization on load"
+            "piecewise_quant.calibrate(model, config, data), or give the config a calibration recipe (e.g. "
+            "calibration='gptq') when quantizing on load; quantize() is data-free"
         )
     batches = list(data)
     if not batches:
