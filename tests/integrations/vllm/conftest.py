@@ -175,8 +175,9 @@ W4 = PiecewiseQuantConfig(grid="piecewise", bits=4, group_size=64)
 # QuIP: online input and output rotations of every layer (fused q/k/v are served unjoined)
 QUAROT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation="quarot")
 QUIP = PiecewiseQuantConfig(grid="piecewise", bits=3, group_size=64, rotation="quip")
-# learned R1/R2 (SpinQuant, a few steps on pydoc windows during loading): only the fused weights differ from QuaRot
-SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8,
+# learned R1/R2 (SpinQuant, a few steps on pydoc windows during loading): only the fused weights differ from QuaRot;
+# weight-only, so that no activation code sits on a rounding boundary that float summation order can flip
+SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32,
                                  rotation={"rotations": ["R1", "R2", "R4"], "learn": True, "learn_steps": 4,
                                            "learn_lr": 0.01},
                                  calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
