@@ -352,6 +352,8 @@ class _Learner:
                 bias = None if lin.bias is None else lin.bias.detach().float()
                 if bias is not None and role == "out" and self.q1 is not None:
                     bias = bias @ self.q1
+                if bias is not None and self.q2 and block is not None and name.endswith("v_proj"):
+                    bias = (bias.reshape(-1, self.q2[block].shape[0]) @ self.q2[block]).reshape(-1)  # Qwen2's v bias
                 return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
             return forward
 
@@ -391,6 +393,14 @@ class _Learner:
             return q1, [cayley(p.detach().double()) for p in self.p2]
 
 
+@contextlib.contextmanager
+def _restore_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def _loss_on(learner: _Learner, batches: list) -> float:
     with torch.no_grad():
         learner.refresh()
@@ -428,7 +438,7 @@ def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerS
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / args.learn_steps)
     was_training = model.training
     model.eval()
-    with learner.attached():
+    with learner.attached(), _restore_mode(model, was_training):
         start = _loss_on(learner, batches)
         bar = tqdm(range(args.learn_steps), desc="learning rotations", unit="step", disable=not progress)
         for step in bar:
@@ -443,7 +453,6 @@ def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerS
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         end = _loss_on(learner, batches)
-    model.train(was_training)
     q1, q2 = learner.final()
     learned: dict[str, torch.Tensor] = {}
     with torch.no_grad():

@@ -15,7 +15,16 @@ import piecewise_quant as pq
 from piecewise_quant.args import RotationArgs
 from piecewise_quant.kernels.hadamard import rotation_matrix
 from piecewise_quant.quantization import plan_layers
-from piecewise_quant.rotation import RotatedModel, _fuse, _Learner, _loss_on, cayley, learn_rotations, rotate_model
+from piecewise_quant.rotation import (
+    RotatedModel,
+    _fuse,
+    _Learner,
+    _loss_on,
+    _online_hooks,
+    cayley,
+    learn_rotations,
+    rotate_model,
+)
 
 
 def tiny_llama(tied: bool = False, seed: int = 0):
@@ -199,3 +208,34 @@ def test_a_non_finite_loss_is_refused_and_the_model_put_back(monkeypatch):
     with pytest.raises(ValueError, match="input_ids"):
         learn_rotations(model, cfg.rotation, plan_layers(model, cfg), [torch.zeros(2, 4, dtype=torch.long)],
                         progress=False)
+
+
+def test_learning_models_the_value_bias_of_a_qwen2_block():
+    """Qwen2 has q/k/v biases: R2 rotates v's bias, so learning must too (else the fused model
+    would not have the loss that was learned)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=False, initializer_range=0.1)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    assert model.model.layers[0].self_attn.v_proj.bias is not None
+    data, cfg = _data(), _config(steps=6)
+    ref = _logits(model)
+    _fuse(model, cfg.rotation)
+    state = RotatedModel()
+    learn_rotations(model, cfg.rotation, plan_layers(model, cfg), data, progress=False, state=state)
+    assert math.isclose(_fake_quant_loss(model, cfg, data), state.learn_loss[1], rel_tol=1e-4)
+    hooks = RotatedModel()
+    for name, layer in plan_layers(model, cfg).items():  # R4's run-time side, as rotate_model adds it
+        if layer.rotation is not None:
+            _online_hooks(model.get_submodule(name), layer, hooks)
+    try:
+        got = _logits(model)
+    finally:
+        hooks.remove_hooks()
+    assert float((got - ref).norm() / ref.norm()) < 1e-4
