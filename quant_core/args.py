@@ -15,6 +15,7 @@ derived here and nowhere else above :mod:`piecewise_quant.kernels`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -282,6 +283,7 @@ class KVArgs:
         return f"{name}{sym} K/{self.key_axis} V/{self.value_axis} g{self.group_size} r{self.residual_length}{sink}{rot}"
 
 
+LEARN_LR = 2e-3  # Adam on the skew-symmetric parameter of the learned rotations
 ROTATIONS = ("R1", "R2", "R3", "R4", "input", "output", "balance")
 ROTATION_DEFAULT_ONLINE_TARGETS = ("*down_proj", "*o_proj")
 ROTATION_PRESETS: dict[str, dict[str, Any]] = {
@@ -291,7 +293,11 @@ ROTATION_PRESETS: dict[str, dict[str, Any]] = {
     # QuIP#-style incoherence for low-bit weights: every quantized layer's input and output rotated
     # online, the inverse rotations fused into its weight
     "quip": {"rotations": ("input", "output")},
+    # SpinQuant-style: QuaRot's rotations with R1 and R2 learned (Cayley optimisation of the
+    # fake-quantized model's loss on the calibration data, starting from the random Hadamard)
+    "spinquant": {"rotations": ("R1", "R2", "R4"), "online_targets": ROTATION_DEFAULT_ONLINE_TARGETS, "learn": True},
 }
+LEARNABLE_ROTATIONS = ("R1", "R2")  # the fused ones: a learned matrix lives in the weights, nothing else to store
 
 
 @dataclass(frozen=True)
@@ -350,9 +356,20 @@ class RotationArgs:
             layer, the one of 0, 0.25, 0.5 and 0.75 whose quantized layer (weights rounded to
             nearest, activations quantized) best reproduces the float layer's output on the
             calibration inputs.
+        learn: learn the fused rotations (``R1``, and ``R2`` per block) instead of keeping the
+            random Hadamard (SpinQuant): starting from it, an orthogonal correction ``Q = cayley(A)``
+            of a skew-symmetric ``A`` is optimised with Adam to minimise the next-token cross-entropy
+            of the fake-quantized model (weights rounded to nearest on a uniform grid of the layer's
+            bits and group size, activations quantized as the layer says, both with a
+            straight-through gradient) on the calibration data. Needs ``"R1"`` or ``"R2"`` and
+            calibration data (``calibrate()``); the result is fused into the weights in float64, so
+            a checkpoint needs nothing else to reload or serve it (it cannot be rebuilt from
+            ``seed``).
+        learn_steps: optimisation steps (one calibration batch each, cycling through them).
+        learn_lr: Adam's learning rate on ``A``.
 
-    Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache) and ``"quip"``
-    (input, output); pass the name as
+    Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache), ``"spinquant"``
+    (the same with R1/R2 learned) and ``"quip"`` (input, output); pass the name as
     ``PiecewiseQuantConfig(rotation="quarot")``.
     """
 
@@ -360,6 +377,9 @@ class RotationArgs:
     seed: int = 0
     online_targets: tuple[str, ...] = ROTATION_DEFAULT_ONLINE_TARGETS
     balance_alpha: float | str = "auto"
+    learn: bool = False
+    learn_steps: int = 100
+    learn_lr: float = LEARN_LR
 
     def __post_init__(self) -> None:
         rots = self.rotations
@@ -386,6 +406,31 @@ class RotationArgs:
             raise ValueError(
                 "rotation: 'balance' already rotates the input of every layer that quantizes activations; with 'input' "
                 "as well the two would overlap. Use one of them ('balance' for activation quantization)"
+            )
+        self._check_learn()
+
+    def _check_learn(self) -> None:
+        if not isinstance(self.learn, bool):
+            raise ValueError(f"rotation.learn must be True or False; got {self.learn!r}")
+        steps, lr = self.learn_steps, self.learn_lr
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"rotation.learn_steps must be an integer > 0 (e.g. 100); got {steps!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"rotation.learn_lr must be a number > 0 (e.g. {LEARN_LR}); got {lr!r}")
+        object.__setattr__(self, "learn_lr", float(lr))
+        if not self.learn:
+            return
+        if not any(r in LEARNABLE_ROTATIONS for r in self.rotations):
+            raise ValueError(
+                f"rotation.learn=True learns the fused rotations {list(LEARNABLE_ROTATIONS)}, and rotations="
+                f"{list(self.rotations)} has neither (online rotations stay random Hadamard matrices rebuilt from the "
+                "seed); add 'R1' and/or 'R2' (e.g. rotation='spinquant') or set learn=False"
+            )
+        other = [r for r in self.rotations if r in ("input", "output", "balance")]
+        if other:
+            raise ValueError(
+                f"rotation.learn=True optimises R1/R2 with R3/R4 held fixed; it does not support {other} (QuIP / "
+                "ViDiT-Q rotations). Use rotations from ['R1', 'R2', 'R3', 'R4'] or set learn=False"
             )
 
     @classmethod
@@ -416,6 +461,8 @@ class RotationArgs:
                              "online_targets": list(self.online_targets)}
         if "balance" in self.rotations:  # only then: configs without it keep their bytes (and plan hash)
             d["balance_alpha"] = self.balance_alpha
+        if self.learn:  # likewise
+            d.update(learn=True, learn_steps=self.learn_steps, learn_lr=self.learn_lr)
         return d
 
     @property
@@ -433,4 +480,5 @@ class RotationArgs:
         return OnlineRotation(inp, out, self.seed, balance) if (inp or out) else None
 
     def describe(self) -> str:
-        return "+".join(self.rotations) + f" seed{self.seed}"
+        learned = f" learned({self.learn_steps} steps)" if self.learn else ""
+        return "+".join(self.rotations) + f" seed{self.seed}" + learned

@@ -39,7 +39,8 @@ from .args import RotationArgs
 from .config import LayerSpec
 from .kernels.hadamard import ScaledRotation, get_rotation, rotation_matrix, supported_size
 
-__all__ = ["rotate_model", "rotated", "RotatedModel", "fused_rotation_targets", "balance_scales"]
+__all__ = ["rotate_model", "rotated", "RotatedModel", "fused_rotation_targets", "balance_scales", "learn_rotations",
+           "cayley"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ class RotatedModel:
     online: dict[str, str] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     balanced: list = field(default_factory=list)  # float layers carrying ``_pq_balance_scale``
+    # learn=True: the fused rotations that were learned, float64 (``"R1"``; ``"R2.<block>"``), and
+    # the calibration loss of the fake-quantized model at the random start and after learning
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)
+    learn_loss: tuple[float, float] | None = None
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
@@ -153,30 +158,316 @@ def _fuse(model: nn.Module, args: RotationArgs) -> None:
         if not supported_size(d):
             raise ValueError(f"rotation R1: no Hadamard rotation of the hidden size {d} (see kernels/hadamard.py)")
         _untie(model, embed, head, cfg)
-        r1 = rotation_matrix(d, args.seed, "R1")
-        _set(embed.weight, embed.weight.detach().double() @ r1)
         for block in layers:
             _fold_norm(block.input_layernorm, [block.get_submodule(n) for n in _ATTN_IN])
             _fold_norm(block.post_attention_layernorm, [block.get_submodule(n) for n in _MLP_IN])
-            for n in _ATTN_IN + _MLP_IN:
-                _rotate_in(block.get_submodule(n), r1)
-            for n in _OUT:
-                _rotate_out(block.get_submodule(n), r1)
         _fold_norm(norm, [head])
-        _rotate_in(head, r1)
+        _fuse_r1(embed, layers, head, rotation_matrix(d, args.seed, "R1"))
     if "R2" in args.rotations:
         for block in layers:
             hd = _head_dim(text_cfg, block)
             if not supported_size(hd):
                 raise ValueError(f"rotation R2: no Hadamard rotation of the head size {hd}")
-            r2 = rotation_matrix(hd, args.seed, "R2")
-            v, o = block.self_attn.v_proj, block.self_attn.o_proj
-            wv = v.weight.detach().double().reshape(-1, hd, v.in_features)
-            _set(v.weight, torch.einsum("ji,hjk->hik", r2, wv).reshape(v.out_features, v.in_features))
-            if v.bias is not None:
-                _set(v.bias, (v.bias.detach().double().reshape(-1, hd) @ r2).reshape(-1))
-            wo = o.weight.detach().double().reshape(o.out_features, -1, hd)
-            _set(o.weight, (wo @ r2).reshape(o.out_features, o.in_features))
+            _fuse_r2(block, rotation_matrix(hd, args.seed, "R2"))
+
+
+@torch.no_grad()
+def _fuse_r1(embed: nn.Embedding, layers: nn.ModuleList, head: nn.Linear, r1: torch.Tensor) -> None:
+    """Rotate the residual stream by the orthogonal float64 ``r1`` (norms already folded)."""
+    _set(embed.weight, embed.weight.detach().double() @ r1)
+    for block in layers:
+        for n in _ATTN_IN + _MLP_IN:
+            _rotate_in(block.get_submodule(n), r1)
+        for n in _OUT:
+            _rotate_out(block.get_submodule(n), r1)
+    _rotate_in(head, r1)
+
+
+@torch.no_grad()
+def _fuse_r2(block: nn.Module, r2: torch.Tensor) -> None:
+    """Rotate every attention head of ``block`` between ``v_proj`` and ``o_proj`` by ``r2``."""
+    hd = r2.shape[0]
+    v, o = block.self_attn.v_proj, block.self_attn.o_proj
+    wv = v.weight.detach().double().reshape(-1, hd, v.in_features)
+    _set(v.weight, torch.einsum("ji,hjk->hik", r2, wv).reshape(v.out_features, v.in_features))
+    if v.bias is not None:
+        _set(v.bias, (v.bias.detach().double().reshape(-1, hd) @ r2).reshape(-1))
+    wo = o.weight.detach().double().reshape(o.out_features, -1, hd)
+    _set(o.weight, (wo @ r2).reshape(o.out_features, o.in_features))
+
+
+# ---- learned rotations (SpinQuant) -------------------------------------------------------------------
+
+
+def cayley(p: torch.Tensor) -> torch.Tensor:
+    """The Cayley transform ``(I - A)^-1 (I + A)`` of the skew-symmetric part ``A = (p - p^T) / 2``
+    of the square ``p``: an orthogonal matrix (to round-off of ``p``'s dtype), the identity at
+    ``p = 0``, differentiable in ``p``."""
+    a = 0.5 * (p - p.T)
+    eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    return torch.linalg.solve(eye - a, eye + a)
+
+
+class _STE(torch.autograd.Function):
+    """Forward: the quantize-dequantized tensor; backward: the gradient unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+def _fake_weight(w: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+    """``w`` rounded to nearest on a min-max uniform grid of the layer's bits and groups (the
+    stand-in for its format while learning: GPTQ or the piecewise fit run afterwards), with a
+    straight-through gradient; unchanged for the floating-point formats."""
+    spec = layer.spec
+    if spec.grid not in ("uniform", "piecewise") or not isinstance(spec.bits, int):
+        return w
+    g = w.numel() if layer.group_size == -1 else layer.group_size
+    with torch.no_grad():
+        x = w.detach().reshape(-1, g)
+        if spec.symmetric:
+            qmax = 2 ** (spec.bits - 1) - 1
+            scale = (x.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-8)
+            q = (x / scale).round().clamp(-qmax - 1, qmax) * scale
+        else:
+            qmax = 2 ** spec.bits - 1
+            lo, hi = x.amin(dim=1, keepdim=True).clamp_max(0), x.amax(dim=1, keepdim=True).clamp_min(0)
+            scale = ((hi - lo) / qmax).clamp_min(1e-8)
+            zero = (-lo / scale).round()
+            q = ((x / scale).round() + zero).clamp(0, qmax).sub(zero) * scale
+    return _STE.apply(w, q.reshape(w.shape))
+
+
+def _act_operand(layer: LayerSpec):
+    """How the layer's input is fake-quantized while learning (dynamic per token, its clip ratio)."""
+    from .args import ActArgs
+    from .kernels.ops import ActOperand
+
+    act = ActArgs.from_spec(layer.spec)
+    if act is None:
+        return None
+    return ActOperand(None, act.kernel_format, "dynamic_per_token", act.clip_ratio, act.topk)
+
+
+def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Next-token cross-entropy of ``model`` on one calibration batch (a dict with ``input_ids``)."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError("rotation.learn=True needs token batches (dicts with input_ids) as calibration data; got "
+                         f"{type(batch).__name__}")
+    ids = batch["input_ids"]
+    kwargs = {k: v for k, v in batch.items() if k not in ("labels",)}
+    logits = model(**kwargs).logits[:, :-1].float()
+    target = ids[:, 1:]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        target = target.masked_fill(mask[:, 1:] == 0, -100)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+class _Learner:
+    """The float model with its fused rotations multiplied by learnable ``cayley(P)`` factors and
+    its planned layers fake-quantized, for as long as :meth:`attached` holds."""
+
+    def __init__(self, model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec]) -> None:
+        self.model = model
+        self.embed, _, self.layers, self.head, cfg = fused_rotation_targets(model)
+        text_cfg = getattr(cfg, "text_config", None) or cfg
+        dev = self.embed.weight.device
+        self.p1 = None
+        if "R1" in args.rotations:
+            d = self.embed.weight.shape[1]
+            self.p1 = torch.zeros(d, d, device=dev, requires_grad=True)
+        self.p2: list[torch.Tensor] = []
+        if "R2" in args.rotations:
+            for block in self.layers:
+                hd = _head_dim(text_cfg, block)
+                self.p2.append(torch.zeros(hd, hd, device=dev, requires_grad=True))
+        self.plan = plan
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.q1: torch.Tensor | None = None
+        self.q2: list[torch.Tensor] = []
+        self.online = {}
+        for name, layer in plan.items():
+            rot = layer.rotation
+            if rot is not None and (rot.output or rot.balance):
+                raise ValueError(f"rotation.learn=True: layer {name!r} has an online output/balance rotation, which "
+                                 "learning does not model; use rotations from ['R1', 'R2', 'R3', 'R4']")
+            if rot is not None and rot.input:
+                self.online[name] = (rotation_matrix(layer.in_features, rot.seed, "input"),
+                                     get_rotation(layer.in_features, rot.seed, "input"))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return ([self.p1] if self.p1 is not None else []) + self.p2
+
+    def _weight(self, name: str, lin: nn.Linear, role: str, block: int | None) -> torch.Tensor:
+        w = lin.weight.detach().float()
+        if self.q1 is not None:
+            if role == "in":
+                w = w @ self.q1
+            elif role == "out":
+                w = self.q1.T @ w
+        if self.q2 and block is not None:
+            q2 = self.q2[block]
+            hd = q2.shape[0]
+            if name.endswith("v_proj"):
+                w = torch.einsum("ji,hjk->hik", q2, w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
+            elif name.endswith("o_proj"):
+                w = (w.reshape(w.shape[0], -1, hd) @ q2).reshape(w.shape)
+        if name in self.online:  # R4: the float layer's online rotation is applied after learning
+            w = w @ self.online[name][0].to(w)
+        return w
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Swap the forwards of the embedding and of every rotated / planned Linear for learning ones."""
+        patched: list[nn.Module] = []
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+
+        def embed_forward(ids: torch.Tensor) -> torch.Tensor:
+            w = self.embed.weight.detach().float()
+            return nn.functional.embedding(ids, w @ self.q1 if self.q1 is not None else w)
+
+        def linear_forward(lin: nn.Linear, name: str, role: str, block: int | None):
+            layer = self.plan.get(name)
+            act = _act_operand(layer) if layer is not None else None
+            rot = self.online.get(name)
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                from .kernels.ops import quantize_input
+
+                w = self._weight(name, lin, role, block)
+                if rot is not None:
+                    x = rot[1](x)
+                if layer is not None:
+                    w = _fake_weight(w, layer)
+                    if act is not None:
+                        x = quantize_input(x, act)
+                bias = None if lin.bias is None else lin.bias.detach().float()
+                if bias is not None and role == "out" and self.q1 is not None:
+                    bias = bias @ self.q1
+                if bias is not None and self.q2 and block is not None and name.endswith("v_proj"):
+                    bias = (bias.reshape(-1, self.q2[block].shape[0]) @ self.q2[block]).reshape(-1)  # Qwen2's v bias
+                return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            return forward
+
+        try:
+            if self.q1 is not None or self.p1 is not None:
+                self.embed.forward = embed_forward
+                patched.append(self.embed)
+            for bi, block in enumerate(self.layers):
+                for n in _ATTN_IN + _MLP_IN + _OUT:
+                    lin = block.get_submodule(n)
+                    role = "in" if n in _ATTN_IN + _MLP_IN else "out"
+                    lin.forward = linear_forward(lin, self.names[id(lin)], role, bi)
+                    patched.append(lin)
+            self.head.forward = linear_forward(self.head, self.names[id(self.head)], "in", None)
+            patched.append(self.head)
+            for name in self.plan:  # any other planned layer (outside the blocks): fake-quantized as it is
+                lin = self.model.get_submodule(name)
+                if "forward" not in lin.__dict__ and isinstance(lin, nn.Linear):
+                    lin.forward = linear_forward(lin, name, "none", None)
+                    patched.append(lin)
+            yield
+        finally:
+            for m in patched:
+                m.__dict__.pop("forward", None)
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def refresh(self) -> None:
+        """Recompute the rotations from the parameters (float32, in the autograd graph)."""
+        self.q1 = cayley(self.p1) if self.p1 is not None else None
+        self.q2 = [cayley(p) for p in self.p2]
+
+    def final(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The learned correction factors, recomputed in float64 (orthogonal to float64 round-off)."""
+        with torch.no_grad():
+            q1 = cayley(self.p1.detach().double()) if self.p1 is not None else None
+            return q1, [cayley(p.detach().double()) for p in self.p2]
+
+
+@contextlib.contextmanager
+def _restore_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _loss_on(learner: _Learner, batches: list) -> float:
+    with torch.no_grad():
+        learner.refresh()
+        return float(sum(float(_batch_loss(learner.model, b)) for b in batches) / len(batches))
+
+
+def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any,
+                    progress: bool = True, state: RotatedModel | None = None) -> dict[str, torch.Tensor]:
+    """SpinQuant: optimise the fused rotations of ``model`` (already rotated by :func:`_fuse`) to
+    minimise the calibration loss of the fake-quantized model, then fuse the learned orthogonal
+    corrections into the weights in float64. Returns the learned rotations (``"R1"``: the whole
+    residual-stream rotation, random Hadamard times the correction; ``"R2.<i>"``: block ``i``'s).
+
+    Each step takes one batch of ``data`` (cycling), computes the next-token cross-entropy of the
+    model whose planned layers have their weights rounded to nearest (a uniform grid of their bits
+    and group size) and their inputs quantized as their spec says (dynamic per token), both with
+    a straight-through gradient, and takes an Adam step on the skew-symmetric parameters ``A`` of
+    ``Q = cayley(A)``. Online rotations (R4) stay fixed and are modelled; the KV cache is not
+    quantized while learning."""
+    if data is None:
+        raise ValueError(
+            "rotation.learn=True optimises the rotations on calibration data, and this call has none: use "
+            "piecewise_quant.calibrate(model, config, data), or give the config a calibration recipe (e.g. "
+            "calibration='gptq') when quantizing on load; quantize() is data-free"
+        )
+    batches = list(data)
+    if not batches:
+        raise ValueError("rotation.learn=True: the calibration data is empty")
+    from tqdm.auto import tqdm
+
+    embed, _, layers, head, cfg = fused_rotation_targets(model)
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    learner = _Learner(model, args, plan)
+    opt = torch.optim.Adam(learner.parameters(), lr=args.learn_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / args.learn_steps)
+    was_training = model.training
+    model.eval()
+    with learner.attached(), _restore_mode(model, was_training):
+        start = _loss_on(learner, batches)
+        bar = tqdm(range(args.learn_steps), desc="learning rotations", unit="step", disable=not progress)
+        for step in bar:
+            learner.refresh()
+            loss = _batch_loss(model, batches[step % len(batches)])
+            if not bool(torch.isfinite(loss.detach())):
+                raise ValueError(f"rotation.learn: the calibration loss became {loss.item()} at step {step}; lower "
+                                 f"learn_lr (now {args.learn_lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        end = _loss_on(learner, batches)
+    q1, q2 = learner.final()
+    learned: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if q1 is not None:
+            _fuse_r1(embed, layers, head, q1)
+            learned["R1"] = rotation_matrix(q1.shape[0], args.seed, "R1") @ q1
+        for i, (block, q) in enumerate(zip(layers, q2)):
+            _fuse_r2(block, q)
+            learned[f"R2.{i}"] = rotation_matrix(_head_dim(text_cfg, block), args.seed, "R2") @ q
+    logger.info("rotation learn: calibration loss %.4f at the random Hadamard, %.4f after %d steps", start, end,
+                args.learn_steps)
+    if state is not None:
+        state.learned.update(learned)
+        state.learn_loss = (start, end)
+    return learned
 
 
 def _online_hooks(lin: nn.Linear, layer: LayerSpec, state: RotatedModel,
@@ -340,16 +631,22 @@ def balance_scales(model: nn.Module, plan: dict[str, LayerSpec], names: list[str
     return scales
 
 
-def rotate_model(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any = None) -> RotatedModel:
-    """Apply ``args`` to the float ``model`` in place: fuse R1/R2, rotate the weights of the
-    layers of ``plan`` that rotate online and hook their run-time rotations; ``data``: the
-    calibration inputs ``"balance"`` measures its scales on. The caller records the model for
-    undo first and calls :meth:`RotatedModel.remove_hooks` when the layers are quantized (or on
-    failure)."""
+def rotate_model(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any = None,
+                 progress: bool = True) -> RotatedModel:
+    """Apply ``args`` to the float ``model`` in place: fuse R1/R2 (and learn them when
+    ``args.learn``), rotate the weights of the layers of ``plan`` that rotate online and hook their
+    run-time rotations; ``data``: the calibration inputs ``"balance"`` measures its scales on and
+    learning optimises on. The caller records the model for undo first and calls
+    :meth:`RotatedModel.remove_hooks` when the layers are quantized (or on failure)."""
     state = RotatedModel(fused=args.fused)
+    if args.learn and data is None:
+        learn_rotations(model, args, plan, None)  # raises, naming the fix, before anything changes
     before, tokens = _probe(model, args)
     _fuse(model, args)
     _check_same_function(model, before, tokens)
+    if args.learn:
+        learn_rotations(model, args, plan, data, progress, state)
+        _check_same_function(model, before, tokens)
     balanced = _balanced(plan)
     scales = balance_scales(model, plan, balanced, data, args.balance_alpha) if balanced else {}
     try:
@@ -372,12 +669,12 @@ def _tie_flags(model: nn.Module) -> list[tuple[object, bool]]:
 
 @contextlib.contextmanager
 def rotated(model: nn.Module, args: RotationArgs | None, plan: dict[str, LayerSpec], undo=None,
-            data: Any = None) -> Iterator[None]:
-    """Rotate ``model`` for the body (``args`` ``None``: nothing; ``data``: calibration inputs for
-    ``"balance"``). An exception in the body, or in the rotation, puts the model back exactly as
-    it was (``undo``: the caller's :class:`~piecewise_quant.calibration.undo.ModelUndo`, which must
-    not have been restored yet; one is made when ``None``); the float layers' hooks are removed
-    either way."""
+            data: Any = None, progress: bool = True) -> Iterator[RotatedModel | None]:
+    """Rotate ``model`` for the body, which receives the :class:`RotatedModel` (``args`` ``None``:
+    nothing, and ``None``; ``data``: calibration inputs for ``"balance"`` and learning). An
+    exception in the body, or in the rotation, puts the model back exactly as it was (``undo``:
+    the caller's :class:`~piecewise_quant.calibration.undo.ModelUndo`, which must not have been
+    restored yet; one is made when ``None``); the float layers' hooks are removed either way."""
     if args is None:
         yield
         return
@@ -389,8 +686,8 @@ def rotated(model: nn.Module, args: RotationArgs | None, plan: dict[str, LayerSp
     ties = _tie_flags(model)
     state = None
     try:
-        state = rotate_model(model, args, plan, data)
-        yield
+        state = rotate_model(model, args, plan, data, progress)
+        yield state
     except BaseException:
         if own:
             undo.restore()

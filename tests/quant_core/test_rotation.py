@@ -67,7 +67,7 @@ def test_rotation_args_presets_validation_and_config_round_trip():
     with pytest.raises(ValueError, match="seed"):
         RotationArgs(seed=-1)
     with pytest.raises(ValueError, match="unknown rotation preset"):
-        pq.PiecewiseQuantConfig(rotation="spinquant")
+        pq.PiecewiseQuantConfig(rotation="quarot2")
     with pytest.raises(ValueError, match="unknown rotation fields"):
         pq.PiecewiseQuantConfig(rotation={"rotatons": ["R1"]})
     cfg = pq.PiecewiseQuantConfig(bits=4, rotation="quarot")

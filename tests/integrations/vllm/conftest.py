@@ -175,6 +175,12 @@ W4 = PiecewiseQuantConfig(grid="piecewise", bits=4, group_size=64)
 # QuIP: online input and output rotations of every layer (fused q/k/v are served unjoined)
 QUAROT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation="quarot")
 QUIP = PiecewiseQuantConfig(grid="piecewise", bits=3, group_size=64, rotation="quip")
+# learned R1/R2 (SpinQuant, a few steps on pydoc windows during loading): only the fused weights differ from QuaRot;
+# weight-only, so that no activation code sits on a rounding boundary that float summation order can flip
+SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32,
+                                 rotation={"rotations": ["R1", "R2", "R4"], "learn": True, "learn_steps": 4,
+                                           "learn_lr": 0.01},
+                                 calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
 # low-rank (SVDQuant) branches: separate parts in the fused layers (v_proj without one), a budget on down_proj
 LOWRANK = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, low_rank=8,
                                overrides={"*.v_proj": {"low_rank": None}, "*.down_proj": {"low_rank": 0.5}})
@@ -210,6 +216,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
     ck["gqa_mixed"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_mixed", MIXED, calibrate=True)
     ck["gqa_quarot"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot", QUAROT)
+    ck["gqa_spinquant"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_spinquant", SPINQUANT)
     ck["bundled_quip"] = quantize_checkpoint(BUNDLED, root / "bundled_quip", QUIP)
     ck["gqa_lowrank"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_lowrank", LOWRANK)
     w4 = ck["bundled_w4"]
@@ -237,6 +244,7 @@ def _jobs(ck: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
         "float_fp16": {**base, "model": str(BUNDLED), "dtype": "float16"},
         "gqa_mixed": {**base, "model": str(ck["gqa_mixed"])},
         "gqa_quarot": {**base, "model": str(ck["gqa_quarot"])},
+        "gqa_spinquant": {**base, "model": str(ck["gqa_spinquant"])},
         "bundled_quip": {**base, "model": str(ck["bundled_quip"])},
         "gqa_lowrank": {**base, "model": str(ck["gqa_lowrank"])},
         "online_default": {**base, "model": str(BUNDLED), "quantization": "piecewise"},

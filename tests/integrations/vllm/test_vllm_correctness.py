@@ -51,9 +51,10 @@ def test_mixed_schemes_in_fused_layers_with_gqa_match_transformers(vh, vllm_resu
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < FP32_TOL
 
 
-@pytest.mark.parametrize("name", ["gqa_quarot", "bundled_quip"])
+@pytest.mark.parametrize("name", ["gqa_quarot", "gqa_spinquant", "bundled_quip"])
 def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, name):
-    """Fused R1/R2 (in the weights) and online Hadamard rotations inside the linear method."""
+    """Fused R1/R2 (in the weights; learned ones for spinquant) and online Hadamard rotations
+    inside the linear method."""
     got = _ok(vllm_results[name])
     model = _hf(vh, checkpoints[name])
     assert any(getattr(m, "layer_spec", None) is not None and m.layer_spec.rotation is not None for m in model.modules())
