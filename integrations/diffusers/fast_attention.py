@@ -8,7 +8,10 @@
     pipe.save_pretrained("out")       # the plan travels in transformer/config.json; from_pretrained re-enables it
     pipe.disable_fast_attention()     # the original attention processors, exactly
 
-Methods (Yuan et al., "DiTFastAttn", NeurIPS 2024), chosen per self-attention layer and per step:
+Methods (Yuan et al., "DiTFastAttn", NeurIPS 2024), chosen per attention layer and per step. The layers
+are plain self-attention (DiT, PixArt; :class:`FastAttnProcessor`) and SD3 / Flux joint attention
+(:class:`JointFastAttnProcessor`: there the window covers the image tokens and the text tokens stay
+global, see its docstring):
 
 * ``full``: ordinary attention (at a full step followed by window steps, the window attention of
   the same inputs is also computed and ``R = full - window`` is cached for that layer);
@@ -50,6 +53,10 @@ __all__ = [
     "FastAttentionPlan",
     "FastAttentionReport",
     "FastAttnProcessor",
+    "JointFastAttnProcessor",
+    "self_attention_layers",
+    "unsupported_attention_layers",
+    "attention_layer_kind",
     "METHODS",
     "clipped_relative_l1",
 ]
@@ -738,6 +745,15 @@ def unsupported_attention_layers(model: nn.Module) -> list[tuple[str, str]]:
             if (kind := attention_layer_kind(m)) not in (None, "self") and not _joint_supported(m, kind)]
 
 
+def make_processor(module: nn.Module, original: Any, layer: int, state: FastAttnState) -> Any:
+    """The fast-attention processor for ``module`` (one of :func:`self_attention_layers`), wrapping
+    its ``original`` processor, as layer ``layer`` of ``state``'s plan."""
+    kind = attention_layer_kind(module)
+    if kind is None:
+        raise ValueError(f"{type(module).__name__} is not an attention layer fast attention applies to")
+    return FastAttnProcessor(original, layer, state) if kind == "self" else JointFastAttnProcessor(original, layer, state, kind)
+
+
 @dataclass
 class _Installed:
     state: FastAttnState
@@ -751,9 +767,7 @@ def _install(pipe: Any, name: str, model: nn.Module, state: FastAttnState) -> _I
     layers = dict(self_attention_layers(model))
     originals = {n: m.processor for n, m in layers.items()}
     for i, n in enumerate(state.layers):
-        kind = attention_layer_kind(layers[n])
-        layers[n].processor = (FastAttnProcessor(originals[n], i, state) if kind == "self"
-                               else JointFastAttnProcessor(originals[n], i, state, kind))
+        layers[n].processor = make_processor(layers[n], originals[n], i, state)
     patch = getattr(model.config, "patch_size", None) if hasattr(model, "config") else None
 
     def pre_hook(module, args, kwargs):

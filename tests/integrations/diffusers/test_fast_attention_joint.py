@@ -261,3 +261,60 @@ def test_unsupported_processors_and_mismatched_plans_are_named(dfh):
     with pytest.raises(ValueError, match="plan is for 2 self-attention layers but 'transformer' .* has 3"):
         flux.enable_fast_attention(plan=FastAttentionPlan([["full"] * 2], layers, WindowSpec(1)))
     assert not hasattr(flux.transformer, "_piecewise_fast_attention")
+
+
+def test_flux_fused_projections_run_the_same_plan(dfh):
+    outs = []
+    for fused in (False, True):
+        model = dfh.tiny_flux()
+        if fused:
+            model.fuse_qkv_projections()
+            assert model.transformer_blocks[0].attn.fused_projections
+        pipe = dfh.text_pipeline(model)
+        layers = [n for n, _ in self_attention_layers(model)]
+        enable_fast_attention(pipe, plan=FastAttentionPlan([[r] * len(layers) for r in ROWS], layers, WindowSpec(1, block=2)))
+        outs.append(pipe(["a cat"], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))[0])
+    assert _rel(outs[1], outs[0]) < 1e-5
+
+
+def test_processor_errors_name_the_problem(dfh):
+    from piecewise_quant.integrations.diffusers.fast_attention import FastAttnState
+
+    model = dfh.tiny_flux()
+    names = [n for n, _ in self_attention_layers(model)]
+    spec = WindowSpec(1, block=2)
+    state = FastAttnState(names, spec)
+    state.plan = FastAttentionPlan([["full"] * 3, ["ast"] * 3], names, spec)
+    state.step = 1
+    dual, single = model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn
+    x, ctx = torch.randn(1, 16, 32), torch.randn(1, 6, 32)
+    proc = JointFastAttnProcessor(dual.processor, 0, state, "flux_joint")
+    with pytest.raises(ValueError, match="without an attention mask"):
+        proc(dual, x, ctx, attention_mask=torch.ones(1, 1, 22, 22, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="'ast' at step 1 but no output of the previous step is cached"):
+        proc(dual, x, ctx)
+    with pytest.raises(RuntimeError, match="text length of this call is None.*encoder_hidden_states"):
+        JointFastAttnProcessor(single.processor, 1, state, "flux_single")(single, torch.randn(1, 22, 32))
+    with pytest.raises(ValueError, match="unknown joint attention kind 'sd4'"):
+        JointFastAttnProcessor(single.processor, 1, state, "sd4")
+
+
+def test_composes_with_enable_quant_on_sd3(dfh):
+    import piecewise_quant as pq
+
+    w8a8 = pq.PiecewiseQuantConfig(bits=8, grid="uniform", group_size="channel", act_bits=8,
+                                   act_mode="static_per_tensor", modules_to_not_convert=[])
+    pipe = dfh.text_pipeline(dfh.tiny_sd3())
+    run = lambda: pipe(["a cat"], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))[0]  # noqa: E731
+    ref = run()
+    kw = dict(calibration_prompts=["a cat", "a dog"], num_inference_steps=STEPS)
+    pipe.enable_fast_attention(threshold=0.3, candidates=["wars+asc", "wars"], **kw, **SMALL_WINDOW)
+    fa_only = run()
+    pipe.enable_quant(w8a8, progress=False, **kw)  # activation scales calibrated through the plan's steps
+    assert any(type(m.to_q).__name__ == "DiffusionQuantLinear" for _, m in self_attention_layers(pipe.transformer))
+    both = run()
+    assert torch.isfinite(both).all() and 0 < dfh.rel_err(both, fa_only) < 0.5
+    pipe.disable_quant()
+    assert torch.equal(run(), fa_only)
+    pipe.disable_fast_attention()
+    assert torch.equal(run(), ref)
