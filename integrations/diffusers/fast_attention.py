@@ -551,6 +551,16 @@ class JointFastAttnProcessor:
                 f"fast-attention method {method!r} (layer {self.layer}, {st.layers[self.layer]}) supports joint attention "
                 "without an attention mask or extra processor arguments (IP-adapter inputs)"
             )
+        need_res = method.startswith("full") and st.needs_residual(self.layer)
+        if method == "full" and not need_res:
+            out = self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                      args, kwargs)
+            if writing:
+                n_img, n_txt = self._split(hidden_states, encoder_hidden_states)
+                st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
+                st.flops.done += self._dense_flops(attn, b, n_img, n_txt)
+                cache.output = out if st.needs_output(self.layer) else None
+            return out
         n_img, n_txt = self._split(hidden_states, encoder_hidden_states)
         if method == "ast":
             out = cache.output
@@ -559,16 +569,7 @@ class JointFastAttnProcessor:
             if writing:
                 st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
             return out
-        need_res = method.startswith("full") and st.needs_residual(self.layer)
         need_out = st.needs_output(self.layer)
-        if method == "full" and not need_res:
-            out = self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                      args, kwargs)
-            if writing:
-                st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
-                st.flops.done += self._dense_flops(attn, b, n_img, n_txt)
-                cache.output = out if need_out else None
-            return out
         return self._compute(attn, hidden_states, encoder_hidden_states, image_rotary_emb, method, n_img, n_txt,
                              need_res and writing, need_out and writing, writing)
 
@@ -784,7 +785,7 @@ def _install(pipe: Any, name: str, model: nn.Module, state: FastAttnState) -> _I
             ids = ids[0] if ids.ndim == 3 else ids
             h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             state.grid = (h, w) if h * w == ids.shape[0] else None
-        emb = _first_tensor(args, kwargs, "encoder_hidden_states", None)
+        emb = _first_tensor(args, kwargs, "encoder_hidden_states", 1)  # 1: PixArt's, SD3's and Flux's position
         state.text_tokens = emb.shape[1] if isinstance(emb, torch.Tensor) and emb.ndim == 3 else None
         if state.step is None:
             state.cfg = None

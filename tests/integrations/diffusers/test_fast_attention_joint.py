@@ -209,8 +209,16 @@ def test_all_full_plan_is_bit_identical_and_disable_restores(dfh, kind):
     pipe = dfh.text_pipeline(model)
     run = lambda: pipe(["a cat"], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))[0]  # noqa: E731
     ref = run()
+    inputs = dfh.denoiser_inputs(model)
+    positional = (inputs.pop("hidden_states"), inputs.pop("encoder_hidden_states"))
+    direct = model(*positional, **inputs, return_dict=False)[0]
     procs = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     layers = [n for n, _ in self_attention_layers(model)]
+    report = enable_fast_attention(pipe, plan=FastAttentionPlan([["wars" if i % 2 else "full"] * len(layers)
+                                                                 for i in range(STEPS)], layers, WindowSpec(1, block=2)))
+    # outside a pipeline call: the stock processors' full attention, whatever the plan says
+    assert torch.equal(model(*positional, **inputs, return_dict=False)[0], direct)
+    pipe.disable_fast_attention()
     report = enable_fast_attention(pipe, plan=FastAttentionPlan([["full"] * len(layers)] * STEPS, layers, WindowSpec(1, block=2)))
     assert report.method_counts["full"] == STEPS * len(layers)
     assert all(isinstance(model.get_submodule(n).processor, JointFastAttnProcessor) for n in layers)
