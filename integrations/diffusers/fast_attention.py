@@ -944,7 +944,7 @@ class FastAttentionReport:
     def summary(self) -> str:
         p = self.plan
         lines = [
-            f"{self.component}: fast attention over {len(p.layers)} self-attention layers x {p.num_inference_steps} steps"
+            f"{self.component}: fast attention over {len(p.layers)} attention layers x {p.num_inference_steps} steps"
             + (f", threshold {p.threshold}" if p.threshold is not None else "")
             + f", window {p.window.window} ({p.window.shape}, block {p.window.query_block})",
             "methods: " + ", ".join(f"{m} {c}" for m, c in self.method_counts.items() if c),
