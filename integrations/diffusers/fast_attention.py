@@ -8,7 +8,10 @@
     pipe.save_pretrained("out")       # the plan travels in transformer/config.json; from_pretrained re-enables it
     pipe.disable_fast_attention()     # the original attention processors, exactly
 
-Methods (Yuan et al., "DiTFastAttn", NeurIPS 2024), chosen per self-attention layer and per step:
+Methods (Yuan et al., "DiTFastAttn", NeurIPS 2024), chosen per attention layer and per step. The layers
+are plain self-attention (DiT, PixArt; :class:`FastAttnProcessor`) and SD3 / Flux joint attention
+(:class:`JointFastAttnProcessor`: there the window covers the image tokens and the text tokens stay
+global, see its docstring):
 
 * ``full``: ordinary attention (at a full step followed by window steps, the window attention of
   the same inputs is also computed and ``R = full - window`` is cached for that layer);
@@ -50,6 +53,10 @@ __all__ = [
     "FastAttentionPlan",
     "FastAttentionReport",
     "FastAttnProcessor",
+    "JointFastAttnProcessor",
+    "self_attention_layers",
+    "unsupported_attention_layers",
+    "attention_layer_kind",
     "METHODS",
     "clipped_relative_l1",
 ]
@@ -216,6 +223,8 @@ class FastAttnState:
         self.cfg: str | None = None  # "cond_first" / "uncond_first" when this forward's batch is CFG
         self.cfg_how: str = ""
         self.grid: tuple[int, int] | None = None
+        self.text_tokens: int | None = None  # context tokens of the current call (joint attention)
+        self.image_tokens: int | None = None  # image tokens of the current call
         self.search: Any = None  # the search context while enable_fast_attention searches
         self.trial = False  # a search trial forward: read caches, write nothing, count nothing
         self.override: dict[int, str] = {}  # search: the methods tried at this step
@@ -459,22 +468,291 @@ class FastAttnProcessor:
         return o
 
 
+# ---- joint (SD3 / Flux) attention ------------------------------------------------------------------
+
+# the layer kinds fast attention handles, and the original processors it knows how to replace for each
+JOINT_KINDS = ("sd3_joint", "flux_joint", "flux_single")
+_JOINT_PROCESSORS = {
+    "sd3_joint": ("JointAttnProcessor2_0",),
+    "flux_joint": ("FluxAttnProcessor", "FluxAttnProcessor2_0"),
+    "flux_single": ("FluxAttnProcessor", "FluxAttnProcessor2_0"),
+}
+
+
+def attention_layer_kind(module: nn.Module) -> str | None:
+    """``"self"`` (plain self-attention: DiT, PixArt, SD3.5's second image attention), ``"sd3_joint"``
+    (SD3's ``Attention`` with ``add_q_proj``: image tokens first, then the context tokens),
+    ``"flux_joint"`` (Flux's dual-stream ``FluxAttention``: context first, then image, RoPE over both),
+    ``"flux_single"`` (Flux's single-stream ``FluxAttention``: one concatenated context + image sequence,
+    RoPE, no output projection), or ``None`` (not a layer fast attention applies to)."""
+    kind = type(module).__name__
+    if not hasattr(module, "processor"):
+        return None
+    if kind == "FluxAttention":
+        return "flux_joint" if getattr(module, "added_kv_proj_dim", None) is not None else "flux_single"
+    if kind != "Attention":
+        return None
+    if getattr(module, "spatial_norm", None) is not None or getattr(module, "group_norm", None) is not None:
+        return None
+    if getattr(module, "add_q_proj", None) is not None:
+        return "sd3_joint"
+    if getattr(module, "is_cross_attention", False):
+        return None
+    return "self"
+
+
+def _original_processor(module: nn.Module) -> Any:
+    proc = module.processor
+    return proc.original if isinstance(proc, (FastAttnProcessor, JointFastAttnProcessor)) else proc
+
+
+def _joint_supported(module: nn.Module, kind: str) -> bool:
+    """Whether a joint layer's (original) processor is the stock one whose computation
+    :class:`JointFastAttnProcessor` reproduces (IP-adapter, PAG, fused or custom processors are not)."""
+    return type(_original_processor(module)).__name__ in _JOINT_PROCESSORS[kind]
+
+
+class JointFastAttnProcessor:
+    """Fast attention for joint attention (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``
+    on dual- and single-stream blocks).
+
+    The image tokens and the context (text) tokens attend to each other in one softmax. The methods:
+
+    * ``full``: the original processor (or, when the residual must be cached, the same computation
+      done here, plus the window pass);
+    * ``wars``: the **image queries** attend to a window of **image keys** (the :class:`WindowSpec`
+      over the image tokens' patch grid, 1-D or 2-D) **plus every context key**; the **context
+      queries** attend to every key, as in full attention (they are global tokens). The residual
+      ``R = full - window`` cached at the last full step therefore lives on the image rows only;
+      on the context rows it is exactly zero, so they are not cached;
+    * ``ast``: both streams' outputs (or the single-stream output) of the previous step reused;
+    * ``+asc``: one CFG half of both streams computed, its outputs copied to the other half.
+
+    Projections, QK-norms and Flux's RoPE (on the concatenated sequence, before attention) are
+    applied as the original processor applies them."""
+
+    def __init__(self, original: Any, layer: int, state: "FastAttnState", kind: str) -> None:
+        if kind not in JOINT_KINDS:
+            raise ValueError(f"unknown joint attention kind {kind!r}; known: {', '.join(JOINT_KINDS)}")
+        self.original = original
+        self.layer = layer
+        self.state = state
+        self.kind = kind
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        st = self.state
+        method = st.method(self.layer)
+        cache = st.caches[self.layer]
+        writing = st.step is not None and not st.trial
+        b = hidden_states.shape[0]
+        if method != "full" and (attention_mask is not None or args or kwargs):
+            raise ValueError(
+                f"fast-attention method {method!r} (layer {self.layer}, {st.layers[self.layer]}) supports joint attention "
+                "without an attention mask or extra processor arguments (IP-adapter inputs)"
+            )
+        need_res = method.startswith("full") and st.needs_residual(self.layer)
+        if method == "full" and not need_res:
+            out = self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                      args, kwargs)
+            if writing:
+                n_img, n_txt = self._split(hidden_states, encoder_hidden_states)
+                st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
+                st.flops.done += self._dense_flops(attn, b, n_img, n_txt)
+                cache.output = out if st.needs_output(self.layer) else None
+            return out
+        n_img, n_txt = self._split(hidden_states, encoder_hidden_states)
+        if method == "ast":
+            out = cache.output
+            if out is None or _batch(out) != b:
+                raise RuntimeError(f"layer {self.layer}: 'ast' at step {st.step} but no output of the previous step is cached")
+            if writing:
+                st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
+            return out
+        need_out = st.needs_output(self.layer)
+        return self._compute(attn, hidden_states, encoder_hidden_states, image_rotary_emb, method, n_img, n_txt,
+                             need_res and writing, need_out and writing, writing)
+
+    def _call_original(self, attn, x, ctx, mask, rope, args, kwargs):
+        if self.kind == "sd3_joint":
+            return self.original(attn, x, ctx, mask, *args, **kwargs)
+        return self.original(attn, x, ctx, mask, rope, *args, **kwargs)
+
+    def _split(self, x: torch.Tensor, ctx: torch.Tensor | None) -> tuple[int, int]:
+        """(image tokens, context tokens) of this call."""
+        if self.kind == "flux_single":
+            n_txt = self.state.text_tokens
+            if n_txt is None or n_txt >= x.shape[1]:
+                raise RuntimeError(
+                    f"layer {self.layer} ({self.state.layers[self.layer]}): a Flux single-stream block's sequence has "
+                    f"{x.shape[1]} tokens and the text length of this call is {n_txt}; fast attention takes it from the "
+                    "transformer's encoder_hidden_states, so call the transformer with encoder_hidden_states"
+                )
+            return x.shape[1] - n_txt, n_txt
+        if ctx is None:
+            raise ValueError(f"layer {self.layer} ({self.state.layers[self.layer]}) is joint attention but was called "
+                             "without encoder_hidden_states")
+        return x.shape[1], ctx.shape[1]
+
+    def _width(self, attn) -> int:
+        return attn.to_q.out_features if hasattr(attn.to_q, "out_features") else attn.inner_dim
+
+    def _dense_flops(self, attn, b: int, n_img: int, n_txt: int) -> float:
+        n = n_img + n_txt
+        width = self._width(attn)
+        return _attention_flops(b, n, n, width) + _proj_flops(b, n, width) * _PROJ_SHARE[self.kind]
+
+    def _qkv(self, attn, x: torch.Tensor, ctx: torch.Tensor | None, rope: Any) -> tuple[torch.Tensor, ...]:
+        """Joint ``q, k, v`` shaped ``(batch, heads, tokens, head_dim)`` in the processor's token order."""
+        b = x.shape[0]
+        if self.kind == "sd3_joint":
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            d = k.shape[-1] // attn.heads
+            q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            cq, ck, cv = attn.add_q_proj(ctx), attn.add_k_proj(ctx), attn.add_v_proj(ctx)
+            cq, ck, cv = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (cq, ck, cv))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            return torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        # Flux (diffusers' FluxAttnProcessor): (batch, tokens, heads, head_dim) until attention
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if self.kind == "flux_joint":
+            if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+                cq, ck, cv = attn.to_added_qkv(ctx).chunk(3, dim=-1)
+            else:
+                cq, ck, cv = attn.add_q_proj(ctx), attn.add_k_proj(ctx), attn.add_v_proj(ctx)
+            cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in (cq, ck, cv))
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        if rope is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q = apply_rotary_emb(q, rope, sequence_dim=1)
+            k = apply_rotary_emb(k, rope, sequence_dim=1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _compute(self, attn, x: torch.Tensor, ctx: torch.Tensor | None, rope: Any, method: str, n_img: int, n_txt: int,
+                 store_res: bool, store_out: bool, writing: bool) -> Any:
+        st = self.state
+        cache = st.caches[self.layer]
+        b = x.shape[0]
+        asc = method.endswith("+asc") and st.cfg is not None
+        sel = slice(None)
+        if asc:
+            h = b // 2
+            first = (st.asc_branch == "cond") == (st.cfg == "cond_first")
+            sel = slice(0, h) if first else slice(h, b)
+            x = x[sel]
+            ctx = ctx[sel] if ctx is not None else None
+        bb = x.shape[0]
+        q, k, v = self._qkv(attn, x, ctx, rope)
+        n = n_img + n_txt
+        width = q.shape[1] * q.shape[3]
+        img = slice(0, n_img) if self.kind == "sd3_joint" else slice(n_txt, n)
+        txt = slice(n_img, n) if self.kind == "sd3_joint" else slice(0, n_txt)
+        grid = st.grid if st.grid is not None and st.grid[0] * st.grid[1] == n_img else None
+        keys = keys_per_query(n_img, st.window, grid)
+        window_core = _attention_flops(bb, n_img, keys + n_txt, width) + _attention_flops(bb, n_txt, n, width)
+
+        def window_image_rows() -> torch.Tensor:
+            return window_attention(q[:, :, img], k[:, :, img], v[:, :, img], st.window, grid,
+                                    global_key=k[:, :, txt], global_value=v[:, :, txt])
+
+        if method.startswith("full"):
+            o = F.scaled_dot_product_attention(q, k, v)
+            core = _attention_flops(bb, n, n, width)
+            if store_res:
+                r = (o[:, :, img] - window_image_rows()).transpose(1, 2).reshape(bb, n_img, width)
+                core += _attention_flops(bb, n_img, keys + n_txt, width)
+                cache.residual = torch.cat([r, r]) if asc else r
+        else:
+            if cache.residual is None:
+                raise RuntimeError(f"layer {self.layer}: '{method}' at step {st.step} but no residual was cached at a full step")
+            o_img = window_image_rows()
+            o_txt = F.scaled_dot_product_attention(q[:, :, txt], k, v)
+            o = torch.cat([o_img, o_txt] if self.kind == "sd3_joint" else [o_txt, o_img], dim=2)
+            core = window_core
+        o = o.transpose(1, 2).reshape(bb, n, width).to(q.dtype)
+        if method.startswith("wars"):
+            res = cache.residual[sel]
+            parts = [o[:, img] + res, o[:, txt]]
+            o = torch.cat(parts if self.kind == "sd3_joint" else parts[::-1], dim=1)
+        out = self._project(attn, o, img, txt, ctx is not None)
+        if asc:
+            out = tuple(torch.cat([t, t]) for t in out) if isinstance(out, tuple) else torch.cat([out, out])
+        if writing:
+            st.flops.dense += self._dense_flops(attn, b, n_img, n_txt)
+            st.flops.done += core + _proj_flops(bb, n, width) * _PROJ_SHARE[self.kind]
+            cache.output = out if store_out else None
+        return out
+
+    def _project(self, attn, o: torch.Tensor, img: slice, txt: slice, has_ctx: bool) -> Any:
+        """The output projections, as the original processor applies them."""
+        if self.kind == "flux_single":
+            return o
+        o_img, o_txt = o[:, img], o[:, txt]
+        if self.kind == "sd3_joint":
+            if not attn.context_pre_only:
+                o_txt = attn.to_add_out(o_txt)
+            o_img = attn.to_out[1](attn.to_out[0](o_img))
+            return o_img, o_txt
+        o_img = attn.to_out[1](attn.to_out[0](o_img.contiguous()))
+        return o_img, attn.to_add_out(o_txt.contiguous())
+
+
+# share of the q, k, v, out projections' FLOPs a layer kind runs over all its tokens (Flux's single-stream
+# attention has no output projection: the block's proj_out, shared with the MLP, is not part of the attention)
+_PROJ_SHARE = {"self": 1.0, "sd3_joint": 1.0, "flux_joint": 1.0, "flux_single": 0.75}
+
+
+def _batch(out: Any) -> int:
+    return (out[0] if isinstance(out, tuple) else out).shape[0]
+
+
 # ---- installing and removing -----------------------------------------------------------------------
 
 
 def self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The self-attention modules fast attention applies to: diffusers ``Attention`` modules that are
-    not cross-attention and not joint (SD3/Flux dual-stream) attention."""
+    """The attention modules fast attention applies to, in module order: plain diffusers
+    self-attention (``Attention`` without cross attention: DiT, PixArt, SD3.5's second image
+    attention) and joint attention whose processor is the stock one (SD3's ``Attention`` with
+    ``add_q_proj`` and ``JointAttnProcessor2_0``; Flux's dual- and single-stream ``FluxAttention``
+    with ``FluxAttnProcessor``). Joint layers with any other processor (IP-adapter, PAG, fused,
+    custom) are left out: :func:`unsupported_attention_layers` names them."""
     found = []
     for name, m in model.named_modules():
-        if type(m).__name__ != "Attention" or not hasattr(m, "processor"):
-            continue
-        if getattr(m, "is_cross_attention", False) or getattr(m, "add_q_proj", None) is not None:
-            continue
-        if getattr(m, "spatial_norm", None) is not None or getattr(m, "group_norm", None) is not None:
+        kind = attention_layer_kind(m)
+        if kind is None or (kind != "self" and not _joint_supported(m, kind)):
             continue
         found.append((name, m))
     return found
+
+
+def unsupported_attention_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, processor class)`` of the joint attention layers left out because fast attention does
+    not reproduce their processor."""
+    return [(name, type(_original_processor(m)).__name__) for name, m in model.named_modules()
+            if (kind := attention_layer_kind(m)) not in (None, "self") and not _joint_supported(m, kind)]
+
+
+def make_processor(module: nn.Module, original: Any, layer: int, state: FastAttnState) -> Any:
+    """The fast-attention processor for ``module`` (one of :func:`self_attention_layers`), wrapping
+    its ``original`` processor, as layer ``layer`` of ``state``'s plan."""
+    kind = attention_layer_kind(module)
+    if kind is None:
+        raise ValueError(f"{type(module).__name__} is not an attention layer fast attention applies to")
+    return FastAttnProcessor(original, layer, state) if kind == "self" else JointFastAttnProcessor(original, layer, state, kind)
 
 
 @dataclass
@@ -490,7 +768,7 @@ def _install(pipe: Any, name: str, model: nn.Module, state: FastAttnState) -> _I
     layers = dict(self_attention_layers(model))
     originals = {n: m.processor for n, m in layers.items()}
     for i, n in enumerate(state.layers):
-        layers[n].processor = FastAttnProcessor(originals[n], i, state)
+        layers[n].processor = make_processor(layers[n], originals[n], i, state)
     patch = getattr(model.config, "patch_size", None) if hasattr(model, "config") else None
 
     def pre_hook(module, args, kwargs):
@@ -499,6 +777,16 @@ def _install(pipe: Any, name: str, model: nn.Module, state: FastAttnState) -> _I
         x = _first_tensor(args, kwargs, "hidden_states", 0)
         if isinstance(x, torch.Tensor) and x.ndim == 4 and patch:
             state.grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+            state.image_tokens = state.grid[0] * state.grid[1]
+        elif isinstance(x, torch.Tensor) and x.ndim == 3:
+            state.image_tokens = x.shape[1]
+        ids = kwargs.get("img_ids")  # Flux: (tokens, 3) position ids (0, row, column) of the packed image tokens
+        if isinstance(ids, torch.Tensor) and ids.ndim in (2, 3) and ids.shape[-1] == 3 and ids.numel():
+            ids = ids[0] if ids.ndim == 3 else ids
+            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            state.grid = (h, w) if h * w == ids.shape[0] else None
+        emb = _first_tensor(args, kwargs, "encoder_hidden_states", 1)  # 1: PixArt's, SD3's and Flux's position
+        state.text_tokens = emb.shape[1] if isinstance(emb, torch.Tensor) and emb.ndim == 3 else None
         if state.step is None:
             state.cfg = None
             return None
@@ -545,10 +833,10 @@ _MISSING = object()
 
 
 def _uninstall(model: nn.Module, inst: _Installed) -> None:
-    layers = dict(self_attention_layers(model))
     for n, proc in inst.originals.items():
-        if n in layers:
-            layers[n].processor = proc
+        layer = model.get_submodule(n)
+        if isinstance(layer.processor, (FastAttnProcessor, JointFastAttnProcessor)):
+            layer.processor = proc
     inst.handle.remove()
     for attr, old in inst.scheduler_attrs.items():
         if old is _MISSING:
@@ -656,7 +944,7 @@ class FastAttentionReport:
     def summary(self) -> str:
         p = self.plan
         lines = [
-            f"{self.component}: fast attention over {len(p.layers)} self-attention layers x {p.num_inference_steps} steps"
+            f"{self.component}: fast attention over {len(p.layers)} attention layers x {p.num_inference_steps} steps"
             + (f", threshold {p.threshold}" if p.threshold is not None else "")
             + f", window {p.window.window} ({p.window.shape}, block {p.window.query_block})",
             "methods: " + ", ".join(f"{m} {c}" for m, c in self.method_counts.items() if c),
@@ -674,28 +962,50 @@ class FastAttentionReport:
         return self.summary()
 
 
-def planned_flops_saved(plan: FastAttentionPlan, n_tokens: int, width: int, cfg: bool) -> float:
+def planned_flops_saved(plan: FastAttentionPlan, n_tokens: int, width: int, cfg: bool, text_tokens: int = 0,
+                        kinds: Sequence[str] | None = None, grid: tuple[int, int] | None = None) -> float:
     """1 - (attention-module FLOPs of ``plan``) / (all-full FLOPs), per sample, for ``n_tokens``
-    tokens of ``width`` channels (the same accounting as the processors' counters)."""
+    image tokens of ``width`` channels (the same accounting as the processors' counters).
+
+    ``kinds`` (one :func:`attention_layer_kind` per plan layer; default all ``"self"``): joint layers
+    attend over ``n_tokens + text_tokens`` tokens, and their window steps cost the image queries'
+    window plus all context keys, and the context queries' full rows."""
     b = 2 if cfg else 1
-    keys = keys_per_query(n_tokens, plan.window, None if plan.window.shape == "1d" else _square(n_tokens))
-    dense = _attention_flops(b, n_tokens, n_tokens, width) + _proj_flops(b, n_tokens, width)
+    kinds = list(kinds) if kinds is not None else ["self"] * len(plan.layers)
+    if grid is None or grid[0] * grid[1] != n_tokens:
+        grid = None if plan.window.shape == "1d" else _square(n_tokens)
+    keys = keys_per_query(n_tokens, plan.window, grid)
     done = 0.0
     total = 0.0
-    for i, row in enumerate(plan.methods):
-        for j, m in enumerate(row):
-            total += dense
+    for j, kind in enumerate(kinds):
+        t = text_tokens if kind != "self" else 0
+        for i, row in enumerate(plan.methods):
+            m = row[j]
+            total += _layer_cost(kind, b, n_tokens, t, keys, width, "full")
             bb = 1 if (m.endswith("+asc") and cfg) else b
             if m == "ast":
                 continue
             if m.startswith("wars"):
-                done += _attention_flops(bb, n_tokens, keys, width) + _proj_flops(bb, n_tokens, width)
+                done += _layer_cost(kind, bb, n_tokens, t, keys, width, "window")
                 continue
-            done += _attention_flops(bb, n_tokens, n_tokens, width) + _proj_flops(bb, n_tokens, width)
+            done += _layer_cost(kind, bb, n_tokens, t, keys, width, "full")
             later = next((r[j] for r in plan.methods[i + 1:] if not r[j] == "ast"), "full")
             if later.startswith("wars"):
-                done += _attention_flops(bb, n_tokens, keys, width)
+                done += _layer_cost(kind, bb, n_tokens, t, keys, width, "residual")
     return 1.0 - done / total
+
+
+def _layer_cost(kind: str, b: int, n_img: int, n_txt: int, keys: int, width: int, what: str) -> float:
+    """FLOPs of one layer call: ``"full"`` attention, ``"window"`` attention (image queries over their
+    window plus all context keys, context queries over everything), or the ``"residual"`` caching's
+    extra window pass (no projections)."""
+    n = n_img + n_txt
+    proj = _proj_flops(b, n, width) * _PROJ_SHARE[kind]
+    if what == "full":
+        return _attention_flops(b, n, n, width) + proj
+    if what == "window":
+        return _attention_flops(b, n_img, keys + n_txt, width) + _attention_flops(b, n_txt, n, width) + proj
+    return _attention_flops(b, n_img, keys + n_txt, width)
 
 
 def _square(n: int) -> tuple[int, int]:
@@ -718,9 +1028,15 @@ def _denoiser(pipe: Any, component: str | None) -> tuple[str, nn.Module]:
     name = names[0]
     model = pipe.components[name]
     if not self_attention_layers(model):
+        bad = unsupported_attention_layers(model)
+        extra = (f"; its joint attention layers use processors fast attention does not reproduce ({bad[0][0]}: "
+                 f"{bad[0][1]}" + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "): put the stock processor back "
+                 "(transformer.set_attn_processor(JointAttnProcessor2_0()) for SD3, FluxAttnProcessor() for Flux)"
+                 if bad else "")
         raise ValueError(
-            f"component {name!r} ({type(model).__name__}) has no plain diffusers self-attention layer (Attention without "
-            "cross/joint attention); fast attention supports DiT and PixArt transformers"
+            f"component {name!r} ({type(model).__name__}) has no attention layer fast attention applies to (diffusers "
+            "self-attention without cross attention, or SD3/Flux joint attention with its stock processor); fast "
+            "attention supports DiT, PixArt, SD3 and Flux transformers" + extra
         )
     return name, model
 
@@ -780,7 +1096,7 @@ def enable_fast_attention(
     if plan is not None:
         return _install_plan(pipe, name, model, _as_plan(plan), layer_names, t0)
     threshold, cands = _search_options(threshold, num_inference_steps, candidates, calibration_prompts)
-    spec = _window_spec(model, window, window_shape, window_block)
+    spec = _window_spec(model, window, window_shape, window_block, pipe)
     state = FastAttnState(layer_names, spec, cfg_order, asc_branch)
     state.search = _Search(state, threshold, metric or clipped_relative_l1, cands)
     calls = _search_plan(pipe, name, model, state, calibration_prompts, dict(
@@ -884,12 +1200,15 @@ def _merge_calls(calls: list[list[list[str]]]) -> list[list[str]]:
     return out
 
 
-def _window_spec(model: nn.Module, window: int | None, shape: str, block: int | None) -> WindowSpec:
+def _window_spec(model: nn.Module, window: int | None, shape: str, block: int | None, pipe: Any = None) -> WindowSpec:
     if window is None:
         cfg = getattr(model, "config", None)
         size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
+        default = getattr(pipe, "default_sample_size", None)
         if isinstance(size, int) and isinstance(patch, int) and patch > 0:
             side = max(size // patch, 1)
+        elif type(model).__name__ == "FluxTransformer2DModel" and isinstance(default, int):
+            side = max(default // 2, 1)  # FluxPipeline packs 2x2 latent patches: 1024 px -> 128 latents -> 64 tokens a side
         else:
             side = 16
         window = max(1, side * side // 8) if shape == "1d" else max(1, side // 8)
@@ -904,10 +1223,17 @@ def _report(name: str, plan: FastAttentionPlan, model: nn.Module, state: FastAtt
     cfg = getattr(model, "config", None)
     size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
     layers = self_attention_layers(model)
-    if isinstance(size, int) and isinstance(patch, int) and layers:
+    kinds = [attention_layer_kind(m) for _, m in layers]
+    joint = any(k != "self" for k in kinds)
+    n = None
+    if state.image_tokens is not None and (joint or not isinstance(size, int)):
+        n = state.image_tokens  # the image tokens of the last call (Flux has no sample_size)
+    elif isinstance(size, int) and isinstance(patch, int):
         n = (size // patch) ** 2
+    if n and layers and (not joint or state.text_tokens is not None):
         width = layers[0][1].to_q.out_features if hasattr(layers[0][1].to_q, "out_features") else layers[0][1].inner_dim
-        saved = planned_flops_saved(plan, n, width, cfg=any(k.startswith(("cond", "uncond")) for k in state.cfg_seen))
+        saved = planned_flops_saved(plan, n, width, cfg=any(k.startswith(("cond", "uncond")) for k in state.cfg_seen),
+                                    text_tokens=state.text_tokens or 0, kinds=kinds, grid=state.grid)
     return FastAttentionReport(name, plan, saved, wall, cfg_detected=dict(state.cfg_seen), method_counts=counts)
 
 

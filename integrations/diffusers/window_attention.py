@@ -149,15 +149,25 @@ def _gather_back(q_idx: torch.Tensor, n: int) -> torch.Tensor | None:
 
 
 def window_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: WindowSpec, grid: tuple[int, int] | None = None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: WindowSpec, grid: tuple[int, int] | None = None,
+    global_key: torch.Tensor | None = None, global_value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-local attention of ``query``/``key``/``value`` shaped ``(batch, heads, tokens, head_dim)``.
 
     Same layout and scale as ``F.scaled_dot_product_attention``; falls back to it when the window
-    covers all tokens."""
+    covers all tokens.
+
+    ``global_key``/``global_value`` (``(batch, heads, g, head_dim)``, both or neither): keys every
+    query attends to in addition to its window (joint attention's text tokens). They are appended
+    to every block's gathered keys, so each query's softmax runs over its window plus all ``g``
+    global keys, exactly as a mask allowing those keys would."""
     b, h, n, d = query.shape
+    if (global_key is None) != (global_value is None):
+        raise ValueError("window_attention: pass both global_key and global_value, or neither")
     idx = window_indices(n, spec, grid)
     if idx is None:
+        if global_key is not None:
+            key, value = torch.cat([key, global_key], dim=2), torch.cat([value, global_value], dim=2)
         return F.scaled_dot_product_attention(query, key, value)
     q_idx, k_idx = (t.to(query.device) for t in idx)
     nb, qb = q_idx.shape
@@ -169,6 +179,11 @@ def window_attention(
         qg = query[:, :, q_idx]
     kg = key[:, :, k_idx]  # (b, h, nb, kb, d): the only copy, ~kb/qb times the keys
     vg = value[:, :, k_idx]
+    if global_key is not None:
+        g = global_key.shape[2]
+        kg = torch.cat([kg, global_key.unsqueeze(2).expand(b, h, nb, g, d)], dim=3)
+        vg = torch.cat([vg, global_value.unsqueeze(2).expand(b, h, nb, g, d)], dim=3)
+        kb += g
     out = F.scaled_dot_product_attention(
         qg.reshape(b, h * nb, qb, d), kg.reshape(b, h * nb, kb, d), vg.reshape(b, h * nb, kb, d)
     ).view(b, h, nb, qb, d)

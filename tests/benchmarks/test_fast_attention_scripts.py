@@ -43,3 +43,16 @@ def test_quality_script_quick(repo_root, tmp_path):
     zero = [r for r in fa if r["threshold"] == 0.0]
     assert all(r["flops_saved"] == pytest.approx(0.0) and r["psnr_vs_float"] == float("inf") for r in zero)
     assert (tmp_path / "fast_attention_quality.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_speed_script_quick_joint_attention(repo_root, tmp_path, model):
+    out = tmp_path / "fa.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fast_attention.py", "forward", "--quick", "--model", model,
+                           "--out", str(out)], cwd=repo_root, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())[f"forward_{model}"]
+    assert len(rows) == (6 if model == "sd3" else 4) and rows[0]["speedup"] == 1.0
+    saved = {r["method"].split(" (")[0]: r["flops_saved"] for r in rows}
+    assert saved["full, also caching the window residual"] < 0 < saved["WA-RS"] < saved["AST"] == 1.0
+    assert rows[0]["attention_layers"] == (1 if model == "sd3" else 2) and rows[0]["text_tokens"] == 8
