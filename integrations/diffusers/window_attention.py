@@ -158,9 +158,10 @@ def window_attention(
     covers all tokens.
 
     ``global_key``/``global_value`` (``(batch, heads, g, head_dim)``, both or neither): keys every
-    query attends to in addition to its window (joint attention's text tokens). They are appended
-    to every block's gathered keys, so each query's softmax runs over its window plus all ``g``
-    global keys, exactly as a mask allowing those keys would."""
+    query attends to in addition to its window (joint attention's text tokens): each query's softmax
+    runs over its window plus all ``g`` global keys, exactly as a mask allowing those keys would. On
+    CPU the window part and the global part are computed apart and merged by their log-sum-exp;
+    elsewhere the global keys are appended to every block's gathered keys."""
     b, h, n, d = query.shape
     if (global_key is None) != (global_value is None):
         raise ValueError("window_attention: pass both global_key and global_value, or neither")
@@ -179,14 +180,42 @@ def window_attention(
         qg = query[:, :, q_idx]
     kg = key[:, :, k_idx]  # (b, h, nb, kb, d): the only copy, ~kb/qb times the keys
     vg = value[:, :, k_idx]
-    if global_key is not None:
+    merge = global_key is not None and _lse_merge_applies(query)
+    if global_key is not None and not merge:
         g = global_key.shape[2]
         kg = torch.cat([kg, global_key.unsqueeze(2).expand(b, h, nb, g, d)], dim=3)
         vg = torch.cat([vg, global_value.unsqueeze(2).expand(b, h, nb, g, d)], dim=3)
         kb += g
-    out = F.scaled_dot_product_attention(
-        qg.reshape(b, h * nb, qb, d), kg.reshape(b, h * nb, kb, d), vg.reshape(b, h * nb, kb, d)
-    ).view(b, h, nb, qb, d)
+    args = (qg.reshape(b, h * nb, qb, d), kg.reshape(b, h * nb, kb, d), vg.reshape(b, h * nb, kb, d))
+    if merge:
+        out, lse = _attention_with_lse(*args)
+        out, lse = out.view(b, h, nb, qb, d), lse.view(b, h, nb, qb)
+    else:
+        out = F.scaled_dot_product_attention(*args).view(b, h, nb, qb, d)
     if back is None:
-        return out.reshape(b, h, n, d)
-    return out.reshape(b, h, nb * qb, d)[:, :, back.to(query.device)]
+        out = out.reshape(b, h, n, d)
+        lse = lse.reshape(b, h, n) if merge else None
+    else:
+        pos = back.to(query.device)
+        out = out.reshape(b, h, nb * qb, d)[:, :, pos]
+        lse = lse.reshape(b, h, nb * qb)[:, :, pos] if merge else None
+    if not merge:
+        return out
+    # the global keys once for all queries, merged by log-sum-exp: the same softmax over window +
+    # global keys as the concatenation above, without a copy of the global keys per block
+    out_g, lse_g = _attention_with_lse(query, global_key, global_value)
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    lse, lse_g = lse.to(work), lse_g.to(work)
+    top = torch.maximum(lse, lse_g)
+    wa, wg = (lse - top).exp().unsqueeze(-1), (lse_g - top).exp().unsqueeze(-1)
+    return ((out.to(work) * wa + out_g.to(work) * wg) / (wa + wg)).to(query.dtype)
+
+
+def _lse_merge_applies(query: torch.Tensor) -> bool:
+    """Whether torch's CPU flash attention (which also returns the log-sum-exp) takes ``query``."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.scaled_dot_product_attention(q, k, v)`` and the log-sum-exp of each query's scores."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.contiguous(), k.contiguous(), v.contiguous())
