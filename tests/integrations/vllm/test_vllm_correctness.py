@@ -14,6 +14,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # float32 on both sides, same piecewise_quant::linear op: only attention/summation order differs
 # (measured at most 4.3e-6 on 2026-11-22)
 FP32_TOL = 1e-4
+# int8 dynamic activations (gqa_quarot): transformers runs each short prompt through the fused integer
+# kernel (a few rows), vLLM the batched prompts through dequantized tiles; the two sum floats in a
+# different order, which can move one activation of a later layer across an int8 rounding boundary
+# (measured 7.5e-4 on one prompt log-probability, 2026-12-03; the generated tokens stay the same)
+ACT8_TOL = 3e-3
 
 
 def _hf(vh, path, config=None):
@@ -60,7 +65,8 @@ def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, n
     assert any(getattr(m, "layer_spec", None) is not None and m.layer_spec.rotation is not None for m in model.modules())
     ref = vh.hf_reference(model, vh.prompt_ids())
     vh.assert_same_generation(got["tokens"], ref)
-    assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < FP32_TOL
+    tol = ACT8_TOL if name == "gqa_quarot" else FP32_TOL
+    assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < tol
 
 
 def test_online_quantization_with_the_default_config_matches_transformers(vh, vllm_results):
