@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from pq_tiny_models import logits as _logits
+from pq_tiny_models import tiny_llama
 from torch import nn
 
 import piecewise_quant as pq
@@ -76,29 +78,6 @@ def test_rotation_args_presets_validation_and_config_round_trip():
     assert "rotation" not in pq.PiecewiseQuantConfig(bits=4).to_dict()
     assert cfg.online_rotation_for("model.layers.0.mlp.down_proj") == OnlineRotation(True, False, 0)
     assert cfg.online_rotation_for("model.layers.0.mlp.up_proj") is None
-
-
-def tiny_llama(tied: bool = False, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tied,
-                      initializer_range=0.1)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights, so folding them is tested
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits.double()
 
 
 def _rel(a, b):

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from pq_tiny_models import logits as _logits
+from pq_tiny_models import tiny_llama
 
 import piecewise_quant as pq
 from piecewise_quant.args import RotationArgs
@@ -25,30 +27,6 @@ from piecewise_quant.rotation import (
     learn_rotations,
     rotate_model,
 )
-
-
-def tiny_llama(tied: bool = False, seed: int = 0):
-    """A random 2-block grouped-query Llama with non-trivial norm weights (as tests/quant_core/test_rotation.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tied,
-                      initializer_range=0.1)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=TOKENS).logits.double()
 
 A4 = {"grid": "uniform", "bits": 4, "group_size": 32, "act_bits": 4, "act_mode": "dynamic_per_token",
       "act_clip_ratio": 0.9}
