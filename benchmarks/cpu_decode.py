@@ -11,11 +11,16 @@ scales of the variant's layout (speed does not depend on the values, and quantiz
 would take minutes). ``bundled`` is ``assets/tiny-llama-pydoc``, quantized for real with
 ``piecewise_quant.quantize``.
 
-Variants: fp32, bf16 (the float model in that dtype), W4 g128 uniform, W4 g128 piecewise, W3 g128
-piecewise and W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations); quantized
-variants run with fp32 activations (``--act-dtype bfloat16`` for bf16). Prompts of 32 random token
-ids; decode speed is ``B * (N - 1) / (t_N - t_1)``, the time of generating ``N`` tokens minus that
-of generating 1 (which removes the prefill), median of ``--repeats``. vLLM runs each variant in its
+Variants: fp32, bf16 (the float model in that dtype), W4 g128 uniform, W4 g128 uniform with an
+8-bit per-channel ``lm_head`` (as llama.cpp's 4-bit files keep the output layer at 6-8 bits; the
+other variants keep ``lm_head`` in float), W4 g128 piecewise, W3 g128 piecewise and W8A8
+(per-channel 8-bit weights, dynamic per-token int8 activations); quantized variants run with fp32
+activations (``--act-dtype bfloat16`` for bf16). Prompts of 32 random token ids; decode speed is
+``B * (N - 1) / (t_N - t_1)``, the time of generating ``N`` tokens minus that of generating 1
+(which removes the prefill), median of ``--repeats`` rounds (min-max in brackets). In transformers
+every variant is built first and the variants are timed in turn within each round, so the ratios
+come from the same stretch of machine time (all of them in memory: ~12 GB for every TinyLlama
+variant; pass fewer ``--variants`` on a smaller machine). vLLM runs each variant in its
 own process (``LLM(..., quantization="piecewise")``, eager, ``VLLM_CPU_KVCACHE_SPACE``).
 """
 
@@ -43,6 +48,9 @@ VARIANTS = {  # name -> piecewise_quant config fields; None: the float model in 
     "fp32": None,
     "bf16": None,
     "W4 g128 uniform": dict(grid="uniform", bits=4, group_size=128, symmetric=True),
+    "W4 g128 uniform + lm_head W8": dict(grid="uniform", bits=4, group_size=128, symmetric=True,
+                                        modules_to_not_convert=[],
+                                        overrides={"lm_head": dict(bits=8, group_size="channel")}),
     "W4 g128 piecewise": dict(grid="piecewise", bits=4, group_size=128),
     "W3 g128 piecewise": dict(grid="piecewise", bits=3, group_size=128),
     "W8A8": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
@@ -100,16 +108,19 @@ def build(model_name: str, variant: str, act_dtype: str, dry: bool):
     return model.to(dtype)
 
 
-def transformers_speed(model, vocab: int, batches: list[int], tokens: int, repeats: int) -> dict[str, float]:
+def transformers_speeds(models: dict, vocab: int, batches: list[int], tokens: int, repeats: int) -> dict[str, dict]:
+    """``{variant: {batch: median tok/s, "<batch> range": [min, max]}}``, the variants timed in turn
+    within each of ``repeats`` rounds, so a slow stretch of a shared machine falls on all of them
+    instead of on whichever variant happened to run then."""
     import torch
 
     rng = random.Random(0)
-    out = {}
+    rates: dict[str, dict[str, list[float]]] = {v: {} for v in models}
     for batch in batches:
         ids = torch.tensor([[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)])
         mask = torch.ones_like(ids)
 
-        def timed(n: int) -> float:
+        def timed(model, n: int) -> float:
             start = time.perf_counter()
             with torch.no_grad():
                 res = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -118,13 +129,27 @@ def transformers_speed(model, vocab: int, batches: list[int], tokens: int, repea
             assert res.shape[1] == PROMPT_LEN + n, "a sequence stopped early"
             return elapsed
 
-        timed(2)
-        rates = []
+        for model in models.values():
+            timed(model, 2)
         for _ in range(repeats):
-            t_n, t_1 = timed(tokens), timed(1)
-            rates.append(batch * (tokens - 1) / (t_n - t_1) if t_n > t_1 else batch * tokens / t_n)
-        out[str(batch)] = statistics.median(rates)
-    return out
+            for variant, model in models.items():
+                t_n, t_1 = timed(model, tokens), timed(model, 1)
+                rate = batch * (tokens - 1) / (t_n - t_1) if t_n > t_1 else batch * tokens / t_n
+                rates[variant].setdefault(str(batch), []).append(rate)
+    return {v: {k: x for b, rs in per.items()
+                for k, x in ((b, statistics.median(rs)), (f"{b} range", [min(rs), max(rs)]), (f"{b} rounds", rs))}
+            for v, per in rates.items()}
+
+
+def ratio(row: dict, base: dict | None, batch: int) -> str:
+    """``row``'s speed over ``base``'s: the median of the per-round ratios where both were timed in
+    the same rounds, else the ratio of the medians."""
+    if base is None:
+        return ""
+    a, b = row["speeds"].get(f"{batch} rounds"), base["speeds"].get(f"{batch} rounds")
+    if a and b and len(a) == len(b):
+        return f"{statistics.median(x / y for x, y in zip(a, b)):.2f}"
+    return f"{row['speeds'][str(batch)] / base['speeds'][str(batch)]:.2f}"
 
 
 def vllm_worker(job: dict) -> dict:
@@ -196,9 +221,10 @@ def table(rows: list[dict], batches: list[int]) -> str:
         cells = []
         for b in batches:
             v = r["speeds"][str(b)]
-            cells.append(f"{v:.1f}")
-            cells.append(f"{v / f32['speeds'][str(b)]:.2f}" if f32 else "")
-            cells.append(f"{v / b16['speeds'][str(b)]:.2f}" if b16 else "")
+            spread = r["speeds"].get(f"{b} range")
+            cells.append(f"{v:.1f}" + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread and spread[0] != spread[1] else ""))
+            cells.append(ratio(r, f32, b))
+            cells.append(ratio(r, b16, b))
         lines.append(f"| {r['engine']} | {r['model']} | {r['variant']} | {r['weight_mb']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -242,24 +268,30 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    jobs = [(e, m, v) for m in models for v in variants for e in engines]
-    for engine, model_name, variant in tqdm(jobs, desc="decode", disable=args.dry_run):
-        model = build(model_name, variant, args.act_dtype, args.dry_run)
-        vocab = model.config.vocab_size
-        mb = weight_bytes(model) / 1e6
-        if engine == "transformers":
-            speeds, load_s = transformers_speed(model, vocab, args.batch, args.tokens, args.repeats), None
-        else:
-            res = vllm_speed(model, variant, args.act_dtype, vocab, args)
-            speeds, load_s = res["speeds"], res["load_s"]
-        rows.append(dict(engine=engine, model=model_name, variant=variant, weight_mb=mb, speeds=speeds, load_s=load_s))
-        del model
+    for model_name in tqdm(models, desc="decode", disable=args.dry_run):
+        if "transformers" in engines:  # every variant in memory, timed in interleaved rounds
+            built = {v: build(model_name, v, args.act_dtype, args.dry_run) for v in variants}
+            vocab = next(iter(built.values())).config.vocab_size
+            speeds = transformers_speeds(built, vocab, args.batch, args.tokens, args.repeats)
+            for v, model in built.items():
+                rows.append(dict(engine="transformers", model=model_name, variant=v, weight_mb=weight_bytes(model) / 1e6,
+                                 speeds=speeds[v], load_s=None))
+            del built
+        if "vllm" in engines:
+            for variant in variants:
+                model = build(model_name, variant, args.act_dtype, args.dry_run)
+                res = vllm_speed(model, variant, args.act_dtype, model.config.vocab_size, args)
+                rows.append(dict(engine="vllm", model=model_name, variant=variant, weight_mb=weight_bytes(model) / 1e6,
+                                 speeds=res["speeds"], load_s=res["load_s"]))
+                del model
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cpu_kernels import cpu_name
 
     header = (f"{date.today().isoformat()}, {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"CPU kernels: {cpu_backend.status()['isa'] or cpu_backend.status()['reason']}, quantized variants with "
               f"{args.act_dtype} activations, prompt {PROMPT_LEN} tokens, {args.tokens} generated, median of {args.repeats}"
+              f"{' (min-max)' if args.repeats > 1 else ''}; transformers variants timed in turn in each round, "
+              f"their ratios the median of the per-round ratios"
               f"{', DRY RUN: numbers meaningless' if args.dry_run else ''}")
     text = header + "\n\n" + table(rows, args.batch)
     print(text)
