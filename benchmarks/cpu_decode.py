@@ -153,38 +153,13 @@ def ratio(row: dict, base: dict | None, batch: int) -> str:
 
 
 def vllm_worker(job: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    """One variant in vLLM (run in a fresh process): ``benchmarks/vllm_decode.py``'s worker."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import vllm_decode
 
-    # on CPU, gpu_memory_utilization is the share of host memory vLLM may reserve
-    kwargs = dict(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
-                  enforce_eager=True, skip_tokenizer_init=True, gpu_memory_utilization=0.5)
-    if job["quantized"]:
-        kwargs["quantization"] = "piecewise"
-    t0 = time.perf_counter()
-    llm = LLM(**kwargs)
-    load_s = time.perf_counter() - t0
-    rng = random.Random(0)
-    speeds = {}
-    for batch in job["batches"]:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, job["vocab"]) for _ in range(PROMPT_LEN)])
-                   for _ in range(batch)]
-
-        def timed(n: int) -> float:
-            params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            elapsed = time.perf_counter() - start
-            assert all(len(o.outputs[0].token_ids) == n for o in outs), "a sequence stopped early"
-            return elapsed
-
-        timed(2)
-        rates = []
-        for _ in range(job["repeats"]):
-            t_n, t_1 = timed(job["tokens"]), timed(1)
-            rates.append(batch * (job["tokens"] - 1) / (t_n - t_1) if t_n > t_1 else batch * job["tokens"] / t_n)
-        speeds[str(batch)] = statistics.median(rates)
-    return {"load_s": load_s, "speeds": speeds}
+    res = vllm_decode.worker(dict(job, quantization="piecewise" if job["quantized"] else None, enforce_eager=True,
+                                  gpu_memory_utilization=0.5))
+    return {"load_s": res["load_s"], "speeds": res["batches"]}
 
 
 def vllm_speed(model, variant: str, act_dtype: str, vocab: int, args) -> dict:

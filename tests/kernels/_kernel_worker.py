@@ -45,6 +45,22 @@ def assert_every_case(cases: list[dict], report: dict, assert_case: Callable[[di
     assert not failures, "\n".join(failures)
 
 
+def assert_close(res: dict, case: dict, tol: float, shape: list[int] | None = None, path: str | None = None) -> None:
+    """One case's result against the float64 reference: no error, the reference's shape (or
+    ``shape``), the case's dtype when it names one, the expected kernel ``path`` when given, and a
+    max error within ``tol`` of the reference's scale (an all-zero output only for empty input)."""
+    assert "error" not in res, res.get("error")
+    assert res["shape"] == (shape if shape is not None else res["ref_shape"]), res
+    if "dtype" in res:
+        assert res["dtype"] == case["dtype"]
+    if path is not None:
+        assert res["path"] == path, res
+    if res["scale"] == 0:
+        assert (case["lead"][0] if "lead" in case else case["m"]) == 0, res
+        return
+    assert res["err"] <= tol * res["scale"], res
+
+
 def serve(checks: dict[str, Callable[[], None]], run_case: Callable[[dict, int, str], dict]) -> None:
     """The script's side: read the job from stdin, run the named ``checks`` (CPU only: they use CPU
     tensors; first, before any case could initialise CUDA), then ``run_case(case, index, device)``
