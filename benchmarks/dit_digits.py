@@ -413,7 +413,12 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_outputs(results: dict[str, Any], out_dir: Path, stem: str = "dit_digits") -> None:
+SAMPLES_TITLE = "DiT on sklearn digits: one sample per class, same noise in every row"
+
+
+def save_outputs(results: dict[str, Any], out_dir: Path, stem: str = "dit_digits", title: str = SAMPLES_TITLE) -> None:
+    """``<stem>.json`` (the results without the images) and ``<stem>.png``: one sample per digit
+    for every configuration, a row each, under ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,7 +437,7 @@ def save_outputs(results: dict[str, Any], out_dir: Path, stem: str = "dit_digits
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("DiT on sklearn digits: one sample per class, same noise in every row", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / f"{stem}.png", dpi=110)
     plt.close(fig)

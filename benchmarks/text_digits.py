@@ -433,27 +433,8 @@ def table(results: dict[str, Any]) -> str:
 def save_outputs(results: dict[str, Any], out_dir: Path) -> None:
     """``text_digits.json`` and ``text_digits.png`` (one sample per digit and configuration), as
     ``dit_digits.save_outputs`` writes them, with this model's title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = results["samples"]
-    dd.save_outputs(results, out_dir, stem="text_digits")  # the JSON (and a PNG replaced below)
-    names = list(samples)
-    fig, axes = plt.subplots(len(names), 10, figsize=(10 * 0.7, len(names) * 0.75))
-    axes = np.atleast_2d(axes)
-    for i, name in enumerate(names):
-        for k in range(10):
-            axes[i, k].imshow(samples[name][k], cmap="gray_r", vmin=0, vmax=1)
-            axes[i, k].set_xticks([])
-            axes[i, k].set_yticks([])
-        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("text-digits (PixArt + causal text encoder): held-out prompts for 0-9, same noise in every row",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "text_digits.png", dpi=110)
-    plt.close(fig)
+    dd.save_outputs(results, out_dir, stem="text_digits",
+                    title="text-digits (PixArt + causal text encoder): held-out prompts for 0-9, same noise in every row")
 
 
 def main(argv: list[str] | None = None) -> int:

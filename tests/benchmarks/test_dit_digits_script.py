@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
+from pq_bench import quick_table_rows
 
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
@@ -19,17 +16,7 @@ pytest.importorskip("sklearn")
 
 @pytest.mark.slow
 def test_quick_run_prints_the_table_and_writes_json_and_png(repo_root, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/dit_digits.py", "--quick", "--out", str(tmp_path)],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and re.fullmatch(r"\d+\.\d{3}", cells[3]):
-            rows[cells[0]] = cells
+    rows, _ = quick_table_rows(repo_root, "benchmarks/dit_digits.py", tmp_path)
     assert list(rows) == [
         "float", "W8A8 static, shared scales", "W8A8 static, per-timestep scales", "W8A8 dynamic per-token",
         "W4A16 uniform g16", "W4A16 piecewise g16",

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
+from pq_bench import quick_table_rows
 
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
@@ -20,17 +17,7 @@ pytest.importorskip("tokenizers")
 
 @pytest.mark.slow
 def test_quick_run_prints_the_table_and_writes_json_png_and_the_model(repo_root, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/text_digits.py", "--quick", "--out", str(tmp_path)],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and re.fullmatch(r"\d+\.\d{3}", cells[3]):
-            rows[cells[0]] = cells
+    rows, stdout = quick_table_rows(repo_root, "benchmarks/text_digits.py", tmp_path)
     assert list(rows) == ["float", "W8A8 static, shared scales", "W8A8 static, shared scales + BOS-aware"]
     data = json.loads((tmp_path / "text_digits.json").read_text())
     assert (tmp_path / "text_digits.png").stat().st_size > 1000
@@ -49,5 +36,5 @@ def test_quick_run_prints_the_table_and_writes_json_png_and_the_model(repo_root,
     assert sorted(bos["bos_layers"]) == ["caption_projection.linear_1", "caption_projection.linear_2"] + [
         f"transformer_blocks.{i}.attn2.to_{kv}" for i in range(2) for kv in "kv"]
     assert bos["psnr_vs_float"] > 30
-    assert "Text embeddings: token 0 max|x|" in proc.stdout
+    assert "Text embeddings: token 0 max|x|" in stdout
     assert data["settings"]["eval_templates"] and data["settings"]["calibration_prompts"]
