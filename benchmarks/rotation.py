@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import LlamaBench, MiniLMBench, quantized_bpw  # noqa: E402
 
 import piecewise_quant as pq  # noqa: E402
-from piecewise_quant.args import KVArgs  # noqa: E402
+from piecewise_quant.args import ROTATION_PRESETS, KVArgs  # noqa: E402
 
 A4 = {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9}
 KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
@@ -79,6 +79,11 @@ def llama_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
          {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, False),
         ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
          {"grid": "uniform", **w4, **A4, "rotation": "spinquant", "calibration": g()}, True),
+        ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 declared in the config, without R3",
+         {"grid": "uniform", **w4, **A4, "kv_cache": KV4, "rotation": "spinquant", "calibration": g()}, True),
+        ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned with KV4 in the loss, learn_kv, 100 steps), KV4 without R3",
+         {"grid": "uniform", **w4, **A4, "kv_cache": KV4,
+          "rotation": {**ROTATION_PRESETS["spinquant"], "learn_kv": True}, "calibration": g()}, True),
         ("W4A4KV4", "uniform + GPTQ + quarot + low_rank=8 (more bits per weight), KV4 without R3",
          {"grid": "uniform", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, True),
         ("W4A4KV4", "uniform + GPTQ + quarot + R3",

@@ -367,6 +367,11 @@ class RotationArgs:
             ``seed``).
         learn_steps: optimisation steps (one calibration batch each, cycling through them).
         learn_lr: Adam's learning rate on ``A``.
+        learn_kv: also fake-quantize the keys and values as the config's ``kv_cache`` stores
+            them (straight-through) in the learning loss, as SpinQuant does for its KV4 rows.
+            Off by default: on the bundled model it measured worse than learning without the
+            cache (docs/rotation.md). Needs ``learn=True``; ignored without a ``kv_cache`` or
+            with static (calibrated) KV scales, which do not exist yet while learning.
 
     Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache), ``"spinquant"``
     (the same with R1/R2 learned) and ``"quip"`` (input, output); pass the name as
@@ -380,6 +385,7 @@ class RotationArgs:
     learn: bool = False
     learn_steps: int = 100
     learn_lr: float = LEARN_LR
+    learn_kv: bool = False
 
     def __post_init__(self) -> None:
         rots = self.rotations
@@ -418,6 +424,11 @@ class RotationArgs:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"rotation.learn_lr must be a number > 0 (e.g. {LEARN_LR}); got {lr!r}")
         object.__setattr__(self, "learn_lr", float(lr))
+        if not isinstance(self.learn_kv, bool):
+            raise ValueError(f"rotation.learn_kv must be True or False; got {self.learn_kv!r}")
+        if self.learn_kv and not self.learn:
+            raise ValueError("rotation.learn_kv=True models the KV cache while rotations are learned; set learn=True "
+                             "as well (or drop learn_kv)")
         if not self.learn:
             return
         if not any(r in LEARNABLE_ROTATIONS for r in self.rotations):
@@ -463,6 +474,8 @@ class RotationArgs:
             d["balance_alpha"] = self.balance_alpha
         if self.learn:  # likewise
             d.update(learn=True, learn_steps=self.learn_steps, learn_lr=self.learn_lr)
+        if self.learn_kv:
+            d["learn_kv"] = True
         return d
 
     @property
@@ -480,5 +493,5 @@ class RotationArgs:
         return OnlineRotation(inp, out, self.seed, balance) if (inp or out) else None
 
     def describe(self) -> str:
-        learned = f" learned({self.learn_steps} steps)" if self.learn else ""
+        learned = f" learned({self.learn_steps} steps{', KV in the loss' if self.learn_kv else ''})" if self.learn else ""
         return "+".join(self.rotations) + f" seed{self.seed}" + learned

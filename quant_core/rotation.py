@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .args import RotationArgs
+from .args import KVArgs, RotationArgs
 from .config import LayerSpec
 from .kernels.hadamard import ScaledRotation, get_rotation, rotation_matrix, supported_size
 
@@ -407,8 +407,40 @@ def _loss_on(learner: _Learner, batches: list) -> float:
         return float(sum(float(_batch_loss(learner.model, b)) for b in batches) / len(batches))
 
 
+@contextlib.contextmanager
+def _kv_in_the_loss(model: nn.Module, kv: KVArgs | None) -> Iterator[None]:
+    """Within the block, every attention module fake-quantizes its new keys and values as the KV
+    cache ``kv`` (a :class:`~piecewise_quant.args.KVArgs`) would store them (R3 included when it
+    declares ``key_rotation``), with a straight-through gradient, so learned rotations see the
+    cache's error. Static (calibrated) scales do not exist yet while rotations are learned: the
+    cache is then not modelled."""
+    if kv is None or kv.static_scales:
+        yield
+        return
+    from .kv import fake_quantize_kv, key_rotation
+    from .kv_static import _modules_or_raise, _tap
+
+    def ste(x: torch.Tensor, axis: str, rot: Any = None) -> torch.Tensor:
+        with torch.no_grad():
+            q = rot(fake_quantize_kv(rot(x), kv, axis), inverse=True) if rot is not None \
+                else fake_quantize_kv(x, kv, axis)
+        return x + (q - x).detach()
+
+    def quantize(_module: nn.Module, k: torch.Tensor, v: torch.Tensor):
+        rot = key_rotation(k.shape[-1]) if kv.key_rotation else None
+        return ste(k, kv.key_axis, rot), ste(v, kv.value_axis)
+
+    handles = _tap(_modules_or_raise(model, "rotation.learn with a quantized KV cache"), lambda _name: quantize)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any,
-                    progress: bool = True, state: RotatedModel | None = None) -> dict[str, torch.Tensor]:
+                    progress: bool = True, state: RotatedModel | None = None,
+                    kv: KVArgs | None = None) -> dict[str, torch.Tensor]:
     """SpinQuant: optimise the fused rotations of ``model`` (already rotated by :func:`_fuse`) to
     minimise the calibration loss of the fake-quantized model, then fuse the learned orthogonal
     corrections into the weights in float64. Returns the learned rotations (``"R1"``: the whole
@@ -418,8 +450,10 @@ def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerS
     model whose planned layers have their weights rounded to nearest (a uniform grid of their bits
     and group size) and their inputs quantized as their spec says (dynamic per token), both with
     a straight-through gradient, and takes an Adam step on the skew-symmetric parameters ``A`` of
-    ``Q = cayley(A)``. Online rotations (R4) stay fixed and are modelled; the KV cache is not
-    quantized while learning."""
+    ``Q = cayley(A)``. Online rotations (R4) stay fixed and are modelled. ``kv``: the config's
+    KV cache (:class:`~piecewise_quant.args.KVArgs`, or ``None``); with ``args.learn_kv`` its
+    keys and values are fake-quantized in the loss too (straight-through), unless it uses static
+    scales."""
     if data is None:
         raise ValueError(
             "rotation.learn=True optimises the rotations on calibration data, and this call has none: use "
@@ -438,7 +472,7 @@ def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerS
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / args.learn_steps)
     was_training = model.training
     model.eval()
-    with learner.attached(), _restore_mode(model, was_training):
+    with learner.attached(), _restore_mode(model, was_training), _kv_in_the_loss(model, kv if args.learn_kv else None):
         start = _loss_on(learner, batches)
         bar = tqdm(range(args.learn_steps), desc="learning rotations", unit="step", disable=not progress)
         for step in bar:
@@ -632,12 +666,13 @@ def balance_scales(model: nn.Module, plan: dict[str, LayerSpec], names: list[str
 
 
 def rotate_model(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any = None,
-                 progress: bool = True) -> RotatedModel:
+                 progress: bool = True, kv: KVArgs | None = None) -> RotatedModel:
     """Apply ``args`` to the float ``model`` in place: fuse R1/R2 (and learn them when
     ``args.learn``), rotate the weights of the layers of ``plan`` that rotate online and hook their
     run-time rotations; ``data``: the calibration inputs ``"balance"`` measures its scales on and
-    learning optimises on. The caller records the model for undo first and calls
-    :meth:`RotatedModel.remove_hooks` when the layers are quantized (or on failure)."""
+    learning optimises on; ``kv``: the config's KV cache, modelled while learning. The caller
+    records the model for undo first and calls :meth:`RotatedModel.remove_hooks` when the layers
+    are quantized (or on failure)."""
     state = RotatedModel(fused=args.fused)
     if args.learn and data is None:
         learn_rotations(model, args, plan, None)  # raises, naming the fix, before anything changes
@@ -645,7 +680,7 @@ def rotate_model(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec
     _fuse(model, args)
     _check_same_function(model, before, tokens)
     if args.learn:
-        learn_rotations(model, args, plan, data, progress, state)
+        learn_rotations(model, args, plan, data, progress, state, kv)
         _check_same_function(model, before, tokens)
     balanced = _balanced(plan)
     scales = balance_scales(model, plan, balanced, data, args.balance_alpha) if balanced else {}
@@ -669,9 +704,10 @@ def _tie_flags(model: nn.Module) -> list[tuple[object, bool]]:
 
 @contextlib.contextmanager
 def rotated(model: nn.Module, args: RotationArgs | None, plan: dict[str, LayerSpec], undo=None,
-            data: Any = None, progress: bool = True) -> Iterator[RotatedModel | None]:
+            data: Any = None, progress: bool = True, kv: KVArgs | None = None) -> Iterator[RotatedModel | None]:
     """Rotate ``model`` for the body, which receives the :class:`RotatedModel` (``args`` ``None``:
-    nothing, and ``None``; ``data``: calibration inputs for ``"balance"`` and learning). An
+    nothing, and ``None``; ``data``: calibration inputs for ``"balance"`` and learning; ``kv``: the
+    config's KV cache, which learning models). An
     exception in the body, or in the rotation, puts the model back exactly as it was (``undo``:
     the caller's :class:`~piecewise_quant.calibration.undo.ModelUndo`, which must not have been
     restored yet; one is made when ``None``); the float layers' hooks are removed either way."""
@@ -686,7 +722,7 @@ def rotated(model: nn.Module, args: RotationArgs | None, plan: dict[str, LayerSp
     ties = _tie_flags(model)
     state = None
     try:
-        state = rotate_model(model, args, plan, data, progress)
+        state = rotate_model(model, args, plan, data, progress, kv)
         yield state
     except BaseException:
         if own:

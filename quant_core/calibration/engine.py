@@ -101,7 +101,7 @@ def calibrate(
         parent = name.rpartition(".")[0]
         undo.record_children(model.get_submodule(parent) if parent else model)
     try:
-        with rotated(model, config.rotation, run.plan, undo, data=batches, progress=run.progress):
+        with rotated(model, config.rotation, run.plan, undo, data=batches, progress=run.progress, kv=config.kv_cache):
             _run(run, batches)
     except BaseException:
         undo.restore()

@@ -5,6 +5,7 @@ refused."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -96,6 +97,50 @@ def test_the_fused_weights_carry_what_was_learned():
     assert end < start - 1e-3
     assert math.isclose(_fake_quant_loss(quarot, cfg, data), start, rel_tol=1e-4)
     assert math.isclose(_fake_quant_loss(learned, cfg, data), end, rel_tol=1e-4)
+
+
+def test_learn_kv_puts_the_quantized_kv_cache_in_the_learning_loss():
+    """With ``learn_kv`` and the config's KV cache given, learning's loss is that of the model whose
+    keys and values are fake-quantized as the cache stores them (2-bit here, so its error is
+    plain), the gradient passes through, and the learned rotation differs from the one learned
+    without the cache. Without ``learn_kv``, or with static (calibrated) scales, which do not exist
+    yet while learning, the cache is not modelled."""
+    from piecewise_quant.args import KVArgs
+    from piecewise_quant.integrations.transformers import kv_fake_quant
+
+    data, cfg = _data(), _config()
+    with_kv = dataclasses.replace(cfg.rotation, learn_kv=True)
+    kv = KVArgs(bits=2, group_size=16, residual_length=0)
+    static = KVArgs(bits=8, format="fp8", static_scales=True, residual_length=0)
+    base = tiny_llama()
+    _fuse(base, cfg.rotation)
+    runs = {}
+    for label, args, cache in (("none", cfg.rotation, None), ("kv2", with_kv, kv), ("kv2, learn_kv off", cfg.rotation, kv),
+                               ("static", with_kv, static)):
+        model, state = copy.deepcopy(base), RotatedModel()
+        learn_rotations(model, args, plan_layers(model, cfg), data, progress=False, state=state, kv=cache)
+        runs[label] = (state.learn_loss, state.learned["R1"])
+    (start, end), r1 = runs["kv2"]
+    (start_none, _), r1_none = runs["none"]
+    assert end < start - 1e-3  # learning lowers the loss with the cache in it
+    # the start loss is the fake-quantized model's with its K/V through the 2-bit cache
+    learner = _Learner(base, cfg.rotation, plan_layers(base, cfg))
+    with learner.attached(), kv_fake_quant(base, kv):
+        assert math.isclose(_loss_on(learner, data), start, rel_tol=1e-4)
+    assert start > start_none + 1e-3
+    assert float((r1 - r1_none).abs().max()) > 1e-4
+    for label in ("kv2, learn_kv off", "static"):
+        assert runs[label][0] == runs["none"][0] and torch.equal(runs[label][1], r1_none), label
+
+
+def test_learn_kv_is_saved_only_when_set_and_needs_learn():
+    args = RotationArgs.coerce({"rotations": ["R1", "R2"], "learn": True, "learn_kv": True})
+    assert args.to_dict()["learn_kv"] is True and RotationArgs.coerce(args.to_dict()) == args
+    assert "learn_kv" not in RotationArgs.coerce("spinquant").to_dict()
+    with pytest.raises(ValueError, match="learn=True"):
+        RotationArgs(learn_kv=True)
+    with pytest.raises(ValueError, match="learn_kv must be True or False"):
+        RotationArgs(learn=True, learn_kv="yes")
 
 
 def test_learning_only_r2_leaves_r1_random_and_needs_data():
