@@ -109,9 +109,9 @@ def build(model_name: str, variant: str, act_dtype: str, dry: bool):
 
 
 def transformers_speeds(models: dict, vocab: int, batches: list[int], tokens: int, repeats: int) -> dict[str, dict]:
-    """``{variant: {batch: median tok/s, "<batch> range": [min, max]}}``, the variants timed in turn
-    within each of ``repeats`` rounds, so a slow stretch of a shared machine falls on all of them
-    instead of on whichever variant happened to run then."""
+    """``{variant: {batch: median tok/s, "<batch> range": [min, max], "<batch> rounds": each round's}}``,
+    the variants timed in turn within each of ``repeats`` rounds, so a slow stretch of a shared
+    machine falls on all of them instead of on whichever variant happened to run then."""
     import torch
 
     rng = random.Random(0)

@@ -670,7 +670,8 @@ def rotate_model(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec
     """Apply ``args`` to the float ``model`` in place: fuse R1/R2 (and learn them when
     ``args.learn``), rotate the weights of the layers of ``plan`` that rotate online and hook their
     run-time rotations; ``data``: the calibration inputs ``"balance"`` measures its scales on and
-    learning optimises on; ``kv``: the config's KV cache, modelled while learning. The caller
+    learning optimises on; ``kv``: the config's KV cache, modelled while learning with
+    ``args.learn_kv``. The caller
     records the model for undo first and calls :meth:`RotatedModel.remove_hooks` when the layers
     are quantized (or on failure)."""
     state = RotatedModel(fused=args.fused)
@@ -707,7 +708,7 @@ def rotated(model: nn.Module, args: RotationArgs | None, plan: dict[str, LayerSp
             data: Any = None, progress: bool = True, kv: KVArgs | None = None) -> Iterator[RotatedModel | None]:
     """Rotate ``model`` for the body, which receives the :class:`RotatedModel` (``args`` ``None``:
     nothing, and ``None``; ``data``: calibration inputs for ``"balance"`` and learning; ``kv``: the
-    config's KV cache, which learning models). An
+    config's KV cache, which learning models with ``args.learn_kv``). An
     exception in the body, or in the rotation, puts the model back exactly as it was (``undo``:
     the caller's :class:`~piecewise_quant.calibration.undo.ModelUndo`, which must not have been
     restored yet; one is made when ``None``); the float layers' hooks are removed either way."""
