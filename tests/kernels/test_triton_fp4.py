@@ -35,7 +35,7 @@ GPU_CASES = [_case(f, d, m, n=n, k=k) for f in BLOCK for d in ("float16", "bfloa
 
 def _assert_case(kernel_worker, res, case):
     kernel_worker.assert_close(res, case, TOL[case["dtype"]], shape=[case["m"], case["n"]],
-                           path="skinny" if case["m"] <= 16 else "large")
+                               path="skinny" if case["m"] <= 16 else "large")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_matches_reference_on_gpu_at_realistic_shapes(kernel_worker):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     kernel_worker.assert_every_case(GPU_CASES, kernel_worker.run(__file__, GPU_CASES, "cuda", timeout=1800),
-                                   functools.partial(_assert_case, kernel_worker))
+                                    functools.partial(_assert_case, kernel_worker))
 
 
 # ----------------------------------------------------------------------------------------- worker

@@ -83,7 +83,7 @@ def test_matches_reference_on_gpu_at_realistic_shapes(kernel_worker):
         pytest.skip("needs a CUDA device")
     cases = GPU_CASES if torch.cuda.get_device_capability() >= (8, 9) else [c for c in GPU_CASES if c["kind"] == "int8"]
     kernel_worker.assert_every_case(cases, kernel_worker.run(__file__, cases, "cuda", timeout=1800),
-                                   functools.partial(_assert_case, kernel_worker))
+                                    functools.partial(_assert_case, kernel_worker))
 
 
 # ----------------------------------------------------------------------------------------- worker
