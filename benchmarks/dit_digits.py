@@ -443,20 +443,26 @@ def save_outputs(results: dict[str, Any], out_dir: Path, stem: str = "dit_digits
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str | None, asset: Path, steps: int, batch_size: int) -> argparse.ArgumentParser:
+    """The command line this script and ``text_digits.py`` share (train / evaluate a bundled model)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="?", choices=["train", "evaluate", "all"], default="evaluate")
     ap.add_argument("--quick", action="store_true", help="tiny training run and evaluation (seconds); outputs to --out")
-    ap.add_argument("--model", type=Path, default=ASSET, help="checkpoint directory (default: assets/dit-digits)")
+    ap.add_argument("--model", type=Path, default=asset, help=f"checkpoint directory (default: assets/{asset.name})")
     ap.add_argument("--out", type=Path, default=None, help="where JSON/PNG go (default: docs/, or a temp dir with --quick)")
-    ap.add_argument("--steps", type=int, default=3000, help="training steps")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=steps, help="training steps")
+    ap.add_argument("--batch-size", type=int, default=batch_size)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--per-class", type=int, default=50, help="generated images per digit")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps when generating")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="regular expression: evaluate only the matching rows (and float)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, ASSET, steps=3000, batch_size=128)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -438,20 +437,7 @@ def save_outputs(results: dict[str, Any], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", choices=["train", "evaluate", "all"], default="evaluate")
-    ap.add_argument("--quick", action="store_true", help="tiny training run and evaluation (seconds); outputs to --out")
-    ap.add_argument("--model", type=Path, default=ASSET, help="checkpoint directory (default: assets/text-digits)")
-    ap.add_argument("--out", type=Path, default=None, help="where JSON/PNG go (default: docs/, or a temp dir with --quick)")
-    ap.add_argument("--steps", type=int, default=6000, help="training steps")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--per-class", type=int, default=50, help="generated images per digit")
-    ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps when generating")
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default=None, help="regular expression: evaluate only the matching rows (and float)")
-    args = ap.parse_args(argv)
+    args = dd.parser(__doc__, ASSET, steps=6000, batch_size=64).parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         import tempfile
