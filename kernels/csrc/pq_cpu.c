@@ -552,6 +552,13 @@ AVX512 INLINE void i8_decode(const uint8_t *row, int64_t k, const int BITS, cons
                              __m512i *a, __m512i *b) {
     if (BITS == 4) {
         __m512i v = _mm512_loadu_si512(row + (k >> 1));
+        if (PW) {
+            /* lut repeats its 16 levels four times, and VPERMB reads only the low 6 bits of each
+             * index byte: the nibbles need no mask */
+            *a = _mm512_permutexvar_epi8(v, lut);
+            *b = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+            return;
+        }
         __m512i m4 = _mm512_set1_epi8(0x0f);
         *a = _mm512_and_si512(v, m4);
         *b = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
