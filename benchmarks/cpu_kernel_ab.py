@@ -27,6 +27,8 @@ CASES = {  # name -> (config fields, activation mode for ext.gemv: 0 float, 1 in
     "W8A8": (dict(grid="uniform", bits=8, group_size="channel", symmetric=True), 1),
     "W4 g128 uniform sym": (dict(grid="uniform", bits=4, group_size=128, symmetric=True), 0),
     "W4 g128 piecewise": (dict(grid="piecewise", bits=4, group_size=128), 0),
+    "W3 g128 piecewise": (dict(grid="piecewise", bits=3, group_size=128), 0),
+    "W2 g128 piecewise": (dict(grid="piecewise", bits=2, group_size=128), 0),
     "W4 g32 uniform sym": (dict(grid="uniform", bits=4, group_size=32, symmetric=True), 0),
     "MXFP4": (dict(grid="mxfp4", bits=4, group_size=32), 0),
 }

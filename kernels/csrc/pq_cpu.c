@@ -500,8 +500,8 @@ typedef struct {
     float *yacc;       /* [M][N] */
     const uint8_t *codes_end; /* one past the last code byte (prefetches stay inside) */
     int sg;            /* groups smaller than a block (16, 32 or 64 weights): i8_rows_sg */
-    const uint8_t *lut64; /* [T][64] lut8's tables, each repeated four times: one aligned load per
-                             group instead of a 16-byte broadcast */
+    const uint8_t *lut64; /* [T][64] lut8's tables, each repeated every 2^b entries: one aligned load
+                             per group instead of a 16-byte broadcast, and VPERMB's table */
 } i8_job_t;
 
 #ifndef PF_ROWS
@@ -550,15 +550,26 @@ AVX512 static i8dec_t make_i8dec(void) {
 /* 128 weights of one row starting at code k -> two vectors of 64 unsigned bytes */
 AVX512 INLINE void i8_decode(const uint8_t *row, int64_t k, const int BITS, const int PW, __m512i lut, const i8dec_t *d,
                              __m512i *a, __m512i *b) {
-    if (BITS == 4) {
-        __m512i v = _mm512_loadu_si512(row + (k >> 1));
-        if (PW) {
-            /* lut repeats its 16 levels four times, and VPERMB reads only the low 6 bits of each
-             * index byte: the nibbles need no mask */
-            *a = _mm512_permutexvar_epi8(v, lut);
-            *b = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
-            return;
+    if (PW) {
+        /* lut (lut64) repeats its levels every 2^BITS entries and VPERMB reads only the low 6 bits of
+         * each index byte: the codes need no mask */
+        __m512i ia, ib;
+        if (BITS == 4) {
+            ia = _mm512_loadu_si512(row + (k >> 1));
+            ib = _mm512_srli_epi16(ia, 4);
+        } else if (BITS == 3) {
+            __m512i v = _mm512_maskz_loadu_epi8(0xffffffffffffull, row + (k * 3 >> 3));
+            ia = _mm512_multishift_epi64_epi8(d->ms_ctrl, _mm512_permutexvar_epi8(d->perm_a, v));
+            ib = _mm512_multishift_epi64_epi8(d->ms_ctrl, _mm512_permutexvar_epi8(d->perm_b, v));
+        } else {
+            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + (k >> 2))));
+            ia = _mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2));
+            ib = _mm512_srlv_epi64(v, _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6));
         }
+        *a = _mm512_permutexvar_epi8(ia, lut);
+        *b = _mm512_permutexvar_epi8(ib, lut);
+    } else if (BITS == 4) {
+        __m512i v = _mm512_loadu_si512(row + (k >> 1));
         __m512i m4 = _mm512_set1_epi8(0x0f);
         *a = _mm512_and_si512(v, m4);
         *b = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -575,10 +586,6 @@ AVX512 INLINE void i8_decode(const uint8_t *row, int64_t k, const int BITS, cons
     } else {
         *a = _mm512_loadu_si512(row + k);
         *b = _mm512_loadu_si512(row + k + 64);
-    }
-    if (PW) {
-        *a = _mm512_shuffle_epi8(lut, *a);
-        *b = _mm512_shuffle_epi8(lut, *b);
     }
 }
 
@@ -714,15 +721,25 @@ AVX512 INLINE void i8_rows_ids(const i8_job_t *J, int64_t n0, const int NB, cons
     i8_begin(J, n0, NB, MO, C, PW, &sg, &bsg, tot, rows);
     __m512i lut[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const int64_t vpg = VB ? 1 : bpg / vb;
+    /* PAIRS: both rows' b-bit table ids are adjacent bits of one or two bytes at the same place in
+     * every group's row of aux: one load instead of two load_field calls (benchmarks/cpu_kernel_ab.py,
+     * one thread, 4096x4096 piecewise W4 g128, one row: 1.12-1.25x hot, ~1.05x cold) */
+    const int64_t pbyte = n0 * BITS >> 3;
+    const int psh = (int)(n0 * BITS & 7), ptwo = psh + 2 * BITS > 8;
+    const unsigned pmask = (1u << BITS) - 1;
     int64_t blk0 = 0;
     for (int64_t g = 0; g < G; g++) {
         if (PAIRS) {
-            /* both rows' 4-bit table ids share one byte: one load instead of two load_field calls
-             * (benchmarks/cpu_kernel_ab.py, one thread, 4096x4096 piecewise W4 g128, one row:
-             * 1.12-1.25x hot, ~1.05x cold) */
-            const unsigned v = L->aux[g * L->aux_stride + (n0 >> 1)];
-            lut[0] = _mm512_load_si512(J->lut64 + 64 * (v & 15u));
-            lut[1] = _mm512_load_si512(J->lut64 + 64 * (v >> 4));
+            const uint8_t *ap = L->aux + g * L->aux_stride + pbyte;
+            unsigned v = ap[0];
+            if (BITS == 4) { /* the two nibbles of one byte: no shift to compute (measured 1.07-1.1x) */
+                lut[0] = _mm512_load_si512(J->lut64 + 64 * (v & 15u));
+                lut[1] = _mm512_load_si512(J->lut64 + 64 * (v >> 4));
+            } else {
+                if (ptwo) v |= (unsigned)ap[1] << 8;
+                lut[0] = _mm512_load_si512(J->lut64 + 64 * ((v >> psh) & pmask));
+                lut[1] = _mm512_load_si512(J->lut64 + 64 * ((v >> (psh + BITS)) & pmask));
+            }
         } else if (PW)
             for (int r = 0; r < NB; r++) lut[r] = _mm512_load_si512(J->lut64 + 64 * load_field(L, n0 + r, g));
         __m512 sv[2];
@@ -753,11 +770,11 @@ AVX512 INLINE void i8_rows_ids(const i8_job_t *J, int64_t n0, const int NB, cons
 }
 
 /* NB rows x MO activation rows; P pieces summed into C float accumulators. A pair of piecewise
- * 4-bit rows whose table ids share a byte gets its own loop (PAIRS), not a test per group. */
+ * rows (b <= 4, per group) reads both table ids in one load, in a loop of its own (PAIRS). */
 AVX512 INLINE void i8_rows(const i8_job_t *J, int64_t n0, const int NB, const int MO, int64_t m0, const i8dec_t *dec,
                            const int BITS, const int P, const int PW, const int VB) {
     const layer_t *L = J->L;
-    if (PW && BITS == 4 && NB == 2 && L->kind == KIND_PW && !L->per_tensor && (n0 & 1) == 0)
+    if (PW && BITS <= 4 && NB == 2 && L->kind == KIND_PW && !L->per_tensor && (n0 & 1) == 0)
         i8_rows_ids(J, n0, NB, MO, m0, dec, BITS, P, PW, VB, 1);
     else
         i8_rows_ids(J, n0, NB, MO, m0, dec, BITS, P, PW, VB, 0);
@@ -1611,8 +1628,9 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
             _Alignas(64) uint8_t lut64[16 * 64];
             if (L.lut8) {
                 const int T = L.kind == KIND_PW ? 1 << L.bits : 1;
+                const int period = 1 << L.bits; /* b <= 4: i8_supported excludes piecewise 8-bit */
                 for (int t = 0; t < T; t++)
-                    for (int c = 0; c < 4; c++) memcpy(lut64 + 64 * t + 16 * c, L.lut8 + 16 * t, 16);
+                    for (int i = 0; i < 64; i++) lut64[64 * t + i] = L.lut8[16 * t + (i & (period - 1))];
             }
             i8_job_t J = {&L, xq, xg, sc, M, P, C, sg ? 1 : vb, sg ? L.K / I8_BLK : L.K / I8_BLK / vb, sg ? 1 : bpg,
                           yacc, L.codes + L.N * L.code_stride, sg, lut64};
