@@ -107,13 +107,14 @@ def test_non_contiguous_3d_inputs_bias_and_empty_batches():
 
 @pytest.mark.parametrize("act_bits,mode,topk", [(8, "dynamic_per_token", 0), (8, "dynamic_per_token", 2),
                                                 (4, "dynamic_per_token", 0), (8, "static_per_tensor", 0)])
-@pytest.mark.parametrize("grid,bits,sym", [("uniform", 8, True), ("uniform", 4, False), ("piecewise", 4, None)])
+@pytest.mark.parametrize("grid,bits,sym", [("uniform", 8, True), ("uniform", 4, False), ("piecewise", 4, None),
+                                           ("piecewise", 3, None)])
 def test_integer_activations_follow_the_reference_quantizer(grid, bits, sym, act_bits, mode, topk):
     q = _quantized(grid, bits, "channel" if bits == 8 else 128, sym, act_bits=act_bits, act_mode=mode,
                    act_topk=topk, act_clip_ratio=0.9)
     if q.act_scale is not None:
         q.act_scale.fill_(0.02)
-    for m in (1, 4, cpu_backend.GEMV_MAX_ROWS + 3):
+    for m in (1, 2, 4, cpu_backend.GEMV_MAX_ROWS + 3):  # 2: row pairs times two activation rows
         x = torch.randn(m, q.in_features)
         _, act = q.act_quantizer.prepare(x)
         xq = reference.quantize_activation(x, act.format, act.mode, act.scale, act.clip_ratio, act.topk)
