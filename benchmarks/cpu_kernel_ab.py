@@ -26,6 +26,8 @@ from piecewise_quant.kernels import cpu_backend as cb
 CASES = {  # name -> (config fields, activation mode for ext.gemv: 0 float, 1 int8 dynamic per token)
     "W8A8": (dict(grid="uniform", bits=8, group_size="channel", symmetric=True), 1),
     "W4 g128 uniform sym": (dict(grid="uniform", bits=4, group_size=128, symmetric=True), 0),
+    "W4 g128 uniform asym": (dict(grid="uniform", bits=4, group_size=128, symmetric=False), 0),
+    "W3 g128 uniform asym": (dict(grid="uniform", bits=3, group_size=128, symmetric=False), 0),
     "W4 g128 piecewise": (dict(grid="piecewise", bits=4, group_size=128), 0),
     "W3 g128 piecewise": (dict(grid="piecewise", bits=3, group_size=128), 0),
     "W2 g128 piecewise": (dict(grid="piecewise", bits=2, group_size=128), 0),

@@ -620,6 +620,18 @@ AVX512 INLINE void row_groups(const layer_t *L, int64_t n, float mult, int pw, f
     if (pw || L->kind == KIND_SYM) {
         float b = pw ? 64.0f : (float)L->half;
         for (int64_t g = 0; g < G; g++) bsg[g] = b * sg[g];
+    } else if (L->kind == KIND_ASYM && !L->per_tensor) {
+        /* zero points: the same bit field in every group's row of aux, read through locals (the
+         * float stores may alias L under -fno-strict-aliasing, so load_field reloaded L each group) */
+        const uint8_t *aux = L->aux + (n * L->bits >> 3);
+        const int64_t stride = L->aux_stride;
+        const int sh = (int)(n * L->bits & 7), two = sh + (int)L->bits > 8;
+        const unsigned mask = (1u << L->bits) - 1;
+        for (int64_t g = 0; g < G; g++) {
+            unsigned v = aux[g * stride];
+            if (two) v |= (unsigned)aux[g * stride + 1] << 8;
+            bsg[g] = (float)((v >> sh) & mask) * sg[g];
+        }
     } else
         for (int64_t g = 0; g < G; g++) bsg[g] = (float)load_field(L, n, g) * sg[g];
 }
