@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from pq_bench import load_script
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -17,11 +16,7 @@ SCRIPT = REPO / "benchmarks" / "kv_grid.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("kv_grid_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "kv_grid_script")
 
 
 def test_quick_run(tmp_path, capsys):

@@ -3,18 +3,16 @@ bundled model 20 times; its pieces are the tested ``calibrate`` and ``perplexity
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
+
+from pq_bench import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lowrank.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("lowrank_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "lowrank_bench")
 
 
 def test_cost_rows_time_the_layer_with_and_without_the_branch():

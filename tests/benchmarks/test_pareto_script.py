@@ -3,12 +3,11 @@ planned point fits its model, and the 3-bit outlier points fit 3.3 bits per weig
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from pq_bench import load_script
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -18,12 +17,7 @@ SCRIPT = REPO / "benchmarks" / "pareto.py"
 
 
 def _load():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("pareto_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "pareto_script")
 
 
 def test_committed_results_render_to_the_committed_table(tmp_path, capsys):

@@ -4,25 +4,18 @@ skipped when a peer is not installed); availability reporting and errors (fast).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
+from pq_bench import load_script
 
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def _load_peers():
-    spec = importlib.util.spec_from_file_location("benchmark_peers", REPO / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load_peers()
+peers = load_script(REPO / "benchmarks" / "peers.py", "benchmark_peers")
 
 # peer key -> exact bits per weight on the float32 tiny Llama at 4 bits, group 128
 EXPECTED_BPW = {

@@ -3,26 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from pq_bench import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rotation.py"
 
 
-def _module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("rotation_bench", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return mod
-
-
 def test_llama_windows_set_every_calibrated_rows_sample_count():
-    mod = _module()
+    mod = load_script(SCRIPT, "rotation_bench")
     for windows in (32, 7):
         rows = mod.llama_rows(windows)
         cals = [kw["calibration"] for _, _, kw, _ in rows if kw.get("calibration") is not None]

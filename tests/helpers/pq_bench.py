@@ -1,12 +1,28 @@
-"""Running a benchmark script's ``--quick`` mode from a test (on ``sys.path`` through pytest's ``pythonpath``)."""
+"""Loading a benchmark script, or running its ``--quick`` mode, from a test (on ``sys.path`` through pytest's
+``pythonpath``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A benchmark script as a module named ``name``: its folder on ``sys.path`` (scripts import their
+    siblings, at load or later) and the module in ``sys.modules`` (dataclasses look their module up there)."""
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def quick_table_rows(repo_root: Path, script: str, out: Path, timeout: int = 600) -> tuple[dict[str, list[str]], str]:
