@@ -510,6 +510,9 @@ typedef struct {
 #ifndef PF_LINES
 #define PF_LINES 2
 #endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 
 /* the kernel-order position j (0..127) of a 128-block reads activation element i8_src(bits, j) */
 static inline int i8_src(int bits, int j) {
@@ -669,7 +672,7 @@ AVX512 INLINE void i8_prefetch(const i8_job_t *J, const uint8_t **rows, const in
     for (int r = 0; r < NB; r++) {
         const uint8_t *ahead = rows[r] + PF_ROWS * J->L->code_stride + PF_LINES * ((k * BITS) >> 3);
         for (int l = 0; l < PF_LINES * (BITS > 4 ? 2 : 1); l++)
-            if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, _MM_HINT_T0);
+            if (ahead + 64 * l < J->codes_end) _mm_prefetch((const char *)ahead + 64 * l, PF_HINT);
     }
 }
 
