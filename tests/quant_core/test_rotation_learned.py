@@ -252,7 +252,10 @@ def test_learning_models_the_value_bias_of_a_qwen2_block():
     _fuse(model, cfg.rotation)
     state = RotatedModel()
     learn_rotations(model, cfg.rotation, plan_layers(model, cfg), data, progress=False, state=state)
-    assert math.isclose(_fake_quant_loss(model, cfg, data), state.learn_loss[1], rel_tol=1e-4)
+    # learning rotates in float32, the fusion in float64: on a 4-bit grid a few weights round the other way,
+    # and how many depends on the machine's GEMM (7e-4 relative on an Intel Xeon with AMX, within 1e-4 on
+    # AMD EPYC). Leaving v's bias unrotated while learning moves the loss by 3e-2.
+    assert math.isclose(_fake_quant_loss(model, cfg, data), state.learn_loss[1], rel_tol=5e-3)
     hooks = RotatedModel()
     for name, layer in plan_layers(model, cfg).items():  # R4's run-time side, as rotate_model adds it
         if layer.rotation is not None:
