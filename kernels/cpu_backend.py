@@ -334,16 +334,22 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
     GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end."""
     qmax = _ACT_QMAX[act_format]
     xf = x2.to(torch.float32)
-    if not bool(torch.isfinite(xf).all()):
-        return None  # NaN/Inf have no integer code: the reference propagates them
+    if act_mode == "static_per_tensor" or topk > 0:
+        if not bool(torch.isfinite(xf).all()):
+            return None  # NaN/Inf have no integer code: the reference propagates them
     if act_mode == "static_per_tensor":
         scale = act_scale.to(torch.float32).reshape(1, 1)
-    else:
+    elif topk > 0:
         mag = xf.abs()
-        rng = mag.topk(min(topk + 1, mag.shape[-1]), dim=-1).values[..., -1:] if topk > 0 else mag.amax(-1, keepdim=True)
+        scale = mag.topk(min(topk + 1, mag.shape[-1]), dim=-1).values[..., -1:] * clip / qmax
+    else:
+        # the absolute maximum in one pass; a NaN or Inf anywhere in a row makes its maximum non-finite
+        rng = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+        if not bool(torch.isfinite(rng).all()):
+            return None
         scale = rng * clip / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    qx = torch.clamp(torch.round(xf / safe), -qmax, qmax).to(torch.int8)
+    qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
     levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
     torch.bitwise_xor(qweight, 0x80, out=levels)
     acc = torch._int_mm(qx, levels.view(torch.int8).t())

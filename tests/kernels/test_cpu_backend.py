@@ -141,6 +141,37 @@ def test_w8a8_many_rows_run_torch_int8_gemm_on_the_stored_codes(group, dtype, mo
     assert cpu_backend.explain("uniform_sym", 8, -1, 256, dtype, "int8", rows=48) == "cpu int8 GEMM (torch._int_mm)"
 
 
+@pytest.mark.parametrize("topk", [0, 2])
+def test_w8a8_many_rows_quantize_activations_bit_for_bit_like_the_reference(topk, monkeypatch):
+    q = _quantized("uniform", 8, "channel", True, act_bits=8, act_topk=topk)
+    captured = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: captured.append(a.clone()) or real(a, b))
+    x = torch.randn(cpu_backend.INT8_GEMM_MIN_ROWS + 3, q.in_features) * torch.logspace(-3, 3, q.in_features)
+    x[1] = 0.0  # a zero row: scale 1, codes 0
+    q(x)
+    assert len(captured) == 1
+    xf = x.float()
+    mag = xf.abs()
+    rng = mag.topk(topk + 1, dim=-1).values[..., -1:] if topk else mag.amax(-1, keepdim=True)
+    scale = rng / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = reference.quantize_activation(x, "int8", "dynamic_per_token", None, 1.0, topk)
+    assert torch.equal(captured[0].float() * scale, xq)
+
+
+def test_w8a8_many_rows_give_inf_rows_what_the_reference_gives(monkeypatch):
+    q = _quantized("uniform", 8, "channel", True, act_bits=8, bias=True)
+    x = torch.randn(cpu_backend.INT8_GEMM_MIN_ROWS + 1, 256)
+    x[2, 5] = float("inf")
+    x[4, 9] = float("-inf")
+    y = q(x)
+    monkeypatch.setenv(ENV_FORCE, "reference")
+    expected = q(x)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert torch.allclose(y.nan_to_num(), expected.nan_to_num(), atol=1e-5)
+
+
 def test_fp8_activations_follow_the_reference_quantizer():
     q = _quantized("fp8", 8, "channel", act_bits=8, act_format="fp8")
     x = torch.randn(2, q.in_features)
