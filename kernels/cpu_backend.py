@@ -334,20 +334,16 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
     GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end."""
     qmax = _ACT_QMAX[act_format]
     xf = x2.to(torch.float32)
-    if act_mode == "static_per_tensor" or topk > 0:
-        if not bool(torch.isfinite(xf).all()):
-            return None  # NaN/Inf have no integer code: the reference propagates them
-    if act_mode == "static_per_tensor":
-        scale = act_scale.to(torch.float32).reshape(1, 1)
-    elif topk > 0:
-        mag = xf.abs()
-        scale = mag.topk(min(topk + 1, mag.shape[-1]), dim=-1).values[..., -1:] * clip / qmax
-    else:
+    if act_mode == "dynamic_per_token" and topk == 0:
         # the absolute maximum in one pass; a NaN or Inf anywhere in a row makes its maximum non-finite
         rng = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
-        if not bool(torch.isfinite(rng).all()):
-            return None
+        finite = torch.isfinite(rng).all()
         scale = rng * clip / qmax
+    else:
+        finite = torch.isfinite(xf).all()
+        scale = _row_scales(xf, act_format, act_mode, act_scale, clip, topk).unsqueeze(-1)
+    if not bool(finite):
+        return None  # NaN/Inf have no integer code: the reference propagates them
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
     levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
