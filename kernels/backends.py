@@ -85,6 +85,11 @@ def registered_backends() -> dict[str, KernelBackend]:
     return dict(_BACKENDS)
 
 
+def is_registered(name: str) -> bool:
+    """Whether a backend named ``name`` is registered (without copying the registry)."""
+    return name in _BACKENDS
+
+
 def select_backend(
     device_type: str, weight_format: str, bits: int, group_size: int, dtype: torch.dtype, act_format: str
 ) -> KernelBackend | None:

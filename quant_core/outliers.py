@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TENSORS", "per_group", "group_width", "index_dtype", "dense_layer", "outlier_layout", "select",
     "fit_without", "encode_with", "outlier_tensors", "gptq_select", "outlier_matrix", "add_to_weight",
-    "global_columns", "split_tensors", "has_outliers",
+    "global_columns", "split_tensors", "has_outliers", "check_positions",
 ]
 
 IDX, VALS = "outlier_idx", "outlier_vals"
@@ -203,8 +203,21 @@ def global_columns(idx: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
     return idx.to(torch.int64) + base
 
 
+def check_positions(idx: torch.Tensor, layer: LayerSpec) -> None:
+    """Refuse stored positions outside their group (a corrupt checkpoint, or one written for
+    another group size) before anything reads through them."""
+    width = group_width(layer)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
+        raise ValueError(
+            f"outliers of layer {layer.name!r}: a stored position lies outside its group of {width} "
+            f"(outlier_idx holds {int(idx.min())}..{int(idx.max())}); the checkpoint is corrupt "
+            "or was written for another group size: quantize the layer again"
+        )
+
+
 def add_to_weight(weight: torch.Tensor, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
     """``weight`` (the dense part, ``(out, in)``) plus the stored corrections."""
+    check_positions(tensors[IDX], layer)
     cols = global_columns(tensors[IDX], layer).to(weight.device)
     return weight.scatter_add(1, cols, tensors[VALS].to(device=weight.device, dtype=weight.dtype))
 
@@ -223,7 +236,7 @@ def outlier_matrix(buffers: Any, layer: LayerSpec, cached: Any = None) -> Any:
     key = (idx.data_ptr(), vals.data_ptr(), idx._version, vals._version, idx.device)
     if cached is not None and cached.key == key:
         return cached
-    return OutlierMatrix(global_columns(idx, layer), vals, layer.in_features, key)
+    return OutlierMatrix(idx, vals, layer.in_features, per_group(layer), group_width(layer), key, layer.name)
 
 
 def layout(fmt: "WeightFormat", layer: LayerSpec) -> dict[str, "TensorLayout"]:

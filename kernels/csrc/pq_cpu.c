@@ -1871,6 +1871,201 @@ static PyObject *py_hadamard(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------------------------------- */
+/* dense-and-sparse outliers: y += x S^T (kernels/sparse_add.py, quant_core/outliers.py)          */
+
+/* S is stored ELL-like: every output row keeps `kpg` entries in each of its groups of `width`
+ * inputs; idx (N, per_row) holds each entry's position inside its group (1, 2 or 4 bytes, signed for
+ * 2 and 4), vals (N, per_row) its float16 value. Entry j of a row sits in column base[j] + idx[j]
+ * with base[j] = (j / kpg) * width, the same for every row. A position outside its group (a corrupt
+ * checkpoint) is never read through: the row is skipped and the call reports it. */
+#define OADD_MB 64     /* activation rows per pass */
+#define OADD_GATHER 4  /* below this many rows, gather from the activation rows; else from a transposed block */
+typedef struct {
+    const float *x; /* mb < OADD_GATHER: mb rows with row stride xs; else the block transposed, (K, xs) */
+    int64_t xs, mb;
+    void *y;
+    int ydt;
+    int64_t ys, N, per_row, width;
+    const void *idx;
+    int ib;
+    const uint16_t *vals;
+    const int32_t *base;
+    atomic_int bad;
+} oadd_job_t;
+
+INLINE int32_t oadd_idx(const void *idx, int ib, int64_t i) {
+    if (ib == 1) return ((const uint8_t *)idx)[i];
+    if (ib == 2) return ((const int16_t *)idx)[i];
+    return ((const int32_t *)idx)[i];
+}
+
+AVX2 static inline __m256i oadd_pos8(const uint8_t *ir, int ib, int64_t j) {
+    return ib == 1   ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ir + j)))
+           : ib == 2 ? _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(ir + 2 * j)))
+                     : _mm256_loadu_si256((const __m256i *)(ir + 4 * j));
+}
+
+INLINE void oadd_store(oadd_job_t *J, int64_t m, int64_t o, float s) {
+    int64_t at = m * J->ys + o;
+    if (J->ydt == DT_F32) ((float *)J->y)[at] += s;
+    else if (J->ydt == DT_BF16) ((uint16_t *)J->y)[at] = bf16_rne(load_x(J->y, DT_BF16, at) + s);
+    else ((uint16_t *)J->y)[at] = half_rne(load_x(J->y, DT_F16, at) + s);
+}
+
+/* one output row from a transposed block of activations (K, 8 * NV floats): each entry scales one
+ * contiguous column; the row's columns and values are decoded 64 at a time */
+AVX2 static inline __attribute__((always_inline)) void oadd_rowT(oadd_job_t *J, int64_t o, const uint8_t *ir,
+                                                                 const uint16_t *vr, const int NV) {
+    _Alignas(32) int32_t col[64];
+    _Alignas(32) float val[64];
+    __m256 acc[8];
+    for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();
+    const int64_t R = J->per_row, mp = J->xs;
+    for (int64_t j0 = 0; j0 < R; j0 += 64) {
+        const int64_t n = R - j0 < 64 ? R - j0 : 64, n8 = n & ~(int64_t)7;
+        for (int64_t j = 0; j < n8; j += 8) {
+            __m256i c = _mm256_add_epi32(oadd_pos8(ir, J->ib, j0 + j), _mm256_loadu_si256((const __m256i *)(J->base + j0 + j)));
+            _mm256_store_si256((__m256i *)(col + j), _mm256_mullo_epi32(c, _mm256_set1_epi32((int32_t)mp)));
+            _mm256_store_ps(val + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + j0 + j))));
+        }
+        for (int64_t j = n8; j < n; j++) {
+            col[j] = (J->base[j0 + j] + oadd_idx(ir, J->ib, j0 + j)) * (int32_t)mp;
+            val[j] = half_to_float(vr[j0 + j]);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 v = _mm256_broadcast_ss(val + j);
+            const float *xc = J->x + col[j];
+            for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xc + 8 * i), acc[i]);
+        }
+    }
+    _Alignas(32) float s[64];
+    for (int i = 0; i < NV; i++) _mm256_store_ps(s + 8 * i, acc[i]);
+    for (int64_t m = 0; m < J->mb; m++) oadd_store(J, m, o, s[m]);
+}
+
+AVX2 static void oadd_task(void *ctx, int part, int nparts) {
+    oadd_job_t *J = ctx;
+    const int64_t n0 = J->N * part / nparts, n1 = J->N * (part + 1) / nparts, R = J->per_row;
+    const int64_t R8 = R & ~(int64_t)7;
+    const __m256i lim = _mm256_set1_epi32((int32_t)J->width - 1), zero = _mm256_setzero_si256();
+    const int gather = J->mb < OADD_GATHER;
+    int bad = 0;
+    for (int64_t o = n0; o < n1; o++) {
+        const uint8_t *ir = (const uint8_t *)J->idx + o * R * J->ib;
+        const uint16_t *vr = J->vals + o * R;
+        __m256i out = zero;
+        for (int64_t j = 0; j < R8; j += 8) {
+            __m256i p = oadd_pos8(ir, J->ib, j);
+            out = _mm256_or_si256(out, _mm256_or_si256(_mm256_cmpgt_epi32(p, lim), _mm256_cmpgt_epi32(zero, p)));
+        }
+        int row_bad = !_mm256_testz_si256(out, out);
+        for (int64_t j = R8; j < R; j++) {
+            int32_t p = oadd_idx(ir, J->ib, j);
+            row_bad |= p < 0 || p >= J->width;
+        }
+        if (row_bad) {
+            bad = 1;
+            continue;
+        }
+        if (gather) {
+            for (int64_t m = 0; m < J->mb; m++) {
+                const float *xm = J->x + m * J->xs;
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t j = 0; j < R8; j += 8) {
+                    __m256i col = _mm256_add_epi32(oadd_pos8(ir, J->ib, j), _mm256_loadu_si256((const __m256i *)(J->base + j)));
+                    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + j)));
+                    acc = _mm256_fmadd_ps(v, _mm256_i32gather_ps(xm, col, 4), acc);
+                }
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                float s = _mm_cvtss_f32(h);
+                for (int64_t j = R8; j < R; j++) s += half_to_float(vr[j]) * xm[J->base[j] + oadd_idx(ir, J->ib, j)];
+                oadd_store(J, m, o, s);
+            }
+        } else {
+            switch (J->xs / 8) {
+            case 1: oadd_rowT(J, o, ir, vr, 1); break;
+            case 2: oadd_rowT(J, o, ir, vr, 2); break;
+            case 3: oadd_rowT(J, o, ir, vr, 3); break;
+            case 4: oadd_rowT(J, o, ir, vr, 4); break;
+            case 5: oadd_rowT(J, o, ir, vr, 5); break;
+            case 6: oadd_rowT(J, o, ir, vr, 6); break;
+            case 7: oadd_rowT(J, o, ir, vr, 7); break;
+            default: oadd_rowT(J, o, ir, vr, 8); break;
+            }
+        }
+    }
+    if (bad) atomic_store(&J->bad, 1);
+}
+
+/* outlier_add(x, x_dtype, M, x_stride, y, y_dtype, y_stride, idx, idx_bytes, vals, N, per_row, kpg,
+ *             width, K, nthreads) -> bool: y (M, N) += x (M, K) S^T in place, accumulated in float32
+ * and rounded once into y's dtype. False: some row held a position outside its group (nothing is
+ * added for such rows). */
+static PyObject *py_outlier_add(PyObject *self, PyObject *args) {
+    unsigned long long x, y, idx, vals;
+    int xdt, ydt, ib, nt;
+    long long M, xs, ys, N, R, kpg, width, K;
+    if (!PyArg_ParseTuple(args, "KiLLKiLKiKLLLLLi", &x, &xdt, &M, &xs, &y, &ydt, &ys, &idx, &ib, &vals, &N, &R, &kpg,
+                          &width, &K, &nt))
+        return NULL;
+    if (xdt < 0 || xdt > 2 || ydt < 0 || ydt > 2 || !(ib == 1 || ib == 2 || ib == 4) || N < 0 || R < 0 || kpg < 1 ||
+        R % kpg || width < 1 || K < 1 || K > INT32_MAX / OADD_MB || (R / kpg) * width > K) {
+        PyErr_SetString(PyExc_ValueError, "outlier_add: inconsistent outlier layout");
+        return NULL;
+    }
+    if (tier_limit() < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX2/FMA: the CPU kernels cannot run");
+        return NULL;
+    }
+    if (M <= 0 || N == 0 || R == 0) Py_RETURN_TRUE;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    int32_t *base = scratch(2, (size_t)R * 4);
+    const int64_t MB = M < OADD_GATHER ? M : (M < OADD_MB ? M : OADD_MB);
+    const int64_t MP = (MB + 7) & ~(int64_t)7;
+    const int tr = MB >= OADD_GATHER;
+    float *xf = (tr || xdt != DT_F32) ? scratch(1, (size_t)(MP * K) * 4) : NULL;
+    if (!base || ((tr || xdt != DT_F32) && !xf)) ok = -1;
+    else {
+        for (int64_t j = 0; j < R; j++) base[j] = (int32_t)((j / kpg) * width);
+        int threads = nt;
+        if (threads < 1) threads = 1;
+        if (threads > MAX_THREADS) threads = MAX_THREADS;
+        if (MB * N * R < (1LL << 22)) threads = 1;
+        for (int64_t m0 = 0; m0 < M && ok == 1; m0 += MB) {
+            int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const float *xr = (const float *)(uintptr_t)x + m0 * xs;
+            int64_t xrs = xs;
+            const void *xv = (const void *)(uintptr_t)x;
+            if (tr) {
+                for (int64_t k = 0; k < K; k++) {
+                    float *c = xf + k * MP;
+                    for (int64_t m = 0; m < mb; m++) c[m] = load_x(xv, xdt, (m0 + m) * xs + k);
+                    for (int64_t m = mb; m < MP; m++) c[m] = 0.0f;
+                }
+                xr = xf;
+                xrs = MP;
+            } else if (xdt != DT_F32) {
+                for (int64_t m = 0; m < mb; m++)
+                    for (int64_t k = 0; k < K; k++) xf[m * K + k] = load_x(xv, xdt, (m0 + m) * xs + k);
+                xr = xf;
+                xrs = K;
+            }
+            oadd_job_t J = {xr, xrs, mb, (char *)(uintptr_t)y + m0 * ys * (ydt == DT_F32 ? 4 : 2), ydt, ys, N, R, width,
+                            (const void *)(uintptr_t)idx, ib, (const uint16_t *)(uintptr_t)vals, base, 0};
+            pool_run(oadd_task, &J, threads);
+            if (atomic_load(&J.bad)) ok = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (ok < 0) return PyErr_NoMemory();
+    if (!ok) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------------------------------- */
 /* decode attention over a quantized KV cache (integrations/transformers/kv_cache.py)           */
 
 /* One packed K or V history segment (quant_core/kv.py's KVQTensor): codes packed along head_dim,
@@ -2494,6 +2689,7 @@ static PyMethodDef methods[] = {
     {"kv_quantize", py_kv_quantize, METH_VARARGS, "Quantize K/V rows per token (quant_core/kv.py's quantize_kv, bit for bit)."},
     {"kv_piecewise", py_kv_piecewise, METH_VARARGS, "Piecewise K/V quantization of contiguous groups (breakpoint search)."},
     {"kv_attend", py_kv_attend, METH_VARARGS, "Decode attention over a quantized KV cache (packed history, float window)."},
+    {"outlier_add", py_outlier_add, METH_VARARGS, "y += x S^T for dense-and-sparse outliers (kernels/sparse_add.py)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},
 };

@@ -127,6 +127,96 @@ def test_sparse_add_matches_the_float64_reference(m):
     assert torch.allclose(got.double(), sparse_add_reference(y, x, cols, vals), atol=1e-5)
 
 
+def _ell(out: int, width: int, groups: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """A random ELL outlier layout: ``k`` sorted positions in each of ``groups`` groups of ``width``."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.cat([torch.randperm(width, generator=g)[:k].sort().values for _ in range(groups)])
+                       for _ in range(out)]).to(dtype)
+    return idx, torch.randn(out, groups * k, generator=g).half()
+
+
+def _cpu_kernel_or_skip():
+    from piecewise_quant.kernels import cpu_backend
+    from piecewise_quant.qlinear import ensure_runtime
+
+    if not cpu_backend.status()["available"]:
+        pytest.skip("the compiled CPU kernels are not available here")
+    ensure_runtime()
+
+
+# out, width, groups, per group, index dtype: groups of 128 (uint8), one 384-wide group (int16),
+# groups of 32 with a tail of 5 entries per row (int32)
+LAYOUTS = [(40, 128, 3, 1, torch.uint8), (9, 384, 1, 3, torch.int16), (20, 32, 3, 5, torch.int32)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["u8", "i16", "i32"])
+@pytest.mark.parametrize("m", [1, 3, 4, 17, 70])  # gathered rows, a transposed block, two blocks
+def test_the_cpu_kernel_sparse_add_matches_the_float64_reference(layout, m):
+    _cpu_kernel_or_skip()
+    out, width, groups, k, dt = layout
+    inn = width * groups + 7  # columns past the last group are never touched
+    idx, vals = _ell(out, width, groups, k, dt, seed=m)
+    om = OutlierMatrix(idx, vals, inn, k, width)
+    g = torch.Generator().manual_seed(100 + m)
+    for xd in (torch.float32, torch.bfloat16, torch.float16):
+        for yd in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, m, inn, generator=g).to(xd)
+            y = torch.randn(2, m, out, generator=g).to(yd)
+            assert om._kernel(y, x) is not None
+            ref = sparse_add_reference(y.reshape(-1, out), x.reshape(-1, inn), om.columns(), vals)
+            got = om.add_to(y.clone(), x)
+            assert got.shape == y.shape and got.dtype == yd
+            # float32 accumulation, one rounding into y's dtype
+            ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[yd]
+            err = (got.reshape(-1, out).double() - ref).abs()
+            assert (err <= ulp * ref.abs() + 1e-4).all(), (xd, yd, err.max().item())
+
+
+def test_the_cpu_kernel_and_torch_sparse_agree():
+    _cpu_kernel_or_skip()
+    idx, vals = _ell(64, 128, 4, 2, torch.uint8)
+    fast = OutlierMatrix(idx, vals, 512, 2, 128)
+    csr = OutlierMatrix(idx, vals.float(), 512, 2, 128)  # float32 values: the torch.sparse path
+    x = torch.randn(5, 512)
+    assert fast._kernel(torch.zeros(5, 64), x) is not None and csr._kernel(torch.zeros(5, 64), x) is None
+    assert torch.allclose(fast.add_to(torch.zeros(5, 64), x), csr.add_to(torch.zeros(5, 64), x), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("m", [1, 9])
+def test_a_position_outside_its_group_is_refused_not_read(use_kernel, m, monkeypatch):
+    _cpu_kernel_or_skip()
+    if not use_kernel:
+        monkeypatch.setenv("PIECEWISE_QUANT_KERNEL_BACKEND", "reference")
+    idx, vals = _ell(16, 128, 2, 1, torch.uint8)
+    idx[5, 1] = 200  # a corrupt checkpoint: position 200 of a group of 128
+    om = OutlierMatrix(idx, vals, 256, 1, 128, name="model.layers.0.mlp.down_proj")
+    assert (om._kernel(torch.zeros(m, 16), torch.zeros(m, 256)) is not None) == use_kernel
+    with pytest.raises(ValueError, match=r"down_proj.*outside its group of 128"):
+        om.add_to(torch.zeros(m, 16), torch.randn(m, 256))
+
+
+def test_a_corrupt_position_is_refused_when_dequantizing():
+    lin = torch.nn.Linear(256, 48)
+    q = pq.QuantLinear.from_linear(lin, _layer(outliers=1), get_format("piecewise"))
+    q.outlier_idx[3, 0] = 64  # groups of 64: positions 0..63
+    with pytest.raises(ValueError, match="outside its group of 64"):
+        q.dequantize(torch.float32)
+    with pytest.raises(ValueError, match="outside its group of 64"), torch.no_grad():
+        q(torch.randn(2, 256))
+
+
+def test_gradients_take_the_differentiable_path():
+    _cpu_kernel_or_skip()
+    idx, vals = _ell(8, 64, 2, 2, torch.uint8)
+    om = OutlierMatrix(idx, vals, 128, 2, 64)
+    x = torch.randn(3, 128, dtype=torch.float64).float().requires_grad_(True)
+    assert om._kernel(torch.zeros(3, 8), x) is None
+    om.add_to(torch.zeros(3, 8), x).sum().backward()
+    dense = torch.zeros(8, 128, dtype=torch.float64).scatter_add_(1, om.columns(), vals.double())
+    assert torch.allclose(x.grad.double(), dense.sum(0).expand(3, -1), atol=1e-6)
+
+
 @pytest.mark.parametrize("grid", ["piecewise", "uniform"])
 @pytest.mark.parametrize("m", [1, 17])
 def test_quant_linear_is_dense_plus_sparse(grid, m):
