@@ -206,6 +206,18 @@ def test_a_corrupt_position_is_refused_when_dequantizing():
         q(torch.randn(2, 256))
 
 
+def test_cpu_inference_keeps_no_second_copy_of_the_outliers():
+    _cpu_kernel_or_skip()
+    lin = torch.nn.Linear(256, 48)
+    q = pq.QuantLinear.from_linear(lin, _layer(outliers=2), get_format("piecewise"))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y = q(x)
+    assert q._sparse._csr is None  # the kernel read the stored tensors; no float32 CSR was built
+    ref = x.double() @ q.dequantize(torch.float64).t() + lin.bias.double()
+    assert torch.allclose(y.double(), ref, atol=2e-5)
+
+
 def test_gradients_take_the_differentiable_path():
     _cpu_kernel_or_skip()
     idx, vals = _ell(8, 64, 2, 2, torch.uint8)
