@@ -172,6 +172,23 @@ def test_the_cpu_kernel_sparse_add_matches_the_float64_reference(layout, m):
             assert (err <= ulp * ref.abs() + 1e-4).all(), (xd, yd, err.max().item())
 
 
+def test_the_cpu_kernel_splits_rows_over_threads_with_the_same_result():
+    _cpu_kernel_or_skip()
+    idx, vals = _ell(1024, 64, 16, 4, torch.uint8)  # 64 rows x 1024 outputs x 64 entries: over the 2-thread bar
+    om = OutlierMatrix(idx, vals, 1024, 4, 64)
+    x, y = torch.randn(64, 1024), torch.randn(64, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = om.add_to(y.clone(), x)
+        torch.set_num_threads(2)
+        two = om.add_to(y.clone(), x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # rows are split, never the sum of one row
+    assert torch.allclose(one.double(), sparse_add_reference(y, x, om.columns(), vals), atol=1e-4)
+
+
 def test_the_cpu_kernel_and_torch_sparse_agree():
     _cpu_kernel_or_skip()
     idx, vals = _ell(64, 128, 4, 2, torch.uint8)
