@@ -206,13 +206,9 @@ def global_columns(idx: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
 def check_positions(idx: torch.Tensor, layer: LayerSpec) -> None:
     """Refuse stored positions outside their group (a corrupt checkpoint, or one written for
     another group size) before anything reads through them."""
-    width = group_width(layer)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
-        raise ValueError(
-            f"outliers of layer {layer.name!r}: a stored position lies outside its group of {width} "
-            f"(outlier_idx holds {int(idx.min())}..{int(idx.max())}); the checkpoint is corrupt "
-            "or was written for another group size: quantize the layer again"
-        )
+    from .kernels.sparse_add import check_positions as check
+
+    check(idx, group_width(layer), layer.name)
 
 
 def add_to_weight(weight: torch.Tensor, tensors: dict[str, torch.Tensor], layer: LayerSpec) -> torch.Tensor:
