@@ -322,6 +322,12 @@ class QuantLinear(nn.Module):
 
         if torch.compiler.is_compiling():  # no cache while tracing
             return y + branch(x, self._buffers["lowrank_a"], self._buffers["lowrank_b"]).to(y.dtype)
+        if x.device.type == "cpu":  # decode rows: the C kernel reads the stored float16 factors
+            from .kernels.lowrank_add import add
+
+            done = add(y, x, self._buffers["lowrank_a"], self._buffers["lowrank_b"])
+            if done is not None:
+                return done
         self._lowrank = factors_as(self._buffers, x.dtype, getattr(self, "_lowrank", None))
         return y + branch(x, *self._lowrank[1:]).to(y.dtype)
 

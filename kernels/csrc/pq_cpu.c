@@ -2066,6 +2066,101 @@ static PyObject *py_outlier_add(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------------------------------- */
+/* low-rank branch (SVDQuant): y += (x B^T) A^T with float16 factors (quant_core/lowrank.py)      */
+
+typedef struct {
+    const float *x; /* M float32 rows, row stride xs */
+    int64_t xs, M;
+    const uint16_t *a, *b; /* A (N, r), B (r, K) float16, contiguous */
+    float *t;              /* (M, r): x B^T */
+    void *y;
+    int ydt;
+    int64_t ys, N, r, K;
+} lr_job_t;
+
+/* sum of h[i] * x[i] (h float16), float32 */
+AVX2 static inline float lr_dot(const uint16_t *h, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    if (i + 8 <= n) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(x + i), a0);
+        i += 8;
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    float s = _mm_cvtss_f32(q);
+    for (; i < n; i++) s += half_to_float(h[i]) * x[i];
+    return s;
+}
+
+AVX2 static void lr_down_task(void *ctx, int part, int nparts) {
+    lr_job_t *J = ctx;
+    const int64_t k0 = J->r * part / nparts, k1 = J->r * (part + 1) / nparts;
+    for (int64_t k = k0; k < k1; k++)
+        for (int64_t m = 0; m < J->M; m++) J->t[m * J->r + k] = lr_dot(J->b + k * J->K, J->x + m * J->xs, J->K);
+}
+
+AVX2 static void lr_up_task(void *ctx, int part, int nparts) {
+    lr_job_t *J = ctx;
+    const int64_t o0 = J->N * part / nparts, o1 = J->N * (part + 1) / nparts;
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t m = 0; m < J->M; m++) {
+            float s = lr_dot(J->a + o * J->r, J->t + m * J->r, J->r);
+            int64_t at = m * J->ys + o;
+            if (J->ydt == DT_F32) ((float *)J->y)[at] += s;
+            else if (J->ydt == DT_BF16) ((uint16_t *)J->y)[at] = bf16_rne(load_x(J->y, DT_BF16, at) + s);
+            else ((uint16_t *)J->y)[at] = half_rne(load_x(J->y, DT_F16, at) + s);
+        }
+}
+
+/* lowrank_add(x, x_dtype, M, x_stride, y, y_dtype, y_stride, a, b, N, r, K, nthreads): y (M, N) +=
+ * (x B^T) A^T in place, x (M, K); float32 throughout, rounded once into y's dtype */
+static PyObject *py_lowrank_add(PyObject *self, PyObject *args) {
+    unsigned long long x, y, a, b;
+    int xdt, ydt, nt;
+    long long M, xs, ys, N, r, K;
+    if (!PyArg_ParseTuple(args, "KiLLKiLKKLLLi", &x, &xdt, &M, &xs, &y, &ydt, &ys, &a, &b, &N, &r, &K, &nt)) return NULL;
+    if (xdt < 0 || xdt > 2 || ydt < 0 || ydt > 2 || N < 1 || r < 1 || K < 1 || !a || !b) {
+        PyErr_SetString(PyExc_ValueError, "lowrank_add: inconsistent arguments");
+        return NULL;
+    }
+    if (tier_limit() < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX2/FMA: the CPU kernels cannot run");
+        return NULL;
+    }
+    if (M <= 0) Py_RETURN_NONE;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    float *t = scratch(2, (size_t)(M * r) * 4);
+    float *xf = xdt == DT_F32 ? NULL : scratch(1, (size_t)(M * K) * 4);
+    if (!t || (xdt != DT_F32 && !xf)) ok = 0;
+    else {
+        const float *xr = (const float *)(uintptr_t)x;
+        int64_t xrs = xs;
+        if (xdt != DT_F32) {
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t k = 0; k < K; k++) xf[m * K + k] = load_x((const void *)(uintptr_t)x, xdt, m * xs + k);
+            xr = xf;
+            xrs = K;
+        }
+        lr_job_t J = {xr, xrs, M, (const uint16_t *)(uintptr_t)a, (const uint16_t *)(uintptr_t)b, t, (void *)(uintptr_t)y,
+                      ydt, ys, N, r, K};
+        int threads = nt < 1 ? 1 : (nt > MAX_THREADS ? MAX_THREADS : nt);
+        pool_run(lr_down_task, &J, M * r * K < (1LL << 22) ? 1 : (threads < r ? threads : (int)r));
+        pool_run(lr_up_task, &J, M * N * r < (1LL << 22) ? 1 : threads);
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------- */
 /* decode attention over a quantized KV cache (integrations/transformers/kv_cache.py)           */
 
 /* One packed K or V history segment (quant_core/kv.py's KVQTensor): codes packed along head_dim,
@@ -2690,6 +2785,7 @@ static PyMethodDef methods[] = {
     {"kv_piecewise", py_kv_piecewise, METH_VARARGS, "Piecewise K/V quantization of contiguous groups (breakpoint search)."},
     {"kv_attend", py_kv_attend, METH_VARARGS, "Decode attention over a quantized KV cache (packed history, float window)."},
     {"outlier_add", py_outlier_add, METH_VARARGS, "y += x S^T for dense-and-sparse outliers (kernels/sparse_add.py)."},
+    {"lowrank_add", py_lowrank_add, METH_VARARGS, "y += (x B^T) A^T for a float16 low-rank branch (quant_core/lowrank.py)."},
     {"read", py_read, METH_VARARGS, "Stream-read a buffer with n threads (the benchmarks' bandwidth probe)."},
     {NULL, NULL, 0, NULL},
 };

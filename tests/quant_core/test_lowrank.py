@@ -197,6 +197,83 @@ def test_quant_linear_adds_the_branch_on_the_fast_path_and_the_op_path(monkeypat
     assert torch.allclose(xg.grad.double(), q.dequantize(torch.float64).sum(0).expand(5, -1), atol=2e-5)
 
 
+def _cpu_kernel_or_skip():
+    from piecewise_quant.kernels import cpu_backend
+    from piecewise_quant.qlinear import ensure_runtime
+
+    if not cpu_backend.status()["available"]:
+        pytest.skip("the compiled CPU kernels are not available here")
+    ensure_runtime()
+
+
+# (out, rank, in): whole blocks of 16, a rank of 1, and tails everywhere (r = 17, in = 31 or 9)
+@pytest.mark.parametrize("shape", [(48, 8, 256), (7, 1, 9), (64, 17, 31)], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_the_cpu_kernel_branch_matches_the_float64_product(shape, m):
+    from piecewise_quant.kernels.lowrank_add import add
+
+    _cpu_kernel_or_skip()
+    out, r, inn = shape
+    g = torch.Generator().manual_seed(m)
+    a, b = torch.randn(out, r, generator=g).half(), torch.randn(r, inn, generator=g).half()
+    for xd in (torch.float32, torch.bfloat16, torch.float16):
+        for yd in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(m, 1, inn, generator=g).to(xd)  # m rows, 3-D as in a model
+            y = torch.randn(m, 1, out, generator=g).to(yd)
+            ref = y.double() + (x.double() @ b.double().t()) @ a.double().t()
+            got = add(y.clone(), x, a, b)
+            assert got is not None and got.dtype == yd and got.shape == y.shape
+            # float32 throughout, one rounding into y's dtype
+            ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[yd]
+            err = (got.double() - ref).abs()
+            assert (err <= ulp * ref.abs() + 1e-5 * r * inn ** 0.5).all(), (xd, yd, err.max().item())
+
+
+def test_the_cpu_kernel_branch_declines_what_it_does_not_take():
+    from piecewise_quant.kernels.lowrank_add import MAX_ROWS, add
+
+    _cpu_kernel_or_skip()
+    a, b = torch.randn(16, 4).half(), torch.randn(4, 32).half()
+    assert add(torch.zeros(MAX_ROWS + 1, 16), torch.randn(MAX_ROWS + 1, 32), a, b) is None  # prefill: torch's GEMM
+    assert add(torch.zeros(2, 16), torch.randn(2, 32), a.float(), b.float()) is None  # not the stored float16
+    assert add(torch.zeros(2, 16), torch.randn(2, 32, requires_grad=True), a, b) is None  # gradients
+    assert add(torch.zeros(2, 16), torch.randn(2, 32), a, b) is not None
+
+
+def test_decoding_a_low_rank_layer_keeps_no_cast_copy_of_the_factors():
+    _cpu_kernel_or_skip()
+    w = _weight()
+    lin = _linear(w)
+    q = pq.QuantLinear.from_linear(lin, _layer(low_rank=8), get_format("uniform"))
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = q(x)
+    assert getattr(q, "_lowrank", None) is None  # the kernel read lowrank_a / lowrank_b as stored
+    ref = x.double() @ q.dequantize(torch.float64).t() + lin.bias.double()
+    assert torch.allclose(y.double(), ref, atol=2e-5)
+    with torch.no_grad():
+        q(torch.randn(40, 128))  # prefill rows: F.linear on factors cast once
+    assert q._lowrank[1].dtype == torch.float32
+
+
+def test_the_cpu_kernel_branch_splits_over_threads_with_the_same_result():
+    from piecewise_quant.kernels.lowrank_add import add
+
+    _cpu_kernel_or_skip()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, 64, generator=g).half(), torch.randn(64, 4096, generator=g).half()
+    x, y = torch.randn(16, 4096, generator=g), torch.randn(16, 4096, generator=g)  # over the 2-thread bar
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = add(y.clone(), x, a, b)
+        torch.set_num_threads(2)
+        two = add(y.clone(), x, a, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_the_branch_reads_the_unquantized_input(act_bits):
     w = _weight()
