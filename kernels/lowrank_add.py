@@ -26,16 +26,26 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """``y + (x B^T) A^T`` for ``x`` ``(..., in)`` and ``y`` ``(..., out)``, written into ``y``
-    (returned), or ``None`` where this call needs the ``F.linear`` path."""
+    (returned), or ``None`` where this call needs the ``F.linear`` path.
+
+    Raises:
+        ValueError: the shapes of ``x``, ``y``, ``A`` and ``B`` do not fit one another.
+    """
     if x.device.type != "cpu" or y.device.type != "cpu" or x.dtype not in _DTYPES or y.dtype not in _DTYPES \
-            or a.dtype != torch.float16 or b.dtype != torch.float16 or a.device.type != "cpu" \
+            or a.dtype != torch.float16 or b.dtype != torch.float16 or a.device.type != "cpu" or b.device.type != "cpu" \
             or not (a.is_contiguous() and b.is_contiguous() and y.is_contiguous()) \
             or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
         return None
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or x.shape[-1] != b.shape[1] \
+            or y.shape[-1] != a.shape[0] or y.numel() * b.shape[1] != x.numel() * a.shape[0]:
+        raise ValueError(
+            f"low-rank branch: x {tuple(x.shape)}, y {tuple(y.shape)}, A {tuple(a.shape)} and B {tuple(b.shape)} "
+            "do not fit y += (x B^T) A^T (A is out x r, B is r x in): the factors belong to another layer"
+        )
     k = b.shape[1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > MAX_ROWS or y.numel() != m * a.shape[0]:
+    if m > MAX_ROWS:
         return None
     if os.environ.get(backends.ENV_FORCE, "").strip() not in ("", "cpu") or not backends.is_registered("cpu"):
         return None

@@ -240,6 +240,23 @@ def test_the_cpu_kernel_branch_declines_what_it_does_not_take():
     assert add(torch.zeros(2, 16), torch.randn(2, 32), a, b) is not None
 
 
+def test_the_cpu_kernel_branch_refuses_factors_of_another_layer():
+    from piecewise_quant.kernels.lowrank_add import add
+
+    _cpu_kernel_or_skip()
+    a, b = torch.randn(16, 4).half(), torch.randn(4, 32).half()
+    y = torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="another layer"):
+        add(y, torch.randn(2, 32), a, torch.randn(5, 32).half())  # rank 4 against 5
+    with pytest.raises(ValueError, match="another layer"):
+        add(y, torch.randn(2, 48), a, b)  # 48 inputs against B's 32
+    with pytest.raises(ValueError, match="another layer"):
+        add(torch.zeros(2, 8), torch.randn(2, 32), a, b)  # 8 outputs against A's 16
+    with pytest.raises(ValueError, match="another layer"):
+        add(torch.zeros(3, 16), torch.randn(2, 32), a, b)  # 3 rows of y for 2 of x
+    assert torch.equal(y, torch.zeros(2, 16))  # nothing written
+
+
 def test_decoding_a_low_rank_layer_keeps_no_cast_copy_of_the_factors():
     _cpu_kernel_or_skip()
     w = _weight()
