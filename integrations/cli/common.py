@@ -257,12 +257,43 @@ def group_label(layer) -> str:
 
 
 def kernel_label(q, rows: int = 1) -> str:
-    """Which CPU kernel a quantized layer runs for ``rows`` activation rows (1: decoding), or why none."""
+    """Which CPU kernel a quantized layer runs for ``rows`` activation rows (1: decoding), or why none;
+    with the path of its sparse outliers and of its low-rank branch where it has them."""
     from piecewise_quant.kernels import cpu_backend
 
     kernel = q.fmt.kernel_format(q.spec)
     if kernel is None:
-        return f"reference (grid {q.spec.grid!r} has no kernel format)"
-    act_args = q.spec.act_args
-    act = "none" if act_args is None else act_args.kernel_format
-    return cpu_backend.explain(kernel, q.spec.bits, q.layer_spec.group_size, q.in_features, q.compute_dtype, act, rows)
+        label = f"reference (grid {q.spec.grid!r} has no kernel format)"
+    else:
+        act_args = q.spec.act_args
+        act = "none" if act_args is None else act_args.kernel_format
+        label = cpu_backend.explain(kernel, q.spec.bits, q.layer_spec.group_size, q.in_features, q.compute_dtype,
+                                    act, rows)
+    return label + "".join(f" + {extra}" for extra in side_paths(q, rows))
+
+
+def side_paths(q, rows: int = 1) -> list[str]:
+    """How a layer's outliers and low-rank branch run on CPU for ``rows`` activation rows:
+    ``"outliers (C kernel)"`` or ``"outliers (torch.sparse)"``, ``"low-rank (C kernel)"`` or
+    ``"low-rank (F.linear)"``; empty for a layer with neither."""
+    import os
+
+    import torch
+
+    from piecewise_quant.kernels import backends, cpu_backend
+    from piecewise_quant.kernels.lowrank_add import MAX_ROWS
+    from piecewise_quant.qlinear import ensure_runtime
+
+    ensure_runtime()  # the built-in CPU backend registers with the plugins, on a layer's first call
+    buffers = q._buffers
+    kernels = cpu_backend.status()["available"] and backends.is_registered("cpu") \
+        and os.environ.get(backends.ENV_FORCE, "").strip() in ("", "cpu")
+    paths = []
+    vals = buffers.get("outlier_vals")
+    if vals is not None:
+        paths.append("outliers (C kernel)" if kernels and vals.dtype == torch.float16 else "outliers (torch.sparse)")
+    a = buffers.get("lowrank_a")
+    if a is not None:
+        c = kernels and rows <= MAX_ROWS and a.dtype == torch.float16
+        paths.append("low-rank (C kernel)" if c else "low-rank (F.linear)")
+    return paths

@@ -263,3 +263,29 @@ def test_quantize_with_static_activations_sets_their_scales(tmp_path, tiny_llama
     assert len(scales) == 42 and all(s > 0 for s in scales)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def test_kernel_label_names_the_path_of_outliers_and_of_a_low_rank_branch(monkeypatch):
+    import piecewise_quant as pq
+    from piecewise_quant.integrations.cli.common import kernel_label
+    from piecewise_quant.kernels import cpu_backend
+    from piecewise_quant.quantization import layer_spec_for
+
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    lin = torch.nn.Linear(128, 32)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    spec_out = pq.QuantSpec(grid="uniform", bits=3, group_size=64, outliers=1)
+    spec_lr = pq.QuantSpec(grid="uniform", bits=4, group_size=64, low_rank=4)
+    with_outliers = pq.QuantLinear.from_linear(lin, layer_spec_for("o", spec_out, 128, 32), pq.get_format("uniform"))
+    with_branch = pq.QuantLinear.from_linear(lin, layer_spec_for("l", spec_lr, 128, 32), pq.get_format("uniform"))
+    plain = pq.QuantLinear.from_linear(lin, layer_spec_for("p", pq.QuantSpec(grid="uniform", bits=4, group_size=64),
+                                                          128, 32), pq.get_format("uniform"))
+    assert "+" not in kernel_label(plain)
+    if cpu_backend.status()["available"]:
+        assert kernel_label(with_outliers).endswith(" + outliers (C kernel)")
+        assert kernel_label(with_branch, rows=1).endswith(" + low-rank (C kernel)")
+    assert kernel_label(with_branch, rows=64).endswith(" + low-rank (F.linear)")  # prefill: torch's GEMM
+    monkeypatch.setenv("PIECEWISE_QUANT_KERNEL_BACKEND", "reference")
+    assert kernel_label(with_outliers).endswith(" + outliers (torch.sparse)")
+    assert kernel_label(with_branch, rows=1).endswith(" + low-rank (F.linear)")
