@@ -60,6 +60,9 @@ FP4_GEMV_MAX_ROWS = 8
 # W8A8 (symmetric 8-bit weights per channel, integer activations) from this many rows: torch's int8 GEMM
 # (up to 16 rows the fused integer kernel was faster: 0.47 against 1.57 ms at 4 rows, 4096x4096)
 INT8_GEMM_MIN_ROWS = GEMV_MAX_ROWS + 1
+# the operand order of that GEMM: ``None`` chooses by shape (the weight on the left when out_features >=
+# in_features, see _int8_gemm); True / False force one order (benchmarks/int8_gemm_order.py compares them)
+INT8_GEMM_WEIGHT_LEFT: bool | None = None
 # elements of one dequantized block for the GEMM path
 TILE_ELEMENTS = 4 << 20
 
@@ -348,8 +351,18 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
     qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
     levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
     torch.bitwise_xor(qweight, 0x80, out=levels)
+    col_scales = scales.to(torch.float32).reshape(-1)
+    n, k = qweight.shape
+    weight_left = (n >= k) if INT8_GEMM_WEIGHT_LEFT is None else INT8_GEMM_WEIGHT_LEFT
+    if weight_left:
+        # (W x^T)^T: the weight, as stored, is the left operand, so oneDNN packs the small x^T instead of the
+        # transposed weight on every call: 1.2-1.6x faster layers at 17-64 rows on 4096x4096 and 11008x4096,
+        # neither order ahead on 4096x11008 (docs/performance.md). The same int32 sums and the same products
+        acc_t = torch._int_mm(levels.view(torch.int8), qx.t().contiguous())
+        y_t = acc_t.to(torch.float32).mul_(safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))
+        return torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
     acc = torch._int_mm(qx, levels.view(torch.int8).t())
-    y = acc.to(torch.float32).mul_(safe).mul_(scales.to(torch.float32).reshape(1, -1))
+    y = acc.to(torch.float32).mul_(safe).mul_(col_scales.reshape(1, -1))
     return y.to(x2.dtype)
 
 

@@ -141,6 +141,27 @@ def test_w8a8_many_rows_run_torch_int8_gemm_on_the_stored_codes(group, dtype, mo
     assert cpu_backend.explain("uniform_sym", 8, -1, 256, dtype, "int8", rows=48) == "cpu int8 GEMM (torch._int_mm)"
 
 
+@pytest.mark.parametrize("order", [None, False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(256, 48), (64, 160)], ids=["wide", "tall"])
+def test_w8a8_many_rows_give_the_same_result_in_either_operand_order(k, n, dtype, order, monkeypatch):
+    q = _quantized("uniform", 8, "channel", True, k=k, n=n, act_bits=8, bias=True)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(tuple(a.shape)) or real(a, b))
+    monkeypatch.setattr(cpu_backend, "INT8_GEMM_WEIGHT_LEFT", order)
+    x = torch.randn(3, cpu_backend.GEMV_MAX_ROWS, k, dtype=dtype)
+    xq = reference.quantize_activation(x, "int8", "dynamic_per_token")
+    expected = xq.double() @ q.dequantize(torch.float64).t() + q.bias.double()
+    y = q(x)
+    weight_left = n >= k if order is None else order  # by shape: the weight on the left when out >= in
+    assert calls == [(n, k) if weight_left else (3 * cpu_backend.GEMV_MAX_ROWS, k)]
+    assert y.dtype == dtype and y.shape == (3, cpu_backend.GEMV_MAX_ROWS, n) and y.is_contiguous()
+    assert _relerr(y, expected) < (2e-6 if dtype == torch.float32 else 8e-3)
+    monkeypatch.setattr(cpu_backend, "INT8_GEMM_WEIGHT_LEFT", not weight_left)
+    assert torch.equal(q(x), y)  # the same int32 sums and the same float products in the other order
+
+
 @pytest.mark.parametrize("topk", [0, 2])
 def test_w8a8_many_rows_quantize_activations_bit_for_bit_like_the_reference(topk, monkeypatch):
     q = _quantized("uniform", 8, "channel", True, act_bits=8, act_topk=topk)
