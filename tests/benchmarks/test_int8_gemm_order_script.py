@@ -24,4 +24,3 @@ def test_both_orders_are_checked_and_timed():
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert cpu_backend.INT8_GEMM_WEIGHT_LEFT is None  # the forced order is undone
     assert "| wide (96x64) | 17 | float32 |" in mod.table(rows)
-
