@@ -337,17 +337,26 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
     GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end."""
     qmax = _ACT_QMAX[act_format]
     xf = x2.to(torch.float32)
+    bad = None
     if act_mode == "dynamic_per_token" and topk == 0:
         # the absolute maximum (NaN and Inf propagate into it, so a non-finite row shows here); abs().amax
         # is vectorized where linalg.vector_norm(ord=inf) is not (about 10x faster on a 64 x 4096 block)
         rng = xf.abs().amax(-1, keepdim=True)
-        finite = torch.isfinite(rng).all()
+        nonfinite = ~torch.isfinite(rng)
+        if bool(nonfinite.any()):
+            # as in reference.quantize_activation: a row holding NaN has a NaN scale, which is not > 0, so
+            # its activations quantize to zero; a row holding Inf (and no NaN) has an infinite scale, and
+            # Inf / Inf and 0 * Inf make its whole output NaN. The other rows still take the integer GEMM
+            xf = xf.masked_fill(nonfinite, 0.0)
+            bad = torch.isinf(rng)
+            rng = rng.masked_fill(nonfinite, 0.0)
+            if not bool(bad.any()):
+                bad = None
         scale = rng * clip / qmax
     else:
-        finite = torch.isfinite(xf).all()
+        if not bool(torch.isfinite(xf).all()):
+            return None  # clipped or static scales can keep a row with Inf finite: the reference decides
         scale = _row_scales(xf, act_format, act_mode, act_scale, clip, topk).unsqueeze(-1)
-    if not bool(finite):
-        return None  # NaN/Inf have no integer code: the reference propagates them
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
     levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
@@ -361,10 +370,13 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
         # neither order ahead on 4096x11008 (docs/performance.md). The same int32 sums and the same products
         acc_t = torch._int_mm(levels.view(torch.int8), qx.t().contiguous())
         y_t = torch.mul(acc_t, safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))  # int32 -> float32, then x
-        return torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
-    acc = torch._int_mm(qx, levels.view(torch.int8).t())
-    y = torch.mul(acc, safe).mul_(col_scales.reshape(1, -1))
-    return y.to(x2.dtype)
+        y = torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
+    else:
+        acc = torch._int_mm(qx, levels.view(torch.int8).t())
+        y = torch.mul(acc, safe).mul_(col_scales.reshape(1, -1)).to(x2.dtype)
+    if bad is not None:
+        y.masked_fill_(bad, float("nan"))
+    return y
 
 
 def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group_size, in_features,

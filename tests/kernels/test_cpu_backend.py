@@ -193,6 +193,26 @@ def test_w8a8_many_rows_give_inf_rows_what_the_reference_gives(monkeypatch):
     assert torch.allclose(y.nan_to_num(), expected.nan_to_num(), atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [False, True])
+def test_w8a8_many_rows_keep_the_int8_gemm_for_the_finite_rows_beside_nan_and_inf(order, monkeypatch):
+    q = _quantized("uniform", 8, "channel", True, k=64, n=96, act_bits=8, bias=True)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(cpu_backend, "INT8_GEMM_WEIGHT_LEFT", order)
+    x = torch.randn(cpu_backend.INT8_GEMM_MIN_ROWS + 4, 64)
+    x[1, 3] = float("nan")  # NaN: the reference's scale is NaN, so the row quantizes to zeros (bias out)
+    x[5, 7] = float("inf")  # Inf: an infinite scale, the whole row NaN
+    x[8, 0], x[8, 9] = float("-inf"), float("nan")  # both: the NaN decides
+    y = q(x)
+    assert calls == [1]  # one integer GEMM, no fall back to the reference for the whole batch
+    monkeypatch.setenv(ENV_FORCE, "reference")
+    expected = q(x)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert y[5].isnan().all() and torch.isfinite(y[1]).all() and torch.isfinite(y[8]).all()
+    assert torch.allclose(y.nan_to_num(), expected.nan_to_num(), rtol=2e-6, atol=1e-6)
+
+
 def test_fp8_activations_follow_the_reference_quantizer():
     q = _quantized("fp8", 8, "channel", act_bits=8, act_format="fp8")
     x = torch.randn(2, q.in_features)
