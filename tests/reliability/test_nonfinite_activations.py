@@ -15,6 +15,7 @@ SPECS = {
     "W4 weight-only": dict(grid="uniform", bits=4, group_size=64),
     "W4A8 piecewise": dict(grid="piecewise", bits=4, group_size=64, act_bits=8),
     "W8A8": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
+    "W4A4": dict(grid="uniform", bits=4, group_size=64, act_bits=4),
 }
 
 
