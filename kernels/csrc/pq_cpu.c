@@ -311,6 +311,14 @@ INLINE float load_x(const void *x, int dt, int64_t i) {
     return f;
 }
 
+/* the sum of the 8 lanes of v */
+AVX2 INLINE float hsum8(__m256 v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+
 /* the b-bit per-group field (zero point or breakpoint id) of row n, group g */
 INLINE int load_field(const layer_t *L, int64_t n, int64_t g) {
     if (L->kind == KIND_SYM || L->kind == KIND_FP8) return 0;
@@ -1377,12 +1385,7 @@ AVX2 static void f32_task256(void *ctx, int part, int nparts) {
                 __m256 sv = _mm256_set1_ps(load_scale(L, n, g) * (L->kind == KIND_FP8 ? FP8_UNSCALE : 1.0f));
                 for (int m = 0; m < MO; m++) tot[m] = _mm256_fmadd_ps(acc[m], sv, tot[m]);
             }
-            for (int m = 0; m < MO; m++) {
-                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(tot[m]), _mm256_extractf128_ps(tot[m], 1));
-                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-                J->yacc[(m0 + m) * L->N + n] = _mm_cvtss_f32(s4);
-            }
+            for (int m = 0; m < MO; m++) J->yacc[(m0 + m) * L->N + n] = hsum8(tot[m]);
         }
     }
 }
@@ -1464,6 +1467,13 @@ INLINE uint16_t half_rne(float f) {
     }
     uint32_t mant = a + 0xfffu + ((a >> 13) & 1);
     return sign | (uint16_t)((mant - 0x38000000u) >> 13);
+}
+
+/* y[at] += s in y's dtype: float32 in place, or the 16-bit value widened, added and rounded once */
+INLINE void add_out(void *y, int dt, int64_t at, float s) {
+    if (dt == DT_F32) ((float *)y)[at] += s;
+    else if (dt == DT_BF16) ((uint16_t *)y)[at] = bf16_rne(load_x(y, DT_BF16, at) + s);
+    else ((uint16_t *)y)[at] = half_rne(load_x(y, DT_F16, at) + s);
 }
 
 INLINE float bf16_f(uint16_t h) {
@@ -1905,13 +1915,6 @@ AVX2 static inline __m256i oadd_pos8(const uint8_t *ir, int ib, int64_t j) {
                      : _mm256_loadu_si256((const __m256i *)(ir + 4 * j));
 }
 
-INLINE void oadd_store(oadd_job_t *J, int64_t m, int64_t o, float s) {
-    int64_t at = m * J->ys + o;
-    if (J->ydt == DT_F32) ((float *)J->y)[at] += s;
-    else if (J->ydt == DT_BF16) ((uint16_t *)J->y)[at] = bf16_rne(load_x(J->y, DT_BF16, at) + s);
-    else ((uint16_t *)J->y)[at] = half_rne(load_x(J->y, DT_F16, at) + s);
-}
-
 /* one output row from a transposed block of activations (K, 8 * NV floats): each entry scales one
  * contiguous column; the row's columns and values are decoded 64 at a time */
 AVX2 static inline __attribute__((always_inline)) void oadd_rowT(oadd_job_t *J, int64_t o, const uint8_t *ir,
@@ -1940,7 +1943,7 @@ AVX2 static inline __attribute__((always_inline)) void oadd_rowT(oadd_job_t *J, 
     }
     _Alignas(32) float s[64];
     for (int i = 0; i < NV; i++) _mm256_store_ps(s + 8 * i, acc[i]);
-    for (int64_t m = 0; m < J->mb; m++) oadd_store(J, m, o, s[m]);
+    for (int64_t m = 0; m < J->mb; m++) add_out(J->y, J->ydt, m * J->ys + o, s[m]);
 }
 
 AVX2 static void oadd_task(void *ctx, int part, int nparts) {
@@ -1976,12 +1979,9 @@ AVX2 static void oadd_task(void *ctx, int part, int nparts) {
                     __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + j)));
                     acc = _mm256_fmadd_ps(v, _mm256_i32gather_ps(xm, col, 4), acc);
                 }
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                float s = _mm_cvtss_f32(h);
+                float s = hsum8(acc);
                 for (int64_t j = R8; j < R; j++) s += half_to_float(vr[j]) * xm[J->base[j] + oadd_idx(ir, J->ib, j)];
-                oadd_store(J, m, o, s);
+                add_out(J->y, J->ydt, m * J->ys + o, s);
             }
         } else {
             switch (J->xs / 8) {
@@ -2048,8 +2048,7 @@ static PyObject *py_outlier_add(PyObject *self, PyObject *args) {
                 xr = xf;
                 xrs = MP;
             } else if (xdt != DT_F32) {
-                for (int64_t m = 0; m < mb; m++)
-                    for (int64_t k = 0; k < K; k++) xf[m * K + k] = load_x(xv, xdt, (m0 + m) * xs + k);
+                prep_f32((const uint16_t *)xv + m0 * xs, xdt, mb, K, xs, xf, K);
                 xr = xf;
                 xrs = K;
             }
@@ -2090,11 +2089,7 @@ AVX2 static inline float lr_dot(const uint16_t *h, const float *x, int64_t n) {
         a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(x + i), a0);
         i += 8;
     }
-    a0 = _mm256_add_ps(a0, a1);
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    float s = _mm_cvtss_f32(q);
+    float s = hsum8(_mm256_add_ps(a0, a1));
     for (; i < n; i++) s += half_to_float(h[i]) * x[i];
     return s;
 }
@@ -2110,13 +2105,8 @@ AVX2 static void lr_up_task(void *ctx, int part, int nparts) {
     lr_job_t *J = ctx;
     const int64_t o0 = J->N * part / nparts, o1 = J->N * (part + 1) / nparts;
     for (int64_t o = o0; o < o1; o++)
-        for (int64_t m = 0; m < J->M; m++) {
-            float s = lr_dot(J->a + o * J->r, J->t + m * J->r, J->r);
-            int64_t at = m * J->ys + o;
-            if (J->ydt == DT_F32) ((float *)J->y)[at] += s;
-            else if (J->ydt == DT_BF16) ((uint16_t *)J->y)[at] = bf16_rne(load_x(J->y, DT_BF16, at) + s);
-            else ((uint16_t *)J->y)[at] = half_rne(load_x(J->y, DT_F16, at) + s);
-        }
+        for (int64_t m = 0; m < J->M; m++)
+            add_out(J->y, J->ydt, m * J->ys + o, lr_dot(J->a + o * J->r, J->t + m * J->r, J->r));
 }
 
 /* lowrank_add(x, x_dtype, M, x_stride, y, y_dtype, y_stride, a, b, N, r, K, nthreads): y (M, N) +=
@@ -2144,8 +2134,7 @@ static PyObject *py_lowrank_add(PyObject *self, PyObject *args) {
         const float *xr = (const float *)(uintptr_t)x;
         int64_t xrs = xs;
         if (xdt != DT_F32) {
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t k = 0; k < K; k++) xf[m * K + k] = load_x((const void *)(uintptr_t)x, xdt, m * xs + k);
+            prep_f32((const void *)(uintptr_t)x, xdt, M, K, xs, xf, K);
             xr = xf;
             xrs = K;
         }
