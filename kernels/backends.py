@@ -85,9 +85,11 @@ def registered_backends() -> dict[str, KernelBackend]:
     return dict(_BACKENDS)
 
 
-def is_registered(name: str) -> bool:
-    """Whether a backend named ``name`` is registered (without copying the registry)."""
-    return name in _BACKENDS
+def allows(name: str) -> bool:
+    """Whether backend ``name`` may run: it is registered, and ``PIECEWISE_QUANT_KERNEL_BACKEND`` is
+    unset or names it (kernels outside :func:`select_backend`, such as the CPU outlier and low-rank
+    adds, ask this before they run)."""
+    return name in _BACKENDS and os.environ.get(ENV_FORCE, "").strip() in ("", name)
 
 
 def select_backend(

@@ -10,18 +10,15 @@ keep the ``F.linear`` path.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import backends
-from .cpu_backend import GEMV_MAX_ROWS, _extension
+from .cpu_backend import _DTYPES, GEMV_MAX_ROWS, _extension
 
 __all__ = ["MAX_ROWS", "add"]
 
 #: activation rows up to which the kernel runs; above, torch's GEMM on cast factors
 MAX_ROWS = GEMV_MAX_ROWS
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -47,7 +44,7 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     m = x2.shape[0]
     if m > MAX_ROWS:
         return None
-    if os.environ.get(backends.ENV_FORCE, "").strip() not in ("", "cpu") or not backends.is_registered("cpu"):
+    if not backends.allows("cpu"):
         return None
     ext = _extension()[0]
     if ext is None:

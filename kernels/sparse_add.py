@@ -18,19 +18,17 @@ each a position inside its group and a float16 value. Two implementations:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from . import backends
-from .cpu_backend import _extension
+from .cpu_backend import _DTYPES, _extension
 
 __all__ = ["OutlierMatrix", "check_positions", "sparse_add_reference"]
 
 # below this many tokens ``x @ S^T`` (CSC on the right) is faster than ``(S @ x^T)^T`` on CPU
 _SMALL_M = 8
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INDEX_BYTES = {torch.uint8: 1, torch.int16: 2, torch.int32: 4}
 
 
@@ -113,7 +111,7 @@ class OutlierMatrix:
                 or y.dtype not in _DTYPES or torch.compiler.is_compiling() \
                 or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
             return None
-        if os.environ.get(backends.ENV_FORCE, "").strip() not in ("", "cpu") or not backends.is_registered("cpu"):
+        if not backends.allows("cpu"):
             return None
         return _extension()[0]
 

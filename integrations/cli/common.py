@@ -276,8 +276,6 @@ def side_paths(q, rows: int = 1) -> list[str]:
     """How a layer's outliers and low-rank branch run on CPU for ``rows`` activation rows:
     ``"outliers (C kernel)"`` or ``"outliers (torch.sparse)"``, ``"low-rank (C kernel)"`` or
     ``"low-rank (F.linear)"``; empty for a layer with neither."""
-    import os
-
     import torch
 
     from piecewise_quant.kernels import backends, cpu_backend
@@ -286,8 +284,7 @@ def side_paths(q, rows: int = 1) -> list[str]:
 
     ensure_runtime()  # the built-in CPU backend registers with the plugins, on a layer's first call
     buffers = q._buffers
-    kernels = cpu_backend.status()["available"] and backends.is_registered("cpu") \
-        and os.environ.get(backends.ENV_FORCE, "").strip() in ("", "cpu")
+    kernels = cpu_backend.status()["available"] and backends.allows("cpu")
     paths = []
     vals = buffers.get("outlier_vals")
     if vals is not None:
