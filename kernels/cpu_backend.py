@@ -39,7 +39,7 @@ import warnings
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
+from . import backends, reference
 from .backends import KernelBackend
 from .fp4 import e2m1_levels
 from .grids import PIECEWISE_TABLES
@@ -95,6 +95,21 @@ def _openmp_library() -> str | None:
     except OSError:
         return None
     return sorted(paths)[0] if len(paths) == 1 else None
+
+
+def side_call_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether an add into ``y`` from ``x`` outside the layer kernels (the outlier and low-rank adds) may
+    run in the extension for this call: both on CPU in a kernel dtype, not traced by ``torch.compile``,
+    and no gradient to carry (the adds write ``y`` in place)."""
+    return (x.device.type == "cpu" and y.device.type == "cpu" and x.dtype in _DTYPES and y.dtype in _DTYPES
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)))
+
+
+def side_extension():
+    """The extension for those adds, or ``None`` where the CPU backend may not run (unregistered, or
+    another backend forced by ``PIECEWISE_QUANT_KERNEL_BACKEND``) or the extension is unavailable."""
+    return _extension()[0] if backends.allows("cpu") else None
 
 
 def _share_torch_threads(ext) -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
-from .cpu_backend import _DTYPES, GEMV_MAX_ROWS, _extension
+from .cpu_backend import _DTYPES, GEMV_MAX_ROWS, side_call_ok, side_extension
 
 __all__ = ["MAX_ROWS", "add"]
 
@@ -28,10 +27,8 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     Raises:
         ValueError: the shapes of ``x``, ``y``, ``A`` and ``B`` do not fit one another.
     """
-    if x.device.type != "cpu" or y.device.type != "cpu" or x.dtype not in _DTYPES or y.dtype not in _DTYPES \
-            or a.dtype != torch.float16 or b.dtype != torch.float16 or a.device.type != "cpu" or b.device.type != "cpu" \
-            or not (a.is_contiguous() and b.is_contiguous() and y.is_contiguous()) \
-            or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+    if a.dtype != torch.float16 or b.dtype != torch.float16 or a.device.type != "cpu" or b.device.type != "cpu" \
+            or not (a.is_contiguous() and b.is_contiguous() and y.is_contiguous()) or not side_call_ok(x, y):
         return None
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or x.shape[-1] != b.shape[1] \
             or y.shape[-1] != a.shape[0] or y.numel() * b.shape[1] != x.numel() * a.shape[0]:
@@ -44,9 +41,7 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     m = x2.shape[0]
     if m > MAX_ROWS:
         return None
-    if not backends.allows("cpu"):
-        return None
-    ext = _extension()[0]
+    ext = side_extension()
     if ext is None:
         return None
     if x2.stride(-1) != 1:

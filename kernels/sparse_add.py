@@ -22,8 +22,7 @@ import warnings
 
 import torch
 
-from . import backends
-from .cpu_backend import _DTYPES, _extension
+from .cpu_backend import _DTYPES, side_call_ok, side_extension
 
 __all__ = ["OutlierMatrix", "check_positions", "sparse_add_reference"]
 
@@ -107,13 +106,9 @@ class OutlierMatrix:
 
     def _kernel(self, y: torch.Tensor, x: torch.Tensor):
         """The CPU extension when this call can run in it, else ``None``."""
-        if not self._kernel_ok or x.device.type != "cpu" or y.device.type != "cpu" or x.dtype not in _DTYPES \
-                or y.dtype not in _DTYPES or torch.compiler.is_compiling() \
-                or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        if not self._kernel_ok or not side_call_ok(x, y):
             return None
-        if not backends.allows("cpu"):
-            return None
-        return _extension()[0]
+        return side_extension()
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + x S^T`` for ``x`` ``(..., in)`` and ``y`` ``(..., out)``, in ``y``'s dtype. On the
