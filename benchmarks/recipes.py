@@ -146,6 +146,7 @@ def recipes() -> list[Recipe]:
             Recipe(f"gptq-{b}-piecewise", '"gptq" (act_order)', "piecewise", b, GPTQ),
             Recipe(f"gptq-noorder-{b}-piecewise", '"gptq", act_order=False', "piecewise", b, {**GPTQ, "act_order": False}),
             Recipe(f"gptq-{b}-uniform", '"gptq" (act_order), uniform grid', "uniform", b, GPTQ),
+            Recipe(f"gptaq-{b}-piecewise", '"gptaq" (GPTQ, asymmetric=True)', "piecewise", b, {**GPTQ, "asymmetric": True}),
         ]
     rows += [
         Recipe("aware-3-uniform", '"aware", uniform grid', "uniform", 3, {}),
@@ -164,6 +165,8 @@ def recipes() -> list[Recipe]:
         Recipe("gptq-4-piecewise-damp0.1", '"gptq", damp=0.1', "piecewise", 4, {**GPTQ, "damp": 0.1},
                models=("minilm",)),
         Recipe("gptq-4-piecewise-n256", '"gptq", 256 windows', "piecewise", 4, GPTQ, n_samples=256, models=("minilm",)),
+        Recipe("gptaq-4-piecewise-n256", '"gptaq", 256 windows', "piecewise", 4, {**GPTQ, "asymmetric": True},
+               n_samples=256, models=("minilm",)),
         Recipe("gptq-4-piecewise-sentences", '"gptq", 256 pydoc sentences (padded)', "piecewise", 4, GPTQ,
                data="sentences", n_samples=256, models=("minilm",)),
     ]

@@ -299,6 +299,9 @@ CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
     "aware": {},
     "smoothquant": {"smoothquant": 0.5},
     "gptq": {"gptq": True},
+    # GPTQ against the float model's layer outputs (GPTAQ): better at 2 bits and out of domain at
+    # W4A4, not everywhere (docs/calibration.md#asymmetric-gptq-gptaq)
+    "gptaq": {"gptq": True, "asymmetric": True},
     "lwc": {"lwc": True},
     "omniquant": {"lwc": True, "let": True},
     # the recipe calibrate() runs when none is named: measured best overall on both models at 2, 3
@@ -323,8 +326,8 @@ def check_known_fields(cls: type, data: Mapping[str, Any], what: str, hidden: fr
 class CalibrationConfig:
     """Data-aware calibration: which algorithms run and on what data.
 
-    Pass it (or a preset name: ``"default"``, ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"lwc"``,
-    ``"omniquant"``) as ``PiecewiseQuantConfig(calibration=...)``; then
+    Pass it (or a preset name: ``"default"``, ``"aware"``, ``"smoothquant"``, ``"gptq"``, ``"gptaq"``,
+    ``"lwc"``, ``"omniquant"``) as ``PiecewiseQuantConfig(calibration=...)``; then
     ``piecewise_quant.calibrate(model, config, data)`` or ``from_pretrained(...,
     quantization_config=config)`` runs the model block by block on calibration data and applies,
     in this order: mixed-precision allocation, SmoothQuant or LET (channel scaling folded into the
@@ -368,6 +371,10 @@ class CalibrationConfig:
             diagonal, ``damp`` is the relative dampening (raised tenfold on a failed Cholesky),
             ``true_sequential`` quantizes the block's layers in call order (q/k/v, o, gate/up,
             down), each on the inputs the already-quantized layers produce.
+        asymmetric: with ``gptq``, each layer is fitted to the float model's output of that layer
+            on the float model's inputs (GPTAQ's asymmetric calibration), not to its own output on
+            the quantized model's inputs, so it also corrects the error of the layers before it.
+            Not written to ``to_dict`` while ``False``.
         refine_breakpoints: re-choose piecewise breakpoints against the layer output, kept only
             where the block output error drops (without GPTQ: GPTQ refits each group itself).
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
@@ -397,6 +404,7 @@ class CalibrationConfig:
     act_order: bool = True
     true_sequential: bool = True
     damp: float = 0.01
+    asymmetric: bool = False
     refine_breakpoints: bool = False
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -409,7 +417,8 @@ class CalibrationConfig:
     # attribute, not a field (no annotation)
     ALGORITHM_FIELDS = (
         "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
-        "refine_breakpoints", "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "algorithm",
+        "asymmetric", "refine_breakpoints", "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids",
+        "algorithm",
     )
 
     def __post_init__(self, modifiers: Any = None) -> None:
@@ -425,7 +434,8 @@ class CalibrationConfig:
             raise ValueError(f"calibration.seed must be an integer; got {self.seed!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"calibration.epochs must be an integer >= 0; got {self.epochs!r}")
-        for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "refine_breakpoints"):
+        for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "asymmetric",
+                     "refine_breakpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"calibration.{name} must be True or False; got {getattr(self, name)!r}")
         a = self.smoothquant
@@ -436,6 +446,11 @@ class CalibrationConfig:
                 "calibration: refine_breakpoints and gptq do not combine: GPTQ refits every group on its "
                 "error-updated weights, and parameters fixed beforehand lose to those fits (docs/calibration.md); "
                 "choose one"
+            )
+        if self.asymmetric and not self.gptq:
+            raise ValueError(
+                "calibration.asymmetric=True is an option of GPTQ (it changes the target GPTQ fits); set gptq=True "
+                "too, or use the 'gptaq' preset"
             )
         if a is not None and self.let:
             raise ValueError("calibration: choose smoothquant or let, not both (LET starts from SmoothQuant's scales)")
@@ -515,6 +530,8 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not self.asymmetric:  # added later: configs that do not use it keep their bytes
+            del d["asymmetric"]
         d["mixed_precision_bits"] = list(self.mixed_precision_bits)
         d["mixed_precision_grids"] = list(self.mixed_precision_grids)
         return d

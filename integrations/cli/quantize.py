@@ -59,8 +59,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-mode", default=None, choices=("dynamic_per_token", "static_per_tensor"),
                    help="with --act-bits: dynamic_per_token (default) or static_per_tensor (needs calibration)")
     p.add_argument("--calibration", default=None, metavar="PRESET",
-                   help="data-aware calibration preset: default (GPTQ), aware, smoothquant, gptq, lwc, omniquant "
-                        "(default: data-free)")
+                   help="data-aware calibration preset: default (GPTQ), aware, smoothquant, gptq, gptaq, lwc, "
+                        "omniquant (default: data-free)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="UTF-8 text file to calibrate on (implies --calibration default unless given; default: bundled text)")
     p.add_argument("--n-samples", type=positive_int, default=None, help="calibration sequences (default 64)")

@@ -182,7 +182,7 @@ def _run(run: RunState, batches: list[dict[str, Any]]) -> None:
         fp_out = run_block(block, run.inputs, fp)
         held += sum(t.numel() * t.element_size() for t in fp_out)
         report.peak_held_mb = max(report.peak_held_mb, held / 2**20)
-        state = _calibrate_block(run, i, block, q, fp_out)
+        state = _calibrate_block(run, i, block, q, fp_out, fp)
         q_out = run_block(block, run.inputs, q)
         rel = relative_error(q_out, fp_out)
         report.blocks.append(BlockReport(i, rel, state.folded, state.lwc_loss, time.perf_counter() - t0))
@@ -198,10 +198,10 @@ def _run(run: RunState, batches: list[dict[str, Any]]) -> None:
 
 
 def _calibrate_block(run: RunState, index: int, block: nn.Module, q: list[torch.Tensor],
-                     fp_out: list[torch.Tensor]) -> BlockState:
+                     fp_out: list[torch.Tensor], fp: list[torch.Tensor] | None = None) -> BlockState:
     """One block's lifecycle: statistics and records, then the modifiers' hooks around the
     runner's fit and the swap to ``QuantLinear`` layers."""
-    state = BlockState(run, index, block, _records(run, index, block, q), q, fp_out)
+    state = BlockState(run, index, block, _records(run, index, block, q), q, fp_out, fp=fp)
     for m in run.modifiers:
         m.before_block(state)
     for rec in state.calibrated:

@@ -28,6 +28,7 @@ group parameters are chosen; parameters fixed before (learned by LWC) are kept.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from ..config import CalibrationConfig
     from .state import BlockState, LayerRecord
 
-__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "hessian_from_inputs", "gptq_quantize"]
+__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "hessian_from_inputs", "gptq_quantize", "float_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,25 @@ DAMP_GROWTH = 10.0
 @dataclass(frozen=True)
 class GPTQ(Modifier):
     """GPTQ error compensation of every calibrated layer (flat form: ``CalibrationConfig(gptq=True,
-    act_order=..., true_sequential=..., damp=...)``).
+    act_order=..., true_sequential=..., damp=..., asymmetric=...)``).
 
     Attributes:
         act_order: process columns by decreasing Hessian diagonal.
         true_sequential: quantize the block's layers in call order (q/k/v, o, gate/up, down), each
             on the inputs the already-quantized layers produce.
         damp: relative dampening of the Hessian (raised tenfold on a failed Cholesky).
+        asymmetric: GPTAQ's asymmetric calibration (Li et al., "GPTAQ: Efficient Finetuning-Free
+            Quantization for Asymmetric Calibration", ICML 2025): each layer matches the *float*
+            layer's output on the *float* model's inputs, ``min ||x~ Q^T - x W^T||`` with ``x~`` the
+            input on the quantized chain and ``x`` on the float chain, instead of GPTQ's
+            ``||x~ Q^T - x~ W^T||``; so it also corrects the error the layers before it left in
+            its input. Costs a float copy of the block and a second block pass per stage.
     """
 
     act_order: bool = True
     true_sequential: bool = True
     damp: float = 0.01
+    asymmetric: bool = False
 
     order = 60
     needs_hessian = True
@@ -80,35 +88,134 @@ class GPTQ(Modifier):
         check_bool("GPTQ", "act_order", self.act_order)
         check_bool("GPTQ", "true_sequential", self.true_sequential)
         check_positive("GPTQ", "damp", self.damp)
+        check_bool("GPTQ", "asymmetric", self.asymmetric)
 
     def process_block(self, block: BlockState) -> None:
         calibrated = [r.rel for r in block.calibrated]
         if not calibrated:
             return
+        ref = None
+        if self.asymmetric:
+            if block.fp is None:
+                raise RuntimeError("GPTQ(asymmetric=True) needs the block's float-chain inputs (BlockState.fp)")
+            ref = copy.deepcopy(block.block)  # the block before any of its layers is quantized
         stages = _stages(block.block, block.call_first, calibrated) if self.true_sequential else [sorted(calibrated)]
         for k, stage in enumerate(stages):
             records = [block.records[rel] for rel in stage]
-            if k > 0:  # inputs as the already-quantized layers of this block produce them
+            cross: dict[str, torch.Tensor] = {}
+            if ref is not None:
+                cross = _collect_cross(block, ref, records)
+            elif k > 0:  # inputs as the already-quantized layers of this block produce them
                 block.collect_stats(records, hessian=True)
             for rec in records:
-                self._quantize(block, rec)
+                self._quantize(block, rec, cross.get(rec.rel))
 
-    def _quantize(self, block: BlockState, rec: LayerRecord) -> None:
+    def _quantize(self, block: BlockState, rec: LayerRecord, cross: torch.Tensor | None = None) -> None:
         linear = block.linear(rec)
+        weight = linear.weight.detach()
+        if cross is not None:
+            weight = float_target(weight, rec.stats.xtx, cross, self.damp)
         res = gptq_quantize(
-            linear.weight.detach(), rec.stats.hessian(), rec.layer, rec.fmt, params=rec.params if rec.params_fixed else None,
+            weight, rec.stats.hessian(), rec.layer, rec.fmt, params=rec.params if rec.params_fixed else None,
             act_order=self.act_order, damp=self.damp, activation_aware=block.run.cal.activation_aware,
         )
         linear.weight.data.copy_(res.weight.to(linear.weight.dtype))
-        rec.tensors, rec.tensors_by = res.tensors, "gptq"
+        rec.tensors, rec.tensors_by = res.tensors, "gptaq" if cross is not None else "gptq"
         rec.note = f"damp {res.damp:g}" if res.damp != self.damp else ""
 
     def flat(self) -> dict[str, Any]:
-        return {"gptq": True, "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp}
+        return {"gptq": True, "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp,
+                "asymmetric": self.asymmetric}
 
     @classmethod
     def from_flat(cls, cal: CalibrationConfig) -> GPTQ | None:
-        return cls(cal.act_order, cal.true_sequential, cal.damp) if cal.gptq else None
+        return cls(cal.act_order, cal.true_sequential, cal.damp, cal.asymmetric) if cal.gptq else None
+
+
+@torch.no_grad()
+def _collect_cross(block: BlockState, ref: nn.Module, records: list[LayerRecord]) -> dict[str, torch.Tensor]:
+    """Collect the statistics of ``records`` on the quantized chain again (Hessian included, into
+    ``rec.stats``) and return, per layer, ``C = sum_t x~_t^T (x_t - x~_t)`` (float32): ``x~`` is
+    the layer's input in the block on the quantized chain, ``x`` its input in ``ref`` (the float
+    block) on the float chain, token by token of the same batch. A layer whose calls do not pair
+    up (e.g. an MoE expert that the two chains route different tokens to) is left out, with a
+    warning: GPTQ then fits it to its own output, as without ``asymmetric``."""
+    from .state import LayerStats
+
+    stats = {r.rel: LayerStats() for r in records}
+    cross: dict[str, torch.Tensor] = {}
+    unpaired: set[str] = set()
+    ref_inputs: dict[str, list[torch.Tensor]] = {}
+    shared: dict[tuple, torch.Tensor] = {}  # q/k/v read one tensor: one product per batch
+
+    def ref_hook(rel: str):
+        def fn(_m: nn.Module, args: tuple) -> None:
+            ref_inputs.setdefault(rel, []).append(real_tokens(args[0].detach()).float())
+        return fn
+
+    def q_hook(rel: str, name: str):
+        def fn(_m: nn.Module, args: tuple) -> None:
+            x = real_tokens(args[0].detach()).float()
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"the activations entering layer {name!r} contain NaN or Inf; check the calibration "
+                    "data and the float model (quantizing would produce NaN scales)"
+                )
+            stats[rel].add(x, True)
+            pending = ref_inputs.get(rel)
+            if rel in unpaired or not pending or pending[0].shape != x.shape:
+                unpaired.add(rel)
+                return
+            xf = pending.pop(0)
+            key = (args[0].data_ptr(), tuple(args[0].shape), xf.data_ptr())
+            c = shared.get(key)
+            if c is None:
+                c = shared[key] = x.t() @ (xf - x)
+            cross[rel] = c.clone() if rel not in cross else cross[rel].add_(c)
+        return fn
+
+    handles = [ref.get_submodule(r.rel).register_forward_pre_hook(ref_hook(r.rel)) for r in records]
+    handles += [block.block.get_submodule(r.rel).register_forward_pre_hook(q_hook(r.rel, r.name)) for r in records]
+    try:
+        for i in range(len(block.q)):
+            ref_inputs.clear()
+            shared.clear()
+            block.run.inputs.call(ref, i, block.fp[i])
+            block.run.inputs.call(block.block, i, block.q[i])
+            unpaired.update(rel for rel, left in ref_inputs.items() if left)  # called more often in the float block
+    finally:
+        for h in handles:
+            h.remove()
+    for r in records:
+        r.stats = stats[r.rel]
+        if r.rel in unpaired:
+            cross.pop(r.rel, None)
+            logger.warning(
+                "asymmetric GPTQ: layer %r is called on different tokens in the float and the quantized model (its "
+                "block's routing depends on the weights); it is fitted to its own output, as plain GPTQ does", r.name)
+    return cross
+
+
+def float_target(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight whose output on the quantized-chain inputs ``x~`` best matches ``weight``'s
+    output on the float-chain inputs ``x``: the least-squares solution of ``min ||X~ W'^T - X W^T||``,
+    ``W' = W (I + C^T G^-1)`` with ``G = X~^T X~ + damp * mean(diag) * I`` (``xtx = X~^T X~``,
+    ``cross = C = X~^T (X - X~)``). Quantizing ``W'`` with GPTQ's Hessian of ``x~`` then minimises
+    the error against the float output, since ``||X~ Q^T - X W^T||^2 = ||X~ (Q - W')^T||^2 + const``
+    (exactly without dampening). Computed in float64, returned in ``weight``'s dtype."""
+    G = xtx.double().clone()
+    diag = torch.diagonal(G)
+    base = float(diag.mean())
+    if not math.isfinite(base) or base <= 0:
+        return weight  # no signal (every input zero): nothing to correct
+    diag += damp * base
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:  # numerically singular even with dampening: keep GPTQ's own target
+        logger.warning("asymmetric GPTQ: the input Gram matrix is not positive definite; using the plain GPTQ target")
+        return weight
+    W = weight.double()
+    Z = torch.cholesky_solve(cross.double() @ W.t(), L)  # (in, out) = G^-1 C W^T
+    return (W + Z.t()).to(weight.dtype)
 
 
 @torch.no_grad()

@@ -199,6 +199,7 @@ class BlockState:
     folded: int = 0
     lwc_loss: tuple[float, float] | None = None
     training: Any = None  # the block's joint LWC/LET training (see .lwc)
+    fp: list[torch.Tensor] | None = None  # the block's inputs on the float chain
 
     @property
     def calibrated(self) -> list[LayerRecord]:
