@@ -5,6 +5,8 @@ Families (each a few points at 2, 3 and 4 bits):
 * ``uniform``: data-free round-to-nearest, min/max ranges;
 * ``piecewise``: data-free piecewise grid (MSE ranges);
 * ``piecewise + GPTQ``: the ``"gptq"`` calibration preset;
+* ``piecewise + GPTAQ``: the ``"gptaq"`` preset (GPTQ fitted to the float model's layer outputs,
+  docs/calibration.md#asymmetric-gptq-gptaq);
 * ``+ outliers``: the same with dense-and-sparse outliers (``outliers=K`` per group,
   ``outlier_method="hessian"``: SpQR's saliency inside GPTQ), docs/outliers.md;
 * ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, each below 8 bits with and
@@ -60,7 +62,7 @@ from quality import _SENT_SPLIT, LlamaBench, quantized_bpw  # noqa: E402
 import piecewise_quant as pq  # noqa: E402
 
 LICENSES = Path("/usr/share/common-licenses")
-FAMILIES = ("uniform", "piecewise", "piecewise + GPTQ", "+ outliers", "mixed precision")
+FAMILIES = ("uniform", "piecewise", "piecewise + GPTQ", "piecewise + GPTAQ", "+ outliers", "mixed precision")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Point:
         cal = None
         if self.family not in ("uniform", "piecewise"):
             changes = {"mixed_precision_budget": self.budget} if self.budget is not None else {}
+            if self.family == "piecewise + GPTAQ":
+                changes["asymmetric"] = True
             cal = pq.CalibrationConfig.preset("gptq", n_samples=n_samples, seq_len=seq_len, **changes)
         return pq.PiecewiseQuantConfig(grid=grid, bits=self.bits, group_size=self.group, observer=self.observer,
                                        outliers=self.outliers, calibration=cal, modules_to_not_convert=skip)
@@ -98,10 +102,12 @@ def points(model: str) -> list[Point]:
     out = [Point("uniform", b, 128, observer="minmax") for b in (2, 3, 4)]
     out += [Point("piecewise", b, 128) for b in (2, 3, 4)]
     out += [Point("piecewise + GPTQ", b, 128) for b in (2, 3, 4)]
+    out += [Point("piecewise + GPTAQ", b, 128) for b in (2, 3, 4)]
     out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, k3)]
     out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25)]
     if model == "llama":  # the no-outlier points next to the outlier ones in bits per weight
         out += [Point("piecewise + GPTQ", 2, 64), Point("piecewise + GPTQ", 3, 64), Point("+ outliers", 3, 256, 1)]
+        out += [Point("piecewise + GPTAQ", 2, 64), Point("piecewise + GPTAQ", 3, 64)]
     return out
 
 
@@ -210,7 +216,7 @@ def plot(out: dict[str, Any], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(out), figsize=(6.2 * len(out), 4.6))
     axes = [axes] if len(out) == 1 else list(axes)
-    markers = dict(zip(FAMILIES, "osD^v"))
+    markers = dict(zip(FAMILIES, "osDP^v"))
     for ax, (model, res) in zip(axes, out.items()):
         for fam in FAMILIES:
             rows = sorted((r for r in res["rows"] if r["family"] == fam), key=lambda r: r["bpw"])

@@ -146,7 +146,8 @@ def _collect_cross(block: BlockState, ref: nn.Module, records: list[LayerRecord]
     cross: dict[str, torch.Tensor] = {}
     unpaired: set[str] = set()
     ref_inputs: dict[str, list[torch.Tensor]] = {}
-    shared: dict[tuple, torch.Tensor] = {}  # q/k/v read one tensor: one product per batch
+    # q/k/v read one tensor: one product per batch (the input is kept, so its address is not reused)
+    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def ref_hook(rel: str):
         def fn(_m: nn.Module, args: tuple) -> None:
@@ -168,9 +169,9 @@ def _collect_cross(block: BlockState, ref: nn.Module, records: list[LayerRecord]
                 return
             xf = pending.pop(0)
             key = (args[0].data_ptr(), tuple(args[0].shape), xf.data_ptr())
-            c = shared.get(key)
-            if c is None:
-                c = shared[key] = x.t() @ (xf - x)
+            if key not in shared:
+                shared[key] = (args[0], x.t() @ (xf - x))
+            c = shared[key][1]
             cross[rel] = c.clone() if rel not in cross else cross[rel].add_(c)
         return fn
 
