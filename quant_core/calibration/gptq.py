@@ -45,6 +45,7 @@ from ..formats.groups import group_view, importance_view
 from ..token_mask import real_tokens
 from .modifier import Modifier, check_bool, check_positive
 from .smoothing import trace_tensors
+from .state import LayerStats, layer_input
 
 if TYPE_CHECKING:
     from ..config import CalibrationConfig
@@ -140,8 +141,6 @@ def _collect_cross(block: BlockState, ref: nn.Module, records: list[LayerRecord]
     block) on the float chain, token by token of the same batch. A layer whose calls do not pair
     up (e.g. an MoE expert that the two chains route different tokens to) is left out, with a
     warning: GPTQ then fits it to its own output, as without ``asymmetric``."""
-    from .state import LayerStats
-
     stats = {r.rel: LayerStats() for r in records}
     cross: dict[str, torch.Tensor] = {}
     unpaired: set[str] = set()
@@ -156,12 +155,7 @@ def _collect_cross(block: BlockState, ref: nn.Module, records: list[LayerRecord]
 
     def q_hook(rel: str, name: str):
         def fn(_m: nn.Module, args: tuple) -> None:
-            x = real_tokens(args[0].detach()).float()
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(
-                    f"the activations entering layer {name!r} contain NaN or Inf; check the calibration "
-                    "data and the float model (quantizing would produce NaN scales)"
-                )
+            x = layer_input(args[0], name)
             stats[rel].add(x, True)
             pending = ref_inputs.get(rel)
             if rel in unpaired or not pending or pending[0].shape != x.shape:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .report import CalibrationReport, LayerReport
     from .smoothing import FoldGroup
 
-__all__ = ["LayerStats", "LayerRecord", "RunState", "BlockState", "collect_stats", "fit_params"]
+__all__ = ["LayerStats", "LayerRecord", "RunState", "BlockState", "collect_stats", "fit_params", "layer_input"]
 
 # the labels of group parameters chosen by the runner's fit (the activation-aware one or not)
 FIT_LABELS = ("aware", "calibrated")
@@ -58,6 +58,18 @@ class LayerStats:
         self.absmax = torch.maximum(self.amax.abs(), self.amin.abs())
 
 
+def layer_input(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A layer's calibration input ``x`` as float32 rows (padding dropped); refuses NaN/Inf
+    activations (they would give NaN scales), naming the layer."""
+    x = real_tokens(x.detach()).float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"the activations entering layer {name!r} contain NaN or Inf; check the calibration "
+            "data and the float model (quantizing would produce NaN scales)"
+        )
+    return x
+
+
 @torch.no_grad()
 def collect_stats(block: nn.Module, run: Callable[[list[torch.Tensor]], Any], hidden: list[torch.Tensor],
                   names: dict[str, str], hessian: bool) -> dict[str, LayerStats]:
@@ -67,13 +79,7 @@ def collect_stats(block: nn.Module, run: Callable[[list[torch.Tensor]], Any], hi
 
     def hook(rel: str):
         def fn(_m: nn.Module, args: tuple) -> None:
-            x = real_tokens(args[0].detach()).float()
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(
-                    f"the activations entering layer {names[rel]!r} contain NaN or Inf; check the calibration "
-                    "data and the float model (quantizing would produce NaN scales)"
-                )
-            stats[rel].add(x, hessian)
+            stats[rel].add(layer_input(args[0], names[rel]), hessian)
         return fn
 
     handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel)) for rel in names]

@@ -64,21 +64,14 @@ def test_quantizing_the_float_target_lowers_the_error_against_the_float_output()
     assert err(asym) < 0.5 * err(plain), (err(asym), err(plain))
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_calibrate_with_asymmetric_gptq_tracks_the_float_model_better():
     pytest.importorskip("transformers")
-    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    from pq_tiny_models import tiny_llama
+
+    ids = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(0))
     errs, reports = {}, {}
     for preset in ("gptq", "gptaq"):
-        model = _tiny_llama()
+        model = tiny_llama()
         cal = pq.CalibrationConfig.preset(preset, n_samples=16, seq_len=32, batch_size=8)
         reports[preset] = pq.calibrate(model, pq.PiecewiseQuantConfig(bits=2, group_size=32, calibration=cal), ids,
                                        progress=False)
