@@ -375,6 +375,11 @@ class CalibrationConfig:
             on the float model's inputs (GPTAQ's asymmetric calibration), not to its own output on
             the quantized model's inputs, so it also corrects the error of the layers before it.
             Not written to ``to_dict`` while ``False``.
+        tune_scales: after each block is quantized, learn its layers' stored group scales (codes
+            fixed) against the float block's output, ``tune_epochs`` passes of AdamW at ``tune_lr``
+            (relative change of each scale); undone where the block loss does not drop
+            (docs/calibration.md#scale-tuning). The three fields are not written to ``to_dict``
+            while ``tune_scales`` is ``False``.
         refine_breakpoints: re-choose piecewise breakpoints against the layer output, kept only
             where the block output error drops (without GPTQ: GPTQ refits each group itself).
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
@@ -405,6 +410,9 @@ class CalibrationConfig:
     true_sequential: bool = True
     damp: float = 0.01
     asymmetric: bool = False
+    tune_scales: bool = False
+    tune_epochs: int = 10
+    tune_lr: float = 1e-3
     refine_breakpoints: bool = False
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -417,8 +425,8 @@ class CalibrationConfig:
     # attribute, not a field (no annotation)
     ALGORITHM_FIELDS = (
         "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
-        "asymmetric", "refine_breakpoints", "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids",
-        "algorithm",
+        "asymmetric", "tune_scales", "tune_epochs", "tune_lr", "refine_breakpoints", "mixed_precision_budget",
+        "mixed_precision_bits", "mixed_precision_grids", "algorithm",
     )
 
     def __post_init__(self, modifiers: Any = None) -> None:
@@ -434,8 +442,10 @@ class CalibrationConfig:
             raise ValueError(f"calibration.seed must be an integer; got {self.seed!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"calibration.epochs must be an integer >= 0; got {self.epochs!r}")
+        if isinstance(self.tune_epochs, bool) or not isinstance(self.tune_epochs, int) or self.tune_epochs < 0:
+            raise ValueError(f"calibration.tune_epochs must be an integer >= 0; got {self.tune_epochs!r}")
         for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "asymmetric",
-                     "refine_breakpoints"):
+                     "tune_scales", "refine_breakpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"calibration.{name} must be True or False; got {getattr(self, name)!r}")
         a = self.smoothquant
@@ -465,7 +475,12 @@ class CalibrationConfig:
                     f"calibration.algorithm={self.algorithm!r} replaces the step that GPTQ and breakpoint refinement "
                     "perform (turning each layer's weight into stored tensors); set gptq=False and refine_breakpoints=False"
                 )
-        for name in ("lwc_lr", "let_lr", "damp"):
+            if self.tune_scales:
+                raise ValueError(
+                    f"calibration.algorithm={self.algorithm!r} chooses the stored tensors after tune_scales would have "
+                    "tuned them; set tune_scales=False"
+                )
+        for name in ("lwc_lr", "let_lr", "damp", "tune_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"calibration.{name} must be a positive number; got {v!r}")
@@ -532,6 +547,9 @@ class CalibrationConfig:
         d = dataclasses.asdict(self)
         if not self.asymmetric:  # added later: configs that do not use it keep their bytes
             del d["asymmetric"]
+        if not self.tune_scales:  # likewise
+            for name in ("tune_scales", "tune_epochs", "tune_lr"):
+                del d[name]
         d["mixed_precision_bits"] = list(self.mixed_precision_bits)
         d["mixed_precision_grids"] = list(self.mixed_precision_grids)
         return d

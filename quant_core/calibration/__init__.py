@@ -25,6 +25,7 @@ _LAZY = {
     "StaticKVScales": ".kv_scales",
     "MixedPrecision": ".mixed_precision",
     "Algorithm": ".algorithm",
+    "TuneScales": ".tune_scales",
 }
 
 __all__ = list(_LAZY)
@@ -40,5 +41,6 @@ if TYPE_CHECKING:
     from .refine import RefineBreakpoints
     from .smoothquant import SmoothQuant
     from .static_act import StaticActScales
+    from .tune_scales import TuneScales
 
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)

@@ -132,7 +132,7 @@ def _plan_run(model: nn.Module, config: PiecewiseQuantConfig, cal: CalibrationCo
 # modifiers that fit, clip or re-allocate a layer's weight groups on the whole weight (not on the
 # residual a low-rank layer quantizes): refused for such layers rather than silently wrong
 _NO_LOW_RANK = {"LWC": "lwc", "LET": "let", "RefineBreakpoints": "refine_breakpoints",
-                "MixedPrecision": "mixed_precision_budget", "Algorithm": "algorithm"}
+                "MixedPrecision": "mixed_precision_budget", "Algorithm": "algorithm", "TuneScales": "tune_scales"}
 
 
 def _check_low_rank(plan: dict[str, Any], modifiers: list[Any]) -> None:

@@ -13,7 +13,7 @@ begins:
    * ``before_block(block)``: before any group parameters exist (SmoothQuant/LET fold scales);
    * the runner fits every calibrated layer's group parameters;
    * ``process_block(block)``: change parameters or choose stored tensors for the whole block
-     (LWC/LET training, breakpoint refinement, GPTQ);
+     (LWC/LET training, breakpoint refinement, GPTQ, then scale tuning on GPTQ's tensors);
    * ``process_layer(block, record)``: per calibrated layer, just before it is swapped for a
      ``QuantLinear`` (a plugin's calibration algorithm);
    * ``after_block(block)``: the block's ``QuantLinear`` layers are in place (static activation

@@ -19,6 +19,7 @@ from .modifier import Modifier
 from .refine import RefineBreakpoints
 from .smoothquant import SmoothQuant
 from .static_act import StaticActScales
+from .tune_scales import TuneScales
 
 if TYPE_CHECKING:
     from ..config import CalibrationConfig
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["BUILTIN_MODIFIERS", "modifiers_of"]
 
 BUILTIN_MODIFIERS: tuple[type[Modifier], ...] = tuple(sorted(
-    (MixedPrecision, SmoothQuant, LET, LWC, RefineBreakpoints, GPTQ, Algorithm, StaticActScales),
+    (MixedPrecision, SmoothQuant, LET, LWC, RefineBreakpoints, GPTQ, Algorithm, TuneScales, StaticActScales),
     key=lambda cls: cls.order,
 ))
 

@@ -161,6 +161,22 @@ def test_calibration_recipe_runs_through_the_pipeline(dfh):
     assert all(torch.equal(v, sd[k]) for k, v in pipe.transformer.state_dict().items())
 
 
+def test_scale_tuning_runs_through_the_pipeline_and_disable_restores_the_float_weights(dfh):
+    pipe = dfh.dit_pipeline()
+    x = dfh.denoiser_inputs(pipe.transformer, timestep=500)
+    ref = dfh.denoise(pipe.transformer, x)
+    sd = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    cal = pq.CalibrationConfig.preset("gptq", tune_scales=True, tune_epochs=2)
+    cfg = diffusion_recipe(bits=4, group_size=16, act_bits=8, act_mode="dynamic_per_token", calibration=cal)
+    report = pipe.enable_quant(cfg, calibration_prompts=LABELS, num_inference_steps=STEPS, progress=False)
+    methods = {r.method for r in report.components["transformer"].engine.layers.values()}
+    assert "gptq+tune" in methods, methods
+    assert pipe.transformer.config.quantization_config.core.calibration.tune_scales
+    assert dfh.rel_err(dfh.denoise(pipe.transformer, x), ref) < 0.10
+    pipe.disable_quant()  # tuning wrote the tuned weights into the float layers; all restored
+    assert all(torch.equal(v, sd[k]) for k, v in pipe.transformer.state_dict().items())
+
+
 def test_calibration_recipe_bad_blocks(dfh):
     pipe = dfh.dit_pipeline()
     cfg = pq.PiecewiseQuantConfig(bits=8, group_size="channel", calibration=pq.CalibrationConfig(blocks="no.such.blocks"))
