@@ -64,6 +64,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="UTF-8 text file to calibrate on (implies --calibration default unless given; default: bundled text)")
     p.add_argument("--n-samples", type=positive_int, default=None, help="calibration sequences (default 64)")
+    p.add_argument("--tune-scales", action="store_true",
+                   help="with calibration: then learn each block's stored group scales against the float block, codes "
+                        "fixed (docs/calibration.md#scale-tuning)")
     p.add_argument("--rotation", default=None, choices=("quarot", "quip"),
                    help="Hadamard rotations before quantizing: quarot (W4A4, Llama-family) or quip (2-3 bit weights, any "
                         "model); see docs/rotation.md")
@@ -158,6 +161,9 @@ def _act_mode(args: argparse.Namespace, text: str | None) -> str:
     act_mode = args.act_mode or "dynamic_per_token"
     if args.n_samples is not None and args.calibration is None and text is None and act_mode != "static_per_tensor":
         raise UserError("--n-samples needs --calibration PRESET, --calibration-text FILE or --act-mode static_per_tensor")
+    if getattr(args, "tune_scales", False) and args.calibration is None and text is None:
+        raise UserError("--tune-scales tunes a calibrated model's scales: give --calibration PRESET or "
+                        "--calibration-text FILE with it")
     return act_mode
 
 
@@ -170,6 +176,8 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
         calibration = None
         if args.calibration is not None or text is not None:
             changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
+            if getattr(args, "tune_scales", False):
+                changes["tune_scales"] = True
             calibration = pq.CalibrationConfig.preset(args.calibration or DEFAULT_CALIBRATION_PRESET, **changes)
         skip = None
         if args.ignore:

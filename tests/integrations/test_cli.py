@@ -86,7 +86,8 @@ def test_quantize_calibrated_on_a_text_file(tmp_path, tiny_llama_path, capsys):
     text.write_text(calibration_text()[:30000], encoding="utf-8")
     out = tmp_path / "cal"
     rc = cli.main(["quantize", "--model", str(tiny_llama_path), "--output", str(out), "--bits", "3",
-                   "--calibration-text", str(text), "--n-samples", "4", "--calibration", "aware", "--rotation", "quip"])
+                   "--calibration-text", str(text), "--n-samples", "4", "--calibration", "aware", "--rotation", "quip",
+                   "--tune-scales"])
     assert rc == 0
     assert f"calibration=aware on {text} rotation=quip" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -95,6 +96,7 @@ def test_quantize_calibrated_on_a_text_file(tmp_path, tiny_llama_path, capsys):
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["bits"] == 3 and qc["calibration"]["n_samples"] == 4 and qc["calibration"]["gptq"] is False
+    assert qc["calibration"]["tune_scales"] is True
     assert qc["rotation"]["rotations"] == ["input", "output"]
 
 
@@ -212,6 +214,7 @@ def test_inspect_float_model_is_a_user_error(tiny_llama_path, capsys):
         (["eval", "--model", "MODEL", "--text", "binary.bin"], "cannot be read as UTF-8 text"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration-text", "missing.txt"], "error: --calibration-text"),
         (["eval", "--seq-len", "0"], "--seq-len: must be a positive integer"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--tune-scales"], "--tune-scales tunes a calibrated model"),
     ],
 )
 def test_user_mistakes_exit_2_without_traceback(args, message, tmp_path, tiny_llama_path):
