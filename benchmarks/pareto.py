@@ -10,7 +10,9 @@ Families (each a few points at 2, 3 and 4 bits):
 * ``+ outliers``: the same with dense-and-sparse outliers (``outliers=K`` per group,
   ``outlier_method="hessian"``: SpQR's saliency inside GPTQ), docs/outliers.md;
 * ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, each below 8 bits with and
-  without one outlier per group (LLM-MQ), + GPTQ, under a budget.
+  without one outlier per group (LLM-MQ), + GPTQ, under a budget;
+* ``GPTAQ + tuned scales`` (Llama only): the ``"gptaq"`` preset with ``tune_scales=True``
+  (docs/calibration.md#scale-tuning).
 
 Models and metrics:
 
@@ -62,7 +64,8 @@ from quality import _SENT_SPLIT, LlamaBench, quantized_bpw  # noqa: E402
 import piecewise_quant as pq  # noqa: E402
 
 LICENSES = Path("/usr/share/common-licenses")
-FAMILIES = ("uniform", "piecewise", "piecewise + GPTQ", "piecewise + GPTAQ", "+ outliers", "mixed precision")
+FAMILIES = ("uniform", "piecewise", "piecewise + GPTQ", "piecewise + GPTAQ", "+ outliers", "mixed precision",
+            "GPTAQ + tuned scales")
 
 
 @dataclass(frozen=True)
@@ -83,14 +86,16 @@ class Point:
             s = f"budget {self.budget}" + (f", {{2,3,4,8}} x grids, +{self.outliers}/group candidates" if self.outliers else "")
         return s
 
-    def config(self, n_samples: int, seq_len: int, skip: list[str] | None) -> pq.PiecewiseQuantConfig:
+    def config(self, n_samples: int, seq_len: int, skip: list[str] | None, seed: int = 0) -> pq.PiecewiseQuantConfig:
         grid = "uniform" if self.family == "uniform" else "piecewise"
         cal = None
         if self.family not in ("uniform", "piecewise"):
             changes = {"mixed_precision_budget": self.budget} if self.budget is not None else {}
-            if self.family == "piecewise + GPTAQ":
+            if self.family in ("piecewise + GPTAQ", "GPTAQ + tuned scales"):
                 changes["asymmetric"] = True
-            cal = pq.CalibrationConfig.preset("gptq", n_samples=n_samples, seq_len=seq_len, **changes)
+            if self.family == "GPTAQ + tuned scales":
+                changes["tune_scales"] = True
+            cal = pq.CalibrationConfig.preset("gptq", n_samples=n_samples, seq_len=seq_len, seed=seed, **changes)
         return pq.PiecewiseQuantConfig(grid=grid, bits=self.bits, group_size=self.group, observer=self.observer,
                                        outliers=self.outliers, calibration=cal, modules_to_not_convert=skip)
 
@@ -108,6 +113,7 @@ def points(model: str) -> list[Point]:
     if model == "llama":  # the no-outlier points next to the outlier ones in bits per weight
         out += [Point("piecewise + GPTQ", 2, 64), Point("piecewise + GPTQ", 3, 64), Point("+ outliers", 3, 256, 1)]
         out += [Point("piecewise + GPTAQ", 2, 64), Point("piecewise + GPTAQ", 3, 64)]
+        out += [Point("GPTAQ + tuned scales", b, g) for b, g in ((2, 128), (2, 64), (3, 128), (3, 64), (4, 128))]
     return out
 
 
@@ -165,13 +171,13 @@ class MiniLM:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_point(bench: Any, model_name: str, p: Point) -> dict[str, Any]:
+def run_point(bench: Any, model_name: str, p: Point, seed: int = 0, llama_windows: int = 32) -> dict[str, Any]:
     from piecewise_quant.evaluate import calibration_text
 
     model = copy.deepcopy(bench.model)
     llama = model_name == "llama"
-    n, seq = (32, 256) if llama else (64, 128)
-    config = p.config(n, seq, None if llama else [])
+    n, seq = (llama_windows, 256) if llama else (64, 128)
+    config = p.config(n, seq, None if llama else [], seed)
     t0 = time.perf_counter()
     if config.calibration is None:
         pq.quantize(model, config, progress=False)
@@ -216,7 +222,7 @@ def plot(out: dict[str, Any], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(out), figsize=(6.2 * len(out), 4.6))
     axes = [axes] if len(out) == 1 else list(axes)
-    markers = dict(zip(FAMILIES, "osDP^v"))
+    markers = dict(zip(FAMILIES, "osDP^vX"))
     for ax, (model, res) in zip(axes, out.items()):
         for fam in FAMILIES:
             rows = sorted((r for r in res["rows"] if r["family"] == fam), key=lambda r: r["bpw"])
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="llama,minilm")
     ap.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cal-seed", type=int, default=0, help="calibration seed (which windows are drawn; default 0)")
+    ap.add_argument("--llama-windows", type=int, default=32, help="calibration windows of 256 tokens for the Llama")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"[{name}] {p.family}: {p.label}", file=sys.stderr, flush=True)
                 torch.manual_seed(0)
-                rows.append(run_point(bench, name, p))
+                rows.append(run_point(bench, name, p, args.cal_seed, args.llama_windows))
                 print(f"    {rows[-1]}", file=sys.stderr, flush=True)
             out[name] = {"float": bench.evaluate(bench.model), "rows": rows}
     text = markdown(out)

@@ -147,6 +147,9 @@ def recipes() -> list[Recipe]:
             Recipe(f"gptq-noorder-{b}-piecewise", '"gptq", act_order=False', "piecewise", b, {**GPTQ, "act_order": False}),
             Recipe(f"gptq-{b}-uniform", '"gptq" (act_order), uniform grid', "uniform", b, GPTQ),
             Recipe(f"gptaq-{b}-piecewise", '"gptaq" (GPTQ, asymmetric=True)', "piecewise", b, {**GPTQ, "asymmetric": True}),
+            Recipe(f"gptq-tune-{b}-piecewise", '"gptq" + tune_scales', "piecewise", b, {**GPTQ, "tune_scales": True}),
+            Recipe(f"gptaq-tune-{b}-piecewise", '"gptaq" + tune_scales', "piecewise", b,
+                   {**GPTQ, "asymmetric": True, "tune_scales": True}),
         ]
     rows += [
         Recipe("aware-3-uniform", '"aware", uniform grid', "uniform", 3, {}),
@@ -167,6 +170,10 @@ def recipes() -> list[Recipe]:
         Recipe("gptq-4-piecewise-n256", '"gptq", 256 windows', "piecewise", 4, GPTQ, n_samples=256, models=("minilm",)),
         Recipe("gptaq-4-piecewise-n256", '"gptaq", 256 windows', "piecewise", 4, {**GPTQ, "asymmetric": True},
                n_samples=256, models=("minilm",)),
+        Recipe("gptq-tune-4-piecewise-n256", '"gptq" + tune_scales, 256 windows', "piecewise", 4,
+               {**GPTQ, "tune_scales": True}, n_samples=256, models=("minilm",)),
+        Recipe("gptaq-tune-4-piecewise-n256", '"gptaq" + tune_scales, 256 windows', "piecewise", 4,
+               {**GPTQ, "asymmetric": True, "tune_scales": True}, n_samples=256, models=("minilm",)),
         Recipe("gptq-4-piecewise-sentences", '"gptq", 256 pydoc sentences (padded)', "piecewise", 4, GPTQ,
                data="sentences", n_samples=256, models=("minilm",)),
     ]
