@@ -440,10 +440,10 @@ class CalibrationConfig:
             raise ValueError(f"calibration.seq_len must be at least 2 tokens; got {self.seq_len}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"calibration.seed must be an integer; got {self.seed!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"calibration.epochs must be an integer >= 0; got {self.epochs!r}")
-        if isinstance(self.tune_epochs, bool) or not isinstance(self.tune_epochs, int) or self.tune_epochs < 0:
-            raise ValueError(f"calibration.tune_epochs must be an integer >= 0; got {self.tune_epochs!r}")
+        for name in ("epochs", "tune_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"calibration.{name} must be an integer >= 0; got {v!r}")
         for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "asymmetric",
                      "tune_scales", "refine_breakpoints"):
             if not isinstance(getattr(self, name), bool):

@@ -161,7 +161,7 @@ def _act_mode(args: argparse.Namespace, text: str | None) -> str:
     act_mode = args.act_mode or "dynamic_per_token"
     if args.n_samples is not None and args.calibration is None and text is None and act_mode != "static_per_tensor":
         raise UserError("--n-samples needs --calibration PRESET, --calibration-text FILE or --act-mode static_per_tensor")
-    if getattr(args, "tune_scales", False) and args.calibration is None and text is None:
+    if args.tune_scales and args.calibration is None and text is None:
         raise UserError("--tune-scales tunes a calibrated model's scales: give --calibration PRESET or "
                         "--calibration-text FILE with it")
     return act_mode
@@ -176,7 +176,7 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
         calibration = None
         if args.calibration is not None or text is not None:
             changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
-            if getattr(args, "tune_scales", False):
+            if args.tune_scales:
                 changes["tune_scales"] = True
             calibration = pq.CalibrationConfig.preset(args.calibration or DEFAULT_CALIBRATION_PRESET, **changes)
         skip = None

@@ -245,7 +245,7 @@ def _quant_linear(state: BlockState, rec: LayerRecord) -> QuantLinear:
     linear = state.linear(rec)
     if not rec.calibrated:
         return QuantLinear.from_linear(linear, rec.layer, rec.fmt)
-    tensors = rec.tensors if rec.tensors is not None else rec.fmt.encode(linear.weight.detach(), rec.params, rec.layer)
+    tensors = state.tensors(rec)
     ql = QuantLinear.empty(rec.layer, rec.fmt, linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
     try:
         ql.load_quantized(tensors)

@@ -205,7 +205,42 @@ def train_once(block: BlockState) -> None:
             rec.params = block.fit(rec)
 
 
-class _Trainer:
+class BlockTrainer:
+    """Training against the float block: a subclass's ``weights()`` (the block's parameters with its
+    learnable pieces applied) run functionally over the block, on the quantized-chain inputs,
+    against the float block's outputs. Shared by LWC/LET and scale tuning."""
+
+    state: BlockState
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss_on(self, i: int) -> torch.Tensor:
+        st = self.state
+        out = st.run.inputs.call(lambda *a, **k: functional_call(st.block, self.weights(), a, k), i, st.q[i])
+        return (out.float() - st.fp_out[i].float()).pow(2).mean()
+
+    @torch.no_grad()
+    def mean_loss(self) -> float:
+        n = len(self.state.q)
+        return sum(float(self.loss_on(i)) for i in range(n)) / n
+
+    def optimise(self, param_groups: list[dict[str, Any]], epochs: int, seed: int, nonfinite: str) -> None:
+        """AdamW over the batches in a seeded order, ``epochs`` passes; a non-finite loss raises
+        ``FloatingPointError(nonfinite)``."""
+        opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for i in torch.randperm(len(self.state.q), generator=g).tolist():
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_on(i)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(nonfinite)
+                loss.backward()
+                opt.step()
+
+
+class _Trainer(BlockTrainer):
     """One block's learnable pieces: LWC's clip modules and LET's per-group scales (log) and shifts,
     applied functionally over the block's frozen parameters."""
 
@@ -225,28 +260,6 @@ class _Trainer:
         for n, clip in self.clips.items():
             w[f"{n}.weight"] = clip.fake(w[f"{n}.weight"])
         return w
-
-    def loss_on(self, i: int) -> torch.Tensor:
-        st = self.state
-        out = st.run.inputs.call(lambda *a, **k: functional_call(st.block, self.weights(), a, k), i, st.q[i])
-        return (out.float() - st.fp_out[i].float()).pow(2).mean()
-
-    @torch.no_grad()
-    def mean_loss(self) -> float:
-        n = len(self.state.q)
-        return sum(float(self.loss_on(i)) for i in range(n)) / n
-
-    def optimise(self, param_groups: list[dict[str, Any]], epochs: int, seed: int) -> None:
-        opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for i in torch.randperm(len(self.state.q), generator=g).tolist():
-                opt.zero_grad(set_to_none=True)
-                loss = self.loss_on(i)
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError("LWC/LET training produced a non-finite loss")
-                loss.backward()
-                opt.step()
 
     def learnable(self) -> list[torch.Tensor]:
         return [p for c in self.clips.values() for p in c.parameters()] + self.scales + [d for d in self.shifts if d is not None]
@@ -307,7 +320,7 @@ def train_block(block: BlockState, training: BlockTraining) -> tuple[dict[str, L
     try:
         before = after = trainer.mean_loss()
         if param_groups and training.epochs > 0:
-            trainer.optimise(param_groups, training.epochs, seed)
+            trainer.optimise(param_groups, training.epochs, seed, "LWC/LET training produced a non-finite loss")
             after = trainer.mean_loss()
             if after > before:
                 logger.info("LWC/LET did not lower the block loss (%.4g -> %.4g); keeping the initial parameters", before, after)

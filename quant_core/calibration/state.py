@@ -231,6 +231,13 @@ class BlockState:
         for r in records:
             r.stats = stats[r.rel]
 
+    def tensors(self, record: LayerRecord) -> dict[str, torch.Tensor]:
+        """The tensors ``record`` would store now: a modifier's choice, else the format's encoding of
+        its current weight with its group parameters."""
+        if record.tensors is not None:
+            return record.tensors
+        return record.fmt.encode(self.linear(record).weight.detach(), record.params, record.layer)
+
     def fit(self, record: LayerRecord) -> dict[str, torch.Tensor]:
         """The runner's fit of ``record``'s current weight (activation-aware when configured)."""
         return fit_params(record.fmt, self.linear(record).weight, record.layer, record.stats, self.run.cal.activation_aware)

@@ -20,14 +20,12 @@ exponent scales, such as MX FP4) keeps its scales; the report names it.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.func import functional_call
 
-from .lwc import _act_hooks
+from .lwc import BlockTrainer, _act_hooks
 from .modifier import Modifier, check_epochs, check_positive
 from .state import FIT_LABELS
 
@@ -133,8 +131,7 @@ def _tunable(block: BlockState) -> dict[str, tuple[LayerRecord, dict[str, torch.
     tensors they would store now; the others get a report note and keep their scales."""
     layers = {}
     for rec in block.calibrated:
-        linear = block.linear(rec)
-        tensors = rec.tensors if rec.tensors is not None else rec.fmt.encode(linear.weight.detach(), rec.params, rec.layer)
+        tensors = block.tensors(rec)
         m = scale_map(rec, tensors)
         if m is None:
             rec.note = "; ".join(x for x in (rec.note, "scales not tuned (not affine in the stored scales)") if x)
@@ -143,12 +140,12 @@ def _tunable(block: BlockState) -> dict[str, tuple[LayerRecord, dict[str, torch.
     return layers
 
 
-class _ScaleTrainer:
+class _ScaleTrainer(BlockTrainer):
     """The relative scale changes ``t`` of a block's tunable layers (each scale ``s0 * (1 + t)``),
     applied functionally over the block's frozen parameters."""
 
     def __init__(self, block: BlockState, layers: dict[str, tuple[LayerRecord, dict[str, torch.Tensor], ScaleMap]]):
-        self.block, self.layers = block, layers
+        self.state, self.layers = block, layers
         self.base = {k: v.detach() for k, v in block.block.named_parameters()}
         self.dtypes = {rel: block.linear(rec).weight.dtype for rel, (rec, _, _) in layers.items()}
         self.s0 = {rel: t["scales"].detach().float() for rel, (_, t, _) in layers.items()}
@@ -160,31 +157,12 @@ class _ScaleTrainer:
             w[f"{rel}.weight"] = m.weight(self.s0[rel] * (1 + self.t[rel])).to(self.dtypes[rel])
         return w
 
-    def loss_on(self, i: int) -> torch.Tensor:
-        b = self.block
-        out = b.run.inputs.call(lambda *a, **k: functional_call(b.block, self.weights(), a, k), i, b.q[i])
-        return (out.float() - b.fp_out[i].float()).pow(2).mean()
-
-    def mean_loss(self) -> float:
-        with torch.no_grad():
-            return sum(float(self.loss_on(i)) for i in range(len(self.block.q))) / len(self.block.q)
-
     def train(self, cfg: TuneScales, seed: int) -> dict[str, torch.Tensor]:
         """AdamW over the batches, ``cfg.epochs`` passes; returns the scales rounded to their stored
         dtype, which the trainer then holds (so ``mean_loss`` is the stored model's)."""
-        opt = torch.optim.AdamW(list(self.t.values()), lr=cfg.lr, weight_decay=0.0)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(cfg.epochs):
-            for i in torch.randperm(len(self.block.q), generator=g).tolist():
-                opt.zero_grad(set_to_none=True)
-                loss = self.loss_on(i)
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(
-                        f"scale tuning of block {self.block.index} produced a non-finite loss; lower tune_lr or check "
-                        "the calibration data"
-                    )
-                loss.backward()
-                opt.step()
+        self.optimise([{"params": list(self.t.values()), "lr": cfg.lr}], cfg.epochs, seed,
+                      f"scale tuning of block {self.state.index} produced a non-finite loss; lower tune_lr or check "
+                      "the calibration data")
         with torch.no_grad():
             tuned = {rel: _round(self.s0[rel] * (1 + self.t[rel]), t["scales"]) for rel, (_, t, _) in self.layers.items()}
             for rel, s in tuned.items():
