@@ -55,6 +55,7 @@ from piecewise_quant.args import ROTATION_PRESETS, KVArgs  # noqa: E402
 
 A4 = {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9}
 KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
+KV4_PW = dataclasses.replace(KV4, grid="piecewise")  # the same protocol on the project's piecewise K/V grid
 
 
 def _cal(preset: str, n: int, seq: int, **changes: Any) -> pq.CalibrationConfig:
@@ -102,6 +103,19 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
         ("W4A4KV4", "uniform + GPTQ + quarot + R3",
          {"grid": "uniform", **w4, **A4, "kv_cache": KV4, "rotation": {"rotations": ["R1", "R2", "R3", "R4"]},
           "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTQ + quarot, KV4 without R3",
+         {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTQ + quarot, KV4 piecewise grid, without R3",
+         {"grid": "piecewise", **w4, **A4, "kv_cache": KV4_PW, "rotation": "quarot", "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
+         {"grid": "piecewise", **w4, **A4, "rotation": "spinquant", "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 piecewise grid, without R3",
+         {"grid": "piecewise", **w4, **A4, "kv_cache": KV4_PW, "rotation": "spinquant", "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTAQ (asymmetric GPTQ) + quarot, KV4 without R3",
+         {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "calibration": g(asymmetric=True)}, True),
+        ("W4A4KV4", "piecewise + GPTAQ (asymmetric GPTQ) + quarot, KV4 piecewise grid, without R3",
+         {"grid": "piecewise", **w4, **A4, "kv_cache": KV4_PW, "rotation": "quarot",
+          "calibration": g(asymmetric=True)}, True),
         ("W3A16 g128", "piecewise + GPTQ", {"grid": "piecewise", "bits": 3, "group_size": 128, "calibration": g()}, False),
         ("W3A16 g128", "piecewise + GPTQ + R1/R2 (fused, free)",
          {"grid": "piecewise", "bits": 3, "group_size": 128, "rotation": {"rotations": ["R1", "R2"]}, "calibration": g()},
@@ -114,6 +128,16 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
          False),
         ("W2A16 g64", "piecewise + GPTQ + quip",
          {"grid": "piecewise", "bits": 2, "group_size": 64, "rotation": "quip", "calibration": g()}, False),
+        # per-channel scales (one per output row, ~3.0 / ~2.0 bits per weight): where a row's outliers
+        # set the whole row's scale, which is what incoherence spreads out
+        ("W3A16 channel", "piecewise + GPTQ",
+         {"grid": "piecewise", "bits": 3, "group_size": "channel", "calibration": g()}, False),
+        ("W3A16 channel", "piecewise + GPTQ + quip",
+         {"grid": "piecewise", "bits": 3, "group_size": "channel", "rotation": "quip", "calibration": g()}, False),
+        ("W2A16 channel", "piecewise + GPTQ",
+         {"grid": "piecewise", "bits": 2, "group_size": "channel", "calibration": g()}, False),
+        ("W2A16 channel", "piecewise + GPTQ + quip",
+         {"grid": "piecewise", "bits": 2, "group_size": "channel", "rotation": "quip", "calibration": g()}, False),
     ]
 
 
@@ -124,6 +148,10 @@ def minilm_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
         base = {"grid": "piecewise", "bits": bits, "group_size": group, "calibration": g()}
         rows.append((f"W{bits}A16 g{group}", "piecewise + GPTQ", base, False))
         rows.append((f"W{bits}A16 g{group}", "piecewise + GPTQ + quip", {**base, "rotation": "quip"}, False))
+    for bits in (3, 2):  # per-channel scales, as in llama_rows
+        base = {"grid": "piecewise", "bits": bits, "group_size": "channel", "calibration": g()}
+        rows.append((f"W{bits}A16 channel", "piecewise + GPTQ", base, False))
+        rows.append((f"W{bits}A16 channel", "piecewise + GPTQ + quip", {**base, "rotation": "quip"}, False))
     return rows
 
 
@@ -200,8 +228,10 @@ def run_minilm(rows: list, out: list[dict]) -> None:
         pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
         qs = time.perf_counter() - t0
         m = bench.evaluate(model)
-        out.append({"model": "minilm", "setting": setting, "method": method, **m, "quant_s": qs})
-        print(f"minilm {setting} {method}: cos {m['cos_mean']:.4f}, {qs:.0f} s", file=sys.stderr, flush=True)
+        bpw = quantized_bpw(model)[0]
+        out.append({"model": "minilm", "setting": setting, "method": method, **m, "quant_s": qs, "bpw": bpw})
+        print(f"minilm {setting} {method}: cos {m['cos_mean']:.4f}, {bpw:.3f} bits per weight, {qs:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 def _median_us(fn, reps: int) -> float:
@@ -260,9 +290,11 @@ def tables(results: list[dict]) -> str:
         lines.append("")
     mini = [r for r in results if r.get("model") == "minilm"]
     if mini:
-        lines += ["| setting | method | mean cosine | min cosine | NN agreement | time (s) |", "|---|---|---|---|---|---|"]
+        lines += ["| setting | method | bits per weight | mean cosine | min cosine | NN agreement | time (s) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in mini:
-            lines.append(f"| {r['setting']} | {r['method']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | "
+            bpw = f"{r['bpw']:.3f}" if "bpw" in r else ""
+            lines.append(f"| {r['setting']} | {r['method']} | {bpw} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | "
                          f"{r['nn_agree']:.3f} | {r['quant_s']:.0f} |")
         lines.append("")
     cost = [r for r in results if "overhead" in r]
