@@ -210,7 +210,9 @@ class BlockTrainer:
     learnable pieces applied) run functionally over the block, on the quantized-chain inputs,
     against the float block's outputs. Shared by LWC/LET and scale tuning."""
 
-    state: BlockState
+    def __init__(self, block: BlockState) -> None:
+        self.state = block
+        self.base = {k: v.detach() for k, v in block.block.named_parameters()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -245,12 +247,11 @@ class _Trainer(BlockTrainer):
     applied functionally over the block's frozen parameters."""
 
     def __init__(self, block: BlockState, clips: dict[str, LayerClip], groups: list[FoldGroup]) -> None:
-        self.state, self.clips, self.groups = block, clips, groups
+        super().__init__(block)
+        self.clips, self.groups = clips, groups
         self.scales = [nn.Parameter(torch.zeros(g.channels)) for g in groups]
         self.shifts = [nn.Parameter(g.act_mean.clone().float()) if g.shift_ok and g.act_mean is not None else None
                        for g in groups]
-        self.params = dict(block.block.named_parameters())
-        self.base = {k: v.detach() for k, v in self.params.items()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The block's parameters with LET's transformation and LWC's fake quantization applied."""
@@ -315,7 +316,7 @@ def train_block(block: BlockState, training: BlockTraining) -> tuple[dict[str, L
     if let_params:
         param_groups.append({"params": let_params, "lr": let.lr})
     initial = [p.detach().clone() for p in trainer.learnable()]
-    for p in trainer.params.values():
+    for p in block.block.parameters():
         p.requires_grad_(False)
     try:
         before = after = trainer.mean_loss()

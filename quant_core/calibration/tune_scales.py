@@ -145,8 +145,8 @@ class _ScaleTrainer(BlockTrainer):
     applied functionally over the block's frozen parameters."""
 
     def __init__(self, block: BlockState, layers: dict[str, tuple[LayerRecord, dict[str, torch.Tensor], ScaleMap]]):
-        self.state, self.layers = block, layers
-        self.base = {k: v.detach() for k, v in block.block.named_parameters()}
+        super().__init__(block)
+        self.layers = layers
         self.dtypes = {rel: block.linear(rec).weight.dtype for rel, (rec, _, _) in layers.items()}
         self.s0 = {rel: t["scales"].detach().float() for rel, (_, t, _) in layers.items()}
         self.t = {rel: torch.zeros_like(s, requires_grad=True) for rel, s in self.s0.items()}
