@@ -492,9 +492,11 @@ class Prepared:
             and (self.keep is None or self.keep[0] == _fp4_key(tensors[1], tensors[2]))
         )
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None):
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None, act: tuple[float, float] | None = None):
         """``rotation``: a :class:`~piecewise_quant.kernels.hadamard.Rotation` of the input, applied
-        inside the same call (float32 rows in a scratch buffer)."""
+        inside the same call (float32 rows in a scratch buffer); ``act``: ``(qmax, clip_ratio)`` of
+        dynamic per-token integer activations (the rows, rotated first, are quantized inside the call,
+        as the op's path does for a few rows). ``None`` where the kernel does not take the call."""
         dt = _DTYPES.get(x.dtype)
         if dt is None or x.device.type != "cpu" or x.shape[-1] != self.k:
             return None
@@ -506,9 +508,10 @@ class Prepared:
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
         rot = () if rotation is None else rotation.kernel_args()
+        amode, qmax, clip = (0, 127.0, 1.0) if act is None else (1, float(act[0]), float(act[1]))
         done = self.ext.gemv(
             self.desc, x2.data_ptr(), dt, m, x2.stride(0), y.data_ptr(), dt, self.n,
-            _ptr(bias), dt, torch.get_num_threads(), -1, 0, 127.0, 1.0, 0, 0, -1, *rot,
+            _ptr(bias), dt, torch.get_num_threads(), -1, amode, qmax, clip, 0, 0, -1, *rot,
         )
         return y.view(*x.shape[:-1], self.n) if done else None
 

@@ -97,6 +97,16 @@ class ActQuantizer:
             )
         return x, ActOperand(scale, args.kernel_format, args.kernel_mode, args.clip_ratio, args.topk)
 
+    @property
+    def fused(self) -> tuple[float, float] | None:
+        """``(qmax, clip_ratio)`` when the CPU kernels can quantize this layer's inputs inside the
+        matmul call (dynamic per-token integer activations without top-k clipping, not observing);
+        ``None`` otherwise."""
+        a = self.args
+        if self._obs is not None or not a.dynamic or a.strategy != "token" or a.topk != 0 or a.format != "int":
+            return None
+        return a.qmax, a.clip_ratio
+
     def _group_quantize(self, x: torch.Tensor) -> torch.Tensor:
         g, c = self.args.group_size, x.shape[-1]
         xg = x.reshape(*x.shape[:-1], c // g, g)

@@ -271,6 +271,40 @@ def test_the_online_input_rotation_inside_the_cpu_kernel_equals_rotating_first(r
     assert _rel(fused.double(), reference.double()) < 1e-4
 
 
+@pytest.mark.parametrize("rows", [1, 4, 40])
+@pytest.mark.parametrize("balance", [False, True])
+def test_quantized_activations_are_rotated_and_quantized_inside_the_cpu_kernel(rows, balance):
+    """W4A8 (dynamic per-token int8 inputs) with R4 or ViDiT-Q's balance: the prepared CPU call
+    rotates and quantizes the rows itself (up to 16 rows), with the result of rotating first and
+    running the op; without a rotation the prepared call equals the op exactly."""
+    from piecewise_quant.kernels.ops import ActOperand, quantized_linear
+    from piecewise_quant.quantization import layer_spec_for
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 768) / 28
+    spec = pq.QuantSpec(grid="uniform", bits=4, group_size=128, act_bits=8, act_clip_ratio=0.9)
+    fmt = pq.get_format("uniform")
+    tensors = fmt.quantize(w, layer_spec_for("d", spec, 768, 64))
+    layers = []
+    for rot in (OnlineRotation(True, False, 0, balance=balance), None):
+        q = pq.QuantLinear.empty(layer_spec_for("d", spec, 768, 64, rot), fmt, bias=False)
+        q.load_quantized(tensors)
+        layers.append(q)
+    if balance:
+        layers[0]._buffers["balance_scale"].copy_(torch.rand(768).add(0.5).half())
+    x = torch.randn(rows, 768) * 3
+    with torch.no_grad():
+        fused = layers[0](x)
+        xr = layers[0]._rot_in(x)
+        separate = layers[1](xr)
+        op = quantized_linear(xr, fmt.weight_operand(layers[1].quantized_tensors(), layers[1].layer_spec), None,
+                              ActOperand(None, "int8", "dynamic_per_token", 0.9, 0))
+    assert torch.equal(separate, op)
+    assert _rel(fused.double(), separate.double()) < 1e-3  # float32 rotations in another order: a code may flip
+    reference = xr @ layers[1].dequantize(torch.float32).T
+    assert _rel(fused.double(), reference.double()) < 3e-2  # int8 rows clipped at 0.9 of their maximum
+
+
 def test_merging_an_adapter_into_a_rotated_layer_keeps_the_original_basis():
     pytest.importorskip("peft")
     from piecewise_quant.integrations.peft.layer import merged_base_layer
