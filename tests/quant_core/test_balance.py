@@ -41,6 +41,8 @@ def test_balance_arguments_are_validated_and_round_trip():
     assert auto.rotation.balance_alpha == "auto" and auto.to_dict()["rotation"]["balance_alpha"] == "auto"
     assert pq.PiecewiseQuantConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
     assert "balance_alpha" not in RotationArgs.coerce("quip").to_dict()  # other configs keep their bytes
+    preset = pq.PiecewiseQuantConfig(bits=4, act_bits=4, rotation="viditq").rotation
+    assert preset.rotations == ("balance",) and preset.balance_alpha == "auto"
     # only layers that quantize activations are balanced
     assert cfg.online_rotation_for("x") == OnlineRotation(True, False, 0, balance=True)
     mixed = pq.PiecewiseQuantConfig(bits=4, group_size=32, act_bits=8, rotation=BALANCE, overrides={"y": {"act_bits": None}})
@@ -164,11 +166,3 @@ def test_balance_composes_with_gptq():
     pq.calibrate(model, cfg, DATA, progress=False)
     assert _rel(_logits(model), ref) < 5e-2  # W8A8 on a model with 30x outlier channels
     assert model.model.layers[1].self_attn.o_proj.has_balance
-
-
-def test_vllm_refuses_a_balanced_layer():
-    pytest.importorskip("vllm")
-    from piecewise_quant.integrations.vllm.linear import _check_rotation_tp
-
-    with pytest.raises(NotImplementedError, match="balance"):
-        _check_rotation_tp("model.layers.0.mlp.down_proj", OnlineRotation(True, False, 0, balance=True), False, 1)

@@ -181,6 +181,10 @@ SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32,
                                  rotation={"rotations": ["R1", "R2", "R4"], "learn": True, "learn_steps": 4,
                                            "learn_lr": 0.01},
                                  calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
+# ViDiT-Q balance: each A8 layer divides its input by its own smoothing scale (balance_scale, measured on
+# pydoc windows during loading) before an online Hadamard rotation; fused q/k/v and gate/up are served unjoined
+BALANCED = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation={"rotations": ["balance"]},
+                                calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
 # low-rank (SVDQuant) branches: separate parts in the fused layers (v_proj without one), a budget on down_proj
 LOWRANK = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, low_rank=8,
                                overrides={"*.v_proj": {"low_rank": None}, "*.down_proj": {"low_rank": 0.5}})
@@ -218,6 +222,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     ck["gqa_quarot"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot", QUAROT)
     ck["gqa_spinquant"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_spinquant", SPINQUANT)
     ck["bundled_quip"] = quantize_checkpoint(BUNDLED, root / "bundled_quip", QUIP)
+    ck["gqa_balance"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_balance", BALANCED)
     ck["gqa_lowrank"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_lowrank", LOWRANK)
     w4 = ck["bundled_w4"]
     ck["bad_missing"] = root / "bad_missing"
@@ -246,6 +251,7 @@ def _jobs(ck: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
         "gqa_quarot": {**base, "model": str(ck["gqa_quarot"])},
         "gqa_spinquant": {**base, "model": str(ck["gqa_spinquant"])},
         "bundled_quip": {**base, "model": str(ck["bundled_quip"])},
+        "gqa_balance": {**base, "model": str(ck["gqa_balance"])},
         "gqa_lowrank": {**base, "model": str(ck["gqa_lowrank"])},
         "online_default": {**base, "model": str(BUNDLED), "quantization": "piecewise"},
         "online_override": {**base, "model": str(BUNDLED), "quantization": "piecewise",

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # float32 on both sides, same piecewise_quant::linear op: only attention/summation order differs
 # (measured at most 4.3e-6 on 2026-11-22)
 FP32_TOL = 1e-4
-# int8 dynamic activations (gqa_quarot): transformers runs each short prompt through the fused integer
+# int8 dynamic activations (gqa_quarot, gqa_balance): transformers runs each short prompt through the fused integer
 # kernel (a few rows), vLLM the batched prompts through dequantized tiles; the two sum floats in a
 # different order, which can move one activation of a later layer across an int8 rounding boundary
 # (measured 7.5e-4 on one prompt log-probability, 2026-12-03; the generated tokens stay the same)
@@ -56,16 +56,19 @@ def test_mixed_schemes_in_fused_layers_with_gqa_match_transformers(vh, vllm_resu
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < FP32_TOL
 
 
-@pytest.mark.parametrize("name", ["gqa_quarot", "gqa_spinquant", "bundled_quip"])
+@pytest.mark.parametrize("name", ["gqa_quarot", "gqa_spinquant", "bundled_quip", "gqa_balance"])
 def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, name):
     """Fused R1/R2 (in the weights; learned ones for spinquant) and online Hadamard rotations
-    inside the linear method."""
+    inside the linear method; ViDiT-Q's balance (a stored smoothing scale per layer before the
+    online rotation)."""
     got = _ok(vllm_results[name])
     model = _hf(vh, checkpoints[name])
     assert any(getattr(m, "layer_spec", None) is not None and m.layer_spec.rotation is not None for m in model.modules())
     ref = vh.hf_reference(model, vh.prompt_ids())
     vh.assert_same_generation(got["tokens"], ref)
-    tol = ACT8_TOL if name == "gqa_quarot" else FP32_TOL
+    if name == "gqa_balance":
+        assert all(m.has_balance for n, m in model.named_modules() if n.endswith(("q_proj", "up_proj", "down_proj")))
+    tol = ACT8_TOL if name in ("gqa_quarot", "gqa_balance") else FP32_TOL
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < tol
 
 

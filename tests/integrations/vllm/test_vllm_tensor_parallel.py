@@ -96,3 +96,9 @@ def test_online_rotations_refuse_the_tensor_parallel_split_they_cannot_take():
         _check_rotation_tp("down_proj", OnlineRotation(True, False, 0), row_parallel=True, tp_size=2)
     with pytest.raises(NotImplementedError, match="rotates its output online"):
         _check_rotation_tp("q_proj", OnlineRotation(False, True, 0), row_parallel=False, tp_size=2)
+    # ViDiT-Q balance: a smoothing scale before the input rotation; served where the input stays whole
+    balance = OnlineRotation(True, False, 0, balance=True)
+    _check_rotation_tp("q_proj", balance, row_parallel=False, tp_size=2)
+    _check_rotation_tp("down_proj", balance, row_parallel=True, tp_size=1)
+    with pytest.raises(NotImplementedError, match="rotates its input online"):
+        _check_rotation_tp("down_proj", balance, row_parallel=True, tp_size=2)
