@@ -16,7 +16,9 @@ what the online rotation costs a layer, in one run.
 * ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
   without an online input rotation (R4), on the bundled model's ``down_proj`` (768 -> 256) and on
   LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process; and the same layers at
-  W4A4 (int4 per-token activations) without a rotation, with R4 and with ViDiT-Q's balance.
+  W4A4 (int4 per-token activations) without a rotation, with R4 and with ViDiT-Q's balance, beside
+  the ``piecewise_quant::linear`` op alone and after a separate rotation call. A layer's variants
+  are timed in turn, in rounds.
 
 Usage (from the repository root)::
 

@@ -273,12 +273,23 @@ def test_the_online_input_rotation_inside_the_cpu_kernel_equals_rotating_first(r
 
 @pytest.mark.parametrize("rows", [1, 4, 40])
 @pytest.mark.parametrize("balance", [False, True])
-def test_quantized_activations_are_rotated_and_quantized_inside_the_cpu_kernel(rows, balance):
+def test_quantized_activations_are_rotated_and_quantized_inside_the_cpu_kernel(rows, balance, monkeypatch):
     """W4A8 (dynamic per-token int8 inputs) with R4 or ViDiT-Q's balance: the prepared CPU call
     rotates and quantizes the rows itself (up to 16 rows), with the result of rotating first and
     running the op; without a rotation the prepared call equals the op exactly."""
+    from piecewise_quant.kernels import cpu_backend
     from piecewise_quant.kernels.ops import ActOperand, quantized_linear
     from piecewise_quant.quantization import layer_spec_for
+
+    calls = []
+    prepared_call = cpu_backend.Prepared.__call__
+
+    def spy(self, x, bias, rotation=None, act=None):
+        out = prepared_call(self, x, bias, rotation, act)
+        calls.append((rotation is not None, act, out is not None))
+        return out
+
+    monkeypatch.setattr(cpu_backend.Prepared, "__call__", spy)
 
     torch.manual_seed(0)
     w = torch.randn(64, 768) / 28
@@ -299,6 +310,9 @@ def test_quantized_activations_are_rotated_and_quantized_inside_the_cpu_kernel(r
         separate = layers[1](xr)
         op = quantized_linear(xr, fmt.weight_operand(layers[1].quantized_tensors(), layers[1].layer_spec), None,
                               ActOperand(None, "int8", "dynamic_per_token", 0.9, 0))
+    if rows <= cpu_backend.GEMV_MAX_ROWS and cpu_backend.status()["isa"] == "avx512-vnni":
+        act = (127.0, pytest.approx(0.9))
+        assert calls == [(True, act, True), (False, act, True)]  # both layers ran inside the prepared call
     assert torch.equal(separate, op)
     assert _rel(fused.double(), separate.double()) < 1e-3  # float32 rotations in another order: a code may flip
     reference = xr @ layers[1].dequantize(torch.float32).T
