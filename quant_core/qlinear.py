@@ -234,14 +234,19 @@ class QuantLinear(nn.Module):
         extra = 16.0 / self.out_features if self.has_balance else 0.0
         return self.fmt.bits_per_weight(self.layer_spec) + extra
 
-    def _fast_cpu(self, x: torch.Tensor, rotation=None, act: tuple[float, float] | None = None) -> torch.Tensor | None:
+    def _fast_cpu(self, x: torch.Tensor, rotation=None) -> torch.Tensor | None:
         """Inference on CPU through a prepared call into the CPU kernels, skipping the op dispatch
         (the decode loop of a small model spends more time there than in the kernel); ``rotation``
-        and ``act`` (``ActQuantizer.fused``) are applied inside the call. ``None``: use the op
-        (gradients needed, torch.compile tracing, another backend selected, a shape the prepared
-        call does not take)."""
+        and the activation quantization (where ``ActQuantizer.fused`` allows it) run inside the
+        call. ``None``: use the op (gradients needed, torch.compile tracing, activations the call
+        cannot quantize or an observing layer, another backend selected, a shape the prepared call
+        does not take)."""
         if (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))) \
                 or torch.compiler.is_compiling():
+            return None
+        aq = self.act_quantizer
+        act = None if aq is None else aq.fused
+        if aq is not None and act is None:
             return None
         from .kernels import backends
 
@@ -260,7 +265,6 @@ class QuantLinear(nn.Module):
                 self._prepared, self._prepared_key = False, (version, forced)
                 return None
             tensors = (w.qweight, w.scales, w.aux)
-            aq = self.act_quantizer
             act_format = "none" if aq is None else aq.args.kernel_format
             chosen = backends.select_backend("cpu", w.format, w.bits, w.group_size, x.dtype, act_format)
             if chosen is not None and chosen.name == "cpu":
@@ -278,12 +282,10 @@ class QuantLinear(nn.Module):
             return self._forward(x)
         y = None
         if self._rot_in is not None:
-            aq = self.act_quantizer
-            act = None if aq is None else aq.fused
-            if (aq is None or act is not None) and x.device.type == "cpu" and "outlier_vals" not in self._buffers \
+            if x.device.type == "cpu" and "outlier_vals" not in self._buffers \
                     and "lowrank_a" not in self._buffers:  # those need the rotated input themselves
                 ensure_runtime()
-                y = self._fast_cpu(x, self._rot_in, act)  # the kernel rotates (and quantizes) the rows itself
+                y = self._fast_cpu(x, self._rot_in)  # the kernel rotates (and quantizes) the rows itself
             if y is None:
                 x = self._rot_in(x)
         if y is None:
@@ -297,9 +299,8 @@ class QuantLinear(nn.Module):
         x_in = x  # the low-rank branch reads the input before activation quantization
         x, act = aq.prepare(x) if aq is not None else (x, NO_ACT)
         ensure_runtime()
-        fused = None if aq is None else aq.fused
-        if (aq is None or fused is not None) and x.device.type == "cpu":
-            y = self._fast_cpu(x, act=fused)
+        if x.device.type == "cpu":
+            y = self._fast_cpu(x)
             if y is not None:
                 return self._add_low_rank(x_in, self._add_outliers(x, y))
         tensors = self.quantized_tensors()
