@@ -412,14 +412,14 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     m = x2.shape[0]
     threads = torch.get_num_threads()
     int_act = act_format in _ACT_QMAX
+    asym = int_act and act_mode == "dynamic_per_token_asym"
     if act_format not in ("none",) and not int_act:
         # FP8 activations: the reference's own simulated quantization, then the float kernels
         x2 = reference.quantize_activation(x2, act_format, act_mode, act_scale, act_clip_ratio, act_topk)
-        int_act = False
     if int_act and act_mode == "static_per_tensor" and act_scale is None:
         return reference.linear(*args)  # raises the user-facing error
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    if (int_act and m >= INT8_GEMM_MIN_ROWS
+    if (int_act and not asym and m >= INT8_GEMM_MIN_ROWS
             and _int8_gemm_applies(qweight, scales, weight_format, bits, group_size, in_features)):
         y = _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
         if y is None:
@@ -430,7 +430,9 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     if 0 < m <= (FP4_GEMV_MAX_ROWS if weight_format in FP4_FORMATS else GEMV_MAX_ROWS):
         y = torch.empty(m, n, dtype=x.dtype)
         if int_act:
-            if act_mode == "dynamic_per_token" and act_topk == 0:
+            if asym:
+                amode, rs = 3, None  # rounded in the kernel as the reference does: ones, zeros and codes
+            elif act_mode == "dynamic_per_token" and act_topk == 0:
                 amode, rs = 1, None
             else:
                 amode, rs = 2, _row_scales(x2, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
@@ -492,11 +494,13 @@ class Prepared:
             and (self.keep is None or self.keep[0] == _fp4_key(tensors[1], tensors[2]))
         )
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None, act: tuple[float, float] | None = None):
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, rotation=None,
+                 act: tuple[float, float, bool] | None = None):
         """``rotation``: a :class:`~piecewise_quant.kernels.hadamard.Rotation` of the input, applied
-        inside the same call (float32 rows in a scratch buffer); ``act``: ``(qmax, clip_ratio)`` of
-        dynamic per-token integer activations (the rows, rotated first, are quantized inside the call,
-        as the op's path does for a few rows). ``None`` where the kernel does not take the call."""
+        inside the same call (float32 rows in a scratch buffer); ``act``: ``(qmax, clip_ratio,
+        symmetric)`` of dynamic per-token integer activations (the rows, rotated first, are quantized
+        inside the call, as the op's path does for a few rows). ``None`` where the kernel does not
+        take the call."""
         dt = _DTYPES.get(x.dtype)
         if dt is None or x.device.type != "cpu" or x.shape[-1] != self.k:
             return None
@@ -508,7 +512,7 @@ class Prepared:
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
         rot = () if rotation is None else rotation.kernel_args()
-        amode, qmax, clip = (0, 127.0, 1.0) if act is None else (1, float(act[0]), float(act[1]))
+        amode, qmax, clip = (0, 127.0, 1.0) if act is None else (1 if act[2] else 3, float(act[0]), float(act[1]))
         done = self.ext.gemv(
             self.desc, x2.data_ptr(), dt, m, x2.stride(0), y.data_ptr(), dt, self.n,
             _ptr(bias), dt, torch.get_num_threads(), -1, amode, qmax, clip, 0, 0, -1, *rot,

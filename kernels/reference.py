@@ -34,7 +34,7 @@ __all__ = [
 
 WEIGHT_FORMATS = ("uniform_sym", "uniform_asym", "piecewise", "fp8_e4m3", "mxfp4", "nvfp4")
 ACT_FORMATS = ("none", "int8", "int4", "fp8_e4m3", "mxfp4", "nvfp4")
-ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+ACT_MODES = ("dynamic_per_token", "dynamic_per_token_asym", "static_per_tensor")
 # mxfp4 / nvfp4 activations are dynamic only, with block scales (kernels/fp4.py): 6 is E2M1's largest value
 ACT_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "mxfp4": 6.0, "nvfp4": 6.0}
 FP4_FORMATS = ("mxfp4", "nvfp4")
@@ -129,6 +129,9 @@ def quantize_activation(
     """Quantize-dequantize ``x`` (simulated activation quantization), returning ``x``'s dtype.
 
     ``dynamic_per_token``: one symmetric scale per token (last dim), from the token's range.
+    ``dynamic_per_token_asym`` (int formats): a scale ``s`` and an offset ``c`` per token, from
+    its minimum and maximum, the half-range times ``clip_ratio`` about their midpoint; the
+    value is ``s * q + c`` with integer ``q`` in ``[-qmax-1, qmax]`` (all ``2^bits`` levels).
     ``static_per_tensor``: the given calibrated scalar ``act_scale``.
     The range is ``clip_ratio`` times the ``(topk+1)``-th largest magnitude, so the ``topk``
     largest magnitudes of a token are clipped (``topk=0`` is the plain absolute maximum).
@@ -145,6 +148,11 @@ def quantize_activation(
         return fp4_fake_quantize(x, act_format)
     qmax = ACT_QMAX[act_format]
     xf = x.to(torch.float32)
+    if act_mode == "dynamic_per_token_asym":
+        if act_format not in ("int8", "int4") or topk != 0:
+            raise ValueError(f"dynamic_per_token_asym activations are int8/int4 without top-k clipping; got "
+                             f"{act_format!r}, topk={topk}")
+        return _asym_per_token(xf, qmax, clip_ratio).to(x.dtype)
     if act_mode == "static_per_tensor":
         if act_scale is None:
             raise ValueError("static_per_tensor activation quantization needs a calibrated act_scale")
@@ -167,6 +175,29 @@ def quantize_activation(
         y = torch.clamp(y, -qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
     y = torch.where(scale > 0, y * safe, torch.zeros_like(y))
     return y.to(x.dtype)
+
+
+def _asym_scales(xf: torch.Tensor, qmax: float, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(scale, offset)`` of asymmetric activations (float32, last dim kept as 1): the
+    levels ``scale * q + offset``, ``q`` in ``[-qmax-1, qmax]``, span the token's minimum to maximum
+    (shrunk by ``clip_ratio`` about the midpoint). A constant token gets scale 0 and is exact."""
+    hi = xf.amax(dim=-1, keepdim=True)
+    lo = xf.amin(dim=-1, keepdim=True)
+    mid = (hi + lo) * 0.5
+    half = (hi - lo) * (0.5 * clip_ratio)
+    scale = half * (2.0 / (2.0 * qmax + 1.0))
+    offset = mid - half + (qmax + 1.0) * scale
+    return scale, offset
+
+
+def _asym_per_token(xf: torch.Tensor, qmax: float, clip_ratio: float) -> torch.Tensor:
+    scale, offset = _asym_scales(xf, qmax, clip_ratio)
+    pos = scale > 0
+    safe = torch.where(pos, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((xf - offset) / safe), -qmax - 1.0, qmax)
+    # a constant row (scale 0) is its offset, its value, exactly; a row holding NaN or Inf gives NaN, as
+    # it would in float (the symmetric mode zeroes a NaN row)
+    return torch.where(pos, q * safe + offset, torch.where(torch.isfinite(scale), offset, scale))
 
 
 def linear(

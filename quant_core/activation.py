@@ -98,19 +98,19 @@ class ActQuantizer:
         return x, ActOperand(scale, args.kernel_format, args.kernel_mode, args.clip_ratio, args.topk)
 
     @property
-    def fused(self) -> tuple[float, float] | None:
-        """``(qmax, clip_ratio)`` when the CPU kernels can quantize this layer's inputs inside the
-        matmul call (dynamic per-token integer activations without top-k clipping, not observing);
-        ``None`` otherwise."""
+    def fused(self) -> tuple[float, float, bool] | None:
+        """``(qmax, clip_ratio, symmetric)`` when the CPU kernels can quantize this layer's inputs
+        inside the matmul call (dynamic per-token integer activations without top-k clipping, not
+        observing); ``None`` otherwise."""
         a = self.args
         if self._obs is not None or not a.dynamic or a.strategy != "token" or a.topk != 0 or a.format != "int":
             return None
-        return a.qmax, a.clip_ratio
+        return a.qmax, a.clip_ratio, a.symmetric
 
     def _group_quantize(self, x: torch.Tensor) -> torch.Tensor:
         g, c = self.args.group_size, x.shape[-1]
         xg = x.reshape(*x.shape[:-1], c // g, g)
-        op = ActOperand(None, self.args.kernel_format, "dynamic_per_token", self.args.clip_ratio, self.args.topk)
+        op = ActOperand(None, self.args.kernel_format, self.args.kernel_mode, self.args.clip_ratio, self.args.topk)
         return quantize_input(xg, op).reshape(x.shape)
 
     def _timestep_scale(self) -> torch.Tensor:

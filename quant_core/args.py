@@ -50,7 +50,7 @@ class ActArgs:
     """How a layer's input activations are quantized.
 
     Attributes:
-        format: ``"int"`` (symmetric integer), ``"fp8"`` (E4M3) or ``"mxfp4"`` / ``"nvfp4"`` (E2M1
+        format: ``"int"`` (integer), ``"fp8"`` (E4M3) or ``"mxfp4"`` / ``"nvfp4"`` (E2M1
             with block scales along the channels; dynamic only).
         bits: 8 or 4 (fp8: 8; mxfp4/nvfp4: 4).
         strategy: ``"token"`` (a scale per token), ``"tensor"`` (one scale), ``"group"`` (a scale per
@@ -60,6 +60,8 @@ class ActArgs:
         group_size: channels per scale for the ``"group"`` strategy, else ``None``.
         clip_ratio: the observed range is multiplied by this, in (0, 1].
         topk: the range is the (k+1)-th largest magnitude, so the k largest are clipped.
+        symmetric: ``False`` for a scale and an offset per token (or group) from its minimum and
+            maximum (``act_mode="dynamic_per_token_asym"``; dynamic integer activations only).
     """
 
     format: str
@@ -69,6 +71,7 @@ class ActArgs:
     group_size: int | None = None
     clip_ratio: float = 1.0
     topk: int = 0
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.format not in ("int", "fp8", "mxfp4", "nvfp4"):
@@ -88,6 +91,9 @@ class ActArgs:
             raise ValueError(f"activation group_size must be a positive integer; got {self.group_size!r}")
         if self.dynamic != (self.strategy in ("token", "group")):
             raise ValueError(f"strategy {self.strategy!r} is {'static' if self.dynamic else 'dynamic'}-only")
+        if not self.symmetric and (self.format != "int" or not self.dynamic or self.topk != 0):
+            raise ValueError("asymmetric activations are dynamic integer ones without top-k clipping; got "
+                             f"format={self.format!r}, dynamic={self.dynamic}, topk={self.topk}")
 
     @classmethod
     def from_spec(cls, spec: "QuantSpec", **changes: Any) -> "ActArgs | None":
@@ -97,7 +103,8 @@ class ActArgs:
             return None
         static = spec.act_mode == "static_per_tensor"
         fields = dict(format=spec.act_format, bits=spec.act_bits, strategy="tensor" if static else "token",
-                      dynamic=not static, clip_ratio=float(spec.act_clip_ratio), topk=int(spec.act_topk))
+                      dynamic=not static, clip_ratio=float(spec.act_clip_ratio), topk=int(spec.act_topk),
+                      symmetric=spec.act_mode != "dynamic_per_token_asym")
         fields.update(changes)
         return cls(**fields)
 
@@ -113,7 +120,9 @@ class ActArgs:
     def kernel_mode(self) -> str:
         """The kernels' activation mode: dynamic strategies quantize per token (a group is a
         token of ``group_size`` channels), static ones with one given scale."""
-        return "dynamic_per_token" if self.dynamic else "static_per_tensor"
+        if not self.dynamic:
+            return "static_per_tensor"
+        return "dynamic_per_token" if self.symmetric else "dynamic_per_token_asym"
 
     @property
     def qmax(self) -> float:
@@ -127,7 +136,8 @@ class ActArgs:
     def describe(self) -> str:
         """``int8/token``, ``fp8/tensor``, ``int4/group(32)``..."""
         strategy = f"group({self.group_size})" if self.strategy == "group" else self.strategy
-        return f"{self.format}{self.bits if self.format == 'int' else ''}/{strategy}"
+        asym = "" if self.symmetric else " asym"
+        return f"{self.format}{self.bits if self.format == 'int' else ''}/{strategy}{asym}"
 
 
 # ---- the KV cache (appended here so that it merges cleanly with other edits of this module) ----

@@ -32,7 +32,7 @@ BUILTIN_GRIDS = ("piecewise", "uniform", "fp8", "mxfp4", "nvfp4")
 ACT_FORMATS = ("int", "fp8", "mxfp4", "nvfp4")
 FP4_ACT_FORMATS = ("mxfp4", "nvfp4")  # E2M1 with block scales: 4 bits, dynamic, no clipping
 FP4_GRID_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # their group size is the format's block
-ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+ACT_MODES = ("dynamic_per_token", "dynamic_per_token_asym", "static_per_tensor")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 GROUP_WORDS = ("channel", "tensor")
 DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
@@ -85,10 +85,14 @@ class QuantSpec:
         scale_dtype: dtype of stored scales, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
         act_bits: ``None`` (weight-only), 8 (int8 or fp8) or 4 (int4, mxfp4, nvfp4) to quantize the layer's
             input activations.
-        act_format: ``"int"`` (symmetric integer, ``act_bits`` wide), ``"fp8"`` (E4M3, 8 bits) or
+        act_format: ``"int"`` (integer, ``act_bits`` wide; symmetric unless ``act_mode`` says
+            ``"dynamic_per_token_asym"``), ``"fp8"`` (E4M3, 8 bits) or
             ``"mxfp4"`` / ``"nvfp4"`` (E2M1 with block scales along the channels, 4 bits, dynamic only).
-        act_mode: ``"dynamic_per_token"`` (a scale per token, computed at run time) or
-            ``"static_per_tensor"`` (one scale from calibration statistics).
+        act_mode: ``"dynamic_per_token"`` (a scale per token, computed at run time),
+            ``"dynamic_per_token_asym"`` (``act_format="int"`` only: a scale and an offset per token,
+            so the codes span the token's own minimum to maximum; all ``2^act_bits`` levels are used,
+            which matters at 4 bits: docs/rotation.md) or ``"static_per_tensor"`` (one scale from
+            calibration statistics).
         act_clip_ratio: the activation range is multiplied by this coefficient, in (0, 1].
         act_topk: the range is the (k+1)-th largest magnitude, so the k largest are clipped.
         outliers: dense-and-sparse weights (docs/outliers.md): ``None`` (default, none), a float in
@@ -173,6 +177,14 @@ class QuantSpec:
                 )
             if self.act_format in FP4_ACT_FORMATS:
                 self._validate_fp4_act()
+            if self.act_mode == "dynamic_per_token_asym":
+                if self.act_format != "int":
+                    raise ValueError(f"act_mode='dynamic_per_token_asym' needs act_format='int' ({self.act_format} "
+                                     "activations are symmetric); use act_mode='dynamic_per_token'")
+                if self.act_topk != 0:
+                    raise ValueError("act_topk clips the largest magnitudes of a symmetric range; with "
+                                     "act_mode='dynamic_per_token_asym' use act_clip_ratio (it shrinks the range "
+                                     "about its midpoint) and act_topk=0")
         ratio = self.act_clip_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
             raise ValueError(f"act_clip_ratio must be a number in (0, 1]; got {ratio!r}")

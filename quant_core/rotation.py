@@ -251,7 +251,8 @@ def _act_operand(layer: LayerSpec):
     act = ActArgs.from_spec(layer.spec)
     if act is None:
         return None
-    return ActOperand(None, act.kernel_format, "dynamic_per_token", act.clip_ratio, act.topk)
+    mode = act.kernel_mode if act.dynamic else "dynamic_per_token"
+    return ActOperand(None, act.kernel_format, mode, act.clip_ratio, act.topk)
 
 
 def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -578,7 +579,7 @@ def _balanced_error(lin: nn.Linear, layer: LayerSpec, s: torch.Tensor, x: torch.
     from .registry import get_format
 
     spec = layer.spec
-    if spec.act_bits is not None and spec.act_mode != "dynamic_per_token":
+    if spec.act_bits is not None and spec.act_mode == "static_per_tensor":
         spec = dataclasses.replace(spec, act_mode="dynamic_per_token")
     probe = dataclasses.replace(layer, spec=spec)
     fmt = get_format(spec.grid)

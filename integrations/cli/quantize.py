@@ -56,8 +56,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", metavar="PATTERN=KEY:VAL[,KEY:VAL]",
                    help="per-layer changes, e.g. '*.down_proj=bits:8,grid:uniform' (repeatable; first match wins)")
     p.add_argument("--act-bits", type=int, default=None, help="also quantize layer inputs: 8 or 4 (default: weight-only)")
-    p.add_argument("--act-mode", default=None, choices=("dynamic_per_token", "static_per_tensor"),
-                   help="with --act-bits: dynamic_per_token (default) or static_per_tensor (needs calibration)")
+    p.add_argument("--act-mode", default=None, choices=("dynamic_per_token", "dynamic_per_token_asym", "static_per_tensor"),
+                   help="with --act-bits: dynamic_per_token (default), dynamic_per_token_asym (a scale and an offset "
+                   "per token) or static_per_tensor (needs calibration)")
     p.add_argument("--calibration", default=None, metavar="PRESET",
                    help="data-aware calibration preset: default (GPTQ), aware, smoothquant, gptq, gptaq, lwc, "
                         "omniquant (default: data-free)")

@@ -26,7 +26,7 @@ def _is_static(layer: LayerSpec) -> bool:
 
 
 def _is_dynamic(layer: LayerSpec) -> bool:
-    return layer.spec.act_bits is not None and layer.spec.act_mode == "dynamic_per_token"
+    return layer.spec.act_bits is not None and layer.spec.act_mode != "static_per_tensor"
 
 
 def plan_component(model: nn.Module, core: PiecewiseQuantConfig, diffusion: DiffusionOptions,

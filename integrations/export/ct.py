@@ -63,6 +63,9 @@ def refusal(spec: Any, group_size: int | None = None, in_features: int | None = 
     if float(spec.act_clip_ratio) != 1.0 or int(spec.act_topk) != 0:
         return ("activation clipping (act_clip_ratio / act_topk) has no compressed-tensors equivalent: other engines take "
                 "each token's full range; re-quantize without it")
+    if spec.act_mode == "dynamic_per_token_asym":
+        return ("asymmetric activations (act_mode='dynamic_per_token_asym') are not exported to compressed-tensors; "
+                "re-quantize with act_mode='dynamic_per_token', or serve the piecewise checkpoint itself")
     if spec.act_format == "int":
         if spec.act_bits != 8:
             return (f"int{spec.act_bits} activations: compressed-tensors engines quantize activations to int8 or fp8 only; "

@@ -1004,8 +1004,9 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
     const __m512i perm_lo = _mm512_loadu_si512(pidx[0]), perm_hi = _mm512_loadu_si512(pidx[1]);
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t m = 0; m < M; m++) {
-        /* to fp32, and the absolute maximum */
+        /* to fp32, and the absolute maximum (mode 3: also the signed maximum and minimum) */
         __m512 vmax = _mm512_setzero_ps();
+        __m512 shi = _mm512_set1_ps(-INFINITY), slo = _mm512_set1_ps(INFINITY);
         int bad = 0;
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
@@ -1019,11 +1020,26 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
             __m512 a = _mm512_and_ps(v, absmask);
             bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ) != 0;
             vmax = _mm512_max_ps(vmax, a);
+            if (mode == 3) {
+                shi = _mm512_mask_max_ps(shi, mk, shi, v);
+                slo = _mm512_mask_min_ps(slo, mk, slo, v);
+            }
         }
         if (bad) return -1;
         float amax = _mm512_reduce_max_ps(vmax);
         float s[3] = {0, 0, 0};
-        if (mode == 0) {
+        if (mode == 3) {
+            /* asymmetric (reference.quantize_activation's dynamic_per_token_asym, in its float32 order):
+             * x = off * 1 + step * q, q in [-qmax-1, qmax]; three pieces: the ones (scale off), zeros,
+             * and the codes (scale step), so the integer kernel needs nothing new */
+            float hi = _mm512_reduce_max_ps(shi), lo = _mm512_reduce_min_ps(slo);
+            float mid = (hi + lo) * 0.5f;
+            float half = (hi - lo) * (0.5f * clip);
+            float step = half * (float)(2.0 / (2.0 * (double)qmax + 1.0));
+            s[0] = (mid - half) + (qmax + 1.0f) * step;
+            s[2] = step > 0 ? step : 0.0f;
+            if (!(step > 0)) s[0] = mid;
+        } else if (mode == 0) {
             s[0] = amax / 127.0f;
             s[1] = s[0] * (1.0f / 256.0f);
             s[2] = s[1] * (1.0f / 256.0f);
@@ -1038,7 +1054,16 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
         for (int64_t k = 0; k < K; k += 16) {
             __m512 v = _mm512_loadu_ps(tmp + k);
             __m512 q[3];
-            if (mode != 0) {
+            if (mode == 3) {
+                __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+                q[0] = _mm512_maskz_mov_ps(live, _mm512_set1_ps(1.0f));
+                q[1] = _mm512_setzero_ps();
+                if (s[2] > 0) {
+                    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(v, _mm512_set1_ps(s[0])), _mm512_set1_ps(s[2])),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q[2] = _mm512_maskz_mov_ps(live, _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-qmax - 1.0f)), _mm512_set1_ps(qmax)));
+                } else q[2] = _mm512_setzero_ps();
+            } else if (mode != 0) {
                 if (s[0] > 0) {
                     __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(s[0])), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                     q[0] = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-qmax)), _mm512_set1_ps(qmax));
@@ -1639,7 +1664,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     float *yacc = scratch(2, (size_t)(M * L.N) * 4);
     if (use_i8) {
-        int P = amode != 0 ? 1 : (pieces > 0 && pieces <= 3 ? pieces : (xdt == DT_F32 ? 3 : 2));
+        int P = amode == 3 ? 3 : amode != 0 ? 1 : (pieces > 0 && pieces <= 3 ? pieces : (xdt == DT_F32 ? 3 : 2));
         int C = P == 3 ? 2 : 1;
         int8_t *xq = scratch(0, (size_t)(M * P * L.K));
         float *xg = scratch(3, (size_t)(M * C * L.G) * 4);

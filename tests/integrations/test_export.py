@@ -256,6 +256,8 @@ def refused_checkpoints(tmp_path_factory):
         "outliers": quantized_checkpoint(float_path, root / "out", grid="uniform", bits=4, group_size=32, outliers=1),
         "lowrank": quantized_checkpoint(float_path, root / "lr", grid="uniform", bits=4, group_size=32, low_rank=4),
         "rotated": quantized_checkpoint(float_path, root / "rot", grid="uniform", bits=4, group_size=32, rotation="quarot"),
+        "w8a8_asym": quantized_checkpoint(float_path, root / "w8a8a", grid="uniform", bits=8, group_size="channel",
+                                          symmetric=True, act_bits=8, act_mode="dynamic_per_token_asym"),
     }
 
 
@@ -268,6 +270,7 @@ def refused_checkpoints(tmp_path_factory):
     ("outliers", ["dense-and-sparse outliers", "without outliers="]),
     ("lowrank", ["low-rank branch (low_rank=4)", "without low_rank="]),
     ("rotated", ["online rotations", "['R4']", "'R1', 'R2'"]),
+    ("w8a8_asym", ["asymmetric activations", "act_mode='dynamic_per_token'"]),
 ])
 def test_unexportable_checkpoints_are_refused_with_the_reason(name, words, refused_checkpoints, tmp_path, capsys):
     out = tmp_path / "out"

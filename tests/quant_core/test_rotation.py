@@ -311,7 +311,7 @@ def test_quantized_activations_are_rotated_and_quantized_inside_the_cpu_kernel(r
         op = quantized_linear(xr, fmt.weight_operand(layers[1].quantized_tensors(), layers[1].layer_spec), None,
                               ActOperand(None, "int8", "dynamic_per_token", 0.9, 0))
     if rows <= cpu_backend.GEMV_MAX_ROWS and cpu_backend.status()["isa"] == "avx512-vnni":
-        act = (127.0, pytest.approx(0.9))
+        act = (127.0, pytest.approx(0.9), True)
         assert calls == [(True, act, True), (False, act, True)]  # both layers ran inside the prepared call
     assert torch.equal(separate, op)
     assert _rel(fused.double(), separate.double()) < 1e-3  # float32 rotations in another order: a code may flip

@@ -183,6 +183,9 @@ SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32,
                                  calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
 # ViDiT-Q balance: each A8 layer divides its input by its own smoothing scale (balance_scale, measured on
 # pydoc windows during loading) before an online Hadamard rotation; fused q/k/v and gate/up are served unjoined
+# asymmetric per-token int4 activations (a scale and an offset per token) behind QuaRot's rotations
+QUAROT_ASYM = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=4, act_mode="dynamic_per_token_asym",
+                                   act_clip_ratio=0.9, rotation="quarot")
 BALANCED = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation={"rotations": ["balance"]},
                                 calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
 # low-rank (SVDQuant) branches: separate parts in the fused layers (v_proj without one), a budget on down_proj
@@ -220,6 +223,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
     ck["gqa_mixed"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_mixed", MIXED, calibrate=True)
     ck["gqa_quarot"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot", QUAROT)
+    ck["gqa_quarot_asym"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_quarot_asym", QUAROT_ASYM)
     ck["gqa_spinquant"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_spinquant", SPINQUANT)
     ck["bundled_quip"] = quantize_checkpoint(BUNDLED, root / "bundled_quip", QUIP)
     ck["gqa_balance"] = quantize_checkpoint(ck["gqa_float"], root / "gqa_balance", BALANCED)
@@ -249,6 +253,7 @@ def _jobs(ck: dict[str, Path], prompts: list[list[int]]) -> dict[str, dict]:
         "float_fp16": {**base, "model": str(BUNDLED), "dtype": "float16"},
         "gqa_mixed": {**base, "model": str(ck["gqa_mixed"])},
         "gqa_quarot": {**base, "model": str(ck["gqa_quarot"])},
+        "gqa_quarot_asym": {**base, "model": str(ck["gqa_quarot_asym"])},
         "gqa_spinquant": {**base, "model": str(ck["gqa_spinquant"])},
         "bundled_quip": {**base, "model": str(ck["bundled_quip"])},
         "gqa_balance": {**base, "model": str(ck["gqa_balance"])},

@@ -56,11 +56,11 @@ def test_mixed_schemes_in_fused_layers_with_gqa_match_transformers(vh, vllm_resu
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < FP32_TOL
 
 
-@pytest.mark.parametrize("name", ["gqa_quarot", "gqa_spinquant", "bundled_quip", "gqa_balance"])
+@pytest.mark.parametrize("name", ["gqa_quarot", "gqa_spinquant", "bundled_quip", "gqa_balance", "gqa_quarot_asym"])
 def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, name):
     """Fused R1/R2 (in the weights; learned ones for spinquant) and online Hadamard rotations
     inside the linear method; ViDiT-Q's balance (a stored smoothing scale per layer before the
-    online rotation)."""
+    online rotation); asymmetric int4 activations behind QuaRot's rotations."""
     got = _ok(vllm_results[name])
     model = _hf(vh, checkpoints[name])
     assert any(getattr(m, "layer_spec", None) is not None and m.layer_spec.rotation is not None for m in model.modules())
@@ -68,7 +68,10 @@ def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, n
     vh.assert_same_generation(got["tokens"], ref)
     if name == "gqa_balance":
         assert all(m.has_balance for n, m in model.named_modules() if n.endswith(("q_proj", "up_proj", "down_proj")))
-    tol = ACT8_TOL if name in ("gqa_quarot", "gqa_balance") else FP32_TOL
+    if name == "gqa_quarot_asym":
+        assert all(m.act_quantizer.args.kernel_mode == "dynamic_per_token_asym"
+                   for n, m in model.named_modules() if n.endswith("down_proj"))
+    tol = ACT8_TOL if name in ("gqa_quarot", "gqa_balance", "gqa_quarot_asym") else FP32_TOL
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < tol
 
 
