@@ -288,6 +288,13 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, calibration="gptq"), {}),
         (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + low-rank (+1 bit/weight) + GPTQ",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, low_rank=1.0, calibration="gptq"), {}),
+        # asymmetric per-token activations (a scale and an offset per token: all 2^bits levels on the token's range)
+        (f"W4A8 piecewise g{g} + balance + GPTQ, asymmetric A8",
+         w("piecewise", 4, act_bits=8, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
+        (f"W4A4 piecewise g{g} + balance + GPTQ, asymmetric A4",
+         w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ, asymmetric A4",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, calibration="gptq"), {}),
         # mixed precision: 4- or 8-bit piecewise per layer by measured sensitivity, average <= 5 bits/weight
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
@@ -324,6 +331,7 @@ def mixdq(base: Any, budget: float, unit: str, **extra: Any):
     return plan
 
 
+ASYM = "dynamic_per_token_asym"  # act_mode: a scale and an offset per token
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
 MIXED5 = {"gptq": True, "mixed_precision_budget": 5.0, "mixed_precision_bits": [4, 8],
           "mixed_precision_grids": ["piecewise"]}

@@ -58,6 +58,7 @@ import piecewise_quant as pq  # noqa: E402
 from piecewise_quant.args import ROTATION_PRESETS, KVArgs  # noqa: E402
 
 A4 = {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9}
+A4_ASYM = {**A4, "act_mode": "dynamic_per_token_asym"}  # a scale and an offset per token: all 16 levels
 KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
 KV4_PW = dataclasses.replace(KV4, grid="piecewise")  # the same protocol on the project's piecewise K/V grid
 
@@ -101,6 +102,13 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
          "KV4 piecewise grid",
          {"grid": "piecewise", **w4, **A4, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]}, "calibration": g()},
          True),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + quarot",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": "quarot", "calibration": g()}, False),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + balance",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]}, "calibration": g()}, False),
+        ("W4A4KV4", "asymmetric A4, piecewise + GPTQ + balance, KV4 piecewise grid",
+         {"grid": "piecewise", **w4, **A4_ASYM, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]},
+          "calibration": g()}, True),
         ("W4A4", "piecewise + GPTQ + quarot + low_rank=8 (more bits per weight)",
          {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, False),
         ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
@@ -307,6 +315,10 @@ def run_cost(out: list[dict]) -> None:
             q = pq.QuantLinear.empty(layer_spec_for("down_proj", spec, k, n, rot), fmt, bias=False)
             q.load_quantized(tensors)
             layers.append(q)
+        asym = pq.QuantSpec(grid="uniform", bits=4, group_size=128, **A4_ASYM)  # rounded by the reference, then W4A16
+        q = pq.QuantLinear.empty(layer_spec_for("down_proj", asym, k, n, kinds["R4"]), fmt, bias=False)
+        q.load_quantized(tensors)
+        layers.append(q)
         # the layer's own call (the prepared CPU call: rotation and activation quantization inside it)
         # against the op that larger batches and other hosts run, after a separate rotation call
         from piecewise_quant.kernels.ops import ActOperand, quantized_linear
@@ -318,9 +330,10 @@ def run_cost(out: list[dict]) -> None:
                                                     lambda: quantized_linear(rot(x), w_op, None, act)]
         t = _interleaved_us(fns, 2000 if k < 4096 else 400)
         out.append({"layer": label, "shape": f"{k} -> {n}", "a4_plain_us": t[0], "a4_r4_us": t[1],
-                    "a4_balance_us": t[2], "a4_op_us": t[3], "a4_op_r4_us": t[4]})
-        print(f"cost {label} W4A4: {t[0]:.1f} us plain, {t[1]:.1f} us with R4, {t[2]:.1f} us with balance; the op "
-              f"{t[3]:.1f} us, after a separate R4 {t[4]:.1f} us", file=sys.stderr, flush=True)
+                    "a4_balance_us": t[2], "a4_asym_r4_us": t[3], "a4_op_us": t[4], "a4_op_r4_us": t[5]})
+        print(f"cost {label} W4A4: {t[0]:.1f} us plain, {t[1]:.1f} us with R4, {t[2]:.1f} us with balance, "
+              f"{t[3]:.1f} us asymmetric with R4; the op {t[4]:.1f} us, after a separate R4 {t[5]:.1f} us",
+              file=sys.stderr, flush=True)
 
 
 def tables(results: list[dict]) -> str:
@@ -356,11 +369,11 @@ def tables(results: list[dict]) -> str:
     a4 = [r for r in results if "a4_plain_us" in r]
     if a4:
         lines += ["| layer | shape | W4A4 layer (µs) | with R4 (µs) | overhead | with balance (µs) | overhead "
-                  "| the op (µs) | separate R4 + the op (µs) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| the op (µs) | separate R4 + the op (µs) | asymmetric A4 with R4 (µs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in a4:
             p, r4, bal = r["a4_plain_us"], r["a4_r4_us"], r["a4_balance_us"]
-            ops = " | ".join(f"{r[key]:.1f}" if key in r else "" for key in ("a4_op_us", "a4_op_r4_us"))
+            ops = " | ".join(f"{r[key]:.1f}" if key in r else "" for key in ("a4_op_us", "a4_op_r4_us", "a4_asym_r4_us"))
             lines.append(f"| {r['layer']} | {r['shape']} | {p:.1f} | {r4:.1f} | {100 * (r4 / p - 1):+.1f}% | "
                          f"{bal:.1f} | {100 * (bal / p - 1):+.1f}% | {ops} |")
     return "\n".join(lines)
