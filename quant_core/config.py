@@ -270,6 +270,15 @@ class QuantSpec:
         base.update(changes)
         return QuantSpec(**base)
 
+    def changes_from(self, default: "QuantSpec") -> dict[str, Any]:
+        """The ``overrides`` entry that gives this scheme to a layer of a config whose default is
+        ``default``: the fields that differ (with ``bits``, ``group_size`` and ``symmetric`` spelled
+        out when the grid differs, since a grid change re-derives them)."""
+        changes = {f: getattr(self, f) for f in SPEC_FIELDS if getattr(self, f) != getattr(default, f)}
+        if "grid" in changes:
+            changes.update({f: getattr(self, f) for f in ("bits", "group_size", "symmetric")})
+        return changes
+
 
 def _format_defaults(grid: str) -> tuple[int, int | str, bool | None]:
     """``(bits, group_size, symmetric)`` that ``None``/``"auto"`` mean for ``grid`` (FP8: 8 bits, per
@@ -344,8 +353,9 @@ class CalibrationConfig:
     quantization_config=config)`` runs the model block by block on calibration data and applies,
     in this order: mixed-precision allocation, SmoothQuant or LET (channel scaling folded into the
     previous norm/linear), LWC (learned clipping), breakpoint refinement (piecewise grid), GPTQ
-    (error compensation) or a plugin algorithm, and static activation scales. Every choice of
-    ranges weights each weight's error by the energy of its input channel (``activation_aware``).
+    (error compensation) or a plugin algorithm, scale tuning, the activation clip search, and static
+    activation scales. Every choice of ranges weights each weight's error by the energy of its
+    input channel (``activation_aware``).
     ``calibrate`` given no calibration config runs the ``"default"`` preset (GPTQ, the measured
     best); a config built from keywords runs only the algorithms it names, so ``CalibrationConfig()``
     is the fast ``"aware"`` recipe (use ``CalibrationConfig.preset("default", n_samples=...)``).
@@ -392,6 +402,11 @@ class CalibrationConfig:
             (relative change of each scale); undone where the block loss does not drop
             (docs/calibration.md#scale-tuning). The three fields are not written to ``to_dict``
             while ``tune_scales`` is ``False``.
+        act_clip_search: once each block is quantized, give every block layer with dynamic
+            integer activations the ``act_clip_ratio`` (among 1.0, 0.95, ..., 0.7 and the
+            configured one) whose output on the calibration rows is closest to its output on
+            unquantized inputs; the choices are saved as per-layer overrides
+            (docs/calibration.md#activation-clip-search). Not written to ``to_dict`` while ``False``.
         refine_breakpoints: re-choose piecewise breakpoints against the layer output, kept only
             where the block output error drops (without GPTQ: GPTQ refits each group itself).
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
@@ -425,6 +440,7 @@ class CalibrationConfig:
     tune_scales: bool = False
     tune_epochs: int = 10
     tune_lr: float = 1e-3
+    act_clip_search: bool = False
     refine_breakpoints: bool = False
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -437,8 +453,8 @@ class CalibrationConfig:
     # attribute, not a field (no annotation)
     ALGORITHM_FIELDS = (
         "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
-        "asymmetric", "tune_scales", "tune_epochs", "tune_lr", "refine_breakpoints", "mixed_precision_budget",
-        "mixed_precision_bits", "mixed_precision_grids", "algorithm",
+        "asymmetric", "tune_scales", "tune_epochs", "tune_lr", "act_clip_search", "refine_breakpoints",
+        "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "algorithm",
     )
 
     def __post_init__(self, modifiers: Any = None) -> None:
@@ -457,7 +473,7 @@ class CalibrationConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"calibration.{name} must be an integer >= 0; got {v!r}")
         for name in ("activation_aware", "let", "lwc", "gptq", "act_order", "true_sequential", "asymmetric",
-                     "tune_scales", "refine_breakpoints"):
+                     "tune_scales", "act_clip_search", "refine_breakpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"calibration.{name} must be True or False; got {getattr(self, name)!r}")
         a = self.smoothquant
@@ -562,6 +578,8 @@ class CalibrationConfig:
         if not self.tune_scales:  # likewise
             for name in ("tune_scales", "tune_epochs", "tune_lr"):
                 del d[name]
+        if not self.act_clip_search:  # likewise
+            del d["act_clip_search"]
         d["mixed_precision_bits"] = list(self.mixed_precision_bits)
         d["mixed_precision_grids"] = list(self.mixed_precision_grids)
         return d

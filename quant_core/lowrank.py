@@ -202,7 +202,7 @@ def choose_ranks(model: torch.nn.Module, config: Any, energy: float) -> Any:
     gives every host the stored shapes. Computed on the float ``model``'s weights as they are now:
     a rotation is orthogonal and keeps the singular values; SmoothQuant's scales are not seen.
     Layers without ``low_rank`` in ``config`` are left as they are."""
-    from .config import SPEC_FIELDS, PiecewiseQuantConfig
+    from .config import PiecewiseQuantConfig
     from .quantization import plan_layers
 
     if not isinstance(config, PiecewiseQuantConfig):
@@ -219,11 +219,7 @@ def choose_ranks(model: torch.nn.Module, config: Any, energy: float) -> Any:
         s2 = top_singular(w, cap)[1].square()
         total = float(w.square().sum())
         r = int((s2.cumsum(0) < energy * total).sum()) + 1 if total > 0 else 1
-        spec = layer.spec
-        changes = {f: getattr(spec, f) for f in SPEC_FIELDS if getattr(spec, f) != getattr(default, f)}
-        if "grid" in changes:  # a grid change re-derives these unless given
-            changes.update({f: getattr(spec, f) for f in ("bits", "group_size", "symmetric")})
-        overrides[name] = {**changes, "low_rank": max(1, min(r, cap))}
+        overrides[name] = {**layer.spec.changes_from(default), "low_rank": max(1, min(r, cap))}
     return config.with_overrides(overrides)
 
 

@@ -68,6 +68,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-scales", action="store_true",
                    help="with calibration: then learn each block's stored group scales against the float block, codes "
                         "fixed (docs/calibration.md#scale-tuning)")
+    p.add_argument("--act-clip-search", action="store_true",
+                   help="with calibration and --act-bits: choose each layer's activation clip ratio on the calibration "
+                        "rows (docs/calibration.md#activation-clip-search)")
     p.add_argument("--rotation", default=None, choices=("quarot", "quip"),
                    help="Hadamard rotations before quantizing: quarot (W4A4, Llama-family) or quip (2-3 bit weights, any "
                         "model); see docs/rotation.md")
@@ -165,6 +168,13 @@ def _act_mode(args: argparse.Namespace, text: str | None) -> str:
     if args.tune_scales and args.calibration is None and text is None:
         raise UserError("--tune-scales tunes a calibrated model's scales: give --calibration PRESET or "
                         "--calibration-text FILE with it")
+    if args.act_clip_search:
+        if args.calibration is None and text is None:
+            raise UserError("--act-clip-search chooses clip ratios on calibration data: give --calibration PRESET or "
+                            "--calibration-text FILE with it")
+        if args.act_bits is None or act_mode == "static_per_tensor":
+            raise UserError("--act-clip-search chooses the clip ratio of dynamic activations: give --act-bits 4 (or 8) "
+                            "with --act-mode dynamic_per_token or dynamic_per_token_asym")
     return act_mode
 
 
@@ -179,6 +189,8 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
             changes = {} if args.n_samples is None else {"n_samples": args.n_samples}
             if args.tune_scales:
                 changes["tune_scales"] = True
+            if args.act_clip_search:
+                changes["act_clip_search"] = True
             calibration = pq.CalibrationConfig.preset(args.calibration or DEFAULT_CALIBRATION_PRESET, **changes)
         skip = None
         if args.ignore:

@@ -26,11 +26,13 @@ _LAZY = {
     "MixedPrecision": ".mixed_precision",
     "Algorithm": ".algorithm",
     "TuneScales": ".tune_scales",
+    "ActClipSearch": ".act_clip",
 }
 
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
+    from .act_clip import ActClipSearch
     from .algorithm import Algorithm
     from .gptq import GPTQ
     from .kv_scales import StaticKVScales

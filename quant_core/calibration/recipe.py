@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .act_clip import ActClipSearch
 from .algorithm import Algorithm
 from .gptq import GPTQ
 from .let import LET
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["BUILTIN_MODIFIERS", "modifiers_of"]
 
 BUILTIN_MODIFIERS: tuple[type[Modifier], ...] = tuple(sorted(
-    (MixedPrecision, SmoothQuant, LET, LWC, RefineBreakpoints, GPTQ, Algorithm, TuneScales, StaticActScales),
+    (MixedPrecision, SmoothQuant, LET, LWC, RefineBreakpoints, GPTQ, Algorithm, TuneScales, ActClipSearch,
+     StaticActScales),
     key=lambda cls: cls.order,
 ))
 

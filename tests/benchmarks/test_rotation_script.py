@@ -23,7 +23,7 @@ def test_llama_windows_set_every_calibrated_rows_sample_count():
 def test_rotation_seed_reaches_the_balance_rows_and_the_w4a4_cost_table_reports_overheads():
     mod = load_script(SCRIPT, "rotation_bench")
     rows = [r for r in mod.with_seed(mod.llama_rows(), 3) if "balance" in r[1]]
-    assert len(rows) == 5 and all(r[1].endswith(", seed 3") for r in rows)
+    assert len(rows) == 10 and all(r[1].endswith(", seed 3") for r in rows)
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.seed for _, _, kw, _ in rows} == {3}
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.rotations for _, _, kw, _ in rows} == {("balance",)}
     table = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,

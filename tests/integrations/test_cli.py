@@ -100,6 +100,25 @@ def test_quantize_calibrated_on_a_text_file(tmp_path, tiny_llama_path, capsys):
     assert qc["rotation"]["rotations"] == ["input", "output"]
 
 
+def test_quantize_with_an_activation_clip_search(tmp_path, tiny_llama_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "clip"
+    rc = cli.main(["quantize", "--model", str(tiny_llama_path), "--output", str(out), "--act-bits", "4",
+                   "--act-mode", "dynamic_per_token_asym", "--calibration", "aware", "--n-samples", "4",
+                   "--act-clip-search"])
+    assert rc == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["calibration"]["act_clip_search"] is True
+    chosen = {name: changes["act_clip_ratio"] for name, changes in qc["overrides"] if "act_clip_ratio" in changes}
+    assert chosen  # 42 layers with 4-bit activations: some choose to clip
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, ratio in chosen.items():
+        assert model.get_submodule(name).act_quantizer.args.clip_ratio == ratio
+
+
 def test_eval_float_and_quantized(quantized_dir, tiny_llama_path, capsys):
     assert cli.main(["eval", "--model", str(tiny_llama_path), "--max-windows", "8"]) == 0
     out_f = capsys.readouterr().out
@@ -215,6 +234,10 @@ def test_inspect_float_model_is_a_user_error(tiny_llama_path, capsys):
         (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration-text", "missing.txt"], "error: --calibration-text"),
         (["eval", "--seq-len", "0"], "--seq-len: must be a positive integer"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--tune-scales"], "--tune-scales tunes a calibrated model"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--act-bits", "4", "--act-clip-search"],
+         "--act-clip-search chooses clip ratios on calibration data"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration", "gptq", "--act-clip-search"],
+         "--act-clip-search chooses the clip ratio of dynamic activations"),
     ],
 )
 def test_user_mistakes_exit_2_without_traceback(args, message, tmp_path, tiny_llama_path):

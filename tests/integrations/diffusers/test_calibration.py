@@ -177,6 +177,26 @@ def test_scale_tuning_runs_through_the_pipeline_and_disable_restores_the_float_w
     assert all(torch.equal(v, sd[k]) for k, v in pipe.transformer.state_dict().items())
 
 
+def test_activation_clip_search_runs_through_the_pipeline_and_reloads(dfh, tmp_path):
+    pipe = dfh.dit_pipeline()
+    x = dfh.denoiser_inputs(pipe.transformer, timestep=500)
+    cal = pq.CalibrationConfig.preset("gptq", act_clip_search=True)
+    cfg = pq.PiecewiseQuantConfig(bits=4, group_size=16, act_bits=4, act_mode="dynamic_per_token_asym",
+                                  modules_to_not_convert=[], calibration=cal)
+    pipe.enable_quant(cfg, calibration_prompts=LABELS, num_inference_steps=STEPS, progress=False)
+    core = pipe.transformer.config.quantization_config.core
+    chosen = {n: c["act_clip_ratio"] for n, c in core.overrides.items() if "act_clip_ratio" in c}
+    assert chosen
+    for name, ratio in chosen.items():
+        layer = pipe.transformer.get_submodule(name)
+        assert isinstance(layer, DiffusionQuantLinear) and layer.act_quantizer.args.clip_ratio == ratio
+        assert layer.act_quantizer.args.kernel_mode == "dynamic_per_token_asym"
+    out = dfh.denoise(pipe.transformer, x)
+    pipe.transformer.save_pretrained(tmp_path)
+    reloaded = type(pipe.transformer).from_pretrained(tmp_path)
+    assert torch.equal(dfh.denoise(reloaded, x), out)
+
+
 def test_calibration_recipe_bad_blocks(dfh):
     pipe = dfh.dit_pipeline()
     cfg = pq.PiecewiseQuantConfig(bits=8, group_size="channel", calibration=pq.CalibrationConfig(blocks="no.such.blocks"))

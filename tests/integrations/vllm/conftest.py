@@ -181,9 +181,11 @@ SPINQUANT = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32,
                                  rotation={"rotations": ["R1", "R2", "R4"], "learn": True, "learn_steps": 4,
                                            "learn_lr": 0.01},
                                  calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2})
-# asymmetric per-token int4 activations (a scale and an offset per token) behind QuaRot's rotations
+# asymmetric per-token int4 activations (a scale and an offset per token) behind QuaRot's rotations, each
+# layer's clip ratio chosen on pydoc windows during loading (per-layer overrides: fused q/k/v may split into parts)
 QUAROT_ASYM = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=4, act_mode="dynamic_per_token_asym",
-                                   act_clip_ratio=0.9, rotation="quarot")
+                                   act_clip_ratio=0.9, rotation="quarot",
+                                   calibration={"n_samples": 4, "seq_len": 64, "batch_size": 2, "act_clip_search": True})
 # ViDiT-Q balance: each A8 layer divides its input by its own smoothing scale (balance_scale, measured on
 # pydoc windows during loading) before an online Hadamard rotation; fused q/k/v and gate/up are served unjoined
 BALANCED = PiecewiseQuantConfig(grid="uniform", bits=4, group_size=32, act_bits=8, rotation={"rotations": ["balance"]},

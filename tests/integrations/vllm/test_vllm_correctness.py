@@ -60,7 +60,8 @@ def test_mixed_schemes_in_fused_layers_with_gqa_match_transformers(vh, vllm_resu
 def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, name):
     """Fused R1/R2 (in the weights; learned ones for spinquant) and online Hadamard rotations
     inside the linear method; ViDiT-Q's balance (a stored smoothing scale per layer before the
-    online rotation); asymmetric int4 activations behind QuaRot's rotations."""
+    online rotation); asymmetric int4 activations behind QuaRot's rotations, with per-layer clip
+    ratios from the calibration's clip search."""
     got = _ok(vllm_results[name])
     model = _hf(vh, checkpoints[name])
     assert any(getattr(m, "layer_spec", None) is not None and m.layer_spec.rotation is not None for m in model.modules())
@@ -71,6 +72,8 @@ def test_rotated_checkpoints_match_transformers(vh, vllm_results, checkpoints, n
     if name == "gqa_quarot_asym":
         assert all(m.act_quantizer.args.kernel_mode == "dynamic_per_token_asym"
                    for n, m in model.named_modules() if n.endswith("down_proj"))
+        ratios = {m.act_quantizer.args.clip_ratio for m in model.modules() if getattr(m, "act_quantizer", None)}
+        assert len(ratios) > 1  # the clip search gave layers their own ratios
     tol = ACT8_TOL if name in ("gqa_quarot", "gqa_balance", "gqa_quarot_asym") else FP32_TOL
     assert vh.max_logprob_diff(got["prompt_logprobs"], ref["prompt_logprobs"]) < tol
 
