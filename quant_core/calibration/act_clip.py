@@ -36,6 +36,7 @@ __all__ = ["ActClipSearch", "ACT_CLIP_RATIOS", "searchable"]
 logger = logging.getLogger(__name__)
 
 ACT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # the candidates, besides the configured ratio
+_SAMPLE_ROWS = 2048  # input rows per layer the ratios are compared on (evenly spaced over the calibration tokens)
 
 
 def searchable(layer: LayerSpec) -> bool:
@@ -48,20 +49,9 @@ def searchable(layer: LayerSpec) -> bool:
 @dataclass(frozen=True)
 class ActClipSearch(Modifier):
     """Choose each block layer's ``act_clip_ratio`` on the calibration data (see the module
-    docstring).
-
-    Attributes:
-        rows: input rows per layer the ratios are compared on (evenly spaced over the calibration
-            tokens).
-    """
-
-    rows: int = 2048
+    docstring)."""
 
     order = 85  # the block's QuantLinear layers exist (after GPTQ and scale tuning); before static scales (90)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
-            raise ValueError(f"ActClipSearch.rows must be a positive integer; got {self.rows!r}")
 
     def setup(self, run: RunState) -> None:
         inside = set(run.plan) - set(run.outside())
@@ -78,18 +68,19 @@ class ActClipSearch(Modifier):
                   if isinstance(m, QuantLinear) and m.act_quantizer is not None and searchable(m.layer_spec)}
         if not layers:
             return
-        rows = _sample_inputs(block, layers, self.rows)
-        chosen: dict[str, float] = {}
+        rows = _sample_inputs(block, layers, _SAMPLE_ROWS)
+        chosen: dict[str, LayerSpec] = {}
         for name, m in layers.items():
             if name not in rows:  # it saw no tokens (a routed expert): keeps the configured ratio
                 continue
             ratio = choose_ratio(m, rows[name])
             if ratio != m.layer_spec.spec.act_clip_ratio:
                 set_clip_ratio(m, ratio)
-                chosen[name] = ratio
+                chosen[name] = m.layer_spec
         if chosen:
             _record(block.run, chosen)
-        logger.debug("block %d: activation clip ratios %s", block.index, chosen)
+        logger.debug("block %d: activation clip ratios %s", block.index,
+                     {n: layer.spec.act_clip_ratio for n, layer in chosen.items()})
 
     def flat(self) -> dict[str, Any]:
         return {"act_clip_search": True}
@@ -153,15 +144,11 @@ def set_clip_ratio(layer: QuantLinear, ratio: float) -> None:
     layer.act_quantizer.args = dataclasses.replace(layer.act_quantizer.args, clip_ratio=float(ratio))
 
 
-def _record(run: RunState, chosen: dict[str, float]) -> None:
-    """Write the chosen ratios to the run's config as per-layer overrides and to its plan.
+def _record(run: RunState, chosen: dict[str, LayerSpec]) -> None:
+    """Write the layers' new schemes to the run's plan and to its config as per-layer overrides.
 
     An override replaces the default scheme for the layers it matches (the first match wins), so
     each layer's override carries everything in which its scheme differs from the config's."""
     default = run.config.default_spec
-    overrides: dict[str, dict[str, Any]] = {}
-    for name, ratio in chosen.items():
-        spec = dataclasses.replace(run.plan[name].spec, act_clip_ratio=ratio)
-        overrides[name] = spec.changes_from(default)
-        run.plan[name] = dataclasses.replace(run.plan[name], spec=spec)
-    run.config = run.config.with_overrides(overrides)
+    run.plan.update(chosen)
+    run.config = run.config.with_overrides({name: layer.spec.changes_from(default) for name, layer in chosen.items()})
