@@ -1031,14 +1031,15 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
         if (mode == 3) {
             /* asymmetric (reference.quantize_activation's dynamic_per_token_asym, in its float32 order):
              * x = off * 1 + step * q, q in [-qmax-1, qmax]; three pieces: the ones (scale off), zeros,
-             * and the codes (scale step), so the integer kernel needs nothing new */
+             * and the codes (scale step), so the dot products and epilogue are those of float32 rows
+             * (P = 3) and only this rounding is new. A step of 0 (a constant row, or a range so small
+             * that the step underflows) leaves off = mid - half, the reference's offset, and codes 0 */
             float hi = _mm512_reduce_max_ps(shi), lo = _mm512_reduce_min_ps(slo);
             float mid = (hi + lo) * 0.5f;
             float half = (hi - lo) * (0.5f * clip);
             float step = half * (float)(2.0 / (2.0 * (double)qmax + 1.0));
             s[0] = (mid - half) + (qmax + 1.0f) * step;
             s[2] = step > 0 ? step : 0.0f;
-            if (!(step > 0)) s[0] = mid;
         } else if (mode == 0) {
             s[0] = amax / 127.0f;
             s[1] = s[0] * (1.0f / 256.0f);
@@ -1055,13 +1056,12 @@ AVX512 static int prep_i8(const void *x, int dt, int64_t M, int64_t K, int64_t x
             __m512 v = _mm512_loadu_ps(tmp + k);
             __m512 q[3];
             if (mode == 3) {
-                __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-                q[0] = _mm512_maskz_mov_ps(live, _mm512_set1_ps(1.0f));
+                q[0] = _mm512_set1_ps(1.0f);
                 q[1] = _mm512_setzero_ps();
                 if (s[2] > 0) {
                     __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(v, _mm512_set1_ps(s[0])), _mm512_set1_ps(s[2])),
                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    q[2] = _mm512_maskz_mov_ps(live, _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-qmax - 1.0f)), _mm512_set1_ps(qmax)));
+                    q[2] = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-qmax - 1.0f)), _mm512_set1_ps(qmax));
                 } else q[2] = _mm512_setzero_ps();
             } else if (mode != 0) {
                 if (s[0] > 0) {

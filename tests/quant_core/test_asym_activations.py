@@ -164,3 +164,27 @@ def test_w8a8_asymmetric_takes_no_symmetric_shortcut(rows):
     torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-4)  # float32 sums of a one-sided input
     symmetric = reference.quantize_activation(x, "int8", "dynamic_per_token") @ q.dequantize(torch.float32).T
     assert float((y.double() - expect).abs().max()) < 0.1 * float((symmetric.double() + q.bias.double() - expect).abs().max())
+
+
+def test_constant_and_tiny_range_rows_are_their_offset_on_the_prepared_cpu_call():
+    """A constant row has step 0 and is exactly its value; a row whose range is a few subnormals has
+    a step that underflows to 0 and is the reference's offset (its minimum, to within a subnormal).
+    Both go through the fused CPU call (few rows) next to an ordinary row, which is unaffected."""
+    from piecewise_quant.kernels import cpu_backend
+
+    if cpu_backend.status()["isa"] != "avx512-vnni":
+        pytest.skip("the integer activation call needs AVX-512 VNNI")
+    torch.manual_seed(3)
+    spec = pq.QuantSpec(grid="uniform", bits=4, group_size=128, act_bits=4, act_mode=ASYM)
+    layer = layer_spec_for("c", spec, 256, 32)
+    q = pq.QuantLinear.from_linear(torch.nn.Linear(256, 32, bias=False), layer, pq.get_format("uniform"))
+    tiny = torch.zeros(256)
+    tiny[::2] = 1e-44
+    x = torch.stack([torch.full((256,), 2.5), torch.zeros(256), tiny, torch.randn(256)])
+    with torch.no_grad():
+        y = q(x)
+    w = q.dequantize(torch.float32).double()
+    expect = reference.quantize_activation(x, "int4", ASYM).double() @ w.T
+    torch.testing.assert_close(y[:3].double(), expect[:3], rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(y[0].double(), 2.5 * w.sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(y[3].double(), expect[3], rtol=1e-4, atol=1e-4)
