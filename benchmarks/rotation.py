@@ -29,6 +29,7 @@ Usage (from the repository root)::
     python benchmarks/rotation.py --part cost
     python benchmarks/rotation.py --part quality --models llama --json out.json
     python benchmarks/rotation.py --part quality --models llama --only spinquant --only low_rank   # learned rotations
+    python benchmarks/rotation.py --merge seed0.json seed1.json ... --json all.json   # per-seed summary
 
 Results are in ``docs/rotation.md`` (the clip-search rows in ``docs/calibration.md``).
 """
@@ -399,6 +400,49 @@ def tables(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(results: list[dict]) -> str:
+    """Per method (the ``, seed N`` suffix dropped), the held-out Δ of each rotation seed in seed
+    order, their mean, and the out-of-domain mean: the table the docs quote."""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in results:
+        if r.get("model") != "llama" or "delta" not in r:
+            continue
+        method, sep, seed = r["method"].rpartition(", seed ")
+        if not sep or not seed.isdigit():
+            method, seed = r["method"], "0"
+        seeds = groups.setdefault((r["setting"], method), {})
+        if int(seed) in seeds:
+            raise SystemExit(f"{r['setting']} {method!r}: seed {seed} appears twice in the merged results")
+        seeds[int(seed)] = r
+    lines = ["| setting | method | Δ held-out, seeds | mean | out-of-domain mean |", "|---|---|---|---|---|"]
+    for (setting, method), seeds in groups.items():
+        rows = [seeds[k] for k in sorted(seeds)]
+        per = " / ".join(f"{r['delta']:+.3f}" for r in rows)
+        label = ", ".join(str(k) for k in sorted(seeds))
+        lines.append(f"| {setting} | {method} | {per} (seeds {label}) | {statistics.mean(r['delta'] for r in rows):+.3f} | "
+                     f"{statistics.mean(r['ood_delta'] for r in rows):+.3f} |")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path]) -> list[dict]:
+    """The results of several ``--json`` files (one run per rotation seed, say) as one list, the
+    float row once (the runs must agree on it: same model, same text)."""
+    out: list[dict] = []
+    floats: set[tuple[float, float]] = set()
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            if r.get("setting") == "float":
+                key = (round(r["ppl"], 6), round(r["ood_ppl"], 6))
+                if floats and key not in floats:
+                    raise SystemExit(f"{path}: its float perplexities {key} differ from the other files' {floats}; "
+                                     "merge runs of one model and one evaluation text")
+                if key in floats:
+                    continue
+                floats.add(key)
+            out.append(r)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("all", "quality", "cost"), default="all")
@@ -408,7 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-windows", type=int, default=32,
                     help="calibration windows of 256 tokens for the llama rows (default: 32; the split holds ~450)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="run nothing: merge these --json files (e.g. one per --rotation-seed), print their tables and "
+                         "the per-seed summary (held-out Δ per seed, mean, out-of-domain mean)")
     args = ap.parse_args(argv)
+    if args.merge:
+        results = merge(args.merge)
+        print(tables(results))
+        print(seed_summary(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     results: list[dict] = []
 
     def pick(rows):

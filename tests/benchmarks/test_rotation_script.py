@@ -29,3 +29,33 @@ def test_rotation_seed_reaches_the_balance_rows_and_the_w4a4_cost_table_reports_
     table = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,
                          "a4_balance_us": 55.0}])
     assert "| down | 768 -> 256 | 50.0 | 60.0 | +20.0% | 55.0 | +10.0% |  |  |  |" in table
+
+
+def test_merge_keeps_one_float_row_and_summarises_each_method_over_its_seeds(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    mod = load_script(SCRIPT, "rotation_bench")
+    flt = {"model": "llama", "setting": "float", "method": "float32", "ppl": 36.76, "ood_ppl": 97.05}
+
+    def row(method, seed, delta, ood):
+        return {"model": "llama", "setting": "W4A4", "method": f"{method}, seed {seed}", "ppl": 36.76 + delta,
+                "delta": delta, "ood_ppl": 97.05 + ood, "ood_delta": ood, "bpw": 4.2, "quant_s": 1.0}
+
+    for seed, (a, b) in enumerate([(0.5, 0.6), (0.4, 0.8), (0.6, 0.7)]):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps([flt, row("m", seed, a, b), row("n", seed, a + 1, b)]))
+    paths = [tmp_path / f"s{k}.json" for k in (2, 0, 1)]
+    merged = mod.merge(paths)
+    assert sum(r["setting"] == "float" for r in merged) == 1 and len(merged) == 7
+    summary = mod.seed_summary(merged)
+    assert "| W4A4 | m | +0.500 / +0.400 / +0.600 (seeds 0, 1, 2) | +0.500 | +0.700 |" in summary
+    assert "| W4A4 | n | +1.500 / +1.400 / +1.600 (seeds 0, 1, 2) | +1.500 | +0.700 |" in summary
+    assert mod.main(["--merge", *map(str, paths), "--json", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text()) == merged
+    assert "(seeds 0, 1, 2)" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text(json.dumps([{**flt, "ppl": 40.0}]))
+    with pytest.raises(SystemExit, match="float perplexities"):
+        mod.merge([paths[0], tmp_path / "other.json"])
+    with pytest.raises(SystemExit, match="seed 0 appears twice"):
+        mod.seed_summary(mod.merge([paths[1], paths[1]]))
