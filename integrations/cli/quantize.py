@@ -74,6 +74,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation", default=None, choices=("quarot", "quip"),
                    help="Hadamard rotations before quantizing: quarot (W4A4, Llama-family) or quip (2-3 bit weights, any "
                         "model); see docs/rotation.md")
+    p.add_argument("--rotation-trials", type=positive_int, default=None, metavar="N",
+                   help="with calibration and --rotation: calibrate with N rotation seeds and keep the one closest to "
+                        "the float model on the calibration data (N+1 calibrations; docs/rotation.md#rotation-trials)")
     p.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
 
@@ -175,6 +178,12 @@ def _act_mode(args: argparse.Namespace, text: str | None) -> str:
         if args.act_bits is None or act_mode == "static_per_tensor":
             raise UserError("--act-clip-search chooses the clip ratio of dynamic activations: give --act-bits 4 (or 8) "
                             "with --act-mode dynamic_per_token or dynamic_per_token_asym")
+    if args.rotation_trials is not None:
+        if args.calibration is None and text is None:
+            raise UserError("--rotation-trials compares calibrated models: give --calibration PRESET or "
+                            "--calibration-text FILE with it")
+        if args.rotation is None:
+            raise UserError("--rotation-trials tries rotation seeds: give --rotation quarot (or quip) with it")
     return act_mode
 
 
@@ -191,6 +200,8 @@ def _build_config(args: argparse.Namespace, act_mode: str, text: str | None):
                 changes["tune_scales"] = True
             if args.act_clip_search:
                 changes["act_clip_search"] = True
+            if args.rotation_trials is not None:
+                changes["rotation_trials"] = args.rotation_trials
             calibration = pq.CalibrationConfig.preset(args.calibration or DEFAULT_CALIBRATION_PRESET, **changes)
         skip = None
         if args.ignore:

@@ -286,6 +286,12 @@ def enable_quant(
     t0 = time.perf_counter()
     _check_pipeline(pipe)
     core, diffusion = _diffusion_config(config, act_scales, act_group_size, bos_aware)
+    if core.calibration is not None and core.calibration.rotation_trials != 1:
+        raise ValueError(
+            f"calibration.rotation_trials={core.calibration.rotation_trials}: rotation trials are run by "
+            "piecewise_quant.calibrate() on a model, not by a pipeline's enable_quant (each trial would need the "
+            "pipeline's calibration runs again); set rotation_trials=1 and choose rotation.seed yourself"
+        )
     models: dict[str, nn.Module] = {n: pipe.components[n] for n in _resolve_components(pipe, components)}
     check_calibration_prompts(calibration_prompts)
     job = _QuantJob(pipe, models, _plan_components(models, core, diffusion), core, diffusion, keep_float_weights, progress)

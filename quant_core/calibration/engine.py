@@ -88,6 +88,16 @@ def calibrate(
     if config.calibration is None:
         config = dataclasses.replace(config, calibration=cal)
     check_float_model(model, "calibrate")
+    if cal.rotation_trials > 1:
+        if config.rotation is None:
+            raise ValueError(
+                f"calibration.rotation_trials={cal.rotation_trials} tries that many rotation seeds, and the config has no "
+                "rotation; set rotation (e.g. 'quarot' or 'viditq') or leave rotation_trials at 1"
+            )
+        from .trials import calibrate_with_rotation_trials
+
+        return calibrate_with_rotation_trials(model, config, cal, _batches(model, cal, data, tokenizer), calibrate,
+                                              progress)
     run = _plan_run(model, config, cal, progress)
     batches = _batches(model, cal, data, tokenizer)
     torch.manual_seed(cal.seed)

@@ -52,6 +52,7 @@ class CalibrationReport:
     peak_rss_mb: float = 0.0
     peak_held_mb: float = 0.0
     mixed_precision: dict[str, Any] | None = None
+    rotation_trials: list[tuple[int, float]] | None = None  # (seed, distance to float) of each trial
 
     @property
     def data_free_layers(self) -> list[str]:
@@ -74,6 +75,10 @@ class CalibrationReport:
             mp = self.mixed_precision
             lines.append(f"mixed precision: {mp['average_bits_per_weight']:.3f} bits/weight "
                          f"(budget {mp['budget']}); {mp['counts']}")
+        if self.rotation_trials:
+            tried = ", ".join(f"{seed}: {d:.4g}" for seed, d in self.rotation_trials)
+            best = min(self.rotation_trials, key=lambda t: (t[1], t[0]))[0]
+            lines.append(f"rotation trials (seed: distance to float): {tried}; kept seed {best}")
         return "\n".join(lines)
 
     def table(self) -> str:

@@ -23,7 +23,7 @@ def test_llama_windows_set_every_calibrated_rows_sample_count():
 def test_rotation_seed_reaches_the_balance_rows_and_the_w4a4_cost_table_reports_overheads():
     mod = load_script(SCRIPT, "rotation_bench")
     rows = [r for r in mod.with_seed(mod.llama_rows(), 3) if "balance" in r[1]]
-    assert len(rows) == 10 and all(r[1].endswith(", seed 3") for r in rows)
+    assert len(rows) == 11 and all(r[1].endswith(", seed 3") for r in rows)
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.seed for _, _, kw, _ in rows} == {3}
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.rotations for _, _, kw, _ in rows} == {("balance",)}
     table = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,
@@ -59,3 +59,14 @@ def test_merge_keeps_one_float_row_and_summarises_each_method_over_its_seeds(tmp
         mod.merge([paths[0], tmp_path / "other.json"])
     with pytest.raises(SystemExit, match="seed 0 appears twice"):
         mod.seed_summary(mod.merge([paths[1], paths[1]]))
+
+
+def test_exact_selection_takes_one_row_where_a_substring_takes_its_variants():
+    mod = load_script(SCRIPT, "rotation_bench")
+    rows = mod.llama_rows()
+    label = "W4A4 asymmetric A4, piecewise + GPTQ + balance + act clip search"
+    assert [f"{r[0]} {r[1]}" for r in mod.select(rows, [label], exact=True)] == [label]
+    assert len(mod.select(rows, [label])) == 2  # also the "best of 4 rotation seeds" row
+    assert mod.select(rows, []) == rows
+    trials = mod.select(rows, ["best of 4 rotation seeds"])
+    assert len(trials) == 1 and trials[0][2]["calibration"].rotation_trials == 4

@@ -119,6 +119,18 @@ def test_quantize_with_an_activation_clip_search(tmp_path, tiny_llama_path):
         assert model.get_submodule(name).act_quantizer.args.clip_ratio == ratio
 
 
+def test_quantize_with_rotation_trials_saves_the_kept_seed(tmp_path, tiny_llama_path):
+    import json
+
+    out = tmp_path / "trials"
+    rc = cli.main(["quantize", "--model", str(tiny_llama_path), "--output", str(out), "--act-bits", "4",
+                   "--rotation", "quarot", "--calibration", "aware", "--n-samples", "4", "--rotation-trials", "2"])
+    assert rc == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["rotation"]["seed"] in (0, 1)
+    assert "rotation_trials" not in qc["calibration"]  # the checkpoint is that one seed's calibration
+
+
 def test_eval_float_and_quantized(quantized_dir, tiny_llama_path, capsys):
     assert cli.main(["eval", "--model", str(tiny_llama_path), "--max-windows", "8"]) == 0
     out_f = capsys.readouterr().out
@@ -238,6 +250,11 @@ def test_inspect_float_model_is_a_user_error(tiny_llama_path, capsys):
          "--act-clip-search chooses clip ratios on calibration data"),
         (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration", "gptq", "--act-clip-search"],
          "--act-clip-search chooses the clip ratio of dynamic activations"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--rotation", "quarot", "--rotation-trials", "2"],
+         "--rotation-trials compares calibrated models"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--calibration", "gptq", "--rotation-trials", "2"],
+         "--rotation-trials tries rotation seeds"),
+        (["quantize", "--model", "MODEL", "--output", "OUT", "--rotation-trials", "0"], "must be a positive integer"),
     ],
 )
 def test_user_mistakes_exit_2_without_traceback(args, message, tmp_path, tiny_llama_path):

@@ -197,6 +197,16 @@ def test_activation_clip_search_runs_through_the_pipeline_and_reloads(dfh, tmp_p
     assert torch.equal(dfh.denoise(reloaded, x), out)
 
 
+def test_rotation_trials_are_refused_by_enable_quant_before_anything_changes(dfh):
+    pipe = dfh.dit_pipeline()
+    cal = pq.CalibrationConfig.preset("gptq", rotation_trials=2)
+    cfg = pq.PiecewiseQuantConfig(bits=4, group_size=16, act_bits=4, rotation="viditq", modules_to_not_convert=[],
+                                  calibration=cal)
+    with pytest.raises(ValueError, match="rotation_trials=2: rotation trials are run by piecewise_quant.calibrate"):
+        pipe.enable_quant(cfg, calibration_prompts=LABELS, num_inference_steps=STEPS, progress=False)
+    assert not any(isinstance(m, pq.QuantLinear) for m in pipe.transformer.modules())
+
+
 def test_calibration_recipe_bad_blocks(dfh):
     pipe = dfh.dit_pipeline()
     cfg = pq.PiecewiseQuantConfig(bits=8, group_size="channel", calibration=pq.CalibrationConfig(blocks="no.such.blocks"))
