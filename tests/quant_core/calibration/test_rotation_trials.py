@@ -135,3 +135,21 @@ def test_to_dict_writes_the_field_only_when_set():
     d = pq.CalibrationConfig(rotation_trials=4).to_dict()
     assert d["rotation_trials"] == 4
     assert pq.CalibrationConfig(**d) == pq.CalibrationConfig(rotation_trials=4)
+
+
+def test_from_pretrained_runs_the_trials_and_saves_the_kept_seed(tiny_llama_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cal = pq.CalibrationConfig(n_samples=2, seq_len=32, rotation_trials=2)
+    config = pq.PiecewiseQuantConfig(bits=4, group_size=128, act_bits=4, rotation="quarot", calibration=cal)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=config)
+    report = model.piecewise_quant_calibration_report
+    assert [s for s, _ in report.rotation_trials] == [0, 1]
+    kept = min(report.rotation_trials, key=lambda t: (t[1], t[0]))[0]
+    assert model.config.quantization_config.core.rotation.seed == kept
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.piecewise_quant_config.rotation.seed == kept
+    x = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
