@@ -109,6 +109,14 @@ def test_trials_without_a_rotation_are_refused_and_leave_the_model_as_it_was():
     assert not any(isinstance(m, pq.QuantLinear) for m in model.modules())
 
 
+def test_models_dispatched_by_accelerate_are_refused_before_any_copy():
+    model = tiny_llama()
+    model.model.layers[1]._hf_hook = object()  # what accelerate's dispatch leaves on a module
+    with pytest.raises(ValueError, match="dispatched by accelerate.*'model.layers.1'"):
+        pq.calibrate(model, _config(2), IDS, progress=False)
+    assert not any(isinstance(m, pq.QuantLinear) for m in model.modules())
+
+
 def test_a_failing_trial_leaves_the_model_as_it_was(monkeypatch):
     from piecewise_quant.calibration import trials
 
