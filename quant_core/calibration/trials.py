@@ -49,18 +49,16 @@ def calibrate_with_rotation_trials(model: nn.Module, config: PiecewiseQuantConfi
     rot = config.rotation
     base = rot.seed
     single = dataclasses.replace(cal, rotation_trials=1)
-    float_model = copy.deepcopy(model)
     scores: list[tuple[int, float]] = []
     bar = tqdm(range(cal.rotation_trials), desc="rotation trials", unit="seed", disable=not progress)
-    for t in bar:
+    for t in bar:  # ``model`` stays float until the last call: it is both the copies' source and the reference
         seed = base + t
-        trial = copy.deepcopy(float_model)
+        trial = copy.deepcopy(model)
         trial_cfg = dataclasses.replace(config, rotation=dataclasses.replace(rot, seed=seed), calibration=single)
         calibrate(trial, trial_cfg, batches, progress=False)
-        scores.append((seed, distance_to_float(trial, float_model, batches)))
+        scores.append((seed, distance_to_float(trial, model, batches)))
         del trial
         bar.set_postfix(seed=seed, distance=f"{scores[-1][1]:.4g}")
-    del float_model
     best = min(scores, key=lambda s: (s[1], s[0]))[0]
     logger.info("rotation trials (seed, distance to float): %s; keeping seed %d", scores, best)
     chosen = dataclasses.replace(config, rotation=dataclasses.replace(rot, seed=best), calibration=single)
