@@ -357,14 +357,19 @@ def run_cost(out: list[dict]) -> None:
         w_op = fmt.weight_operand(layers[0].quantized_tensors(), layers[0].layer_spec)
         act = ActOperand(None, "int4", "dynamic_per_token", A4["act_clip_ratio"], 0)
         rot = layers[1]._rot_in
+        wb, xb = w.bfloat16(), x.bfloat16()  # the float anchors: the same layer unquantized
         fns = [lambda q=q: q(x) for q in layers] + [lambda: quantized_linear(x, w_op, None, act),
-                                                    lambda: quantized_linear(rot(x), w_op, None, act)]
-        t = _interleaved_us(fns, 2000 if k < 4096 else 400)
+                                                    lambda: quantized_linear(rot(x), w_op, None, act),
+                                                    lambda: torch.nn.functional.linear(x, w),
+                                                    lambda: torch.nn.functional.linear(xb, wb)]
+        with torch.no_grad():
+            t = _interleaved_us(fns, 2000 if k < 4096 else 400)
         out.append({"layer": label, "shape": f"{k} -> {n}", "a4_plain_us": t[0], "a4_r4_us": t[1],
-                    "a4_balance_us": t[2], "a4_asym_r4_us": t[3], "a4_op_us": t[4], "a4_op_r4_us": t[5]})
+                    "a4_balance_us": t[2], "a4_asym_r4_us": t[3], "a4_op_us": t[4], "a4_op_r4_us": t[5],
+                    "fp32_us": t[6], "bf16_us": t[7]})
         print(f"cost {label} W4A4: {t[0]:.1f} us plain, {t[1]:.1f} us with R4, {t[2]:.1f} us with balance, "
-              f"{t[3]:.1f} us asymmetric with R4; the op {t[4]:.1f} us, after a separate R4 {t[5]:.1f} us",
-              file=sys.stderr, flush=True)
+              f"{t[3]:.1f} us asymmetric with R4; the op {t[4]:.1f} us, after a separate R4 {t[5]:.1f} us; "
+              f"fp32 F.linear {t[6]:.1f} us, bf16 {t[7]:.1f} us", file=sys.stderr, flush=True)
 
 
 def tables(results: list[dict]) -> str:
@@ -400,13 +405,17 @@ def tables(results: list[dict]) -> str:
     a4 = [r for r in results if "a4_plain_us" in r]
     if a4:
         lines += ["| layer | shape | W4A4 layer (µs) | with R4 (µs) | overhead | with balance (µs) | overhead "
-                  "| the op (µs) | separate R4 + the op (µs) | asymmetric A4 with R4 (µs) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| the op (µs) | separate R4 + the op (µs) | asymmetric A4 with R4 (µs) | fp32 F.linear (µs) "
+                  "| bf16 F.linear (µs) | asymmetric A4 with R4 vs fp32 / bf16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in a4:
             p, r4, bal = r["a4_plain_us"], r["a4_r4_us"], r["a4_balance_us"]
-            ops = " | ".join(f"{r[key]:.1f}" if key in r else "" for key in ("a4_op_us", "a4_op_r4_us", "a4_asym_r4_us"))
+            ops = " | ".join(f"{r[key]:.1f}" if key in r else "" for key in
+                             ("a4_op_us", "a4_op_r4_us", "a4_asym_r4_us", "fp32_us", "bf16_us"))
+            vs = (f"{r['fp32_us'] / r['a4_asym_r4_us']:.2f}x / {r['bf16_us'] / r['a4_asym_r4_us']:.2f}x"
+                  if {"fp32_us", "bf16_us", "a4_asym_r4_us"} <= r.keys() else "")
             lines.append(f"| {r['layer']} | {r['shape']} | {p:.1f} | {r4:.1f} | {100 * (r4 / p - 1):+.1f}% | "
-                         f"{bal:.1f} | {100 * (bal / p - 1):+.1f}% | {ops} |")
+                         f"{bal:.1f} | {100 * (bal / p - 1):+.1f}% | {ops} | {vs} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,10 @@ def test_rotation_seed_reaches_the_balance_rows_and_the_w4a4_cost_table_reports_
     table = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,
                          "a4_balance_us": 55.0}])
     assert "| down | 768 -> 256 | 50.0 | 60.0 | +20.0% | 55.0 | +10.0% |  |  |  |" in table
+    anchored = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,
+                            "a4_balance_us": 55.0, "a4_op_us": 70.0, "a4_op_r4_us": 80.0, "a4_asym_r4_us": 20.0,
+                            "fp32_us": 40.0, "bf16_us": 20.0}])
+    assert "| 70.0 | 80.0 | 20.0 | 40.0 | 20.0 | 2.00x / 1.00x |" in anchored
 
 
 def test_merge_keeps_one_float_row_and_summarises_each_method_over_its_seeds(tmp_path, capsys):
