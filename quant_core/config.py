@@ -381,10 +381,13 @@ class CalibrationConfig:
         seed: makes sample selection and the learned algorithms deterministic.
         rotation_trials: with a ``rotation``, calibrate copies of the model with this many rotation
             seeds (the rotation's ``seed``, ``seed + 1``, ...) and keep the seed whose quantized
-            model is closest to the float model on the calibration batches (KL of the next-token
-            distribution, or the relative output error), then calibrate the model with it: the
-            config and checkpoint record that seed (docs/rotation.md#rotation-trials). Costs
-            ``rotation_trials + 1`` calibrations and one copy of the float model in memory; 1 (the
+            model is closest to the float model on samples of the calibration data that the
+            calibration does not use (up to ``max(n_samples, 256)`` further windows of the same
+            draw; the calibration batches, with a warning, for data given as model-input dicts or
+            with no window to spare), by the KL of the next-token distribution or the relative
+            output error, then calibrate the model with it: the config and checkpoint record that
+            seed (docs/rotation.md#rotation-trials). Costs ``rotation_trials + 1`` calibrations, a
+            scoring pass per trial and one copy of the float model in memory; 1 (the
             default) calibrates once. Not written to ``to_dict`` while 1.
         batch_size: sequences per forward pass of a block.
         blocks: dotted path of the ``nn.ModuleList`` that holds the repeated blocks (e.g.

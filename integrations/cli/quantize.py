@@ -76,7 +76,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
                         "model); see docs/rotation.md")
     p.add_argument("--rotation-trials", type=positive_int, default=None, metavar="N",
                    help="with calibration and --rotation: calibrate with N rotation seeds and keep the one closest to "
-                        "the float model on the calibration data (N+1 calibrations; docs/rotation.md#rotation-trials)")
+                        "the float model on calibration windows held aside from the fit (N+1 calibrations; "
+                        "docs/rotation.md#rotation-trials)")
     p.add_argument("--eval", action="store_true", help="also print held-out perplexity of the float and quantized model")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
 

@@ -13,6 +13,10 @@ Accepted forms:
 
 Too little text raises a ``ValueError`` saying how many tokens there are; fewer windows than
 ``n_samples`` uses every window there is and logs a warning (the documented fallback).
+
+:func:`held_aside_batches` gives samples of the same data that calibration does not use (the next
+windows of the same draw, or the next rows of a 2-D tensor), for scoring a calibrated model on
+text its fit did not see (rotation trials).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["prepare_batches", "check_batches", "resolve_tokenizer"]
+__all__ = ["prepare_batches", "held_aside_batches", "check_batches", "resolve_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def resolve_tokenizer(model: Any, tokenizer: Any) -> Any:
     raise ValueError(f"calibration text needs a tokenizer: pass tokenizer=...{hint}, or give token ids / model-input dicts")
 
 
-def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int, skip: int = 0) -> torch.Tensor:
     ids = ids.reshape(-1).to(torch.long)
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
@@ -46,15 +50,15 @@ def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torc
             f"calibration data has {ids.numel()} tokens, fewer than one sample of seq_len={seq_len}; "
             "give more text or lower calibration.seq_len"
         )
-    if n_windows < n_samples:
+    if n_windows < n_samples and not skip:
         logger.warning(
             "calibration data has %d tokens: only %d windows of %d tokens instead of n_samples=%d; using all of them",
             ids.numel(), n_windows, seq_len, n_samples,
         )
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n_windows, generator=g)[: min(n_samples, n_windows)].sort().values
-    return windows[pick]
+    pick = torch.randperm(n_windows, generator=g)[skip: skip + n_samples]
+    return windows[pick if skip else pick.sort().values]  # held aside: in draw order, so fewer are a prefix
 
 
 def _check_ids(ids: torch.Tensor) -> None:
@@ -147,8 +151,35 @@ def prepare_batches(
     return check_batches(batches, model) if model is not None else batches
 
 
+def held_aside_batches(
+    data: Any,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    n_samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    n_aside: int | None = None,
+) -> list[dict[str, torch.Tensor]] | None:
+    """Up to ``n_aside`` (default ``n_samples``) samples of ``data`` that :func:`prepare_batches`
+    with the same arguments does not use: for text and 1-D token ids the next windows of the same
+    seeded draw (never overlapping a calibration window; in draw order, so a smaller ``n_aside``
+    gives a prefix of a larger one), for a 2-D id tensor the rows after the first ``n_samples``.
+    ``None`` when there are none: ``data`` is model-input dicts (used as given, nothing to hold
+    aside) or has no window or row beyond the calibration ones."""
+    texts = isinstance(data, (list, tuple)) and bool(data) and all(isinstance(t, str) for t in data)
+    if not (data is None or isinstance(data, (str, torch.Tensor)) or texts):
+        return None
+    batches = _prepare(data, model=model, tokenizer=tokenizer, n_samples=n_aside or n_samples, seq_len=seq_len,
+                       batch_size=batch_size, seed=seed, skip=n_samples)
+    if not batches:
+        return None
+    return check_batches(batches, model) if model is not None else batches
+
+
 def _prepare(data: Any, *, model: Any, tokenizer: Any, n_samples: int, seq_len: int, batch_size: int,
-             seed: int) -> list[dict[str, Any]]:
+             seed: int, skip: int = 0) -> list[dict[str, Any]]:
     if data is None:
         from ..evaluate import calibration_text
 
@@ -160,20 +191,20 @@ def _prepare(data: Any, *, model: Any, tokenizer: Any, n_samples: int, seq_len: 
         if data.dim() == 2:
             if data.shape[0] == 0 or data.shape[1] == 0:
                 raise ValueError("calibration data is empty (a tensor with no samples or no tokens)")
-            samples = data[:n_samples].to(torch.long)
+            samples = data[skip: skip + n_samples].to(torch.long)
         elif data.dim() == 1:
-            samples = _windows(data, n_samples, seq_len, seed)
+            samples = _windows(data, n_samples, seq_len, seed, skip)
         else:
             raise ValueError(f"calibration token ids must be 1-D or 2-D, got shape {tuple(data.shape)}")
-        return [{"input_ids": b} for b in samples.split(batch_size)]
+        return [{"input_ids": b} for b in samples.split(batch_size) if b.shape[0]]
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
         tok = resolve_tokenizer(model, tokenizer)
         text = "\n\n".join(t for t in data if t)
         if not text.strip():
             raise ValueError("calibration data is empty (only empty strings)")
         ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        samples = _windows(ids, n_samples, seq_len, seed)
-        return [{"input_ids": b} for b in samples.split(batch_size)]
+        samples = _windows(ids, n_samples, seq_len, seed, skip)
+        return [{"input_ids": b} for b in samples.split(batch_size) if b.shape[0]]
     if isinstance(data, Mapping):
         data = [data]
     if isinstance(data, Iterable) and not isinstance(data, (bytes, str)):

@@ -45,7 +45,7 @@ from ..registry import get_format
 from ..rotation import rotated
 from .algorithm import LayerCalibration
 from .blocks import capture_block_inputs, find_blocks, onload_block, relative_error, run_block
-from .data import prepare_batches
+from .data import held_aside_batches, prepare_batches
 from .kv_scales import kv_scale_modifiers
 from .report import BlockReport, CalibrationReport, LayerReport
 from .state import BlockState, LayerRecord, RunState, collect_stats
@@ -94,10 +94,15 @@ def calibrate(
                 f"calibration.rotation_trials={cal.rotation_trials} tries that many rotation seeds, and the config has no "
                 "rotation; set rotation (e.g. 'quarot' or 'viditq') or leave rotation_trials at 1"
             )
-        from .trials import calibrate_with_rotation_trials
+        from .trials import TRIAL_SCORE_SAMPLES, calibrate_with_rotation_trials
 
-        return calibrate_with_rotation_trials(model, config, cal, _batches(model, cal, data, tokenizer), calibrate,
-                                              progress)
+        return calibrate_with_rotation_trials(
+            model, config, cal, _batches(model, cal, data, tokenizer), calibrate, progress,
+            score_batches=held_aside_batches(
+                _data(cal, data), model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
+                batch_size=cal.batch_size, seed=cal.seed, n_aside=max(cal.n_samples, TRIAL_SCORE_SAMPLES),
+            ),
+        )
     run = _plan_run(model, config, cal, progress)
     batches = _batches(model, cal, data, tokenizer)
     torch.manual_seed(cal.seed)
@@ -158,16 +163,21 @@ def _check_low_rank(plan: dict[str, Any], modifiers: list[Any]) -> None:
         )
 
 
-def _batches(model: nn.Module, cal: CalibrationConfig, data: Any, tokenizer: Any) -> list[dict[str, Any]]:
+def _data(cal: CalibrationConfig, data: Any) -> Any:
+    """``data``, or the text of ``cal.dataset`` when no data is given."""
     if data is None and cal.dataset is not None:
         from pathlib import Path
 
         try:
-            data = Path(cal.dataset).read_text(encoding="utf-8")
+            return Path(cal.dataset).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"calibration.dataset={cal.dataset!r} cannot be read as UTF-8 text: {exc}") from None
+    return data
+
+
+def _batches(model: nn.Module, cal: CalibrationConfig, data: Any, tokenizer: Any) -> list[dict[str, Any]]:
     return prepare_batches(
-        data, model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
+        _data(cal, data), model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
         batch_size=cal.batch_size, seed=cal.seed,
     )
 

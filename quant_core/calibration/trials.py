@@ -1,13 +1,24 @@
 """Rotation trials (``CalibrationConfig(rotation_trials=K)``): calibrate with ``K`` rotation seeds,
-keep the one whose quantized model is closest to the float model on the calibration samples.
+keep the one whose quantized model is closest to the float model on held-aside samples.
 
 A random Hadamard rotation spreads outliers evenly on average, but at 4-bit activations how well a
 given draw does varies from seed to seed by more than most calibration steps change the result
 (on the bundled Llama one W4A4 recipe gives +0.40 to +0.64 held-out perplexity over 20 seeds). The seed is free:
 the rotation is rebuilt from it on load, so any seed costs the same at run time. Each trial is a
 full calibration of a copy of the float model with ``rotation.seed + t``, scored by its distance
-to the float model on the calibration batches; then ``model`` itself is calibrated with the best
-seed, so its config and checkpoint name that seed and nothing else changes.
+to the float model; then ``model`` itself is calibrated with the best seed, so its config and
+checkpoint name that seed and nothing else changes.
+
+Scored on what: samples of the calibration data that the calibration does not use, up to
+``max(n_samples, TRIAL_SCORE_SAMPLES)`` of them (the next windows of the same seeded draw, or the
+rows after the calibration rows of a 2-D id tensor;
+:func:`~piecewise_quant.calibration.data.held_aside_batches`). GPTQ fits the calibration batches,
+and how closely it fits them differs from seed to seed, so a distance taken on those batches says
+little about other text; and the seeds' distances differ by a few percent, so the score needs many
+windows to rank them. On the bundled Llama over 20 seeds (docs/rotation.md#rotation-trials) the
+rank correlation with held-out perplexity is +0.20 on the 32 calibration windows, +0.32 on 32
+held-aside windows and +0.46 on 256. Data given as model-input dicts has nothing to hold aside:
+then the calibration batches are used, with a warning.
 
 Distance: the mean KL divergence of the quantized model's next-token distribution from the float
 model's, over real tokens, when the model returns ``logits``; otherwise the relative squared error
@@ -28,16 +39,22 @@ from tqdm.auto import tqdm
 from ..config import CalibrationConfig, PiecewiseQuantConfig
 from .blocks import _accepts_use_cache
 
-__all__ = ["calibrate_with_rotation_trials", "distance_to_float"]
+__all__ = ["calibrate_with_rotation_trials", "distance_to_float", "TRIAL_SCORE_SAMPLES"]
+
+TRIAL_SCORE_SAMPLES = 256
+"""Held-aside samples a trial is scored on, at least (``n_samples`` when that is larger); fewer when
+the data has fewer beyond the calibration samples."""
 
 logger = logging.getLogger(__name__)
 
 
 def calibrate_with_rotation_trials(model: nn.Module, config: PiecewiseQuantConfig, cal: CalibrationConfig,
-                                   batches: list[dict[str, Any]], calibrate: Callable[..., Any], progress: bool) -> Any:
-    """Run ``cal.rotation_trials`` calibrations of copies of ``model`` (rotation seeds ``seed``,
-    ``seed + 1``, ...), then ``calibrate`` ``model`` in place with the seed whose copy is closest to
-    the float model. Returns that last call's report, with ``rotation_trials`` set to the list of
+                                   batches: list[dict[str, Any]], calibrate: Callable[..., Any], progress: bool,
+                                   score_batches: list[dict[str, Any]] | None = None) -> Any:
+    """Run ``cal.rotation_trials`` calibrations of copies of ``model`` on ``batches`` (rotation
+    seeds ``seed``, ``seed + 1``, ...), then ``calibrate`` ``model`` in place with the seed whose
+    copy is closest to the float model on ``score_batches`` (``None``: on ``batches``, with a
+    warning). Returns that last call's report, with ``rotation_trials`` set to the list of
     ``(seed, distance)``."""
     hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
     if hooked:
@@ -46,6 +63,13 @@ def calibrate_with_rotation_trials(model: nn.Module, config: PiecewiseQuantConfi
             f"dispatched by accelerate (device_map; e.g. {hooked[0] or 'the model'!r} has a hook), whose offloaded "
             "weights a copy would share; load it on one device, or set rotation_trials=1 and choose rotation.seed"
         )
+    if score_batches is None:
+        logger.warning(
+            "rotation_trials: the calibration data leaves no samples aside (model-input dicts, or no window beyond "
+            "the %d calibration samples), so the trials are scored on the calibration batches themselves, which "
+            "predicts the seed's quality on other text less well; give text or token ids with more than n_samples "
+            "windows", cal.n_samples)
+        score_batches = batches
     rot = config.rotation
     base = rot.seed
     single = dataclasses.replace(cal, rotation_trials=1)
@@ -56,7 +80,7 @@ def calibrate_with_rotation_trials(model: nn.Module, config: PiecewiseQuantConfi
         trial = copy.deepcopy(model)
         trial_cfg = dataclasses.replace(config, rotation=dataclasses.replace(rot, seed=seed), calibration=single)
         calibrate(trial, trial_cfg, batches, progress=False)
-        scores.append((seed, distance_to_float(trial, model, batches)))
+        scores.append((seed, distance_to_float(trial, model, score_batches)))
         del trial
         bar.set_postfix(seed=seed, distance=f"{scores[-1][1]:.4g}")
     best = min(scores, key=lambda s: (s[1], s[0]))[0]

@@ -23,7 +23,7 @@ def test_llama_windows_set_every_calibrated_rows_sample_count():
 def test_rotation_seed_reaches_the_balance_rows_and_the_w4a4_cost_table_reports_overheads():
     mod = load_script(SCRIPT, "rotation_bench")
     rows = [r for r in mod.with_seed(mod.llama_rows(), 3) if "balance" in r[1]]
-    assert len(rows) == 11 and all(r[1].endswith(", seed 3") for r in rows)
+    assert len(rows) == 12 and all(r[1].endswith(", seed 3") for r in rows)
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.seed for _, _, kw, _ in rows} == {3}
     assert {mod.pq.PiecewiseQuantConfig(**kw).rotation.rotations for _, _, kw, _ in rows} == {("balance",)}
     table = mod.tables([{"layer": "down", "shape": "768 -> 256", "a4_plain_us": 50.0, "a4_r4_us": 60.0,
@@ -70,7 +70,40 @@ def test_exact_selection_takes_one_row_where_a_substring_takes_its_variants():
     rows = mod.llama_rows()
     label = "W4A4 asymmetric A4, piecewise + GPTQ + balance + act clip search"
     assert [f"{r[0]} {r[1]}" for r in mod.select(rows, [label], exact=True)] == [label]
-    assert len(mod.select(rows, [label])) == 2  # also the "best of 4 rotation seeds" row
+    assert len(mod.select(rows, [label])) == 3  # also the "best of 4" and "best of 8 rotation seeds" rows
     assert mod.select(rows, []) == rows
     trials = mod.select(rows, ["best of 4 rotation seeds"])
     assert len(trials) == 1 and trials[0][2]["calibration"].rotation_trials == 4
+
+
+def test_trial_summary_keeps_the_closest_seed_of_every_subset_and_windows_are_prefixes():
+    import argparse
+    import itertools
+    import statistics
+
+    import pytest
+
+    mod = load_script(SCRIPT, "rotation_bench")
+    deltas = [0.5, 0.4, 0.6, 0.45, 0.55]
+    # kl_calibration ranks seeds backwards, the held-aside score forwards (seed 1 best, seed 2 worst)
+    rows = [{"model": "llama", "setting": "W4A4", "method": f"m, seed {s}", "delta": d, "ood_delta": 2 * d,
+             "kl_calibration": 1.0 - d, "kl_held_aside": d,
+             "kl_held_aside_batches": [d] * 4 + [(1.0 - d) / 2] * 4 + [d] * 8} for s, d in enumerate(deltas)]
+    text = mod.trial_summary(rows, sizes=(2,))
+    assert mod.spearman(deltas, deltas) == pytest.approx(1.0) and mod.spearman(deltas, [-d for d in deltas]) == -1.0
+    best = statistics.mean(min(sub) for sub in itertools.combinations(deltas, 2))
+    worst = statistics.mean(max(sub) for sub in itertools.combinations(deltas, 2))
+    share = sum(min(sub) <= 0.5 for sub in itertools.combinations(deltas, 2)) / 10
+    assert (f"| W4A4 | m | kl_held_aside | +1.00 | 2 | {best:+.3f} | {2 * best:+.3f} | {share:.0%} | "
+            "+0.400 (seed 1) / +0.450 (seed 3) |") in text
+    assert f"| W4A4 | m | kl_calibration | -1.00 | 2 | {worst:+.3f} | {2 * worst:+.3f} | 30% |" in text
+    assert f"| W4A4 | m | one seed alone (5 seeds) | | 1 | {statistics.mean(deltas):+.3f} | +1.000 | 60% |" in text
+    # 32 windows: the first 4 batches (ranked forwards), whose split half (batches 4-7) ranks backwards
+    assert f"| 32 | -1.00 | +1.00 | {best:+.3f} ({2 * best:+.3f}), {share:.0%} |" in text
+    assert f"| oracle (held-out Δ) | | +1.00 | {best:+.3f} ({2 * best:+.3f}), {share:.0%} |" in text
+    # 64 windows (batches 0-7) rank forwards, and so do batches 8-15; 128 windows have no second half
+    assert f"| 64 | +1.00 | +1.00 | {best:+.3f} ({2 * best:+.3f}), {share:.0%} |" in text and "| 128 |  | +1.00 |" in text
+    assert mod._seeds("3") == [3] and mod._seeds("2-4") == [2, 3, 4]
+    for bad in ("4-2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mod._seeds(bad)

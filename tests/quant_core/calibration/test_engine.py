@@ -282,6 +282,38 @@ def test_text_data_is_tokenised_and_cut_into_seeded_windows(tiny_llama_path):
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
 
 
+def test_held_aside_samples_never_overlap_the_calibration_samples(tiny_llama_path):
+    from transformers import AutoTokenizer
+
+    from piecewise_quant import evaluate
+    from piecewise_quant.calibration.data import held_aside_batches, prepare_batches
+
+    stream = torch.arange(10_000)  # a window's first id is its offset
+    kw = dict(n_samples=6, seq_len=32, batch_size=4, seed=3)
+    cal = torch.cat([b["input_ids"] for b in prepare_batches(stream, **kw)])
+    aside = torch.cat([b["input_ids"] for b in held_aside_batches(stream, **kw)])
+    assert aside.shape == (6, 32)
+    for w in aside:  # each a window of the same 32-token tiling
+        assert int(w[0]) % 32 == 0 and torch.equal(w, stream[int(w[0]):int(w[0]) + 32])
+    assert not {int(w[0]) for w in cal} & {int(w[0]) for w in aside}
+    assert torch.equal(aside, torch.cat([b["input_ids"] for b in held_aside_batches(stream, **kw)]))
+    wider = torch.cat([b["input_ids"] for b in held_aside_batches(stream, **kw, n_aside=20)])
+    assert wider.shape == (20, 32) and torch.equal(wider[:6], aside)  # fewer windows are a prefix of more
+    # text: the same windows as its token ids give
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    text = evaluate.heldout_text()[:20000]
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    by_text = held_aside_batches([text], tokenizer=tok, **kw)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(by_text, held_aside_batches(ids, **kw)))
+    # 2-D ids: the rows after the calibration rows
+    rows = torch.arange(80).reshape(10, 8)
+    assert torch.equal(held_aside_batches(rows, n_samples=6, batch_size=8)[0]["input_ids"], rows[6:])
+    # nothing to hold aside: model-input dicts, or no window beyond the calibration ones
+    assert held_aside_batches([{"input_ids": rows}], n_samples=6) is None
+    assert held_aside_batches(torch.arange(200), n_samples=6, seq_len=32) is None
+    assert held_aside_batches(rows, n_samples=10) is None
+
+
 def test_short_and_empty_data_are_refused_or_fall_back_as_documented(caplog):
     from piecewise_quant.calibration.data import prepare_batches
 

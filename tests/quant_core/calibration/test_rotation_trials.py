@@ -1,6 +1,7 @@
 """Rotation trials: ``CalibrationConfig(rotation_trials=K)`` calibrates copies with rotation seeds
-``seed .. seed+K-1``, keeps the seed whose quantized model is closest to the float model on the
-calibration batches, and calibrates the model itself with it. The kept seed is the true argmin of
+``seed .. seed+K-1``, keeps the seed whose quantized model is closest to the float model on samples
+of the data that calibration does not use (the calibration batches, with a warning, when there are
+none), and calibrates the model itself with it. The kept seed is the true argmin of
 the distances, the model equals a plain calibration with that seed bit for bit, the config and
 checkpoint record that seed, the distance is the KL (or relative error) computed in float64, and
 misuse is refused with the fix."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ import piecewise_quant as pq
 from piecewise_quant.calibration.trials import distance_to_float
 
 ASYM = "dynamic_per_token_asym"
-IDS = torch.randint(0, 96, (12, 32), generator=torch.Generator().manual_seed(0))
+ROWS = torch.randint(0, 96, (20, 32), generator=torch.Generator().manual_seed(0))
+IDS, ASIDE = ROWS[:12], ROWS[12:]  # n_samples=12: calibration takes the first 12 rows of ROWS
 
 
 def _config(trials: int, seed: int = 0, rotation: str = "quarot") -> pq.PiecewiseQuantConfig:
@@ -35,7 +38,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 def test_the_kept_seed_is_the_closest_trial_and_the_model_is_that_calibration_bit_for_bit(tmp_path):
     model = tiny_llama()
     float_model = copy.deepcopy(model)
-    report = pq.calibrate(model, _config(3, seed=5), IDS, progress=False)
+    report = pq.calibrate(model, _config(3, seed=5), ROWS, progress=False)
     seeds = [s for s, _ in report.rotation_trials]
     assert seeds == [5, 6, 7]
     distances = dict(report.rotation_trials)
@@ -44,11 +47,13 @@ def test_the_kept_seed_is_the_closest_trial_and_the_model_is_that_calibration_bi
     cfg = model.piecewise_quant_config
     assert cfg.rotation.seed == best and cfg.calibration.rotation_trials == 1
     assert f"kept seed {best}" in report.summary()
-    # each trial's distance is what that seed's calibration gives
+    # each trial's distance is that seed's calibration (on the first 12 rows) scored on the 8 rows after them
+    aside = [{"input_ids": b} for b in ASIDE.split(4)]
     for seed in seeds:
         alone = copy.deepcopy(float_model)
         pq.calibrate(alone, _config(1, seed=seed), IDS, progress=False)
-        assert distance_to_float(alone, float_model, _batches()) == pytest.approx(distances[seed], rel=1e-9)
+        assert distance_to_float(alone, float_model, aside) == pytest.approx(distances[seed], rel=1e-9)
+        assert distance_to_float(alone, float_model, _batches()) != pytest.approx(distances[seed], rel=1e-6)
         if seed == best:
             assert torch.equal(logits(alone), logits(model))
     # the checkpoint names the kept seed and reloads exactly
@@ -59,6 +64,17 @@ def test_the_kept_seed_is_the_closest_trial_and_the_model_is_that_calibration_bi
     assert again.piecewise_quant_config.rotation.seed == best
     assert torch.equal(logits(again), logits(model))
     assert "rotation_trials" not in again.piecewise_quant_config.calibration.to_dict()
+
+
+def test_data_with_nothing_to_hold_aside_is_scored_on_the_calibration_batches_with_a_warning(caplog):
+    model = tiny_llama()
+    float_model = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING):
+        report = pq.calibrate(model, _config(2), _batches(), progress=False)
+    assert "scored on the calibration batches themselves" in caplog.text
+    alone = copy.deepcopy(float_model)
+    pq.calibrate(alone, _config(1, seed=0), _batches(), progress=False)
+    assert distance_to_float(alone, float_model, _batches()) == pytest.approx(dict(report.rotation_trials)[0], rel=1e-9)
 
 
 def test_distance_is_the_float64_kl_over_real_tokens():
