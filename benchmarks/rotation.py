@@ -245,9 +245,11 @@ def with_seed(rows: list, seed: int | None) -> list:
 
 
 def run_llama(rows: list, out: list[dict], trial_scores: bool = False) -> None:
-    """Calibrate and evaluate each row; with ``trial_scores``, also record the two distances to
-    float a rotation trial could rank the row's seed by: on the calibration batches
-    (``kl_calibration``) and on the held-aside windows the trials use (``kl_held_aside``)."""
+    """Calibrate and evaluate each row; with ``trial_scores``, also record the distances to float a
+    rotation trial could rank the row's seed by: on the calibration batches (``kl_calibration``),
+    on the next ``n_samples`` held-aside windows (``kl_held_aside``), and per batch on the next
+    ``ASIDE_WINDOWS`` (``kl_held_aside_batches``; the trials score on the first
+    ``max(n_samples, 256)`` of them)."""
     from piecewise_quant.calibration.data import held_aside_batches, prepare_batches
     from piecewise_quant.calibration.trials import distance_to_float
     from piecewise_quant.evaluate import calibration_text
@@ -585,6 +587,16 @@ def merge(paths: list[Path]) -> list[dict]:
     return out
 
 
+def pick_rows(rows: list, only: list[str], exact: bool, seeds: list[int] | None) -> list:
+    """The selected rows, once per seed in ``seeds`` (``None``: as they are); a row without a
+    rotation runs once."""
+    chosen = select(rows, only, exact)
+    if seeds is None:
+        return chosen
+    seeded = [row for seed in seeds for row in with_seed(chosen, seed)]
+    return list({f"{r[0]} {r[1]}": r for r in seeded}.values())
+
+
 def _seeds(text: str) -> list[int]:
     """``"N"`` or ``"A-B"`` (inclusive) as a list of seeds."""
     first, dash, last = text.partition("-")
@@ -606,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rotation-seed", type=_seeds, default=None,
                     help="draw every rotation from this seed (default: 0); a range A-B runs the rows once per seed")
     ap.add_argument("--trial-scores", action="store_true",
-                    help="record each llama row's distance to float on the calibration batches and on the held-aside "
+                    help="record each llama row's distance to float on the calibration batches and on held-aside "
                          "windows (what rotation trials rank seeds by) and print how each would choose among the seeds")
     ap.add_argument("--llama-windows", type=int, default=32,
                     help="calibration windows of 256 tokens for the llama rows (default: 32; the split holds ~450)")
@@ -627,10 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
 
     def pick(rows):
-        chosen = select(rows, args.only, args.exact)
-        if args.rotation_seed is None:
-            return chosen
-        return [row for seed in args.rotation_seed for row in with_seed(chosen, seed)]
+        return pick_rows(rows, args.only, args.exact, args.rotation_seed)
 
     if args.part in ("all", "quality"):
         models = args.models.split(",")

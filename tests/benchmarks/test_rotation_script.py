@@ -104,6 +104,9 @@ def test_trial_summary_keeps_the_closest_seed_of_every_subset_and_windows_are_pr
     # 64 windows (batches 0-7) rank forwards, and so do batches 8-15; 128 windows have no second half
     assert f"| 64 | +1.00 | +1.00 | {best:+.3f} ({2 * best:+.3f}), {share:.0%} |" in text and "| 128 |  | +1.00 |" in text
     assert mod._seeds("3") == [3] and mod._seeds("2-4") == [2, 3, 4]
+    rows = ["W3A16 g128 piecewise + GPTQ", "W3A16 g128 piecewise + GPTQ + quip"]  # without and with a rotation
+    labels = [f"{r[0]} {r[1]}" for r in mod.pick_rows(mod.llama_rows(), rows, True, [1, 2, 3])]
+    assert labels == [rows[0]] + [f"{rows[1]}, seed {s}" for s in (1, 2, 3)]
     for bad in ("4-2", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             mod._seeds(bad)
