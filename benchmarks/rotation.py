@@ -492,12 +492,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
+def best_of(score: list[float], rows: list[dict], k: int, target: float = 0.5) -> tuple[float, float, float]:
+    """Over every ``k``-subset of ``rows`` (one per seed, in seed order), the row with the lowest
+    ``score`` (ties: the lower seed) is kept: its held-out Δ and out-of-domain Δ averaged over the
+    subsets, and the share of subsets whose kept Δ is at or under ``target``."""
+    import itertools
+
+    kept = [min(sub, key=lambda i: (score[i], i)) for sub in itertools.combinations(range(len(rows)), k)]
+    return (statistics.mean(rows[i]["delta"] for i in kept), statistics.mean(rows[i]["ood_delta"] for i in kept),
+            sum(rows[i]["delta"] <= target for i in kept) / len(kept))
+
+
 def trial_summary(results: list[dict], sizes: tuple[int, ...] = (4, 8)) -> str:
     """For the rows run with ``--trial-scores`` (one per rotation seed), how well each distance
     ranks the seeds and what a rotation trial of K seeds that keeps the closest would give: the
     held-out and out-of-domain Δ of the kept seed, averaged over every K-subset of the seeds, and
     per disjoint run of K consecutive seeds."""
-    import itertools
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
@@ -518,13 +528,11 @@ def trial_summary(results: list[dict], sizes: tuple[int, ...] = (4, 8)) -> str:
             for k in sizes:
                 if k > len(rows):
                     continue
-                kept = [min(sub, key=lambda r: (r[key], r["seed"])) for sub in itertools.combinations(rows, k)]
                 runs = [min(rows[i:i + k], key=lambda r: (r[key], r["seed"])) for i in range(0, len(rows) - k + 1, k)]
                 per = " / ".join(f"{r['delta']:+.3f} (seed {r['seed']})" for r in runs)
-                lines.append(f"| {setting} | {method} | {key} | {rho:+.2f} | {k} | "
-                             f"{statistics.mean(r['delta'] for r in kept):+.3f} | "
-                             f"{statistics.mean(r['ood_delta'] for r in kept):+.3f} | "
-                             f"{sum(r['delta'] <= 0.5 for r in kept) / len(kept):.0%} | {per} |")
+                delta, ood, share = best_of([r[key] for r in rows], rows, k)
+                lines.append(f"| {setting} | {method} | {key} | {rho:+.2f} | {k} | {delta:+.3f} | {ood:+.3f} | "
+                             f"{share:.0%} | {per} |")
     for rows in groups.values():
         lines += ["", window_summary(rows, sizes)]
     return "\n".join(lines)
@@ -538,7 +546,6 @@ def window_summary(rows: list[dict], sizes: tuple[int, ...] = (4, 8), target: fl
     uses calibration text only. Then the rank correlation with held-out Δ, what best-of-K keeps
     (mean over every K-subset), and the share of K-subsets whose kept seed is at or under ``target``;
     the last row is an oracle that keeps the best held-out Δ."""
-    import itertools
 
     per = [r["kl_held_aside_batches"] for r in rows]
     n_batches = min(len(p) for p in per)
@@ -550,13 +557,8 @@ def window_summary(rows: list[dict], sizes: tuple[int, ...] = (4, 8), target: fl
              "|---|---|---|" + "---|" * len(sizes)]
 
     def cells(score: list[float]) -> str:
-        out = []
-        for k in sizes:
-            kept = [min(sub, key=lambda i: (score[i], i)) for sub in itertools.combinations(range(len(rows)), k)]
-            out.append(f"{statistics.mean(deltas[i] for i in kept):+.3f} "
-                       f"({statistics.mean(rows[i]['ood_delta'] for i in kept):+.3f}), "
-                       f"{sum(deltas[i] <= target for i in kept) / len(kept):.0%}")
-        return " | ".join(out)
+        kept = [best_of(score, rows, k, target) for k in sizes]
+        return " | ".join(f"{delta:+.3f} ({ood:+.3f}), {share:.0%}" for delta, ood, share in kept)
 
     b = 4
     while b <= n_batches:

@@ -61,6 +61,11 @@ def _windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int, skip: i
     return windows[pick if skip else pick.sort().values]  # held aside: in draw order, so fewer are a prefix
 
 
+def _is_texts(data: Any) -> bool:
+    """A non-empty list or tuple of strings (tokenised, joined and cut into windows)."""
+    return isinstance(data, (list, tuple)) and bool(data) and all(isinstance(t, str) for t in data)
+
+
 def _check_ids(ids: torch.Tensor) -> None:
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"calibration token ids must be an integer tensor, got {ids.dtype}")
@@ -168,8 +173,7 @@ def held_aside_batches(
     gives a prefix of a larger one), for a 2-D id tensor the rows after the first ``n_samples``.
     ``None`` when there are none: ``data`` is model-input dicts (used as given, nothing to hold
     aside) or has no window or row beyond the calibration ones."""
-    texts = isinstance(data, (list, tuple)) and bool(data) and all(isinstance(t, str) for t in data)
-    if not (data is None or isinstance(data, (str, torch.Tensor)) or texts):
+    if not (data is None or isinstance(data, (str, torch.Tensor)) or _is_texts(data)):
         return None
     batches = _prepare(data, model=model, tokenizer=tokenizer, n_samples=n_aside or n_samples, seq_len=seq_len,
                        batch_size=batch_size, seed=seed, skip=n_samples)
@@ -197,7 +201,7 @@ def _prepare(data: Any, *, model: Any, tokenizer: Any, n_samples: int, seq_len: 
         else:
             raise ValueError(f"calibration token ids must be 1-D or 2-D, got shape {tuple(data.shape)}")
         return [{"input_ids": b} for b in samples.split(batch_size) if b.shape[0]]
-    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+    if _is_texts(data):
         tok = resolve_tokenizer(model, tokenizer)
         text = "\n\n".join(t for t in data if t)
         if not text.strip():

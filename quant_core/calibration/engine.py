@@ -96,12 +96,10 @@ def calibrate(
             )
         from .trials import TRIAL_SCORE_SAMPLES, calibrate_with_rotation_trials
 
+        data, sampling = _data(cal, data), _sampling(model, cal, tokenizer)  # cal.dataset read once
         return calibrate_with_rotation_trials(
-            model, config, cal, _batches(model, cal, data, tokenizer), calibrate, progress,
-            score_batches=held_aside_batches(
-                _data(cal, data), model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
-                batch_size=cal.batch_size, seed=cal.seed, n_aside=max(cal.n_samples, TRIAL_SCORE_SAMPLES),
-            ),
+            model, config, cal, prepare_batches(data, **sampling), calibrate, progress,
+            score_batches=held_aside_batches(data, **sampling, n_aside=max(cal.n_samples, TRIAL_SCORE_SAMPLES)),
         )
     run = _plan_run(model, config, cal, progress)
     batches = _batches(model, cal, data, tokenizer)
@@ -175,11 +173,14 @@ def _data(cal: CalibrationConfig, data: Any) -> Any:
     return data
 
 
+def _sampling(model: nn.Module, cal: CalibrationConfig, tokenizer: Any) -> dict[str, Any]:
+    """The keywords that turn data into ``cal``'s batches (:func:`prepare_batches`)."""
+    return dict(model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
+                batch_size=cal.batch_size, seed=cal.seed)
+
+
 def _batches(model: nn.Module, cal: CalibrationConfig, data: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    return prepare_batches(
-        _data(cal, data), model=model, tokenizer=tokenizer, n_samples=cal.n_samples, seq_len=cal.seq_len,
-        batch_size=cal.batch_size, seed=cal.seed,
-    )
+    return prepare_batches(_data(cal, data), **_sampling(model, cal, tokenizer))
 
 
 def _run(run: RunState, batches: list[dict[str, Any]]) -> None:
