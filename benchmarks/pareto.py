@@ -9,8 +9,9 @@ Families (each a few points at 2, 3 and 4 bits):
   docs/calibration.md#asymmetric-gptq-gptaq);
 * ``+ outliers``: the same with dense-and-sparse outliers (``outliers=K`` per group,
   ``outlier_method="hessian"``: SpQR's saliency inside GPTQ), docs/outliers.md;
-* ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, each below 8 bits with and
-  without one outlier per group (LLM-MQ), + GPTQ, under a budget;
+* ``mixed precision``: per-layer {2,3,4,8} x {uniform, piecewise}, + GPTQ, under a budget: at
+  3.25 bits per weight each candidate below 8 bits with and without one outlier per group
+  (LLM-MQ), at 3.3 without outlier candidates;
 * ``GPTAQ + tuned scales`` (Llama only): the ``"gptaq"`` preset with ``tune_scales=True``
   (docs/calibration.md#scale-tuning).
 
@@ -34,6 +35,8 @@ points are the slowest; ``--family`` runs a subset)::
     nice -n 10 python benchmarks/pareto.py --json docs/results/pareto.json --md docs/results/pareto.md \\
         --plot docs/pareto.png
     python benchmarks/pareto.py --models llama --family "+ outliers"           # a subset
+    python benchmarks/pareto.py --models llama --point "budget 3.3|GPTQ: 3-bit g64" --cal-seed 1 --json s1.json
+    python benchmarks/pareto.py --seeds 0=s0.json,1=s1.json --md seeds.md --json seeds.json   # one column per seed
     python benchmarks/pareto.py --from-json docs/results/pareto.json --plot docs/pareto.png   # replot
     python benchmarks/pareto.py --from-json llama.json,minilm.json --json docs/results/pareto.json   # merge runs
 """
@@ -83,7 +86,7 @@ class Point:
         if self.outliers:
             s += f" + {self.outliers}/group"
         if self.budget is not None:
-            s = f"budget {self.budget}" + (f", {{2,3,4,8}} x grids, +{self.outliers}/group candidates" if self.outliers else "")
+            s = f"budget {self.budget}, {{2,3,4,8}} x grids" + (f", +{self.outliers}/group candidates" if self.outliers else "")
         return s
 
     def config(self, n_samples: int, seq_len: int, skip: list[str] | None, seed: int = 0) -> pq.PiecewiseQuantConfig:
@@ -109,7 +112,7 @@ def points(model: str) -> list[Point]:
     out += [Point("piecewise + GPTQ", b, 128) for b in (2, 3, 4)]
     out += [Point("piecewise + GPTAQ", b, 128) for b in (2, 3, 4)]
     out += [Point("+ outliers", 2, 128, 1), Point("+ outliers", 3, g3, k3)]
-    out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25)]
+    out += [Point("mixed precision", 3, 128, outliers=1, budget=3.25), Point("mixed precision", 3, 128, budget=3.3)]
     if model == "llama":  # the no-outlier points next to the outlier ones in bits per weight
         out += [Point("piecewise + GPTQ", 2, 64), Point("piecewise + GPTQ", 3, 64), Point("+ outliers", 3, 256, 1)]
         out += [Point("piecewise + GPTAQ", 2, 64), Point("piecewise + GPTAQ", 3, 64)]
@@ -214,6 +217,26 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(runs: dict[str, dict[str, Any]]) -> str:
+    """One row per Llama point and one column per calibration seed: the perplexity change of
+    every point that each run (``{seed: pareto output}``, e.g. from ``--cal-seed N --json``) holds,
+    with the mean over the seeds and how many are within +0.03 (issue 18's 3-bit target)."""
+    seeds = sorted(runs, key=int)
+    points: dict[tuple[str, str], dict[str, Any]] = {}
+    for seed in seeds:
+        res = runs[seed]["llama"]
+        for r in res["rows"]:
+            points.setdefault((r["family"], r["label"]), {"bpw": r["bpw"], "d": {}})["d"][seed] = r["ppl"] - res["float"]["ppl"]
+    lines = ["| family | point | bits/weight | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | within +0.03 |",
+             "|---|---|---|" + "---|" * (len(seeds) + 2)]
+    for (fam, label), pt in points.items():
+        d = [pt["d"].get(s) for s in seeds]
+        got = [v for v in d if v is not None]
+        lines.append(f"| {fam} | {label} | {pt['bpw']:.3f} | " + " | ".join("" if v is None else f"{v:+.3f}" for v in d)
+                     + f" | {sum(got) / len(got):+.3f} | {sum(v <= 0.03 for v in got)} of {len(got)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(out: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -228,10 +251,12 @@ def plot(out: dict[str, Any], path: str) -> None:
             rows = sorted((r for r in res["rows"] if r["family"] == fam), key=lambda r: r["bpw"])
             if rows:
                 ax.plot([r["bpw"] for r in rows], [metric(r, res["float"]) for r in rows], marker=markers[fam],
-                        linestyle="-" if fam != "mixed precision" else ":", label=fam)
+                        linestyle="-" if fam != "mixed precision" else "none", label=fam)  # its points differ in candidates
         if model == "llama":
-            ax.set_yscale("log")
-            ax.set_ylabel("Δ perplexity vs float (held-out, log)")
+            # symmetric log: a point below float (a negative change) stays on the plot
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+            ax.set_ylabel("Δ perplexity vs float (held-out, symmetric log)")
             ax.set_title("bundled Llama (lower is better)")
         else:
             ax.set_ylabel("mean cosine to float (held-out)")
@@ -247,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama,minilm")
     ap.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
+    ap.add_argument("--point", default=None,
+                    help="only the points whose 'family: label' matches this regular expression (re.search)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cal-seed", type=int, default=0, help="calibration seed (which windows are drawn; default 0)")
     ap.add_argument("--llama-windows", type=int, default=32, help="calibration windows of 256 tokens for the Llama")
@@ -254,8 +281,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--from-json", default=None, help="re-print and replot saved results (comma list: merged)")
+    ap.add_argument("--seeds", default=None,
+                    help="SEED=FILE,... (the --json of runs with different --cal-seed) or one file an earlier "
+                         "--seeds --json wrote: the Llama points, one column per seed (--md writes the table, "
+                         "--json the runs together)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.seeds:
+        if "=" in args.seeds:
+            runs = {}
+            for item in args.seeds.split(","):
+                seed, _, f = item.partition("=")
+                runs[seed.strip()] = json.loads(Path(f.strip()).read_text())
+        else:  # a file saved by an earlier --seeds ... --json
+            runs = json.loads(Path(args.seeds).read_text())
+        text = seed_table(runs)
+        print(text)
+        if args.md:
+            Path(args.md).write_text(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(runs, indent=2))
+        return 0
     if args.from_json:  # several files (e.g. one run per model) are merged
         out = {}
         for f in args.from_json.split(","):
@@ -267,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for p in points(name):
                 if args.family and p.family not in args.family:
+                    continue
+                if args.point and not re.search(args.point, f"{p.family}: {p.label}"):
                     continue
                 print(f"[{name}] {p.family}: {p.label}", file=sys.stderr, flush=True)
                 torch.manual_seed(0)

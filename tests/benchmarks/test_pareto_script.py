@@ -43,3 +43,24 @@ def test_points_fit_the_models(model, dims):
         bpw = [pq.get_format(spec.grid).bits_per_weight(layer_spec_for("l", spec, inn, 64)) for inn in dims]
         if p.family == "+ outliers" and p.bits == 3:
             assert max(bpw) <= 3.3, (p, bpw)
+
+
+def test_seed_table_has_one_column_per_seed_with_mean_and_count():
+    pareto = _load()
+
+    def run(ppls):
+        rows = [{"family": "f", "label": lbl, "bpw": 3.25, "ppl": v} for lbl, v in ppls.items()]
+        return {"llama": {"float": {"ppl": 10.0}, "rows": rows}}
+
+    runs = {"1": run({"a": 10.01, "b": 10.1}), "0": run({"a": 10.05})}
+    lines = pareto.seed_table(runs).splitlines()
+    assert lines[0].startswith("| family | point | bits/weight | seed 0 | seed 1 | mean | within +0.03 |")
+    assert lines[2] == "| f | a | 3.250 | +0.050 | +0.010 | +0.030 | 1 of 2 |"
+    assert lines[3] == "| f | b | 3.250 |  | +0.100 | +0.100 | 0 of 1 |"
+
+
+def test_committed_seed_runs_render_to_the_committed_table(tmp_path):
+    pareto = _load()
+    md = tmp_path / "s.md"
+    assert pareto.main(["--seeds", str(REPO / "docs/results/pareto_seeds.json"), "--md", str(md)]) == 0
+    assert md.read_text() == (REPO / "docs/results/pareto_seeds.md").read_text()
