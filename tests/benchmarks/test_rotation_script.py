@@ -89,7 +89,10 @@ def test_trial_summary_keeps_the_closest_seed_of_every_subset_and_windows_are_pr
     rows = [{"model": "llama", "setting": "W4A4", "method": f"m, seed {s}", "delta": d, "ood_delta": 2 * d,
              "kl_calibration": 1.0 - d, "kl_held_aside": d,
              "kl_held_aside_batches": [d] * 4 + [(1.0 - d) / 2] * 4 + [d] * 8} for s, d in enumerate(deltas)]
-    text = mod.trial_summary(rows, sizes=(2,))
+    # a row without a rotation, scored once beside them (seed-less label), is left out of the summary
+    once = {**rows[0], "method": "base", "delta": 0.3}
+    text = mod.trial_summary(rows + [once], sizes=(2,))
+    assert "| base |" not in text
     assert mod.spearman(deltas, deltas) == pytest.approx(1.0) and mod.spearman(deltas, [-d for d in deltas]) == -1.0
     best = statistics.mean(min(sub) for sub in itertools.combinations(deltas, 2))
     worst = statistics.mean(max(sub) for sub in itertools.combinations(deltas, 2))
