@@ -288,13 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.seeds:
-        if "=" in args.seeds:
-            runs = {}
-            for item in args.seeds.split(","):
-                seed, _, f = item.partition("=")
-                runs[seed.strip()] = json.loads(Path(f.strip()).read_text())
-        else:  # a file saved by an earlier --seeds ... --json
-            runs = json.loads(Path(args.seeds).read_text())
+        try:
+            if "=" in args.seeds:
+                runs = {}
+                for item in args.seeds.split(","):
+                    seed, _, f = item.partition("=")
+                    runs[str(int(seed))] = json.loads(Path(f.strip()).read_text())
+            else:  # a file saved by an earlier --seeds ... --json
+                runs = json.loads(Path(args.seeds).read_text())
+            missing = [seed for seed, run in runs.items() if "llama" not in run]
+        except (OSError, ValueError) as e:
+            ap.error(f"--seeds {args.seeds!r}: {e} (give SEED=FILE,... with integer seeds and --json files of this script)")
+        if missing:
+            ap.error(f"--seeds: the run of seed {missing[0]} has no Llama results (run it with --models llama)")
         text = seed_table(runs)
         print(text)
         if args.md:

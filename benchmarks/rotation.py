@@ -516,11 +516,11 @@ def trial_summary(results: list[dict], sizes: tuple[int, ...] = (4, 8)) -> str:
             if not sep:  # a row without a rotation seed in its label
                 method, seed = r["method"], "0"
             groups.setdefault((r["setting"], method), []).append({**r, "seed": int(seed)})
+    # a row without a rotation runs once: nothing to choose among
+    groups = {key: rows for key, rows in groups.items() if len(rows) > 1}
     lines = ["| setting | method | score | rank correlation with held-out Δ | K | kept Δ held-out, mean of all "
              "K-subsets | out of domain | share of K-subsets kept ≤ +0.5 | kept Δ per disjoint run of K seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
-    # a row without a rotation runs once: nothing to choose among
-    groups = {key: rows for key, rows in groups.items() if len(rows) > 1}
     for (setting, method), rows in groups.items():
         rows.sort(key=lambda r: r["seed"])
         deltas = [r["delta"] for r in rows]

@@ -64,3 +64,14 @@ def test_committed_seed_runs_render_to_the_committed_table(tmp_path):
     md = tmp_path / "s.md"
     assert pareto.main(["--seeds", str(REPO / "docs/results/pareto_seeds.json"), "--md", str(md)]) == 0
     assert md.read_text() == (REPO / "docs/results/pareto_seeds.md").read_text()
+
+
+def test_seed_table_refuses_bad_input(tmp_path, capsys):
+    pareto = _load()
+    minilm_only = tmp_path / "m.json"
+    minilm_only.write_text(json.dumps({"minilm": {"float": {}, "rows": []}}))
+    for arg, words in ((f"x={minilm_only}", "integer seeds"), (f"0={tmp_path / 'none.json'}", "none.json"),
+                       (f"0={minilm_only}", "no Llama results")):
+        with pytest.raises(SystemExit):
+            pareto.main(["--seeds", arg])
+        assert words in capsys.readouterr().err
