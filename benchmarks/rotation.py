@@ -453,6 +453,12 @@ def select(rows: list, only: list[str], exact: bool = False) -> list:
     return [r for r in rows if not only or keep(r)]
 
 
+def split_seed(method: str) -> tuple[str, int]:
+    """A row's method without its ``, seed N`` suffix, and N (0 for a row without one)."""
+    base, sep, seed = method.rpartition(", seed ")
+    return (base, int(seed)) if sep and seed.isdigit() else (method, 0)
+
+
 def seed_summary(results: list[dict]) -> str:
     """Per method (the ``, seed N`` suffix dropped), the held-out Δ of each rotation seed in seed
     order, their mean, and the out-of-domain mean: the table the docs quote."""
@@ -460,13 +466,11 @@ def seed_summary(results: list[dict]) -> str:
     for r in results:
         if r.get("model") != "llama" or "delta" not in r:
             continue
-        method, sep, seed = r["method"].rpartition(", seed ")
-        if not sep or not seed.isdigit():
-            method, seed = r["method"], "0"
+        method, seed = split_seed(r["method"])
         seeds = groups.setdefault((r["setting"], method), {})
-        if int(seed) in seeds:
+        if seed in seeds:
             raise SystemExit(f"{r['setting']} {method!r}: seed {seed} appears twice in the merged results")
-        seeds[int(seed)] = r
+        seeds[seed] = r
     lines = ["| setting | method | Δ held-out, seeds | mean | out-of-domain mean |", "|---|---|---|---|---|"]
     for (setting, method), seeds in groups.items():
         rows = [seeds[k] for k in sorted(seeds)]
@@ -512,10 +516,8 @@ def trial_summary(results: list[dict], sizes: tuple[int, ...] = (4, 8)) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         if "kl_held_aside" in r:
-            method, sep, seed = r["method"].rpartition(", seed ")
-            if not sep:  # a row without a rotation seed in its label
-                method, seed = r["method"], "0"
-            groups.setdefault((r["setting"], method), []).append({**r, "seed": int(seed)})
+            method, seed = split_seed(r["method"])
+            groups.setdefault((r["setting"], method), []).append({**r, "seed": seed})
     # a row without a rotation runs once: nothing to choose among
     groups = {key: rows for key, rows in groups.items() if len(rows) > 1}
     lines = ["| setting | method | score | rank correlation with held-out Δ | K | kept Δ held-out, mean of all "
