@@ -59,11 +59,12 @@ def test_seed_table_has_one_column_per_seed_with_mean_and_count():
     assert lines[3] == "| f | b | 3.250 |  | +0.100 | +0.100 | 0 of 1 |"
 
 
-def test_committed_seed_runs_render_to_the_committed_table(tmp_path):
+@pytest.mark.parametrize("name", ["pareto_seeds", "pareto_seeds20"])
+def test_committed_seed_runs_render_to_the_committed_table(tmp_path, name):
     pareto = _load()
     md = tmp_path / "s.md"
-    assert pareto.main(["--seeds", str(REPO / "docs/results/pareto_seeds.json"), "--md", str(md)]) == 0
-    assert md.read_text() == (REPO / "docs/results/pareto_seeds.md").read_text()
+    assert pareto.main(["--seeds", str(REPO / f"docs/results/{name}.json"), "--md", str(md)]) == 0
+    assert md.read_text() == (REPO / f"docs/results/{name}.md").read_text()
 
 
 def test_seed_table_refuses_bad_input(tmp_path, capsys):
