@@ -37,6 +37,8 @@ points are the slowest; ``--family`` runs a subset)::
     python benchmarks/pareto.py --models llama --family "+ outliers"           # a subset
     python benchmarks/pareto.py --models llama --point "budget 3.3|GPTQ: 3-bit g64" --cal-seed 1 --json s1.json
     python benchmarks/pareto.py --seeds 0=s0.json,1=s1.json --md seeds.md --json seeds.json   # one column per seed
+    python benchmarks/pareto.py --models llama --point "budget 3.3" --mixed-precision-scope model --json m0.json
+    python benchmarks/pareto.py --seeds 0=s0.json+m0.json --md seeds.md   # two runs of a seed side by side
     python benchmarks/pareto.py --from-json docs/results/pareto.json --plot docs/pareto.png   # replot
     python benchmarks/pareto.py --from-json llama.json,minilm.json --json docs/results/pareto.json   # merge runs
 """
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -79,6 +82,7 @@ class Point:
     outliers: int | None = None
     budget: float | None = None
     observer: str = "mse"
+    scope: str = "block"
 
     @property
     def label(self) -> str:
@@ -87,13 +91,17 @@ class Point:
             s += f" + {self.outliers}/group"
         if self.budget is not None:
             s = f"budget {self.budget}, {{2,3,4,8}} x grids" + (f", +{self.outliers}/group candidates" if self.outliers else "")
+            if self.scope != "block":
+                s += f", {self.scope} scope"
         return s
 
     def config(self, n_samples: int, seq_len: int, skip: list[str] | None, seed: int = 0) -> pq.PiecewiseQuantConfig:
         grid = "uniform" if self.family == "uniform" else "piecewise"
         cal = None
         if self.family not in ("uniform", "piecewise"):
-            changes = {"mixed_precision_budget": self.budget} if self.budget is not None else {}
+            changes = {}
+            if self.budget is not None:
+                changes = {"mixed_precision_budget": self.budget, "mixed_precision_scope": self.scope}
             if self.family in ("piecewise + GPTAQ", "GPTAQ + tuned scales"):
                 changes["asymmetric"] = True
             if self.family == "GPTAQ + tuned scales":
@@ -218,23 +226,36 @@ def markdown(out: dict[str, Any]) -> str:
 
 
 def seed_table(runs: dict[str, dict[str, Any]]) -> str:
-    """One row per Llama point and one column per calibration seed: the perplexity change of
-    every point that each run (``{seed: pareto output}``, e.g. from ``--cal-seed N --json``) holds,
-    with the mean over the seeds and how many are within +0.03 (issue 18's 3-bit target)."""
-    seeds = sorted(runs, key=int)
-    points: dict[tuple[str, str], dict[str, Any]] = {}
-    for seed in seeds:
-        res = runs[seed]["llama"]
-        for r in res["rows"]:
-            points.setdefault((r["family"], r["label"]), {"bpw": r["bpw"], "d": {}})["d"][seed] = r["ppl"] - res["float"]["ppl"]
-    lines = ["| family | point | bits/weight | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | within +0.03 |",
-             "|---|---|---|" + "---|" * (len(seeds) + 2)]
-    for (fam, label), pt in points.items():
-        d = [pt["d"].get(s) for s in seeds]
-        got = [v for v in d if v is not None]
-        lines.append(f"| {fam} | {label} | {pt['bpw']:.3f} | " + " | ".join("" if v is None else f"{v:+.3f}" for v in d)
-                     + f" | {sum(got) / len(got):+.3f} | {sum(v <= 0.03 for v in got)} of {len(got)} |")
-    return "\n".join(lines) + "\n"
+    """One row per point and one column per calibration seed, from runs ``{seed: pareto output}``
+    (e.g. from ``--cal-seed N --json``). Llama: the perplexity change, with the mean over the seeds
+    and how many are within +0.03 (issue 18's 3-bit target). MiniLM (a second table, when the runs
+    hold it): held-out / out-of-domain mean cosine and their means."""
+    tables = []
+    for model in ("llama", "minilm"):
+        seeds = sorted((s for s in runs if model in runs[s]), key=int)
+        if not seeds:
+            continue
+        points: dict[tuple[str, str], dict[str, Any]] = {}
+        for seed in seeds:
+            res = runs[seed][model]
+            for r in res["rows"]:
+                v = r["ppl"] - res["float"]["ppl"] if model == "llama" else (r["cos_heldout"], r["cos_ood"])
+                points.setdefault((r["family"], r["label"]), {"bpw": r["bpw"], "d": {}})["d"][seed] = v
+        tail = " | mean | within +0.03 |" if model == "llama" else " | mean held-out | mean out-of-domain |"
+        lines = ["| family | point | bits/weight | " + " | ".join(f"seed {s}" for s in seeds) + tail,
+                 "|---|---|---|" + "---|" * (len(seeds) + 2)]
+        for (fam, label), pt in points.items():
+            d = [pt["d"].get(s) for s in seeds]
+            got = [v for v in d if v is not None]
+            if model == "llama":
+                cells = ["" if v is None else f"{v:+.3f}" for v in d]
+                end = f"{sum(got) / len(got):+.3f} | {sum(v <= 0.03 for v in got)} of {len(got)}"
+            else:
+                cells = ["" if v is None else f"{v[0]:.4f} / {v[1]:.4f}" for v in d]
+                end = f"{sum(v[0] for v in got) / len(got):.4f} | {sum(v[1] for v in got) / len(got):.4f}"
+            lines.append(f"| {fam} | {label} | {pt['bpw']:.3f} | " + " | ".join(cells) + f" | {end} |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def plot(out: dict[str, Any], path: str) -> None:
@@ -277,14 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cal-seed", type=int, default=0, help="calibration seed (which windows are drawn; default 0)")
     ap.add_argument("--llama-windows", type=int, default=32, help="calibration windows of 256 tokens for the Llama")
+    ap.add_argument("--mixed-precision-scope", choices=("block", "model"), default="block",
+                    help="where the mixed-precision points measure sensitivity (CalibrationConfig.mixed_precision_scope)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--from-json", default=None, help="re-print and replot saved results (comma list: merged)")
     ap.add_argument("--seeds", default=None,
-                    help="SEED=FILE,... (the --json of runs with different --cal-seed) or one file an earlier "
-                         "--seeds --json wrote: the Llama points, one column per seed (--md writes the table, "
-                         "--json the runs together)")
+                    help="SEED=FILE,... (the --json of runs with different --cal-seed; FILE+FILE puts two runs "
+                         "of one seed side by side) or one file an earlier --seeds --json wrote: the points, one "
+                         "column per seed, Llama and MiniLM (--md writes the tables, --json the runs together)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.seeds:
@@ -292,15 +315,21 @@ def main(argv: list[str] | None = None) -> int:
             if "=" in args.seeds:
                 runs = {}
                 for item in args.seeds.split(","):
-                    seed, _, f = item.partition("=")
-                    runs[str(int(seed))] = json.loads(Path(f.strip()).read_text())
+                    seed, _, files = item.partition("=")
+                    run: dict[str, Any] = runs.setdefault(str(int(seed)), {})
+                    for f in files.split("+"):  # several runs of one seed: their rows side by side
+                        for model, res in json.loads(Path(f.strip()).read_text()).items():
+                            if model in run:
+                                run[model]["rows"] += res["rows"]
+                            else:
+                                run[model] = res
             else:  # a file saved by an earlier --seeds ... --json
                 runs = json.loads(Path(args.seeds).read_text())
-            missing = [seed for seed, run in runs.items() if "llama" not in run]
+            missing = [seed for seed, run in runs.items() if "llama" not in run and "minilm" not in run]
         except (OSError, ValueError) as e:
             ap.error(f"--seeds {args.seeds!r}: {e} (give SEED=FILE,... with integer seeds and --json files of this script)")
         if missing:
-            ap.error(f"--seeds: the run of seed {missing[0]} has no Llama results (run it with --models llama)")
+            ap.error(f"--seeds: the run of seed {missing[0]} has no Llama or MiniLM results (a --json of this script)")
         text = seed_table(runs)
         print(text)
         if args.md:
@@ -318,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             bench = LlamaBench(None) if name == "llama" else MiniLM()
             rows = []
             for p in points(name):
+                if p.budget is not None:
+                    p = dataclasses.replace(p, scope=args.mixed_precision_scope)
                 if args.family and p.family not in args.family:
                     continue
                 if args.point and not re.search(args.point, f"{p.family}: {p.label}"):

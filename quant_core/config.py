@@ -422,6 +422,9 @@ class CalibrationConfig:
         mixed_precision_budget: average bits per weight (codes and metadata) over the quantized
             layers; ``None`` uses the config's bits everywhere. Candidates ``mixed_precision_bits``
             x ``mixed_precision_grids`` are ranked by each layer's sensitivity.
+        mixed_precision_scope: where a candidate's sensitivity is measured: ``"block"`` (the
+            output of the layer's own block) or ``"model"`` (the output of the last block, after
+            the float blocks that follow; slower). Not written to ``to_dict`` while ``"block"``.
         algorithm: name of a calibration algorithm added by a plugin (hook
             ``piecewise_quant_register_calibration_algorithms``, see docs/plugins.md). It turns each
             calibrated layer's weight into stored tensors, given the fitted group parameters and
@@ -456,6 +459,7 @@ class CalibrationConfig:
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
     mixed_precision_grids: tuple[str, ...] = ("uniform", "piecewise")
+    mixed_precision_scope: str = "block"
     algorithm: str | None = None
     # init-only: the list form of the algorithm fields above (read it back as ``recipe``)
     modifiers: dataclasses.InitVar[Any] = None
@@ -465,7 +469,7 @@ class CalibrationConfig:
     ALGORITHM_FIELDS = (
         "smoothquant", "let", "lwc", "epochs", "lwc_lr", "let_lr", "gptq", "act_order", "true_sequential", "damp",
         "asymmetric", "tune_scales", "tune_epochs", "tune_lr", "act_clip_search", "refine_breakpoints",
-        "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "algorithm",
+        "mixed_precision_budget", "mixed_precision_bits", "mixed_precision_grids", "mixed_precision_scope", "algorithm",
     )
 
     def __post_init__(self, modifiers: Any = None) -> None:
@@ -543,6 +547,10 @@ class CalibrationConfig:
                 "calibration.mixed_precision_grids must be a non-empty subset of 'uniform', 'piecewise'; "
                 f"got {self.mixed_precision_grids!r}"
             )
+        if self.mixed_precision_scope not in ("block", "model"):
+            raise ValueError(
+                f"calibration.mixed_precision_scope must be 'block' or 'model'; got {self.mixed_precision_scope!r}"
+            )
         budget = self.mixed_precision_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
@@ -593,6 +601,8 @@ class CalibrationConfig:
             del d["act_clip_search"]
         if self.rotation_trials == 1:  # likewise
             del d["rotation_trials"]
+        if self.mixed_precision_scope == "block":  # likewise
+            del d["mixed_precision_scope"]
         d["mixed_precision_bits"] = list(self.mixed_precision_bits)
         d["mixed_precision_grids"] = list(self.mixed_precision_grids)
         return d

@@ -77,6 +77,7 @@ __all__ = ["MixedPrecision", "Candidate", "allocate", "summarize"]
 
 MIXED_PRECISION_BITS = (2, 3, 4, 8)
 MIXED_PRECISION_GRIDS = ("uniform", "piecewise")
+MIXED_PRECISION_SCOPES = ("block", "model")
 
 # Relative slack in the budget check, for float rounding in the weighted sums only.
 _REL_TOL = 1e-12
@@ -431,11 +432,16 @@ class MixedPrecision(Modifier):
     Attributes:
         budget: average bits per weight (codes and metadata) over the quantized layers.
         bits, grids: the candidates, every combination (8-bit piecewise only without uniform).
+        scope: where a candidate's error is measured. ``"block"``: at the output of the layer's
+            own block. ``"model"``: at the output of the last block, after the float blocks that
+            follow, so that an error the rest of the network amplifies or damps counts as such
+            (one pass through the remaining blocks per candidate).
     """
 
     budget: float
     bits: tuple[int, ...] = MIXED_PRECISION_BITS
     grids: tuple[str, ...] = MIXED_PRECISION_GRIDS
+    scope: str = "block"
 
     order = 10
 
@@ -446,6 +452,8 @@ class MixedPrecision(Modifier):
             raise ValueError(f"MixedPrecision.bits must be a non-empty subset of 2, 3, 4, 8; got {self.bits!r}")
         if [g for g in self.grids if g not in MIXED_PRECISION_GRIDS] or not self.grids:
             raise ValueError(f"MixedPrecision.grids must be a non-empty subset of 'uniform', 'piecewise'; got {self.grids!r}")
+        if self.scope not in MIXED_PRECISION_SCOPES:
+            raise ValueError(f"MixedPrecision.scope must be one of {MIXED_PRECISION_SCOPES}; got {self.scope!r}")
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < min(self.bits):
             raise ValueError(
@@ -480,15 +488,23 @@ class MixedPrecision(Modifier):
         n_weights: dict[str, int] = {}
         fp = list(run.inputs.hidden)
         n_probe = min(len(fp), 2)
-        bar = tqdm(list(enumerate(run.blocks)), desc="sensitivity", unit="block", disable=not run.progress)
+        blocks = list(run.blocks)
+        final: list[torch.Tensor] | None = None
+        if self.scope == "model":  # the float chain's last-block output on the probe batches
+            final = fp[:n_probe]
+            for block in blocks:
+                onload_block(block)
+                final = run.run_block(block, run.inputs, final)
+        bar = tqdm(list(enumerate(blocks)), desc="sensitivity", unit="block", disable=not run.progress)
         for i, block in bar:
             onload_block(block)
             names = run.block_layers(i)
             fp_out = run.run_block(block, run.inputs, fp)
             stats = collect_stats(block, lambda h, block=block: run.run_block(block, run.inputs, h), fp[:n_probe], names,
                                   hessian=False)
+            targets, rest = (fp_out[:n_probe], []) if final is None else (final, blocks[i + 1:])
             for rel, full in names.items():
-                candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp[:n_probe], fp_out[:n_probe])
+                candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp[:n_probe], targets, rest)
                 n_weights[full] = run.plan[full].in_features * run.plan[full].out_features
             fp = fp_out
         for name in run.outside():
@@ -498,8 +514,10 @@ class MixedPrecision(Modifier):
         return candidates, n_weights
 
     def _layer_candidates(self, run: RunState, block: nn.Module, rel: str, full: str, st: LayerStats,
-                          probe: list[torch.Tensor], targets: list[torch.Tensor]) -> list[Candidate]:
-        """Layer ``rel``'s candidates: the block's output error with only this layer fake-quantized."""
+                          probe: list[torch.Tensor], targets: list[torch.Tensor],
+                          rest: Sequence[nn.Module] = ()) -> list[Candidate]:
+        """Layer ``rel``'s candidates: the output error of the block, followed by the float blocks
+        ``rest``, with only this layer fake-quantized."""
         base = run.plan[full]
         linear = block.get_submodule(rel)
         w0 = linear.weight.data.clone()
@@ -519,6 +537,8 @@ class MixedPrecision(Modifier):
             linear.weight.data.copy_(wq.to(w0.dtype))
             out = run.run_block(block, run.inputs, probe)
             linear.weight.data.copy_(w0)
+            for later in rest:
+                out = run.run_block(later, run.inputs, out)
             err = relative_error(out, targets)
             cands.append(Candidate(bits, grid, fmt.bits_per_weight(layer), err if math.isfinite(err) else float("inf"), outliers))
         if not cands:
@@ -526,13 +546,15 @@ class MixedPrecision(Modifier):
         return cands
 
     def flat(self) -> dict[str, Any]:
-        return {"mixed_precision_budget": self.budget, "mixed_precision_bits": self.bits, "mixed_precision_grids": self.grids}
+        return {"mixed_precision_budget": self.budget, "mixed_precision_bits": self.bits, "mixed_precision_grids": self.grids,
+                "mixed_precision_scope": self.scope}
 
     @classmethod
     def from_flat(cls, cal: CalibrationConfig) -> MixedPrecision | None:
         if cal.mixed_precision_budget is None:
             return None
-        return cls(cal.mixed_precision_budget, cal.mixed_precision_bits, cal.mixed_precision_grids)
+        return cls(cal.mixed_precision_budget, cal.mixed_precision_bits, cal.mixed_precision_grids,
+                   cal.mixed_precision_scope)
 
 
 def _override(c: Candidate, with_outliers: bool) -> dict[str, Any]:

@@ -59,7 +59,18 @@ def test_seed_table_has_one_column_per_seed_with_mean_and_count():
     assert lines[3] == "| f | b | 3.250 |  | +0.100 | +0.100 | 0 of 1 |"
 
 
-@pytest.mark.parametrize("name", ["pareto_seeds", "pareto_seeds20"])
+def test_seed_table_renders_minilm_runs_as_a_second_table():
+    pareto = _load()
+    minilm = {"float": {}, "rows": [{"family": "f", "label": "a", "bpw": 3.288, "cos_heldout": 0.96, "cos_ood": 0.94}]}
+    other = {"float": {}, "rows": [{"family": "f", "label": "a", "bpw": 3.288, "cos_heldout": 0.97, "cos_ood": 0.95}]}
+    lines = pareto.seed_table({"0": {"minilm": minilm}, "1": {"minilm": other}}).splitlines()
+    assert lines[0] == "| family | point | bits/weight | seed 0 | seed 1 | mean held-out | mean out-of-domain |"
+    assert lines[2] == "| f | a | 3.288 | 0.9600 / 0.9400 | 0.9700 / 0.9500 | 0.9650 | 0.9450 |"
+    both = pareto.seed_table({"0": {"minilm": minilm, "llama": {"float": {"ppl": 10.0}, "rows": []}}})
+    assert both.index("within +0.03") < both.index("mean held-out")  # the Llama table first
+
+
+@pytest.mark.parametrize("name", ["pareto_seeds", "pareto_seeds20", "pareto_seeds_model_scope"])
 def test_committed_seed_runs_render_to_the_committed_table(tmp_path, name):
     pareto = _load()
     md = tmp_path / "s.md"
@@ -67,12 +78,22 @@ def test_committed_seed_runs_render_to_the_committed_table(tmp_path, name):
     assert md.read_text() == (REPO / f"docs/results/{name}.md").read_text()
 
 
+def test_seed_runs_of_one_seed_are_put_side_by_side(tmp_path, capsys):
+    pareto = _load()
+    for name, label, ppl in (("a", "block", 10.02), ("b", "model", 10.01)):
+        row = {"family": "mixed precision", "label": label, "bpw": 3.291, "ppl": ppl}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"llama": {"float": {"ppl": 10.0}, "rows": [row]}}))
+    assert pareto.main(["--seeds", f"0={tmp_path / 'a.json'}+{tmp_path / 'b.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| mixed precision | block | 3.291 | +0.020 |" in out and "| mixed precision | model | 3.291 | +0.010 |" in out
+
+
 def test_seed_table_refuses_bad_input(tmp_path, capsys):
     pareto = _load()
-    minilm_only = tmp_path / "m.json"
-    minilm_only.write_text(json.dumps({"minilm": {"float": {}, "rows": []}}))
-    for arg, words in ((f"x={minilm_only}", "integer seeds"), (f"0={tmp_path / 'none.json'}", "none.json"),
-                       (f"0={minilm_only}", "no Llama results")):
+    neither = tmp_path / "m.json"
+    neither.write_text(json.dumps({"bert": {"float": {}, "rows": []}}))
+    for arg, words in ((f"x={neither}", "integer seeds"), (f"0={tmp_path / 'none.json'}", "none.json"),
+                       (f"0={neither}", "no Llama or MiniLM results")):
         with pytest.raises(SystemExit):
             pareto.main(["--seeds", arg])
         assert words in capsys.readouterr().err

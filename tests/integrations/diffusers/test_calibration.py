@@ -197,6 +197,24 @@ def test_activation_clip_search_runs_through_the_pipeline_and_reloads(dfh, tmp_p
     assert torch.equal(dfh.denoise(reloaded, x), out)
 
 
+@pytest.mark.parametrize("scope", ["block", "model"])
+def test_mixed_precision_runs_through_the_pipeline_and_disable_restores(dfh, scope):
+    pipe = dfh.dit_pipeline()
+    x = dfh.denoiser_inputs(pipe.transformer, timestep=500)
+    ref = dfh.denoise(pipe.transformer, x)
+    sd = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    cal = pq.CalibrationConfig.preset("gptq", mixed_precision_budget=7.0, mixed_precision_bits=(4, 8),
+                                      mixed_precision_scope=scope)
+    cfg = pq.PiecewiseQuantConfig(bits=4, group_size=16, modules_to_not_convert=[], calibration=cal)
+    report = pipe.enable_quant(cfg, calibration_prompts=LABELS, num_inference_steps=STEPS, progress=False)
+    mp = report.components["transformer"].engine.mixed_precision
+    assert mp["average_bits_per_weight"] <= 7.0 and set(mp["plan"].values()) >= {"uniform8"}
+    assert pipe.transformer.config.quantization_config.core.calibration.mixed_precision_scope == scope
+    assert dfh.rel_err(dfh.denoise(pipe.transformer, x), ref) < 0.10
+    pipe.disable_quant()
+    assert all(torch.equal(v, sd[k]) for k, v in pipe.transformer.state_dict().items())
+
+
 def test_rotation_trials_are_refused_by_enable_quant_before_anything_changes(dfh):
     pipe = dfh.dit_pipeline()
     cal = pq.CalibrationConfig.preset("gptq", rotation_trials=2)

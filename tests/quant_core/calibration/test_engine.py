@@ -227,6 +227,69 @@ def test_mixed_precision_plan_meets_the_budget_and_survives_save_and_reload(tmp_
         assert m.spec.bits == pq.quantized_layers(model)[name].spec.bits
 
 
+def _sensitivities(monkeypatch, model, scope):
+    """Every layer's candidate errors as mixed precision measures them with ``scope``."""
+    from piecewise_quant.calibration import mixed_precision
+
+    seen = {}
+    real = mixed_precision.allocate
+
+    def spy(candidates, n_weights, budget):
+        seen.update({name: {(c.bits, c.grid): c.error for c in cands} for name, cands in candidates.items()})
+        return real(candidates, n_weights, budget)
+
+    monkeypatch.setattr(mixed_precision, "allocate", spy)
+    config = cfg(cal={"mixed_precision_budget": 3.5, "mixed_precision_bits": (2, 4, 8), "mixed_precision_scope": scope})
+    report = pq.calibrate(model, config, ids(), progress=False)
+    monkeypatch.undo()  # the next call spies on the real allocate, not on this spy
+    assert report.mixed_precision["average_bits_per_weight"] <= 3.5
+    return seen
+
+
+def _scaled_last_block(factor):
+    """The tiny Llama with its last block's residual branches (``o_proj``, ``down_proj``) scaled."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(factor)
+        model.model.layers[1].mlp.down_proj.weight.mul_(factor)
+    return model
+
+
+def test_mixed_precision_model_scope_measures_at_the_last_block(monkeypatch):
+    # a last block that rewrites the residual stream (its branches 30x larger than at init): the
+    # first block's errors are measured after it, and come out different from the block scope's
+    block, whole = (_sensitivities(monkeypatch, _scaled_last_block(30.0), s) for s in ("block", "model"))
+    assert block.keys() == whole.keys() and len(block) == 14
+    first = [n for n in block if n.startswith("model.layers.0.")]
+    for name in set(block) - set(first):  # nothing follows the last block: the same numbers
+        assert whole[name] == block[name], name
+    changed = [whole[n][c] / block[n][c] for n in first for c in block[n] if block[n][c] > 0]
+    assert max(abs(r - 1) for r in changed) > 0.1
+    # a last block whose residual branches write zeros passes its input through: its output is the
+    # first block's, so the two scopes measure the same error for every layer of the first block
+    block, whole = (_sensitivities(monkeypatch, _scaled_last_block(0.0), s) for s in ("block", "model"))
+    for name in first:
+        for c, err in block[name].items():
+            assert whole[name][c] == pytest.approx(err, rel=1e-4, abs=1e-9), (name, c)
+
+
+def test_mixed_precision_scope_is_checked_and_saved_only_when_not_the_default():
+    from piecewise_quant.calibration import MixedPrecision
+
+    with pytest.raises(ValueError, match="mixed_precision_scope must be 'block' or 'model'"):
+        pq.CalibrationConfig(mixed_precision_budget=3.5, mixed_precision_scope="network")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        MixedPrecision(3.5, scope="layer")
+    assert "mixed_precision_scope" not in pq.CalibrationConfig(mixed_precision_budget=3.5).to_dict()
+    config = pq.PiecewiseQuantConfig(calibration=pq.CalibrationConfig(mixed_precision_budget=3.5,
+                                                                      mixed_precision_scope="model"))
+    again = pq.PiecewiseQuantConfig.from_json_string(config.to_json_string())
+    assert again == config and again.calibration.mixed_precision_scope == "model"
+    assert MixedPrecision(3.5, scope="model") in again.calibration.recipe
+    listed = pq.CalibrationConfig(modifiers=[MixedPrecision(3.5, scope="model")])
+    assert listed.mixed_precision_scope == "model" and listed.mixed_precision_budget == 3.5
+
+
 def test_from_pretrained_calibrates_after_loading_and_the_checkpoint_reloads_without_calibration(tiny_llama_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
