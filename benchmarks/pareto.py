@@ -318,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                     seed, _, files = item.partition("=")
                     run: dict[str, Any] = runs.setdefault(str(int(seed)), {})
                     for f in files.split("+"):  # several runs of one seed: their rows side by side
-                        for model, res in json.loads(Path(f.strip()).read_text()).items():
+                        loaded = json.loads(Path(f.strip()).read_text())
+                        if not isinstance(loaded, dict) or not all(isinstance(r, dict) and "rows" in r for r in loaded.values()):
+                            raise ValueError(f"{f.strip()} is not the --json output of a run")
+                        for model, res in loaded.items():
                             if model in run:
                                 run[model]["rows"] += res["rows"]
                             else:

@@ -92,8 +92,10 @@ def test_seed_table_refuses_bad_input(tmp_path, capsys):
     pareto = _load()
     neither = tmp_path / "m.json"
     neither.write_text(json.dumps({"bert": {"float": {}, "rows": []}}))
+    listed = tmp_path / "l.json"
+    listed.write_text(json.dumps([1, 2]))
     for arg, words in ((f"x={neither}", "integer seeds"), (f"0={tmp_path / 'none.json'}", "none.json"),
-                       (f"0={neither}", "no Llama or MiniLM results")):
+                       (f"0={neither}", "no Llama or MiniLM results"), (f"0={neither}+{listed}", "not the --json output")):
         with pytest.raises(SystemExit):
             pareto.main(["--seeds", arg])
         assert words in capsys.readouterr().err
