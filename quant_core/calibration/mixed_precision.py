@@ -486,12 +486,13 @@ class MixedPrecision(Modifier):
         outside the blocks keep the config's scheme and count against the budget."""
         candidates: dict[str, list[Candidate]] = {}
         n_weights: dict[str, int] = {}
-        fp = list(run.inputs.hidden)
-        n_probe = min(len(fp), 2)
+        # the float chain on the first two batches (the probe): blocks run batch by batch, so the
+        # other batches would change nothing here
+        fp = list(run.inputs.hidden)[:2]
         blocks = list(run.blocks)
         final: list[torch.Tensor] | None = None
-        if self.scope == "model":  # the float chain's last-block output on the probe batches
-            final = fp[:n_probe]
+        if self.scope == "model":  # the probe's last-block output
+            final = fp
             for block in blocks:
                 onload_block(block)
                 final = run.run_block(block, run.inputs, final)
@@ -500,11 +501,10 @@ class MixedPrecision(Modifier):
             onload_block(block)
             names = run.block_layers(i)
             fp_out = run.run_block(block, run.inputs, fp)
-            stats = collect_stats(block, lambda h, block=block: run.run_block(block, run.inputs, h), fp[:n_probe], names,
-                                  hessian=False)
-            targets, rest = (fp_out[:n_probe], []) if final is None else (final, blocks[i + 1:])
+            stats = collect_stats(block, lambda h, block=block: run.run_block(block, run.inputs, h), fp, names, hessian=False)
+            targets, rest = (fp_out, []) if final is None else (final, blocks[i + 1:])
             for rel, full in names.items():
-                candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp[:n_probe], targets, rest)
+                candidates[full] = self._layer_candidates(run, block, rel, full, stats[rel], fp, targets, rest)
                 n_weights[full] = run.plan[full].in_features * run.plan[full].out_features
             fp = fp_out
         for name in run.outside():
