@@ -39,6 +39,7 @@ points are the slowest; ``--family`` runs a subset)::
     python benchmarks/pareto.py --seeds 0=s0.json,1=s1.json --md seeds.md --json seeds.json   # one column per seed
     python benchmarks/pareto.py --models llama --point "budget 3.3" --mixed-precision-scope model --json m0.json
     python benchmarks/pareto.py --seeds 0=s0.json+m0.json --md seeds.md   # two runs of a seed side by side
+    python benchmarks/pareto.py --models llama --point "budget 3.3" --damp 0.1 --json d0.json   # GPTQ dampening
     python benchmarks/pareto.py --from-json docs/results/pareto.json --plot docs/pareto.png   # replot
     python benchmarks/pareto.py --from-json llama.json,minilm.json --json docs/results/pareto.json   # merge runs
 """
@@ -49,6 +50,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -83,6 +85,7 @@ class Point:
     budget: float | None = None
     observer: str = "mse"
     scope: str = "block"
+    damp: float | None = None  # GPTQ's relative dampening; None: the preset's (0.01)
 
     @property
     def label(self) -> str:
@@ -93,6 +96,8 @@ class Point:
             s = f"budget {self.budget}, {{2,3,4,8}} x grids" + (f", +{self.outliers}/group candidates" if self.outliers else "")
             if self.scope != "block":
                 s += f", {self.scope} scope"
+        if self.damp is not None:
+            s += f", damp {self.damp:g}"
         return s
 
     def config(self, n_samples: int, seq_len: int, skip: list[str] | None, seed: int = 0) -> pq.PiecewiseQuantConfig:
@@ -106,6 +111,8 @@ class Point:
                 changes["asymmetric"] = True
             if self.family == "GPTAQ + tuned scales":
                 changes["tune_scales"] = True
+            if self.damp is not None:
+                changes["damp"] = self.damp
             cal = pq.CalibrationConfig.preset("gptq", n_samples=n_samples, seq_len=seq_len, seed=seed, **changes)
         return pq.PiecewiseQuantConfig(grid=grid, bits=self.bits, group_size=self.group, observer=self.observer,
                                        outliers=self.outliers, calibration=cal, modules_to_not_convert=skip)
@@ -300,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-windows", type=int, default=32, help="calibration windows of 256 tokens for the Llama")
     ap.add_argument("--mixed-precision-scope", choices=("block", "model"), default="block",
                     help="where the mixed-precision points measure sensitivity (CalibrationConfig.mixed_precision_scope)")
+    ap.add_argument("--damp", type=float, default=None,
+                    help="GPTQ's relative dampening in the calibrated points (CalibrationConfig.damp; default the "
+                         "preset's 0.01)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                          "of one seed side by side) or one file an earlier --seeds --json wrote: the points, one "
                          "column per seed, Llama and MiniLM (--md writes the tables, --json the runs together)")
     args = ap.parse_args(argv)
+    if args.damp is not None and not (math.isfinite(args.damp) and args.damp > 0):
+        ap.error(f"--damp {args.damp}: GPTQ's dampening must be a positive fraction of the Hessian's mean diagonal")
     torch.set_num_threads(args.threads)
     if args.seeds:
         try:
@@ -352,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in points(name):
                 if p.budget is not None:
                     p = dataclasses.replace(p, scope=args.mixed_precision_scope)
+                if args.damp is not None and p.family not in ("uniform", "piecewise"):
+                    p = dataclasses.replace(p, damp=args.damp)
                 if args.family and p.family not in args.family:
                     continue
                 if args.point and not re.search(args.point, f"{p.family}: {p.label}"):

@@ -70,7 +70,7 @@ def test_seed_table_renders_minilm_runs_as_a_second_table():
     assert both.index("within +0.03") < both.index("mean held-out")  # the Llama table first
 
 
-@pytest.mark.parametrize("name", ["pareto_seeds", "pareto_seeds20", "pareto_seeds_model_scope"])
+@pytest.mark.parametrize("name", ["pareto_seeds", "pareto_seeds20", "pareto_seeds_model_scope", "pareto_seeds_damp"])
 def test_committed_seed_runs_render_to_the_committed_table(tmp_path, name):
     pareto = _load()
     md = tmp_path / "s.md"
@@ -99,3 +99,20 @@ def test_seed_table_refuses_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             pareto.main(["--seeds", arg])
         assert words in capsys.readouterr().err
+
+
+def test_damp_reaches_the_calibrated_points_only_and_is_named_in_their_label(capsys):
+    pareto = _load()
+    for p in pareto.points("llama"):
+        damped = pareto.dataclasses.replace(p, damp=0.1)
+        cal = damped.config(8, 32, None).calibration
+        if p.family in ("uniform", "piecewise"):
+            assert cal is None
+            continue
+        assert cal.damp == 0.1 and p.config(8, 32, None).calibration.damp == 0.01, p
+        assert damped.label == p.label + ", damp 0.1"
+        assert cal.mixed_precision_budget == p.budget and cal.asymmetric == ("GPTAQ" in p.family)
+    for bad in ("0", "-0.1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            pareto.main(["--models", "llama", "--damp", bad])
+        assert "--damp" in capsys.readouterr().err
