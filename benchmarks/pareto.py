@@ -50,7 +50,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -88,6 +87,11 @@ class Point:
     damp: float | None = None  # GPTQ's relative dampening; None: the preset's (0.01)
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the point runs a calibration recipe (every family but the data-free two)."""
+        return self.family not in ("uniform", "piecewise")
+
+    @property
     def label(self) -> str:
         s = f"{self.bits}-bit g{self.group}"
         if self.outliers:
@@ -103,7 +107,7 @@ class Point:
     def config(self, n_samples: int, seq_len: int, skip: list[str] | None, seed: int = 0) -> pq.PiecewiseQuantConfig:
         grid = "uniform" if self.family == "uniform" else "piecewise"
         cal = None
-        if self.family not in ("uniform", "piecewise"):
+        if self.calibrated:
             changes = {}
             if self.budget is not None:
                 changes = {"mixed_precision_budget": self.budget, "mixed_precision_scope": self.scope}
@@ -319,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                          "of one seed side by side) or one file an earlier --seeds --json wrote: the points, one "
                          "column per seed, Llama and MiniLM (--md writes the tables, --json the runs together)")
     args = ap.parse_args(argv)
-    if args.damp is not None and not (math.isfinite(args.damp) and args.damp > 0):
-        ap.error(f"--damp {args.damp}: GPTQ's dampening must be a positive fraction of the Hessian's mean diagonal")
+    if args.damp is not None:
+        try:  # the config's own check, before any model is loaded
+            pq.CalibrationConfig(damp=args.damp)
+        except ValueError as e:
+            ap.error(f"--damp {args.damp}: {e}")
     torch.set_num_threads(args.threads)
     if args.seeds:
         try:
@@ -364,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in points(name):
                 if p.budget is not None:
                     p = dataclasses.replace(p, scope=args.mixed_precision_scope)
-                if args.damp is not None and p.family not in ("uniform", "piecewise"):
+                if args.damp is not None and p.calibrated:
                     p = dataclasses.replace(p, damp=args.damp)
                 if args.family and p.family not in args.family:
                     continue
