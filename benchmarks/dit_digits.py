@@ -20,6 +20,7 @@ Usage::
     python benchmarks/dit_digits.py train      # ~14 min on 1 CPU thread; writes assets/dit-digits/
     python benchmarks/dit_digits.py evaluate   # the table; writes docs/dit_digits.json and .png
     python benchmarks/dit_digits.py --quick    # seconds: tiny training + evaluation (tests use it)
+    python benchmarks/dit_digits.py evaluate --eval-seeds 4 --only "REGEX" --out DIR   # each row from 4 noise seeds
 """
 
 from __future__ import annotations
@@ -295,6 +296,15 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
         (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ, asymmetric A4",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, calibration="gptq"), {}),
+        # group-wise dynamic int4 activations (one scale per token and per group of channels, as NVFP4's blocks)
+        *[(f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G={a})",
+           w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration="gptq"), {"act_group_size": a}) for a in (32, 16)],
+        *[(f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G={a}), asymmetric A4",
+           w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {"act_group_size": a})
+          for a in (32, 16)],
+        (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4",
+         w("piecewise", 4, act_bits=4, act_mode=ASYM, low_rank=1.0, rotation=BALANCE, calibration="gptq"),
+         {"act_group_size": 16}),
         # activation clip ratio per layer, chosen on the calibration rows (calibration act_clip_search)
         (f"W4A4 piecewise g{g} + balance + GPTQ + act clip search",
          w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration=CLIP), {}),
@@ -352,8 +362,19 @@ def select(rows: list, pattern: str | None) -> list:
     return [r for r in rows if r[1] is None or re.search(pattern, r[0])]
 
 
+def eval_seeds(n: int) -> list[int]:
+    """The noise seeds of ``--eval-seeds n``: 0 (every table's seed), then 100000 (the float row's
+    "other seed"), 200000, ..."""
+    if n < 1:
+        raise SystemExit(f"--eval-seeds must be at least 1; got {n}")
+    return [100000 * k for k in range(n)]
+
+
 def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quick: bool, progress: bool = True,
-             only: str | None = None) -> dict[str, Any]:
+             only: str | None = None, n_seeds: int = 1) -> dict[str, Any]:
+    """Every selected row's images from noise seed 0, judged; with ``n_seeds`` > 1 each row is also
+    generated from the other :func:`eval_seeds` and judged per seed (``row["seeds"]``), its PSNR
+    taken against the float images of the same seed."""
     from piecewise_quant.integrations.diffusers import register_with_diffusers
 
     register_with_diffusers()
@@ -369,7 +390,10 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
         "judge": {"real_test_accuracy": judge.real_accuracy, "real_train_vs_test_fd": judge.real_split_fd},
         "rows": [],
     }
+    if n_seeds > 1:
+        results["settings"]["row_seeds"] = eval_seeds(n_seeds)
     ref_images = None
+    ref_by_seed: dict[int, np.ndarray] = {}
     samples: dict[str, np.ndarray] = {}
     for name, config, kwargs in select(recipes(quick), only):
         t0 = time.perf_counter()
@@ -395,9 +419,25 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
             row["psnr_vs_float"] = float("inf")
             other, olabels = generate(pipe, per_class, steps, guidance, seed=100000)
             other = to_judge(other)
+            ref_by_seed[100000] = other
             results["float_other_seed"] = {"accuracy": judge.accuracy(other, olabels), "fd": judge.fd(other)}
         else:
             row["psnr_vs_float"] = psnr(images, ref_images)
+        if n_seeds > 1:
+            row["seeds"] = [{"seed": 0, "accuracy": row["accuracy"], "fd": row["fd"], "psnr_vs_float": row["psnr_vs_float"]}]
+            for seed in eval_seeds(n_seeds)[1:]:
+                if config is None and seed in ref_by_seed:  # the "other seed" images, already made
+                    more, more_labels = ref_by_seed[seed], labels
+                else:
+                    more, more_labels = generate(pipe, per_class, steps, guidance, seed=seed)
+                    more = to_judge(more)
+                if config is None:
+                    ref_by_seed[seed] = more
+                row["seeds"].append({"seed": seed, "accuracy": judge.accuracy(more, more_labels), "fd": judge.fd(more),
+                                     "psnr_vs_float": psnr(more, ref_by_seed[seed])})
+            row["accuracy_mean"] = float(np.mean([r["accuracy"] for r in row["seeds"]]))
+            row["fd_mean"] = float(np.mean([r["fd"] for r in row["seeds"]]))
+        if config is not None:
             pipe.disable_quant()
         results["rows"].append(row)
         samples[name] = images[::per_class]  # one of each digit
@@ -412,10 +452,19 @@ def table(results: dict[str, Any]) -> str:
         "| configuration | bits/weight | weight bytes | accuracy | FD | PSNR vs float (dB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    seeds = results["settings"].get("row_seeds")
+    if seeds:
+        lines[0] += f" accuracy, {len(seeds)} seeds: mean (min-max) | FD, {len(seeds)} seeds: mean (min-max) |"
+        lines[1] += "---:|---:|"
     for r in results["rows"]:
         p = "—" if r["psnr_vs_float"] == float("inf") else f"{r['psnr_vs_float']:.1f}"
         bpw = "32 (float)" if r["name"] == "float" else f"{r['bits_per_weight']:.3f}"
-        lines.append(f"| {r['name']} | {bpw} | {r['weight_bytes']:,} | {r['accuracy']:.3f} | {r['fd']:.2f} | {p} |")
+        line = f"| {r['name']} | {bpw} | {r['weight_bytes']:,} | {r['accuracy']:.3f} | {r['fd']:.2f} | {p} |"
+        if seeds:
+            acc, fd = [x["accuracy"] for x in r["seeds"]], [x["fd"] for x in r["seeds"]]
+            line += (f" {r['accuracy_mean']:.3f} ({min(acc):.3f}-{max(acc):.3f}) |"
+                     f" {r['fd_mean']:.2f} ({min(fd):.2f}-{max(fd):.2f}) |")
+        lines.append(line)
     o = results["float_other_seed"]
     j = results["judge"]
     lines.append("")
@@ -477,7 +526,11 @@ def parser(doc: str | None, asset: Path, steps: int, batch_size: int) -> argpars
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, ASSET, steps=3000, batch_size=128)
+    ap.add_argument("--eval-seeds", type=int, default=1,
+                    help="generate every row from this many noise seeds (0, 100000, ...) and add their mean and range "
+                         "to the table (default 1: seed 0 only)")
     args = ap.parse_args(argv)
+    eval_seeds(args.eval_seeds)
     torch.set_num_threads(args.threads)
     if args.quick:
         import tempfile
@@ -485,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tempfile.mkdtemp(prefix="dit_digits_quick_"))
         info = train(out / "model", 20, 32, 1e-3, 0, QUICK_CONFIG, progress=False)
         print(f"trained {info['parameters']:,} parameters for {info['steps']} steps in {info['train_wall_s']} s")
-        results = evaluate(out / "model", per_class=2, steps=4, guidance=args.guidance, quick=True, progress=False)
+        results = evaluate(out / "model", per_class=2, steps=4, guidance=args.guidance, quick=True, progress=False,
+                           n_seeds=args.eval_seeds)
         print(table(results))
         save_outputs(results, out)
         print(f"wrote {out / 'dit_digits.json'}")
@@ -495,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=2))
     if args.command in ("evaluate", "all"):
         t0 = time.perf_counter()
-        results = evaluate(args.model, args.per_class, args.sample_steps, args.guidance, quick=False, only=args.only)
+        results = evaluate(args.model, args.per_class, args.sample_steps, args.guidance, quick=False, only=args.only,
+                           n_seeds=args.eval_seeds)
         results["settings"]["wall_s"] = round(time.perf_counter() - t0, 1)
         results["settings"]["threads"] = torch.get_num_threads()
         print(table(results))
