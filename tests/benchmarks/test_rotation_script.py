@@ -16,7 +16,7 @@ def test_llama_windows_set_every_calibrated_rows_sample_count():
         rows = mod.llama_rows(windows)
         cals = [kw["calibration"] for _, _, kw, _ in rows if kw.get("calibration") is not None]
         free = [m for _, m, kw, _ in rows if kw.get("calibration") is None]
-        assert len(cals) + len(free) == len(rows) and all("RTN" in m for m in free)
+        assert free and all("RTN" in m for m in free)  # only round-to-nearest rows are data-free
         assert {(c.n_samples, c.seq_len) for c in cals} == {(windows, 256)}
     assert mod.llama_rows() == mod.llama_rows(32)
 
