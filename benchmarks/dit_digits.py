@@ -392,8 +392,7 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
     }
     if n_seeds > 1:
         results["settings"]["row_seeds"] = eval_seeds(n_seeds)
-    ref_images = None
-    ref_by_seed: dict[int, np.ndarray] = {}
+    ref_by_seed: dict[int, np.ndarray] = {}  # the float images of each noise seed
     samples: dict[str, np.ndarray] = {}
     for name, config, kwargs in select(recipes(quick), only):
         t0 = time.perf_counter()
@@ -415,14 +414,14 @@ def evaluate(model_path: Path, per_class: int, steps: int, guidance: float, quic
             "quantize_s": round(q_s, 1), "generate_s": round(time.perf_counter() - t0 - q_s, 1),
         }
         if config is None:
-            ref_images = images
+            ref_by_seed[0] = images
             row["psnr_vs_float"] = float("inf")
             other, olabels = generate(pipe, per_class, steps, guidance, seed=100000)
             other = to_judge(other)
             ref_by_seed[100000] = other
             results["float_other_seed"] = {"accuracy": judge.accuracy(other, olabels), "fd": judge.fd(other)}
         else:
-            row["psnr_vs_float"] = psnr(images, ref_images)
+            row["psnr_vs_float"] = psnr(images, ref_by_seed[0])
         if n_seeds > 1:
             row["seeds"] = [{"seed": 0, "accuracy": row["accuracy"], "fd": row["fd"], "psnr_vs_float": row["psnr_vs_float"]}]
             for seed in eval_seeds(n_seeds)[1:]:

@@ -259,6 +259,15 @@ def with_seed(rows: list, seed: int | None) -> list:
     return out
 
 
+def _quantize(model: Any, cfg: pq.PiecewiseQuantConfig, text: str, tokenizer: Any) -> Any:
+    """Calibrate ``model`` with ``cfg``'s recipe on ``text`` and return the report; a config without
+    a recipe is quantized data-free (``calibrate()`` would run the default recipe) and gives ``None``."""
+    if cfg.calibration is None:
+        pq.quantize(model, cfg, progress=False)
+        return None
+    return pq.calibrate(model, cfg, text, tokenizer=tokenizer, progress=False)
+
+
 def run_llama(rows: list, out: list[dict], trial_scores: bool = False) -> None:
     """Calibrate and evaluate each row; with ``trial_scores``, also record the distances to float a
     rotation trial could rank the row's seed by: on the calibration batches (``kl_calibration``),
@@ -279,11 +288,7 @@ def run_llama(rows: list, out: list[dict], trial_scores: bool = False) -> None:
         model = copy.deepcopy(bench.model)
         cfg = pq.PiecewiseQuantConfig(**kw)
         t0 = time.perf_counter()
-        report = None
-        if cfg.calibration is None:
-            pq.quantize(model, cfg, progress=False)
-        else:
-            report = pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+        report = _quantize(model, cfg, text, bench.tokenizer)
         qs = time.perf_counter() - t0
         ppl, o = _ppl(model, bench.input_ids, kv), _ppl(model, ood, kv)
         bpw = quantized_bpw(model)[0]
@@ -315,10 +320,7 @@ def run_minilm(rows: list, out: list[dict]) -> None:
         model = copy.deepcopy(bench.model)
         cfg = pq.PiecewiseQuantConfig(**kw, modules_to_not_convert=[])
         t0 = time.perf_counter()
-        if cfg.calibration is None:
-            pq.quantize(model, cfg, progress=False)
-        else:
-            pq.calibrate(model, cfg, text, tokenizer=bench.tokenizer, progress=False)
+        _quantize(model, cfg, text, bench.tokenizer)
         qs = time.perf_counter() - t0
         m = bench.evaluate(model)
         bpw = quantized_bpw(model)[0]
