@@ -261,7 +261,7 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         (f"W4A8 piecewise g{g}, group-wise acts (G={g})", w("piecewise", 4, act_bits=8), {"act_group_size": g}),
         (f"W3A16 uniform g{g}", w("uniform", 3), {}),
         (f"W3A16 piecewise g{g}", w("piecewise", 3), {}),
-        ("mixed: 4-bit piecewise attn/MLP + 8-bit uniform embeddings/adaLN, A8",
+        ("mixed: 4-bit piecewise attn/MLP + 8-bit uniform embeddings/adaLN/output layer, A8",
          diffusion_recipe(bits=4, group_size=g, act_bits=8), {}),
         (f"W4A16 piecewise g{g} + GPTQ (calibrated through the pipeline)", w("piecewise", 4, calibration="gptq"), {}),
         # ViDiT-Q's channel balance (smoothing scale over all timesteps + Hadamard, dynamic per-token acts)
@@ -285,16 +285,17 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         ("W4A4 mxfp4 + balance", fp4("mxfp4", act_bits=4, act_format="mxfp4", rotation=BALANCE), {}),
         ("W4A4 nvfp4 + balance", fp4("nvfp4", act_bits=4, act_format="nvfp4", rotation=BALANCE), {}),
         # the recipe: embeddings and adaLN layers on 8-bit weights with float activations
-        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ",
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, calibration="gptq"), {}),
-        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + low-rank (+1 bit/weight) + GPTQ",
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + low-rank "
+         "(+1 bit/weight) + GPTQ",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, low_rank=1.0, calibration="gptq"), {}),
         # asymmetric per-token activations (a scale and an offset per token: all 2^bits levels on the token's range)
         (f"W4A8 piecewise g{g} + balance + GPTQ, asymmetric A8",
          w("piecewise", 4, act_bits=8, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
         (f"W4A4 piecewise g{g} + balance + GPTQ, asymmetric A4",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq"), {}),
-        (f"recipe W4A4 piecewise g{g} (8-bit conditioning, float acts) + balance + GPTQ, asymmetric A4",
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ, asymmetric A4",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, calibration="gptq"), {}),
         # group-wise dynamic int4 activations (one scale per token and per group of channels, as NVFP4's blocks)
         *[(f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G={a})",
@@ -304,6 +305,31 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
           for a in (32, 16)],
         (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, low_rank=1.0, rotation=BALANCE, calibration="gptq"),
+         {"act_group_size": 16}),
+        # the recipe's 8-bit, float-activation output layer (proj_out_2) on the best W4A4 activations above
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ, "
+         "group-wise acts (G=16), asymmetric A4",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, calibration="gptq"),
+         {"act_group_size": 16}),
+        (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + low-rank "
+         "(+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, low_rank=1.0, calibration="gptq"),
+         {"act_group_size": 16}),
+        (f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G=16), asymmetric A4, output layer 8-bit float acts",
+         w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq",
+           overrides={"proj_out_2": {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None}}),
+         {"act_group_size": 16}),
+        (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4, "
+         "output layer 8-bit float acts",
+         w("piecewise", 4, act_bits=4, act_mode=ASYM, low_rank=1.0, rotation=BALANCE, calibration="gptq",
+           overrides={"proj_out_2": {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None}}),
+         {"act_group_size": 16}),
+        # every weight on 4 bits: the conditioning layers on the 4-bit piecewise grid (float activations)
+        (f"recipe W4A4 piecewise g{g} (4-bit conditioning + output layer, float acts) + balance + low-rank "
+         "(+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4",
+         diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, low_rank=1.0, calibration="gptq",
+                          conditioning_bits=4, conditioning_grid="piecewise", output_layer=False,
+                          overrides={"re:proj_out(_2)?": {"bits": 4, "grid": "piecewise", "act_bits": None}}),
          {"act_group_size": 16}),
         # activation clip ratio per layer, chosen on the calibration rows (calibration act_clip_search)
         (f"W4A4 piecewise g{g} + balance + GPTQ + act clip search",

@@ -8,7 +8,11 @@ shift/scale/gate of every block: their outputs multiply whole activations, they 
 and their inputs (sinusoidal features, SiLU of the embedding) are smooth. They get an 8-bit
 uniform grid and float activations. The attention and MLP projections hold almost every weight and
 have bell-shaped weight distributions, where the piecewise grid's dense centre pays off: they get
-the config's low-bit piecewise grid.
+the config's low-bit piecewise grid. The final projection that turns the last hidden states into the
+predicted noise (DiT's ``proj_out_2``; ``proj_out`` of PixArt, SD3, Flux and Sana) holds a few
+hundred to a few thousand weights, and its output is the denoiser's output itself: 4-bit
+activations there cost the digits DiT about 3 points of accuracy at W4A4 (docs/diffusers.md), so it
+gets the conditioning layers' scheme too (``output_layer=False`` quantizes it like the rest).
 
 :func:`diffusion_recipe` builds that config; every choice stays a plain pattern override, so it is
 saved with the checkpoint and can be edited (``config.with_overrides({...})``).
@@ -20,7 +24,7 @@ from typing import Any
 
 from piecewise_quant.config import PiecewiseQuantConfig
 
-__all__ = ["CONDITIONING_PATTERNS", "diffusion_recipe"]
+__all__ = ["CONDITIONING_PATTERNS", "OUTPUT_PATTERNS", "diffusion_recipe"]
 
 # Layer-name patterns (fnmatch; matched against the full module name) of the conditioning layers of
 # diffusers' DiT, PixArt, SD3, Flux, Sana and Hunyuan-style transformers.
@@ -37,6 +41,11 @@ CONDITIONING_PATTERNS: tuple[str, ...] = (
     "proj_out_1",
 )
 
+# The final projection to the predicted noise. Regular expressions matched against the whole name,
+# so only the top-level layer matches (a plain "proj_out" would also match a UNet's inner
+# "...attentions.0.proj_out").
+OUTPUT_PATTERNS: tuple[str, ...] = ("re:proj_out(_2)?",)
+
 
 def diffusion_recipe(
     bits: int = 4,
@@ -49,11 +58,15 @@ def diffusion_recipe(
     conditioning_act_bits: int | None = None,
     balance: bool = False,
     balance_alpha: float | str = "auto",
+    output_layer: bool = True,
     **kwargs: Any,
 ) -> PiecewiseQuantConfig:
     """A :class:`~piecewise_quant.PiecewiseQuantConfig` for a DiT: ``grid``/``bits`` (default 4-bit
     piecewise) for attention and MLP projections, ``conditioning_grid``/``conditioning_bits``
-    (default 8-bit uniform, float activations) for the embedding and adaLN modulation layers.
+    (default 8-bit uniform, float activations) for the embedding and adaLN modulation layers and,
+    with ``output_layer=True`` (the default), for the final projection to the predicted noise
+    (:data:`OUTPUT_PATTERNS`; a few hundred weights whose 4-bit activations are the costliest of
+    the model at W4A4). ``output_layer=False`` quantizes that layer like the attention/MLP projections.
 
     ``act_bits``/``act_mode`` set activation quantization of the attention/MLP projections; other
     keyword arguments go to ``PiecewiseQuantConfig`` (e.g. ``calibration``, ``act_clip_ratio``,
@@ -70,7 +83,7 @@ def diffusion_recipe(
     if conditioning_grid == "uniform":
         conditioning["group_size"] = "channel"
     overrides = dict(kwargs.pop("overrides", {}) or {})
-    for pattern in CONDITIONING_PATTERNS:
+    for pattern in CONDITIONING_PATTERNS + (OUTPUT_PATTERNS if output_layer else ()):
         overrides.setdefault(pattern, dict(conditioning))
     kwargs.setdefault("modules_to_not_convert", [])
     if balance:

@@ -74,8 +74,35 @@ def test_recipe_puts_conditioning_layers_on_uniform_8_bit(saved_float):
     blk = model.transformer_blocks[0]
     for m in (blk.norm1.linear, blk.norm1.emb.timestep_embedder.linear_1, model.proj_out_1):
         assert (m.spec.grid, m.spec.bits, m.spec.act_bits) == ("uniform", 8, None)
-    for m in (blk.attn1.to_q, blk.attn1.to_out[0], blk.ff.net[0].proj, blk.ff.net[2], model.proj_out_2):
+    for m in (blk.attn1.to_q, blk.attn1.to_out[0], blk.ff.net[0].proj, blk.ff.net[2]):
         assert (m.spec.grid, m.spec.bits) == ("piecewise", 4)
+    assert (model.proj_out_2.spec.grid, model.proj_out_2.spec.bits, model.proj_out_2.spec.act_bits) == ("uniform", 8, None)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_pixart", "tiny_sd3", "tiny_flux"])
+def test_recipe_keeps_the_output_projection_on_8_bit_float_acts(saved_float, model_name):
+    cls, path, _, _ = saved_float[model_name]
+    recipe = diffusion_recipe(bits=4, group_size=16, act_bits=4)
+    model = cls.from_pretrained(path, quantization_config=recipe)
+    assert (model.proj_out.spec.grid, model.proj_out.spec.bits, model.proj_out.spec.act_bits) == ("uniform", 8, None)
+    low = [m for n, m in model.named_modules() if isinstance(m, DiffusionQuantLinear) and ".to_q" in n]
+    assert low and all((m.spec.bits, m.spec.act_bits) == (4, 4) for m in low)
+    # output_layer=False: the final projection is quantized like the attention/MLP projections
+    model = cls.from_pretrained(path, quantization_config=diffusion_recipe(bits=4, group_size=16, act_bits=4,
+                                                                            output_layer=False))
+    assert (model.proj_out.spec.grid, model.proj_out.spec.bits, model.proj_out.spec.act_bits) == ("piecewise", 4, 4)
+
+
+def test_recipe_output_patterns_match_only_the_top_level_projection():
+    recipe = diffusion_recipe(bits=4, group_size=16, act_bits=4)
+    for name in ("proj_out", "proj_out_2"):
+        assert (recipe.spec_for(name).bits, recipe.spec_for(name).act_bits) == (8, None)
+    # a UNet's inner transformer projections and the blocks' own layers keep the low-bit scheme
+    for name in ("down_blocks.0.attentions.0.proj_out", "transformer_blocks.0.ff.net.2", "mid_block.attentions.0.proj_out"):
+        assert (recipe.spec_for(name).bits, recipe.spec_for(name).act_bits) == (4, 4)
+    # the user's own overrides take precedence over the recipe's
+    mine = diffusion_recipe(bits=4, group_size=16, act_bits=4, overrides={"proj_out": {"bits": 4, "act_bits": 4}})
+    assert (mine.spec_for("proj_out").bits, mine.spec_for("proj_out").act_bits) == (4, 4)
 
 
 def test_pipeline_quantization_config_backend(dfh, tmp_path):
@@ -184,3 +211,13 @@ def test_the_core_checkpoint_error_catches_diffusers_mismatches(saved_float, tmp
         assert "to_q.scales' was not found" in str(exc)
     else:
         pytest.fail("a checkpoint with a missing tensor loaded")
+
+
+def test_recipe_output_layer_through_enable_quant(dfh):
+    pipe = dfh.dit_pipeline()
+    pipe.enable_quant(diffusion_recipe(bits=4, group_size=16, act_bits=4))
+    out = pipe.transformer.proj_out_2
+    assert isinstance(out, DiffusionQuantLinear)
+    assert (out.spec.grid, out.spec.bits, out.spec.act_bits) == ("uniform", 8, None)
+    ff = pipe.transformer.transformer_blocks[0].ff.net[2]
+    assert (ff.spec.grid, ff.spec.bits, ff.spec.act_bits) == ("piecewise", 4, 4)
