@@ -317,12 +317,12 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          {"act_group_size": 16}),
         (f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G=16), asymmetric A4, output layer 8-bit float acts",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq",
-           overrides={"proj_out_2": {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None}}),
+           overrides={"proj_out_2": OUT8}),
          {"act_group_size": 16}),
         (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4, "
          "output layer 8-bit float acts",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, low_rank=1.0, rotation=BALANCE, calibration="gptq",
-           overrides={"proj_out_2": {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None}}),
+           overrides={"proj_out_2": OUT8}),
          {"act_group_size": 16}),
         # every weight on 4 bits: the conditioning layers on the 4-bit piecewise grid (float activations)
         (f"recipe W4A4 piecewise g{g} (4-bit conditioning + output layer, float acts) + balance + low-rank "
@@ -331,6 +331,12 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
                           conditioning_bits=4, conditioning_grid="piecewise", output_layer=False,
                           overrides={"re:proj_out(_2)?": {"bits": 4, "grid": "piecewise", "act_bits": None}}),
          {"act_group_size": 16}),
+        # W4A8 with the output layer kept on 8-bit weights and float activations
+        (f"W4A8 piecewise g{g} + balance + GPTQ, output layer 8-bit float acts",
+         w("piecewise", 4, act_bits=8, rotation=BALANCE, calibration="gptq",
+           overrides={"proj_out_2": OUT8}), {}),
+        (f"recipe W4A8 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ",
+         diffusion_recipe(bits=4, group_size=g, act_bits=8, balance=True, calibration="gptq"), {}),
         # activation clip ratio per layer, chosen on the calibration rows (calibration act_clip_search)
         (f"W4A4 piecewise g{g} + balance + GPTQ + act clip search",
          w("piecewise", 4, act_bits=4, rotation=BALANCE, calibration=CLIP), {}),
@@ -376,6 +382,8 @@ ASYM = "dynamic_per_token_asym"  # act_mode: a scale and an offset per token
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
 MIXED5 = {"gptq": True, "mixed_precision_budget": 5.0, "mixed_precision_bits": [4, 8],
           "mixed_precision_grids": ["piecewise"]}
+# the output layer on the recipe's scheme for it (8-bit weights, float activations, no low-rank branch)
+OUT8 = {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None, "low_rank": None}
 CLIP = {"gptq": True, "act_clip_search": True}  # GPTQ, then each layer's activation clip ratio chosen on its calibration rows
 
 

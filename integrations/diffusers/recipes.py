@@ -70,7 +70,9 @@ def diffusion_recipe(
 
     ``act_bits``/``act_mode`` set activation quantization of the attention/MLP projections; other
     keyword arguments go to ``PiecewiseQuantConfig`` (e.g. ``calibration``, ``act_clip_ratio``,
-    ``modules_to_not_convert``, more ``overrides``, which take precedence over the recipe's).
+    ``low_rank``, ``modules_to_not_convert``, more ``overrides``, which take precedence over the
+    recipe's). A ``low_rank`` branch goes to the low-bit layers only: the conditioning and output
+    layers get none while ``conditioning_bits >= 8``.
 
     ``balance=True``: ViDiT-Q's static-dynamic channel balance on every layer that quantizes its
     activations: a per-channel smoothing scale from the activation maxima over every calibrated
@@ -80,6 +82,10 @@ def diffusion_recipe(
     activations (``act_mode="dynamic_per_token"``, optionally ``act_group_size``). It composes
     with ``calibration="gptq"`` (GPTQ runs on the balanced weights)."""
     conditioning: dict[str, Any] = {"grid": conditioning_grid, "bits": conditioning_bits, "act_bits": conditioning_act_bits}
+    if conditioning_bits >= 8:
+        # an SVDQuant branch absorbs what 4-bit codes cannot hold; 8-bit layers need none (and a
+        # 1-output projection such as a 1-channel model's proj_out has no room for one)
+        conditioning["low_rank"] = None
     if conditioning_grid == "uniform":
         conditioning["group_size"] = "channel"
     overrides = dict(kwargs.pop("overrides", {}) or {})

@@ -221,3 +221,30 @@ def test_recipe_output_layer_through_enable_quant(dfh):
     assert (out.spec.grid, out.spec.bits, out.spec.act_bits) == ("uniform", 8, None)
     ff = pipe.transformer.transformer_blocks[0].ff.net[2]
     assert (ff.spec.grid, ff.spec.bits, ff.spec.act_bits) == ("piecewise", 4, 4)
+
+
+def test_recipe_low_rank_goes_to_the_low_bit_layers_only(saved_float):
+    cls, path, _, _ = saved_float["tiny_dit"]
+    model = cls.from_pretrained(path, quantization_config=diffusion_recipe(bits=4, group_size=16, act_bits=4, low_rank=1.0))
+    blk = model.transformer_blocks[0]
+    for m in (blk.norm1.linear, model.proj_out_1, model.proj_out_2):
+        assert m.spec.low_rank is None and m.spec.bits == 8
+    for m in (blk.attn1.to_q, blk.ff.net[2]):
+        assert m.spec.low_rank == 1.0 and m.spec.bits == 4
+    # a 1-output projection (a 1-channel model with 1x1 patches, as assets/dit-digits16) has no room
+    # for a rank-1 branch: the recipe plans it without one instead of refusing the model
+    def one_channel() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=1, sample_size=4,
+            patch_size=1, num_embeds_ada_norm=1000, norm_type="ada_norm_zero").eval()
+
+    one = one_channel()
+    assert one.proj_out_2.weight.shape == (1, 32)
+    pq.quantize(one, diffusion_recipe(bits=4, group_size=16, act_bits=4, low_rank=1.0))
+    assert one.proj_out_2.spec.low_rank is None and one.transformer_blocks[0].ff.net[2].spec.low_rank == 1.0
+    with pytest.raises(ValueError, match="proj_out_2.*low_rank"):
+        pq.quantize(one_channel(), pq.PiecewiseQuantConfig(bits=4, group_size=16, low_rank=1.0, modules_to_not_convert=[]))
+    # with 4-bit conditioning weights the branch stays on those layers too
+    four = diffusion_recipe(bits=4, group_size=16, act_bits=4, low_rank=1.0, conditioning_bits=4, conditioning_grid="piecewise")
+    assert four.spec_for("transformer_blocks.0.norm1.linear").low_rank == 1.0
