@@ -284,7 +284,7 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
         ("W4A4 nvfp4 weights and activations", fp4("nvfp4", act_bits=4, act_format="nvfp4"), {}),
         ("W4A4 mxfp4 + balance", fp4("mxfp4", act_bits=4, act_format="mxfp4", rotation=BALANCE), {}),
         ("W4A4 nvfp4 + balance", fp4("nvfp4", act_bits=4, act_format="nvfp4", rotation=BALANCE), {}),
-        # the recipe: embeddings and adaLN layers on 8-bit weights with float activations
+        # the recipe: embeddings, adaLN and output layers on 8-bit weights with float activations
         (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, balance=True, calibration="gptq"), {}),
         (f"recipe W4A4 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + low-rank "
