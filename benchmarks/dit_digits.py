@@ -238,7 +238,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
     """(row name, config, enable_quant keyword arguments); ``None`` is the float model."""
     import piecewise_quant as pq
-    from piecewise_quant.integrations.diffusers import diffusion_recipe
+    from piecewise_quant.integrations.diffusers.recipes import conditioning_scheme, diffusion_recipe
 
     g = 16 if quick else 32
     u8 = dict(bits=8, grid="uniform", group_size="channel", modules_to_not_convert=[])
@@ -317,24 +317,23 @@ def recipes(quick: bool) -> list[tuple[str, Any, dict[str, Any]]]:
          {"act_group_size": 16}),
         (f"W4A4 piecewise g{g} + balance + GPTQ, group-wise acts (G=16), asymmetric A4, output layer 8-bit float acts",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, rotation=BALANCE, calibration="gptq",
-           overrides={"proj_out_2": OUT8}),
+           overrides={"proj_out_2": conditioning_scheme()}),
          {"act_group_size": 16}),
         (f"W4A4 piecewise g{g} + balance + low-rank (+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4, "
          "output layer 8-bit float acts",
          w("piecewise", 4, act_bits=4, act_mode=ASYM, low_rank=1.0, rotation=BALANCE, calibration="gptq",
-           overrides={"proj_out_2": OUT8}),
+           overrides={"proj_out_2": conditioning_scheme()}),
          {"act_group_size": 16}),
         # every weight on 4 bits: the conditioning layers on the 4-bit piecewise grid (float activations)
         (f"recipe W4A4 piecewise g{g} (4-bit conditioning + output layer, float acts) + balance + low-rank "
          "(+1 bit/weight) + GPTQ, group-wise acts (G=16), asymmetric A4",
          diffusion_recipe(bits=4, group_size=g, act_bits=4, act_mode=ASYM, balance=True, low_rank=1.0, calibration="gptq",
-                          conditioning_bits=4, conditioning_grid="piecewise", output_layer=False,
-                          overrides={"re:proj_out(_2)?": {"bits": 4, "grid": "piecewise", "act_bits": None}}),
+                          conditioning_bits=4, conditioning_grid="piecewise"),
          {"act_group_size": 16}),
         # W4A8 with the output layer kept on 8-bit weights and float activations
         (f"W4A8 piecewise g{g} + balance + GPTQ, output layer 8-bit float acts",
          w("piecewise", 4, act_bits=8, rotation=BALANCE, calibration="gptq",
-           overrides={"proj_out_2": OUT8}), {}),
+           overrides={"proj_out_2": conditioning_scheme()}), {}),
         (f"recipe W4A8 piecewise g{g} (8-bit conditioning + output layer, float acts) + balance + GPTQ",
          diffusion_recipe(bits=4, group_size=g, act_bits=8, balance=True, calibration="gptq"), {}),
         # activation clip ratio per layer, chosen on the calibration rows (calibration act_clip_search)
@@ -382,8 +381,6 @@ ASYM = "dynamic_per_token_asym"  # act_mode: a scale and an offset per token
 BALANCE = {"rotations": ["balance"]}  # balance_alpha "auto": chosen per layer on the calibration inputs
 MIXED5 = {"gptq": True, "mixed_precision_budget": 5.0, "mixed_precision_bits": [4, 8],
           "mixed_precision_grids": ["piecewise"]}
-# the output layer on the recipe's scheme for it (8-bit weights, float activations, no low-rank branch)
-OUT8 = {"bits": 8, "grid": "uniform", "group_size": "channel", "act_bits": None, "low_rank": None}
 CLIP = {"gptq": True, "act_clip_search": True}  # GPTQ, then each layer's activation clip ratio chosen on its calibration rows
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from piecewise_quant.config import PiecewiseQuantConfig
 
-__all__ = ["CONDITIONING_PATTERNS", "OUTPUT_PATTERNS", "diffusion_recipe"]
+__all__ = ["CONDITIONING_PATTERNS", "OUTPUT_PATTERNS", "conditioning_scheme", "diffusion_recipe"]
 
 # Layer-name patterns (fnmatch; matched against the full module name) of the conditioning layers of
 # diffusers' DiT, PixArt, SD3, Flux, Sana and Hunyuan-style transformers.
@@ -45,6 +45,20 @@ CONDITIONING_PATTERNS: tuple[str, ...] = (
 # so only the top-level layer matches (a plain "proj_out" would also match a UNet's inner
 # "...attentions.0.proj_out").
 OUTPUT_PATTERNS: tuple[str, ...] = ("re:proj_out(_2)?",)
+
+
+def conditioning_scheme(bits: int = 8, grid: str = "uniform", act_bits: int | None = None) -> dict[str, Any]:
+    """The ``overrides`` entry :func:`diffusion_recipe` gives its conditioning and output layers
+    (``{pattern: conditioning_scheme()}`` puts another layer on it): ``bits``-bit ``grid`` weights,
+    per channel when uniform, ``act_bits`` activations (``None``: float). From 8 bits up it also
+    sets ``low_rank=None``: an SVDQuant branch absorbs what 4-bit codes cannot hold, 8-bit layers
+    need none, and a 1-output projection (a 1-channel model's ``proj_out``) has no room for one."""
+    scheme: dict[str, Any] = {"grid": grid, "bits": bits, "act_bits": act_bits}
+    if bits >= 8:
+        scheme["low_rank"] = None
+    if grid == "uniform":
+        scheme["group_size"] = "channel"
+    return scheme
 
 
 def diffusion_recipe(
@@ -81,16 +95,9 @@ def diffusion_recipe(
     both applied online (``rotation=RotationArgs(["balance"])``); pair it with dynamic
     activations (``act_mode="dynamic_per_token"``, optionally ``act_group_size``). It composes
     with ``calibration="gptq"`` (GPTQ runs on the balanced weights)."""
-    conditioning: dict[str, Any] = {"grid": conditioning_grid, "bits": conditioning_bits, "act_bits": conditioning_act_bits}
-    if conditioning_bits >= 8:
-        # an SVDQuant branch absorbs what 4-bit codes cannot hold; 8-bit layers need none (and a
-        # 1-output projection such as a 1-channel model's proj_out has no room for one)
-        conditioning["low_rank"] = None
-    if conditioning_grid == "uniform":
-        conditioning["group_size"] = "channel"
     overrides = dict(kwargs.pop("overrides", {}) or {})
     for pattern in CONDITIONING_PATTERNS + (OUTPUT_PATTERNS if output_layer else ()):
-        overrides.setdefault(pattern, dict(conditioning))
+        overrides.setdefault(pattern, conditioning_scheme(conditioning_bits, conditioning_grid, conditioning_act_bits))
     kwargs.setdefault("modules_to_not_convert", [])
     if balance:
         if act_bits is None and conditioning_act_bits is None:

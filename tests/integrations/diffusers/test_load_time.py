@@ -248,3 +248,13 @@ def test_recipe_low_rank_goes_to_the_low_bit_layers_only(saved_float):
     # with 4-bit conditioning weights the branch stays on those layers too
     four = diffusion_recipe(bits=4, group_size=16, act_bits=4, low_rank=1.0, conditioning_bits=4, conditioning_grid="piecewise")
     assert four.spec_for("transformer_blocks.0.norm1.linear").low_rank == 1.0
+
+
+def test_conditioning_scheme_is_the_recipes_override():
+    from piecewise_quant.integrations.diffusers.recipes import conditioning_scheme
+
+    assert conditioning_scheme() == {"grid": "uniform", "bits": 8, "act_bits": None, "low_rank": None, "group_size": "channel"}
+    assert conditioning_scheme(4, "piecewise") == {"grid": "piecewise", "bits": 4, "act_bits": None}
+    cfg = pq.PiecewiseQuantConfig(bits=4, group_size=16, act_bits=4, low_rank=1.0,
+                                  overrides={"proj_out_2": conditioning_scheme()})
+    assert cfg.spec_for("proj_out_2") == diffusion_recipe(bits=4, group_size=16, act_bits=4, low_rank=1.0).spec_for("proj_out_2")
