@@ -14,7 +14,9 @@ would take minutes). ``bundled`` is ``assets/tiny-llama-pydoc``, quantized for r
 Variants: fp32, bf16 (the float model in that dtype), W4 g128 uniform, W4 g128 uniform with an
 8-bit per-channel ``lm_head`` (as llama.cpp's 4-bit files keep the output layer at 6-8 bits; the
 other variants keep ``lm_head`` in float), W4 g128 piecewise, W3 g128 piecewise and W8A8
-(per-channel 8-bit weights, dynamic per-token int8 activations); quantized variants run with fp32
+(per-channel 8-bit weights, dynamic per-token int8 activations), the last also with its weights
+prepacked for oneDNN (``W8A8 prepacked``, ``cpu_backend.prepack_int8``; transformers only, its
+weights column includes the packed copies); quantized variants run with fp32
 activations (``--act-dtype bfloat16`` for bf16). Prompts of 32 random token ids; decode speed is
 ``B * (N - 1) / (t_N - t_1)``, the time of generating ``N`` tokens minus that of generating 1
 (which removes the prefill), median of ``--repeats`` rounds (min-max in brackets). In transformers
@@ -54,7 +56,10 @@ VARIANTS = {  # name -> piecewise_quant config fields; None: the float model in 
     "W4 g128 piecewise": dict(grid="piecewise", bits=4, group_size=128),
     "W3 g128 piecewise": dict(grid="piecewise", bits=3, group_size=128),
     "W8A8": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
+    "W8A8 prepacked": dict(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8),
 }
+# variants whose W8A8 layers get cpu_backend.prepack_int8 (transformers only: a oneDNN-packed weight copy)
+PREPACKED = ("W8A8 prepacked",)
 PROMPT_LEN = 32
 
 
@@ -99,13 +104,21 @@ def build(model_name: str, variant: str, act_dtype: str, dry: bool):
         model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
         if fields is not None:
             pq.quantize(model, pq.PiecewiseQuantConfig(**fields), progress=False)
-        return model.to(dtype)
+        return _prepacked(model.to(dtype), variant)
     torch.manual_seed(0)
     config = LlamaConfig(**(DRY if dry else TINYLLAMA), tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     if fields is not None:
         random_quantize(model, fields)
-    return model.to(dtype)
+    return _prepacked(model.to(dtype), variant)
+
+
+def _prepacked(model, variant: str):
+    if variant in PREPACKED:
+        from piecewise_quant.kernels import cpu_backend
+
+        model.pq_packed_bytes = cpu_backend.prepack_int8(model)
+    return model
 
 
 def transformers_speeds(models: dict, vocab: int, batches: list[int], tokens: int, repeats: int) -> dict[str, dict]:
@@ -182,7 +195,8 @@ def vllm_speed(model, variant: str, act_dtype: str, vocab: int, args) -> dict:
 
 
 def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Stored bytes, plus the oneDNN-packed copies of a prepacked variant."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) + getattr(model, "pq_packed_bytes", 0)
 
 
 def table(rows: list[dict], batches: list[int]) -> str:
@@ -230,6 +244,7 @@ def main(argv=None) -> int:
     bad += [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown engines/models/variants: {bad}")
+
     if args.dry_run:
         engines, models, args.tokens, args.repeats, args.batch = ["transformers"], ["tinyllama"], 4, 1, [1, 2]
     if args.tokens < 2 or args.repeats < 1 or min(args.batch) < 1:
@@ -254,6 +269,8 @@ def main(argv=None) -> int:
             del built
         if "vllm" in engines:
             for variant in variants:
+                if variant in PREPACKED:
+                    continue  # transformers only: vLLM builds its own layers from the checkpoint
                 model = build(model_name, variant, args.act_dtype, args.dry_run)
                 res = vllm_speed(model, variant, args.act_dtype, model.config.vocab_size, args)
                 rows.append(dict(engine="vllm", model=model_name, variant=variant, weight_mb=weight_bytes(model) / 1e6,

@@ -12,10 +12,12 @@ Rows:
   * anchors: ``F.linear`` with an fp32 weight and with a bf16 weight; ``aten._weight_int4pack_mm_for_cpu``
     (torch's int4 g128 kernel, bf16 activations); ``aten._weight_int8pack_mm`` (int8 per-channel
     weights, bf16 activations); ``torch._int_mm`` (int8 x int8, no activation quantization included);
+    oneDNN's u8 x s8 ``qlinear_pointwise`` on a prepacked weight (likewise);
   * piecewise-quant formats, each with fp32 and with bf16 activations: W4 g128 uniform (symmetric and
     asymmetric) and piecewise; W3 g128 uniform and piecewise; W2 g128 uniform; W8 per-channel uniform
     (W8A16); W8A8 (per-channel 8-bit weights, dynamic per-token int8 activations, quantization in the
-    timed call); W4A8 (W4 g128 uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128;
+    timed call), also with the weight prepacked for oneDNN (``cpu_backend.prepack_int8``); W4A8 (W4 g128
+    uniform with int8 activations); FP8 E4M3 weights; piecewise W8 g128;
     W4 g32 uniform symmetric; MXFP4 and NVFP4 (E2M1 codes with block scales, run by the
     C kernels as symmetric layers whose one level table is E2M1).
 
@@ -56,6 +58,7 @@ class Case:
     symmetric: bool | None = None
     act_bits: int | None = None
     act_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    prepack: bool = False  # W8A8: cpu_backend.prepack_int8 (a oneDNN-packed copy of the weight, opt-in)
 
 
 CASES = (
@@ -67,6 +70,7 @@ CASES = (
     Case("W2 g128 uniform", "uniform", 2, 128, False),
     Case("W8A16 channel uniform", "uniform", 8, "channel", True),
     Case("W8A8 int8 dynamic", "uniform", 8, "channel", True, act_bits=8),
+    Case("W8A8 int8 dynamic, prepacked (oneDNN)", "uniform", 8, "channel", True, act_bits=8, prepack=True),
     Case("W4A8 g128 uniform", "uniform", 4, 128, False, act_bits=8),
     Case("FP8 weights channel", "fp8", 8, "channel"),
     Case("W8 g128 piecewise", "piecewise", 8, 128),
@@ -74,7 +78,8 @@ CASES = (
     Case("MXFP4 (E2M1 g32, E8M0 scales)", "mxfp4", 4, 32),
     Case("NVFP4 (E2M1 g16, E4M3 scales)", "nvfp4", 4, 16),
 )
-ANCHORS = ("fp32 F.linear", "bf16 F.linear", "aten int4 g128 (bf16)", "aten int8pack (bf16)", "torch._int_mm (int8)")
+ANCHORS = ("fp32 F.linear", "bf16 F.linear", "aten int4 g128 (bf16)", "aten int8pack (bf16)", "torch._int_mm (int8)",
+           "oneDNN qlinear u8s8 (int8, prepacked)")
 
 
 @dataclass
@@ -233,12 +238,30 @@ def bench_layer(name: str, n: int, k: int, m: int, args, ext, result: Result, pr
 
     record("torch._int_mm (int8)", "int8", int_mm, n * k, "torch")
 
+    def onednn():
+        w = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, k), dtype=torch.int8), None)
+        x = torch.randint(0, 256, (m, k), dtype=torch.uint8)
+        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        return lambda: torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, w, ones, zeros, None, 1.0, 0, torch.float32,
+                                                          "none", [], "")
+
+    if cpu_backend.onednn_int8_status()[0]:
+        record("oneDNN qlinear u8s8 (int8, prepacked)", "int8", onednn, n * k, "torch")
+    else:
+        progress.update(1)
+
     for case in args.case_list:
         for act in case.act_dtypes:
             dtype = getattr(torch, act)
 
+            if case.prepack and not cpu_backend.onednn_int8_status()[0]:
+                progress.update(1)
+                continue
+
             def make(case=case, dtype=dtype):
                 q = random_layer(case, n, k)
+                if case.prepack:
+                    cpu_backend.prepack_int8(q)
                 x = torch.randn(m, k).to(dtype)
 
                 def run():
@@ -251,7 +274,7 @@ def bench_layer(name: str, n: int, k: int, m: int, args, ext, result: Result, pr
             spec = probe.spec
             act_format = "none" if spec.act_bits is None else "int8"
             backend = cpu_backend.explain(probe.fmt.kernel_format(spec), spec.bits, probe.layer_spec.group_size, k, dtype,
-                                          act_format, rows=m)
+                                          act_format, rows=m, prepacked=case.prepack)
             record(case.name, act, make, stored_bytes(probe), backend)
             del probe
 

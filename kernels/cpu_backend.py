@@ -44,7 +44,7 @@ from .backends import KernelBackend
 from .fp4 import e2m1_levels
 from .grids import PIECEWISE_TABLES
 
-__all__ = ["cpu_backend", "status", "explain", "GEMV_MAX_ROWS"]
+__all__ = ["cpu_backend", "status", "explain", "prepack_int8", "onednn_int8_status", "GEMV_MAX_ROWS"]
 
 KINDS = {"uniform_sym": 0, "uniform_asym": 1, "piecewise": 2, "fp8_e4m3": 3}
 # FP4 weights run as symmetric layers (kind 0) whose one level table is E2M1's (see _fp4_operands)
@@ -60,6 +60,9 @@ FP4_GEMV_MAX_ROWS = 8
 # W8A8 (symmetric 8-bit weights per channel, integer activations) from this many rows: torch's int8 GEMM
 # (up to 16 rows the fused integer kernel was faster: 0.47 against 1.57 ms at 4 rows, 4096x4096)
 INT8_GEMM_MIN_ROWS = GEMV_MAX_ROWS + 1
+# a W8A8 layer prepacked for oneDNN (prepack_int8) takes oneDNN's GEMM from this many rows instead (4096x4096,
+# AMD EPYC, 2 threads: 0.74 against 0.80 ms at 8 rows, 1.05 against 1.72 at 16; the fused kernel wins at 1-4)
+ONEDNN_MIN_ROWS = 8
 # the operand order of that GEMM: ``None`` chooses by shape (the weight on the left when out_features >=
 # in_features, see _int8_gemm); True / False force one order (benchmarks/int8_gemm_order.py compares them)
 INT8_GEMM_WEIGHT_LEFT: bool | None = None
@@ -220,8 +223,25 @@ _fp4_cache = WeakIdKeyDictionary()
 _fp4_lock = threading.Lock()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t._version``; ``None`` for an inference tensor (made under ``torch.inference_mode()``), which has
+    no version counter: the caches keyed on it are cleared by ``QuantLinear.load_quantized`` through
+    :func:`forget` instead."""
+    return None if t.is_inference() else t._version
+
+
+def forget(t: torch.Tensor) -> None:
+    """Drop what the backend worked out from ``t`` (an FP4 layer's decoded scales, a W8A8 layer's
+    oneDNN-packed weight): its values are about to change."""
+    if _onednn_packed:
+        _onednn_packed.pop(t, None)
+    if _fp4_cache:
+        with _fp4_lock:
+            _fp4_cache.pop(t, None)
+
+
 def _fp4_key(scales: torch.Tensor, aux: torch.Tensor | None) -> tuple:
-    return (scales._version, aux._version if aux is not None else -1, aux.data_ptr() if aux is not None else 0)
+    return (_version(scales), _version(aux) if aux is not None else -1, aux.data_ptr() if aux is not None else 0)
 
 
 def _fp4_operands(scales: torch.Tensor, aux: torch.Tensor | None, weight_format: str) -> torch.Tensor:
@@ -302,7 +322,9 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         cache = _local.buffers = {}
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = cache[key] = torch.empty(numel, dtype=dtype)
+        # never an inference tensor: one made under torch.inference_mode() could not be written afterwards
+        with torch.inference_mode(False):
+            buf = cache[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -346,6 +368,113 @@ def _int8_gemm_applies(qweight, scales, weight_format: str, bits: int, group_siz
             and qweight.is_contiguous())
 
 
+# qweight tensor -> (its ``_version`` when packed, oneDNN's packed int8 weight); see prepack_int8
+_onednn_packed = WeakIdKeyDictionary()
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_int8_status() -> tuple[bool, str]:
+    """Whether oneDNN's u8 x s8 GEMM (``torch.ops.onednn.qlinear_pointwise``) runs here, and is exact.
+
+    It is exact on CPUs with VNNI (or AMX), whose ``vpdpbusd`` adds the u8 x s8 products in 32 bits.
+    Without VNNI oneDNN pairs them in saturating 16-bit adds (``vpmaddubsw``: 2 x 255 x 127 overflows),
+    so a worst-case product is checked against an int64 reference once per process. Returns
+    ``(ok, reason)``; ``reason`` names why not."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "torch was built without oneDNN (mkldnn)"
+    onednn = getattr(torch.ops, "onednn", None)
+    if onednn is None or not hasattr(onednn, "qlinear_prepack") or not hasattr(onednn, "qlinear_pointwise"):
+        return False, "this torch has no torch.ops.onednn.qlinear_pointwise"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=gen)
+        w[:8] = 127
+        w[8:16] = -127
+        x = torch.randint(-127, 128, (24, 256), dtype=torch.int8, generator=gen)
+        x[:8] = 127
+        x[8:16] = -127
+        got = _onednn_acc((x.to(torch.int16) + 128).to(torch.uint8), onednn.qlinear_prepack(w, None), 32)
+        want = (x.to(torch.int64) @ w.to(torch.int64).T).to(torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means: do not use it
+        return False, f"oneDNN's int8 GEMM failed its probe ({type(exc).__name__}: {exc})"
+    if not torch.equal(got, want):
+        return False, ("oneDNN's int8 GEMM is not exact on this CPU (without VNNI it adds u8 x s8 pairs in "
+                       "saturating 16-bit sums)")
+    return True, ""
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_channel_args(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # cached across calls, in and out of inference mode
+        return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
+
+
+def _onednn_acc(qu: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``(m, n)`` of the exact int32 sums ``(qu - 128) @ W^T``, converted to float as ``int32 *
+    float`` in torch converts them (unit scales: oneDNN's ``s32 -> f32`` then ``x 1.0``)."""
+    ones, zeros = _unit_channel_args(n)
+    return torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def _packed_for(qweight: torch.Tensor) -> torch.Tensor | None:
+    entry = _onednn_packed.get(qweight)
+    if entry is None:
+        return None
+    if entry[0] != _version(qweight):  # the codes were written in place since: the packed copy is stale
+        _onednn_packed.pop(qweight, None)
+        return None
+    return entry[1]
+
+
+def prepack_int8(model: torch.nn.Module, enable: bool = True) -> int:
+    """Give every W8A8 layer of ``model`` on CPU (symmetric 8-bit weights per channel, symmetric int8/int4
+    activations) a oneDNN-packed copy of its weight, for the batched path (from ``ONEDNN_MIN_ROWS``
+    activation rows: prefill, batched decode, diffusion). oneDNN's u8 x s8 GEMM on the packed weight is
+    1.2-2.2x the unpacked path there (docs/kernels.md#w8a8-prepacked-for-onednn), and exact: from
+    ``INT8_GEMM_MIN_ROWS`` rows the results are the unpacked path's bits.
+
+    **It costs memory**: each layer holds its codes (for saving, the decode kernels and every other
+    path) and the packed copy, twice its 8-bit weight bytes; that is why it is opt-in. Writing a layer's
+    codes in place (``load_quantized``, or a write that bumps the tensor's version counter, which
+    inference tensors lack), or moving it (``.to()``), leaves the packed copy unused (the next call
+    takes the unpacked path); call again to repack. ``enable=False`` drops the copies. Returns the bytes the
+    packed copies hold after the call (0 when none applies). Raises ``RuntimeError`` when oneDNN's
+    int8 GEMM is unavailable or inexact here (:func:`onednn_int8_status` says why)."""
+    # quantized layers (QuantLinear and subclasses), found by what they expose: kernels never import the core
+    layers = [m for m in model.modules()
+              if callable(getattr(m, "quantized_tensors", None)) and hasattr(m, "fmt") and hasattr(m, "act_quantizer")]
+    if enable:
+        ok, reason = onednn_int8_status()
+        if not ok:
+            raise RuntimeError(f"cannot prepack for oneDNN's int8 GEMM: {reason}; the layers keep torch._int_mm")
+    total = 0
+    for layer in layers:
+        w = layer.fmt.weight_operand(layer.quantized_tensors(), layer.layer_spec)
+        aq = layer.act_quantizer
+        if w is None or aq is None:
+            continue
+        if not enable:
+            _onednn_packed.pop(w.qweight, None)
+            continue
+        if (w.qweight.device.type != "cpu" or aq.args.kernel_format not in _ACT_QMAX
+                or aq.args.kernel_mode == "dynamic_per_token_asym"
+                or not _int8_gemm_applies(w.qweight, w.scales, w.format, w.bits, w.group_size, w.in_features)):
+            continue
+        packed = _packed_for(w.qweight)
+        if packed is None:
+            levels = torch.bitwise_xor(w.qweight, 0x80).view(torch.int8)
+            packed = torch.ops.onednn.qlinear_prepack(levels, None)
+            _onednn_packed[w.qweight] = (_version(w.qweight), packed)
+        total += w.qweight.numel()
+    return total
+
+
+def is_prepacked(qweight: torch.Tensor) -> bool:
+    """Whether ``qweight`` has a current oneDNN-packed copy (:func:`prepack_int8`)."""
+    return _packed_for(qweight) is not None
+
+
 def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float, topk: int) -> torch.Tensor | None:
     """W8A8 for many rows: activations quantized per row exactly as the reference does, the stored
     codes turned into signed levels (``code - 128`` is ``code ^ 0x80`` read as int8), and torch's int8
@@ -373,10 +502,18 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
             return None  # clipped or static scales can keep a row with Inf finite: the reference decides
         scale = _row_scales(xf, act_format, act_mode, act_scale, clip, topk).unsqueeze(-1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    col_scales = scales.to(torch.float32).reshape(-1)
+    packed = _packed_for(qweight)
+    if packed is not None:
+        # oneDNN's u8 x s8 GEMM on the prepacked weight: the levels shifted by 128 as u8 with zero point 128
+        qu = torch.div(xf, safe).round_().clamp_(-qmax, qmax).add_(128).to(torch.uint8)
+        y = _onednn_acc(qu, packed, qweight.shape[0]).mul_(safe).mul_(col_scales.reshape(1, -1)).to(x2.dtype)
+        if bad is not None:
+            y.masked_fill_(bad, float("nan"))
+        return y
     qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
     levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
     torch.bitwise_xor(qweight, 0x80, out=levels)
-    col_scales = scales.to(torch.float32).reshape(-1)
     n, k = qweight.shape
     weight_left = (n >= k) if INT8_GEMM_WEIGHT_LEFT is None else INT8_GEMM_WEIGHT_LEFT
     if weight_left:
@@ -419,7 +556,8 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     if int_act and act_mode == "static_per_tensor" and act_scale is None:
         return reference.linear(*args)  # raises the user-facing error
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    if (int_act and not asym and m >= INT8_GEMM_MIN_ROWS
+    if (int_act and not asym
+            and (m >= INT8_GEMM_MIN_ROWS or (m >= ONEDNN_MIN_ROWS and _packed_for(qweight) is not None))
             and _int8_gemm_applies(qweight, scales, weight_format, bits, group_size, in_features)):
         y = _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
         if y is None:
@@ -508,6 +646,8 @@ class Prepared:
         m = x2.shape[0]
         if not 0 < m <= (GEMV_MAX_ROWS if self.keep is None else FP4_GEMV_MAX_ROWS) or x2.stride(-1) != 1:
             return None
+        if m >= ONEDNN_MIN_ROWS and act is not None and _onednn_packed and _packed_for(self.tensors[0]) is not None:
+            return None  # the op's path runs oneDNN's GEMM on the prepacked weight
         y = torch.empty(m, self.n, dtype=x.dtype)
         if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
             bias = bias.to(x.dtype).contiguous()
@@ -545,9 +685,10 @@ def _small_groups(weight_format: str, bits: int, gs: int) -> bool:
 
 
 def explain(weight_format: str, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32,
-            act_format: str = "none", rows: int = 1) -> str:
+            act_format: str = "none", rows: int = 1, prepacked: bool = False) -> str:
     """Which CPU kernel a layer with this scheme runs for ``rows`` activation rows (1: decoding), e.g.
-    ``"cpu avx512-vnni (integer)"``, ``"cpu int8 GEMM (torch._int_mm)"`` or ``"reference (<why>)"``."""
+    ``"cpu avx512-vnni (integer)"``, ``"cpu int8 GEMM (torch._int_mm)"`` or ``"reference (<why>)"``;
+    ``prepacked``: the layer's weight has a oneDNN-packed copy (:func:`prepack_int8`)."""
     st = status()
     if not st["available"]:
         return f"reference ({st['reason']})"
@@ -557,9 +698,11 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     gs = in_features if group_size == -1 else group_size
     if in_features % gs or (in_features // gs > 1 and gs % 8):
         return f"reference (group size {group_size} is not a multiple of 8)"
-    if (rows >= INT8_GEMM_MIN_ROWS and act_format in _ACT_QMAX and weight_format == "uniform_sym" and bits == 8
-            and group_size in (-1, in_features)):
-        return "cpu int8 GEMM (torch._int_mm)"
+    if (act_format in _ACT_QMAX and weight_format == "uniform_sym" and bits == 8 and group_size in (-1, in_features)):
+        if prepacked and rows >= ONEDNN_MIN_ROWS:
+            return "cpu int8 GEMM (oneDNN u8s8, prepacked)"
+        if rows >= INT8_GEMM_MIN_ROWS:
+            return "cpu int8 GEMM (torch._int_mm)"
     if rows > (FP4_GEMV_MAX_ROWS if weight_format in FP4_FORMATS else GEMV_MAX_ROWS):
         return f"cpu dequantized blocks + torch {str(dtype).removeprefix('torch.')} GEMM"
     isa = st["isa"]

@@ -167,6 +167,11 @@ class QuantLinear(nn.Module):
             if buf.is_meta:
                 setattr(self, name, t)
             else:
+                if buf.device.type == "cpu":
+                    from .kernels import cpu_backend
+
+                    cpu_backend.forget(buf)  # an inference tensor has no version counter to show the change
+                    self._prepared = None
                 buf.copy_(t)
 
     def _apply(self, fn, recurse: bool = True):

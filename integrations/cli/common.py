@@ -267,8 +267,9 @@ def kernel_label(q, rows: int = 1) -> str:
     else:
         act_args = q.spec.act_args
         act = "none" if act_args is None else act_args.kernel_format
+        qweight = q._buffers.get("qweight")
         label = cpu_backend.explain(kernel, q.spec.bits, q.layer_spec.group_size, q.in_features, q.compute_dtype,
-                                    act, rows)
+                                    act, rows, prepacked=qweight is not None and cpu_backend.is_prepacked(qweight))
     return label + "".join(f" + {extra}" for extra in side_paths(q, rows))
 
 

@@ -218,6 +218,28 @@ def test_bench_prints_table(quantized_dir, capsys):
     assert re.search(r"^\| piecewise 4-bit \| 4\.156 \| [0-9.]+ \| [0-9,]+ \| [0-9.]+x \|$", out, re.M)
 
 
+def test_bench_prepack_int8_runs_w8a8_layers_on_onednn_and_refuses_other_models(tmp_path, tiny_llama_path,
+                                                                                 quantized_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import piecewise_quant as pq
+    from piecewise_quant.kernels import cpu_backend
+
+    assert cli.main(["bench", "--model", str(quantized_dir), "--seq-len", "16", "--repeats", "1",
+                     "--prepack-int8"]) == 2
+    assert "--prepack-int8: the model has no W8A8 layer" in capsys.readouterr().err
+    if not cpu_backend.onednn_int8_status()[0]:
+        pytest.skip(cpu_backend.onednn_int8_status()[1])
+    config = pq.PiecewiseQuantConfig(grid="uniform", bits=8, group_size="channel", symmetric=True, act_bits=8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=config)
+    model.save_pretrained(tmp_path / "w8a8")
+    args = ["bench", "--model", str(tmp_path / "w8a8"), "--seq-len", "32", "--repeats", "1"]
+    assert cli.main(args) == 0
+    assert "kernels: cpu int8 GEMM (torch._int_mm): 42 layers" in capsys.readouterr().out
+    assert cli.main(args + ["--prepack-int8"]) == 0
+    assert "kernels: cpu int8 GEMM (oneDNN u8s8, prepacked): 42 layers" in capsys.readouterr().out
+
+
 def test_inspect_unknown_layer_is_a_user_error(quantized_dir, capsys):
     assert cli.main(["inspect", "--model", str(quantized_dir), "--layer", "model.layers.0.mlp.down_prj"]) == 2
     err = capsys.readouterr().err

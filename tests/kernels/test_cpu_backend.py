@@ -141,6 +141,34 @@ def test_w8a8_many_rows_run_torch_int8_gemm_on_the_stored_codes(group, dtype, mo
     assert cpu_backend.explain("uniform_sym", 8, -1, 256, dtype, "int8", rows=48) == "cpu int8 GEMM (torch._int_mm)"
 
 
+def test_scratch_buffers_made_under_inference_mode_still_serve_calls_outside_it(monkeypatch):
+    # the W8A8 GEMM's levels and the tiled path's blocks go to per-thread scratch buffers; one first
+    # allocated under torch.inference_mode() used to be an inference tensor that later calls could not write
+    monkeypatch.setattr(cpu_backend._local, "buffers", {}, raising=False)
+    w8a8 = _quantized("uniform", 8, "channel", True, act_bits=8)
+    w4 = _quantized("piecewise", 4, 128)
+    x = torch.randn(cpu_backend.INT8_GEMM_MIN_ROWS, 256)
+    with torch.inference_mode():
+        inside = (w8a8(x), w4(x))
+    outside = (w8a8(x), w4(x))
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+
+
+@pytest.mark.parametrize("grid", ["mxfp4", "nvfp4"])
+def test_fp4_layers_quantized_under_inference_mode_run_and_follow_new_scales(grid, monkeypatch):
+    # inference tensors have no version counter, which the decoded-scale cache is keyed on
+    x = torch.randn(2, 256)
+    with torch.inference_mode():
+        q = _quantized(grid, 4, 32 if grid == "mxfp4" else 16)
+        y = q(x)
+        assert _relerr(y, _expected(q, x)) < 2e-6
+        scales = q.scales.clone()  # MXFP4's E8M0 exponents + 1: every block scale doubled
+        changed = scales + 1 if grid == "mxfp4" else torch.flip(scales, [0]).contiguous()
+        q.load_quantized({**q.quantized_tensors(), "scales": changed})
+        y2 = q(x)
+    assert _relerr(y2, _expected(q, x)) < 2e-6 and not torch.equal(y, y2)
+
+
 @pytest.mark.parametrize("order", [None, False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,n", [(256, 48), (64, 160)], ids=["wide", "tall"])
