@@ -244,7 +244,6 @@ def main(argv=None) -> int:
     bad += [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown engines/models/variants: {bad}")
-
     if args.dry_run:
         engines, models, args.tokens, args.repeats, args.batch = ["transformers"], ["tinyllama"], 4, 1, [1, 2]
     if args.tokens < 2 or args.repeats < 1 or min(args.batch) < 1:

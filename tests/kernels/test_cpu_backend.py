@@ -155,7 +155,7 @@ def test_scratch_buffers_made_under_inference_mode_still_serve_calls_outside_it(
 
 
 @pytest.mark.parametrize("grid", ["mxfp4", "nvfp4"])
-def test_fp4_layers_quantized_under_inference_mode_run_and_follow_new_scales(grid, monkeypatch):
+def test_fp4_layers_quantized_under_inference_mode_run_and_follow_new_scales(grid):
     # inference tensors have no version counter, which the decoded-scale cache is keyed on
     x = torch.randn(2, 256)
     with torch.inference_mode():
