@@ -475,10 +475,12 @@ def is_prepacked(qweight: torch.Tensor) -> bool:
     return _packed_for(qweight) is not None
 
 
-def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float, topk: int) -> torch.Tensor | None:
+def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float, topk: int,
+               packed: torch.Tensor | None = None) -> torch.Tensor | None:
     """W8A8 for many rows: activations quantized per row exactly as the reference does, the stored
     codes turned into signed levels (``code - 128`` is ``code ^ 0x80`` read as int8), and torch's int8
-    GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end."""
+    GEMM, whose int32 sums are exact; one multiply by the row and channel scales at the end. ``packed``:
+    the layer's oneDNN-packed weight (:func:`prepack_int8`), multiplied by oneDNN's GEMM instead."""
     qmax = _ACT_QMAX[act_format]
     xf = x2.to(torch.float32)
     bad = None
@@ -503,29 +505,27 @@ def _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, clip: float
         scale = _row_scales(xf, act_format, act_mode, act_scale, clip, topk).unsqueeze(-1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     col_scales = scales.to(torch.float32).reshape(-1)
-    packed = _packed_for(qweight)
     if packed is not None:
-        # oneDNN's u8 x s8 GEMM on the prepacked weight: the levels shifted by 128 as u8 with zero point 128
+        # oneDNN's u8 x s8 GEMM on the prepacked weight (prepack_int8): the levels shifted by 128 as u8 with
+        # zero point 128; the same int32 sums and products
         qu = torch.div(xf, safe).round_().clamp_(-qmax, qmax).add_(128).to(torch.uint8)
         y = _onednn_acc(qu, packed, qweight.shape[0]).mul_(safe).mul_(col_scales.reshape(1, -1)).to(x2.dtype)
-        if bad is not None:
-            y.masked_fill_(bad, float("nan"))
-        return y
-    qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
-    levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
-    torch.bitwise_xor(qweight, 0x80, out=levels)
-    n, k = qweight.shape
-    weight_left = (n >= k) if INT8_GEMM_WEIGHT_LEFT is None else INT8_GEMM_WEIGHT_LEFT
-    if weight_left:
-        # (W x^T)^T: the weight, as stored, is the left operand, so oneDNN packs the small x^T instead of the
-        # transposed weight on every call: 1.2-1.6x faster layers at 17-64 rows on 4096x4096 and 11008x4096,
-        # the other order 1.02-1.2x faster on 4096x11008 (docs/kernels.md). The same int32 sums and products
-        acc_t = torch._int_mm(levels.view(torch.int8), qx.t().contiguous())
-        y_t = torch.mul(acc_t, safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))  # int32 -> float32, then x
-        y = torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
     else:
-        acc = torch._int_mm(qx, levels.view(torch.int8).t())
-        y = torch.mul(acc, safe).mul_(col_scales.reshape(1, -1)).to(x2.dtype)
+        qx = torch.div(xf, safe).round_().clamp_(-qmax, qmax).to(torch.int8)
+        levels = _buffer("levels", qweight.numel(), torch.uint8).view(qweight.shape)
+        torch.bitwise_xor(qweight, 0x80, out=levels)
+        n, k = qweight.shape
+        weight_left = (n >= k) if INT8_GEMM_WEIGHT_LEFT is None else INT8_GEMM_WEIGHT_LEFT
+        if weight_left:
+            # (W x^T)^T: the weight, as stored, is the left operand, so oneDNN packs the small x^T instead of the
+            # transposed weight on every call: 1.2-1.6x faster layers at 17-64 rows on 4096x4096 and 11008x4096,
+            # the other order 1.02-1.2x faster on 4096x11008 (docs/kernels.md). The same int32 sums and products
+            acc_t = torch._int_mm(levels.view(torch.int8), qx.t().contiguous())
+            y_t = torch.mul(acc_t, safe.reshape(1, -1)).mul_(col_scales.reshape(-1, 1))  # int32 -> float32, then x
+            y = torch.empty(x2.shape[0], n, dtype=x2.dtype).copy_(y_t.t())
+        else:
+            acc = torch._int_mm(qx, levels.view(torch.int8).t())
+            y = torch.mul(acc, safe).mul_(col_scales.reshape(1, -1)).to(x2.dtype)
     if bad is not None:
         y.masked_fill_(bad, float("nan"))
     return y
@@ -556,10 +556,11 @@ def _linear(x, qweight, scales, aux, bias, act_scale, weight_format, bits, group
     if int_act and act_mode == "static_per_tensor" and act_scale is None:
         return reference.linear(*args)  # raises the user-facing error
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    if (int_act and not asym
-            and (m >= INT8_GEMM_MIN_ROWS or (m >= ONEDNN_MIN_ROWS and _packed_for(qweight) is not None))
+    packed = _packed_for(qweight) if int_act and m >= ONEDNN_MIN_ROWS and _onednn_packed else None
+    if (int_act and not asym and (m >= INT8_GEMM_MIN_ROWS or packed is not None)
             and _int8_gemm_applies(qweight, scales, weight_format, bits, group_size, in_features)):
-        y = _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk))
+        y = _int8_gemm(x2, qweight, scales, act_format, act_mode, act_scale, float(act_clip_ratio), int(act_topk),
+                       packed)
         if y is None:
             return reference.linear(*args)
         if b is not None:

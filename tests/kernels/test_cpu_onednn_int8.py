@@ -86,7 +86,8 @@ def test_prepacked_w8a8_runs_onednn_from_fewer_rows_within_the_reference_toleran
     x = torch.randn(cpu_backend.ONEDNN_MIN_ROWS, 512)
     y = model(x)
     assert torch.equal(y, cpu_backend._int8_gemm(x, model[0].qweight, model[0].scales, "int8", "dynamic_per_token",
-                                                  None, 1.0, 0) + model[0].bias)
+                                                  None, 1.0, 0, cpu_backend._packed_for(model[0].qweight))
+                       + model[0].bias)
     xq = reference.quantize_activation(x, "int8", "dynamic_per_token")
     expected = xq.double() @ model[0].dequantize(torch.float64).t() + model[0].bias.double()
     assert float((y.double() - expected).norm() / expected.norm()) < 2e-6
