@@ -12,7 +12,8 @@ from CPUID when the extension loads:
   Groups of 16, 32 and 64 (3/4/8-bit, FP4) run the same kernel with the group scales applied lane by
   lane; other group sizes that are not multiples of 128 (and 2-bit groups under 128) use a bf16
   dot-product kernel instead.
-* ``avx2`` (AVX2 + FMA + F16C): fp32 levels and fp32 FMAs.
+* ``avx2`` (AVX2 + FMA + F16C): int16 weights times int16 activation pieces (``VPMADDWD``) where the
+  group size allows, else fp32 levels and fp32 FMAs.
 
 Many activation rows (prefill, training) are multiplied by torch's own GEMM on blocks of rows that
 the kernels dequantize exactly as :func:`reference.dequantize` does, into a reused buffer.
@@ -707,10 +708,15 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
     if rows > (FP4_GEMV_MAX_ROWS if weight_format in FP4_FORMATS else GEMV_MAX_ROWS):
         return f"cpu dequantized blocks + torch {str(dtype).removeprefix('torch.')} GEMM"
     isa = st["isa"]
-    integer = (
-        isa == "avx512-vnni" and weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)
-        and in_features % 128 == 0 and (gs == in_features or gs % 128 == 0 or _small_groups(weight_format, bits, gs))
-    )
+    has_int = weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)
+    if isa == "avx2":  # the int16 kernel (i16_supported in pq_cpu.c): 4-bit codes go in blocks of 32
+        blk = 32 if bits == 4 else 16
+        integer = has_int and in_features % blk == 0 and (gs == in_features or gs % blk == 0)
+    else:
+        integer = (
+            isa == "avx512-vnni" and has_int and in_features % 128 == 0
+            and (gs == in_features or gs % 128 == 0 or _small_groups(weight_format, bits, gs))
+        )
     if act_format in _ACT_QMAX and not integer:
         return f"cpu {isa} (float kernels on simulated {act_format} activations)"
     if integer:

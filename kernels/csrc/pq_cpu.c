@@ -1464,6 +1464,228 @@ AVX2 static void tile_task256(void *ctx, int part, int nparts) {
     }
 }
 
+/* tier 1 integer kernel: int16 weights (codes, or the integer level table 4 * level + 64) times
+ * int16 activation pieces with VPMADDWD. AVX2 has no byte dot product without saturation
+ * (VPMADDUBSW) and no 16-bit variable shift, so 16 codes are moved into 16-bit lanes by one
+ * VPSHUFB (the two bytes around each code) and one VPMULLW (a left shift that puts every code at
+ * bit 8), then shifted down and masked. One int16 piece holds about what two int8 pieces hold on
+ * the AVX-512 tier: one piece for bf16/fp16 rows, two for fp32. */
+#define I16_FLUSH 1024 /* weights per exact int32 run: 64 VPMADDWD sums of at most 2*255*32767 */
+
+typedef struct {
+    const layer_t *L;
+    const int16_t *xq; /* [M][P][K] pieces in natural order */
+    const float *sc;   /* [M][P] the scale of each piece */
+    int64_t M, P;
+    float *yacc; /* [M][N] */
+    const uint8_t *codes_end;
+} i16_job_t;
+
+static int i16_supported(const layer_t *L) {
+    if (L->kind == KIND_FP8 || (L->bits == 8 && L->kind == KIND_PW)) return 0;
+    if (L->kind == KIND_PW && !L->lut8) return 0;
+    const int64_t blk = L->bits == 4 ? 32 : 16; /* weights per decoded block */
+    return L->K % blk == 0 && (L->G == 1 || L->gs % blk == 0);
+}
+
+/* the 16 codes of one row starting at code k (a multiple of 16), as 16-bit lanes */
+AVX2 INLINE __m256i i16_codes(const uint8_t *row, int64_t k, const int B, const int TAB, __m256i ctl, __m256i mul,
+                              __m256i mask, const uint8_t *end) {
+    if (B == 8) return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+    const uint8_t *p = row + ((k * B) >> 3);
+    __m128i v;
+    if (p + 16 <= end) v = _mm_loadu_si128((const __m128i *)p);
+    else { /* the last codes of the tensor: read only the 2B bytes that are there */
+        _Alignas(16) uint8_t t[16] = {0};
+        memcpy(t, p, (size_t)(2 * B));
+        v = _mm_load_si128((const __m128i *)t);
+    }
+    __m256i w = _mm256_mullo_epi16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), ctl), mul);
+    if (TAB) /* the code as a VPSHUFB index in the high byte, the low byte's index 0x80 (zero) */
+        return _mm256_or_si256(_mm256_and_si256(w, _mm256_slli_epi16(mask, 8)), _mm256_set1_epi16(0x0080));
+    return _mm256_and_si256(_mm256_srli_epi16(w, 8), mask);
+}
+
+/* the scale of every group of row n (a quarter of it for level tables, which hold 4 * level) */
+INLINE void i16_scales(const layer_t *L, int64_t n, int tab, float *sg) {
+    const float mult = tab ? 0.25f : 1.0f;
+    for (int64_t g = 0; g < L->G; g++) sg[g] = load_scale(L, n, g) * mult;
+}
+
+/* one weight row times MO activation rows (MO, B, TAB, P compile-time constants, so the int32 and
+ * float sums stay in registers) */
+AVX2 INLINE void i16_row(const i16_job_t *J, int64_t n, int64_t m0, const int MO, const int B, const int TAB, const int P,
+                         __m256i ctl, __m256i mul, float *sg) {
+    const layer_t *L = J->L;
+    const int64_t K = L->K, G = L->G, gs = L->G == 1 ? L->K : L->gs;
+    const __m256i mask = _mm256_set1_epi16((short)((1 << (B == 8 ? 8 : B)) - 1));
+    const uint8_t *row = L->codes + n * L->code_stride, *end = J->codes_end;
+    const int16_t *xq = J->xq + m0 * P * K;
+    i16_scales(L, n, TAB, sg);
+    __m256 tot[4][2];
+    for (int m = 0; m < MO; m++)
+        for (int p = 0; p < P; p++) tot[m][p] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        /* signed weights, so that a group's sum needs no correction for its zero point: a table of
+         * 4 * level (lut8 - 64) picked into the high byte, or code - zero */
+        __m256i lut = _mm256_setzero_si256(), zv = _mm256_setzero_si256();
+        if (TAB)
+            lut = _mm256_sub_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L->lut8 + 16 * table_of(L, n, g)))),
+                                  _mm256_set1_epi8(64));
+        else zv = _mm256_set1_epi16((short)(L->kind == KIND_SYM ? L->half : load_field(L, n, g)));
+        const __m256 sv = _mm256_set1_ps(sg[g]);
+        const int64_t gend = (g + 1) * gs;
+        for (int64_t kc = g * gs; kc < gend; kc += I16_FLUSH) {
+            const int64_t kend = kc + I16_FLUSH < gend ? kc + I16_FLUSH : gend;
+            __m256i acc[4][2];
+            for (int m = 0; m < MO; m++)
+                for (int p = 0; p < P; p++) acc[m][p] = _mm256_setzero_si256();
+            if (B == 4) { /* 32 codes in 16 bytes: even codes in the low nibbles, odd in the high ones,
+                             against activations that prep_i16 stored in that order */
+                for (int64_t k = kc; k < kend; k += 32) {
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(row + (k >> 1)));
+                    __m256i w0, w1;
+                    if (TAB) {
+                        const __m128i m4 = _mm_set1_epi8(0x0f), lut128 = _mm256_castsi256_si128(lut);
+                        w0 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut128, _mm_and_si128(v, m4)));
+                        w1 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut128, _mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+                    } else {
+                        const __m256i b = _mm256_cvtepu8_epi16(v);
+                        w0 = _mm256_sub_epi16(_mm256_and_si256(b, mask), zv);
+                        w1 = _mm256_sub_epi16(_mm256_srli_epi16(b, 4), zv);
+                    }
+                    for (int m = 0; m < MO; m++)
+                        for (int p = 0; p < P; p++) {
+                            const int16_t *xp = xq + (m * P + p) * K + k;
+                            acc[m][p] = _mm256_add_epi32(acc[m][p], _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xp)));
+                            acc[m][p] = _mm256_add_epi32(acc[m][p], _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 16))));
+                        }
+                }
+            } else
+            for (int64_t k = kc; k < kend; k += 16) {
+                __m256i w = i16_codes(row, k, B, TAB, ctl, mul, mask, end);
+                w = TAB ? _mm256_srai_epi16(_mm256_shuffle_epi8(lut, w), 8) : _mm256_sub_epi16(w, zv);
+                for (int m = 0; m < MO; m++)
+                    for (int p = 0; p < P; p++)
+                        acc[m][p] = _mm256_add_epi32(acc[m][p], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xq + (m * P + p) * K + k))));
+            }
+            for (int m = 0; m < MO; m++)
+                for (int p = 0; p < P; p++) tot[m][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][p]), sv, tot[m][p]);
+        }
+    }
+    for (int m = 0; m < MO; m++) {
+        float v = 0.0f;
+        for (int p = 0; p < P; p++) v += hsum8(tot[m][p]) * J->sc[(m0 + m) * P + p];
+        J->yacc[(m0 + m) * L->N + n] = v;
+    }
+}
+
+AVX2 INLINE void i16_task_t(const i16_job_t *J, int part, int nparts, const int B, const int TAB, const int P) {
+    const layer_t *L = J->L;
+    const int64_t n0 = L->N * part / nparts, n1 = L->N * (part + 1) / nparts;
+    _Alignas(32) uint8_t ctlb[32];
+    _Alignas(32) int16_t mulw[16];
+    for (int j = 0; j < 16; j++) {
+        int off = (B * j) >> 3, sh = (B * j) & 7, h = j >> 3, jj = j & 7;
+        ctlb[16 * h + 2 * jj] = (uint8_t)off;
+        ctlb[16 * h + 2 * jj + 1] = (uint8_t)(off + 1);
+        mulw[j] = (int16_t)(1 << (8 - sh));
+    }
+    const __m256i ctl = _mm256_load_si256((const __m256i *)ctlb), mul = _mm256_load_si256((const __m256i *)mulw);
+    float *sg = scratch(5, (size_t)L->G * 4);
+    for (int64_t m0 = 0; m0 < J->M; m0 += 4) {
+        const int64_t MO = J->M - m0 < 4 ? J->M - m0 : 4;
+        for (int64_t n = n0; n < n1; n++) {
+            if (MO == 4) i16_row(J, n, m0, 4, B, TAB, P, ctl, mul, sg);
+            else if (MO == 3) i16_row(J, n, m0, 3, B, TAB, P, ctl, mul, sg);
+            else if (MO == 2) i16_row(J, n, m0, 2, B, TAB, P, ctl, mul, sg);
+            else i16_row(J, n, m0, 1, B, TAB, P, ctl, mul, sg);
+        }
+    }
+}
+
+#define I16_TASK(B, T, P) \
+    AVX2 static void i16_##B##_##T##_##P(void *ctx, int part, int nparts) { i16_task_t(ctx, part, nparts, B, T, P); }
+#define I16_TASKS(B) I16_TASK(B, 0, 1) I16_TASK(B, 0, 2) I16_TASK(B, 1, 1) I16_TASK(B, 1, 2)
+I16_TASKS(2) I16_TASKS(3) I16_TASKS(4) I16_TASKS(8)
+
+static task_fn i16_task_for(int bits, int tab, int P) {
+#define I16_CASE(B)                                                                                   \
+    if (bits == B) return tab ? (P == 1 ? i16_##B##_1_1 : i16_##B##_1_2) : (P == 1 ? i16_##B##_0_1 : i16_##B##_0_2);
+    I16_CASE(2) I16_CASE(3) I16_CASE(4)
+    return tab ? (P == 1 ? i16_8_1_1 : i16_8_1_2) : (P == 1 ? i16_8_0_1 : i16_8_0_2);
+}
+
+/* rows into int16 pieces in natural order: mode 0 (float activations) x ~ s * (q1 + q2 / 32768) with
+ * s = max|x| / 32767 (P = 1 keeps q1 only); modes 1 and 2 the reference's integer activations
+ * (dynamic per-token scale amax * clip / qmax, or the given row scales), exactly as prep_i8 rounds
+ * them. Returns -1 if a row holds NaN or Inf. */
+AVX2 static int prep_i16(const void *x, int dt, int64_t M, int64_t K, int64_t xs, int P, int mode, float qmax,
+                         float clip, const float *row_scales, int bits, int16_t *xq, float *sc) {
+    float *tmp = scratch(1, (size_t)K * 4);
+    int16_t *nat = bits == 4 ? scratch(7, (size_t)(2 * K) * 2) : NULL;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4028235e38f);
+    for (int64_t m = 0; m < M; m++) {
+        __m256 vmax = _mm256_setzero_ps();
+        int bad = 0;
+        for (int64_t k = 0; k < K; k += 8) {
+            __m256 v;
+            if (dt == DT_F32) v = _mm256_loadu_ps((const float *)x + m * xs + k);
+            else {
+                __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + m * xs + k));
+                v = dt == DT_F16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            }
+            _mm256_storeu_ps(tmp + k, v);
+            __m256 a = _mm256_and_ps(v, absmask);
+            bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_NLE_UQ));
+            vmax = _mm256_max_ps(vmax, a);
+        }
+        if (bad) return -1;
+        __m128 q4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        q4 = _mm_max_ps(q4, _mm_movehl_ps(q4, q4));
+        q4 = _mm_max_ss(q4, _mm_movehdup_ps(q4));
+        const float amax = _mm_cvtss_f32(q4);
+        float s;
+        if (mode == 0) s = amax / 32767.0f;
+        else {
+            s = mode == 1 ? amax * clip / qmax : row_scales[m];
+            s = s > 0 ? s : 0.0f;
+        }
+        const float lim = mode == 0 ? 32767.0f : qmax;
+        const __m256 sv = _mm256_set1_ps(s), hi = _mm256_set1_ps(lim), lo = _mm256_set1_ps(-lim);
+        const __m256 two15 = _mm256_set1_ps(32768.0f);
+        int16_t *o0 = nat ? nat : xq + (m * P) * K, *o1 = nat ? nat + K : xq + (m * P + 1) * K;
+        for (int64_t k = 0; k < K; k += 8) {
+            __m256 q1 = _mm256_setzero_ps(), q2 = _mm256_setzero_ps();
+            if (s > 0) {
+                __m256 t = _mm256_div_ps(_mm256_loadu_ps(tmp + k), sv);
+                q1 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+                if (P == 2)
+                    q2 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, q1), two15), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            }
+            __m256i i1 = _mm256_cvtps_epi32(q1);
+            _mm_storeu_si128((__m128i *)(o0 + k), _mm_packs_epi32(_mm256_castsi256_si128(i1), _mm256_extracti128_si256(i1, 1)));
+            if (P == 2) {
+                __m256i i2 = _mm256_cvtps_epi32(q2);
+                _mm_storeu_si128((__m128i *)(o1 + k), _mm_packs_epi32(_mm256_castsi256_si128(i2), _mm256_extracti128_si256(i2, 1)));
+            }
+        }
+        if (nat) /* 4-bit: each block of 32 as its even elements, then its odd ones */
+            for (int p = 0; p < P; p++) {
+                const int16_t *src = nat + p * K;
+                int16_t *dst = xq + (m * P + p) * K;
+                for (int64_t kb = 0; kb < K; kb += 32)
+                    for (int j = 0; j < 16; j++) {
+                        dst[kb + j] = src[kb + 2 * j];
+                        dst[kb + 16 + j] = src[kb + 2 * j + 1];
+                    }
+            }
+        sc[m * P] = s;
+        if (P == 2) sc[m * P + 1] = s * (1.0f / 32768.0f);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------- */
 /* activations: conversion to the kernels' layouts                                             */
 
@@ -1657,13 +1879,31 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
     }
     if (M <= 0) Py_RETURN_TRUE;
     int use_i8 = tier >= 2 && i8_supported(&L) && path != 0;
-    if (amode != 0 && !use_i8) Py_RETURN_FALSE;
-    if (path == 1 && !use_i8) Py_RETURN_FALSE;
+    int use_i16 = tier == 1 && amode != 3 && i16_supported(&L) && path != 0;
+    if (amode != 0 && !use_i8 && !use_i16) Py_RETURN_FALSE;
+    if (path == 1 && !use_i8 && !use_i16) Py_RETURN_FALSE;
     nt = clamp_threads(nt, L.N * L.K * M);
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     float *yacc = scratch(2, (size_t)(M * L.N) * 4);
-    if (use_i8) {
+    int i16_ran = 0;
+    if (use_i16) {
+        /* one int16 piece for integer or bf16/fp16 activations, two for fp32 (or as `pieces` asks) */
+        int P = amode != 0 ? 1 : (pieces == 1 || (pieces <= 0 && xdt != DT_F32) ? 1 : 2);
+        int16_t *xq = scratch(0, (size_t)(M * P * L.K) * 2);
+        float *sc = scratch(4, (size_t)(M * P) * 4);
+        if (prep_i16((const void *)(uintptr_t)x, xdt, M, L.K, xs, P, amode, qmax, clip, (const float *)(uintptr_t)rs,
+                     (int)L.bits, xq, sc) == 0) {
+            i16_job_t J = {&L, xq, sc, M, P, yacc, L.codes + L.N * L.code_stride};
+            pool_run(i16_task_for((int)L.bits, i8_table(&L), P), &J, nt);
+            i16_ran = 1;
+        } else if (amode != 0)
+            ok = 0; /* NaN or Inf among integer activations: the reference decides, as on the AVX-512 tier */
+        /* NaN or Inf among float activations: the fp32 kernel below, which propagates them */
+    }
+    if (i16_ran || !ok) {
+        /* done, or the reference decides */
+    } else if (use_i8) {
         int P = amode == 3 ? 3 : amode != 0 ? 1 : (pieces > 0 && pieces <= 3 ? pieces : (xdt == DT_F32 ? 3 : 2));
         int C = P == 3 ? 2 : 1;
         int8_t *xq = scratch(0, (size_t)(M * P * L.K));
