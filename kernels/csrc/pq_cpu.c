@@ -1464,12 +1464,12 @@ AVX2 static void tile_task256(void *ctx, int part, int nparts) {
     }
 }
 
-/* tier 1 integer kernel: int16 weights (codes, or the integer level table 4 * level + 64) times
- * int16 activation pieces with VPMADDWD. AVX2 has no byte dot product without saturation
- * (VPMADDUBSW) and no 16-bit variable shift, so 16 codes are moved into 16-bit lanes by one
- * VPSHUFB (the two bytes around each code) and one VPMULLW (a left shift that puts every code at
- * bit 8), then shifted down and masked. One int16 piece holds about what two int8 pieces hold on
- * the AVX-512 tier: one piece for bf16/fp16 rows, two for fp32. */
+/* tier 1 integer kernel: signed int16 weights (code - zero point, or 4 * level from the piecewise
+ * or FP4 table) times int16 activation pieces with VPMADDWD. AVX2 has no byte dot product without
+ * saturation (VPMADDUBSW saturates) and no 16-bit variable shift, so 16 codes are moved into 16-bit
+ * lanes by one VPSHUFB (the two bytes around each code) and one VPMULLW (a left shift that puts
+ * every code at bit 8); 4-bit codes are the two nibbles of 16 bytes. One int16 piece holds about
+ * what two int8 pieces hold on the AVX-512 tier: one piece for bf16/fp16 rows, two for fp32. */
 #define I16_FLUSH 1024 /* weights per exact int32 run: 64 VPMADDWD sums of at most 2*255*32767 */
 
 typedef struct {
