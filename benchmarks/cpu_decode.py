@@ -254,6 +254,11 @@ def main(argv=None) -> int:
 
     from piecewise_quant.kernels import cpu_backend
 
+    onednn_ok, why = cpu_backend.onednn_int8_status()
+    if not onednn_ok and any(v in PREPACKED for v in variants):
+        print(f"skipping {', '.join(v for v in variants if v in PREPACKED)}: {why}", file=sys.stderr)
+        variants = [v for v in variants if v not in PREPACKED]
+
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

