@@ -709,9 +709,8 @@ def explain(weight_format: str, bits: int, group_size: int, in_features: int, dt
         return f"cpu dequantized blocks + torch {str(dtype).removeprefix('torch.')} GEMM"
     isa = st["isa"]
     has_int = weight_format != "fp8_e4m3" and not (weight_format == "piecewise" and bits == 8)
-    if isa == "avx2":  # the int16 kernel (i16_supported in pq_cpu.c): 4-bit codes go in blocks of 32
-        blk = 32 if bits == 4 else 16
-        integer = has_int and in_features % blk == 0 and (gs == in_features or gs % blk == 0)
+    if isa == "avx2":  # the int16 kernel (i16_supported in pq_cpu.c): blocks of 16 weights
+        integer = has_int and in_features % 16 == 0 and (gs == in_features or gs % 16 == 0)
     else:
         integer = (
             isa == "avx512-vnni" and has_int and in_features % 128 == 0

@@ -1468,7 +1468,8 @@ AVX2 static void tile_task256(void *ctx, int part, int nparts) {
  * or FP4 table) times int16 activation pieces with VPMADDWD. AVX2 has no byte dot product without
  * saturation (VPMADDUBSW saturates) and no 16-bit variable shift, so 16 codes are moved into 16-bit
  * lanes by one VPSHUFB (the two bytes around each code) and one VPMULLW (a left shift that puts
- * every code at bit 8); 4-bit codes are the two nibbles of 16 bytes. One int16 piece holds about
+ * every code at bit 8); 4-bit codes in blocks of 32 are the two nibbles of 16 bytes (groups of 16,
+ * NVFP4's, take the 16-code path). One int16 piece holds about
  * what two int8 pieces hold on the AVX-512 tier: one piece for bf16/fp16 rows, two for fp32. */
 #define I16_FLUSH 1024 /* weights per exact int32 run: 64 VPMADDWD sums of at most 2*255*32767 */
 
@@ -1479,14 +1480,18 @@ typedef struct {
     int64_t M, P;
     float *yacc; /* [M][N] */
     const uint8_t *codes_end;
+    int split4; /* i16_split4 */
 } i16_job_t;
 
 static int i16_supported(const layer_t *L) {
     if (L->kind == KIND_FP8 || (L->bits == 8 && L->kind == KIND_PW)) return 0;
     if (L->kind == KIND_PW && !L->lut8) return 0;
-    const int64_t blk = L->bits == 4 ? 32 : 16; /* weights per decoded block */
-    return L->K % blk == 0 && (L->G == 1 || L->gs % blk == 0);
+    return L->K % 16 == 0 && (L->G == 1 || L->gs % 16 == 0);
 }
+
+/* 4-bit codes as the two nibbles of 16 bytes (blocks of 32 weights, activations stored to match);
+ * otherwise (groups of 16, NVFP4) 16 codes at a time like the other widths */
+static int i16_split4(const layer_t *L) { return L->bits == 4 && L->K % 32 == 0 && (L->G == 1 || L->gs % 32 == 0); }
 
 /* the 16 codes of one row starting at code k (a multiple of 16), as 16-bit lanes */
 AVX2 INLINE __m256i i16_codes(const uint8_t *row, int64_t k, const int B, const int TAB, __m256i ctl, __m256i mul,
@@ -1576,7 +1581,7 @@ AVX2 INLINE void i16_row(const i16_job_t *J, int64_t n, int64_t m0, const int MO
             __m256i acc[4][2];
             for (int m = 0; m < MO; m++)
                 for (int p = 0; p < P; p++) acc[m][p] = _mm256_setzero_si256();
-            if (B == 4) { /* 32 codes in 16 bytes: even codes in the low nibbles, odd in the high ones,
+            if (B == 4 && J->split4) { /* 32 codes in 16 bytes: even codes in the low nibbles, odd in the high ones,
                              against activations that prep_i16 stored in that order */
                 for (int64_t k = kc; k < kend; k += 32) {
                     const __m128i v = _mm_loadu_si128((const __m128i *)(row + (k >> 1)));
@@ -1658,9 +1663,9 @@ static task_fn i16_task_for(int bits, int tab, int P) {
  * (dynamic per-token scale amax * clip / qmax, or the given row scales), exactly as prep_i8 rounds
  * them. Returns -1 if a row holds NaN or Inf. */
 AVX2 static int prep_i16(const void *x, int dt, int64_t M, int64_t K, int64_t xs, int P, int mode, float qmax,
-                         float clip, const float *row_scales, int bits, int16_t *xq, float *sc) {
+                         float clip, const float *row_scales, int split4, int16_t *xq, float *sc) {
     float *tmp = scratch(1, (size_t)K * 4);
-    int16_t *nat = bits == 4 ? scratch(7, (size_t)(2 * K) * 2) : NULL;
+    int16_t *nat = split4 ? scratch(7, (size_t)(2 * K) * 2) : NULL;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4028235e38f);
     for (int64_t m = 0; m < M; m++) {
         __m256 vmax = _mm256_setzero_ps();
@@ -1707,7 +1712,7 @@ AVX2 static int prep_i16(const void *x, int dt, int64_t M, int64_t K, int64_t xs
                 _mm_storeu_si128((__m128i *)(o1 + k), _mm_packs_epi32(_mm256_castsi256_si128(i2), _mm256_extracti128_si256(i2, 1)));
             }
         }
-        if (nat) /* 4-bit: each block of 32 as its even elements, then its odd ones */
+        if (nat) /* 4-bit in blocks of 32: each block as its even elements, then its odd ones */
             for (int p = 0; p < P; p++) {
                 const int16_t *src = nat + p * K;
                 int16_t *dst = xq + (m * P + p) * K;
@@ -1930,8 +1935,8 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         int16_t *xq = scratch(0, (size_t)(M * P * L.K) * 2);
         float *sc = scratch(4, (size_t)(M * P) * 4);
         if (prep_i16((const void *)(uintptr_t)x, xdt, M, L.K, xs, P, amode, qmax, clip, (const float *)(uintptr_t)rs,
-                     (int)L.bits, xq, sc) == 0) {
-            i16_job_t J = {&L, xq, sc, M, P, yacc, L.codes + L.N * L.code_stride};
+                     i16_split4(&L), xq, sc) == 0) {
+            i16_job_t J = {&L, xq, sc, M, P, yacc, L.codes + L.N * L.code_stride, i16_split4(&L)};
             pool_run(i16_task_for((int)L.bits, i8_table(&L), P), &J, nt);
             i16_ran = 1;
         } else if (amode != 0)

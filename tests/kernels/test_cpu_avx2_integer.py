@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pq_kernel_checks import expected as _expected
+from pq_kernel_checks import relerr as _relerr
 
 import piecewise_quant as pq
 from piecewise_quant.kernels import cpu_backend, reference
@@ -32,21 +34,15 @@ def _quantize(lin: torch.nn.Linear, **cfg) -> torch.nn.Module:
     return pq.quantize(torch.nn.Sequential(lin), pq.PiecewiseQuantConfig(observer="minmax", **cfg), progress=False)[0]
 
 
-def _relerr(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _expected(q, x):
-    return x.double() @ q.dequantize(torch.float64).t()
-
-
 def test_explain_names_the_integer_kernel_where_the_blocks_fit():
     assert cpu_backend.explain("uniform_sym", 4, 128, 4096) == "cpu avx2 (integer)"
     assert cpu_backend.explain("piecewise", 3, 64, 4096, torch.bfloat16) == "cpu avx2 (integer)"
     assert cpu_backend.explain("uniform_asym", 8, -1, 4096, act_format="int8") == "cpu avx2 (integer)"
-    # 4-bit codes go in blocks of 32 weights, other widths in blocks of 16
-    assert cpu_backend.explain("uniform_sym", 4, 16, 4096) == "cpu avx2 (fp32)"
+    # blocks of 16 weights at every width: 4-bit groups of 16 (NVFP4's) too
+    assert cpu_backend.explain("uniform_sym", 4, 16, 4096) == "cpu avx2 (integer)"
+    assert cpu_backend.explain("nvfp4", 4, 16, 4096, torch.bfloat16) == "cpu avx2 (integer)"
     assert cpu_backend.explain("uniform_sym", 3, 16, 4096) == "cpu avx2 (integer)"
+    assert cpu_backend.explain("uniform_sym", 4, -1, 40) == "cpu avx2 (fp32)"
     assert cpu_backend.explain("piecewise", 8, 128, 4096) == "cpu avx2 (fp32)"
     assert cpu_backend.explain("fp8_e4m3", 8, -1, 4096) == "cpu avx2 (fp32)"
 
@@ -71,7 +67,7 @@ def test_full_scale_8bit_codes_and_activations_over_a_wide_row_do_not_overflow(s
 @pytest.mark.parametrize("grid,bits,sym,group", [
     ("uniform", 4, True, 128), ("uniform", 4, False, 32), ("uniform", 3, False, 16), ("uniform", 2, True, 64),
     ("uniform", 8, False, 16), ("piecewise", 4, None, 32), ("piecewise", 3, None, 128), ("piecewise", 2, None, 16),
-    ("uniform", 4, True, 16),  # not a block of 32: the fp32 kernel
+    ("uniform", 4, True, 16),  # 4-bit groups of 16: 16 codes at a time, activations in natural order
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_formats_match_the_float64_product_for_decode_rows(grid, bits, sym, group, dtype):
@@ -121,3 +117,30 @@ def test_integer_activations_are_exact_integer_products(act_bits):
     _, act = q.act_quantizer.prepare(x)
     xq = reference.quantize_activation(x, act.format, act.mode, act.scale, act.clip_ratio, act.topk)
     assert _relerr(q(x), xq.double() @ q.dequantize(torch.float64).t()) < 2e-6
+
+
+@pytest.mark.parametrize("grid,sym,group,k", [
+    ("uniform", True, 16, 384), ("uniform", False, 48, 384), ("piecewise", None, 16, 384), ("nvfp4", None, 16, 384),
+    ("uniform", True, -1, 80),  # one group, 80 wide: not a multiple of 32
+], ids=str)
+def test_4bit_codes_outside_blocks_of_32_run_the_integer_kernel(grid, sym, group, k):
+    """4-bit groups of 16 or 48 (NVFP4's included) and rows whose width is not a multiple of 32 decode
+    16 codes at a time against activations in natural order; the integer path is forced (path 1
+    returns False where it cannot run), so the fp32 kernel cannot stand in for it."""
+    torch.manual_seed(5)
+    cfg = dict(grid=grid, bits=4, group_size=group)
+    if sym is not None:
+        cfg["symmetric"] = sym
+    q = _quantize(torch.nn.Linear(k, 33, bias=False), **cfg)
+    w = q.fmt.weight_operand(q.quantized_tensors(), q.layer_spec)
+    ext, _ = cpu_backend._extension()
+    desc = cpu_backend._describe(ext, w.qweight, w.scales, w.aux, w.format, w.bits, w.group_size, w.in_features)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (1, 2, 5):
+            x = torch.randn(m, k).to(dtype)
+            y = torch.empty(m, 33, dtype=dtype)
+            assert ext.gemv(desc, x.data_ptr(), cpu_backend._DTYPES[dtype], m, k, y.data_ptr(), cpu_backend._DTYPES[dtype],
+                            33, 0, 0, 1, 1, 0, 127.0, 1.0, 0, 0, 1)  # tier 1, path 1: the int16 kernel, or False
+            assert _relerr(y, _expected(q, x)) < TOL[dtype], (dtype, m)
+            assert _relerr(q(x), _expected(q, x)) < TOL[dtype], (dtype, m)
+    assert cpu_backend.explain(w.format, 4, group, k) == "cpu avx2 (integer)"

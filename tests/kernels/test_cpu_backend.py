@@ -14,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+from pq_kernel_checks import expected as _expected
+from pq_kernel_checks import relerr as _relerr
 
 import piecewise_quant as pq
 from piecewise_quant.kernels import cpu_backend, ops, reference
@@ -41,18 +43,6 @@ def _quantized(grid, bits, group_size, symmetric=None, k=256, n=48, bias=False, 
     if symmetric is not None:
         cfg["symmetric"] = symmetric
     return pq.quantize(torch.nn.Sequential(lin), pq.PiecewiseQuantConfig(**cfg), progress=False)[0]
-
-
-def _relerr(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _expected(q, x):
-    w = q.dequantize(torch.float64)
-    y = x.double() @ w.t()
-    if q.bias is not None:
-        y = y + q.bias.double()
-    return y
 
 
 @pytest.fixture(params=["best", "avx2"])
